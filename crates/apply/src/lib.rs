@@ -1,0 +1,302 @@
+//! Applier: reads `<prefix>.apply.<side>` and writes each change to that
+//! side's database, an upsert or a delete by alternate key, a batch per
+//! transaction. Offsets are stored only after the transaction committed.
+//!
+//! A change the database rejects for its data (constraint, bad value,
+//! missing column) goes to the errors topic with its context, and the rest
+//! of the batch is still written. Connection loss, deadlocks and the like are
+//! retried with backoff, the same batch again.
+//!
+//! Writes run under the side's replication origin, so that side's capturer
+//! leaves them out: a synced change never echoes back.
+
+pub mod sql;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_model::avro;
+use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::record::{ErrorRecord, MappedChange};
+use dualwrite_model::topics::Topics;
+use dualwrite_runtime::backoff::Backoff;
+use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::kafka::rdkafka::consumer::Consumer;
+use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
+use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
+use dualwrite_runtime::kafka::{self, TopicSpec};
+use dualwrite_runtime::pg;
+use dualwrite_runtime::relay::{deliver, Output};
+use tokio_postgres::{Client, Statement};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("side `{side}`: {message}")]
+    Setup { side: String, message: String },
+}
+
+/// Topics the applier of `side` reads and writes.
+pub fn topics(config: &Config, side: SideId) -> Vec<TopicSpec> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    vec![
+        TopicSpec::new(t.apply(&config.side(side).name), config.kafka.partitions),
+        TopicSpec::new(t.errors(), config.kafka.partitions),
+    ]
+}
+
+/// A connection to the target with its prepared statements.
+struct Writer {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// A change that the target rejected.
+struct Rejected {
+    index: usize,
+    error: tokio_postgres::Error,
+}
+
+enum WriteError {
+    /// Worth retrying the whole batch (after reconnecting).
+    Transient(tokio_postgres::Error),
+}
+
+impl Writer {
+    async fn connect(config: &Config, side: SideId) -> Result<Writer, pg::ConnectError> {
+        let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
+        let origin = config.origin_name(side);
+        pg::ensure_origin(&client, &origin).await?;
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await?;
+        Ok(Writer {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    async fn prepared(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(&sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(&sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn exec(&mut self, mc: &MappedChange) -> Result<u64, tokio_postgres::Error> {
+        let stmt = self.prepared(sql::statement(mc)).await?;
+        self.client.execute(&stmt, &[&sql::parameter(mc)]).await
+    }
+
+    /// Writes the changes in one transaction; if the target rejects one,
+    /// writes them one transaction each so that only the rejected ones fail.
+    async fn write(
+        &mut self,
+        changes: &[(usize, MappedChange)],
+    ) -> Result<Vec<Rejected>, WriteError> {
+        let all_at_once = async {
+            self.client.batch_execute("BEGIN").await?;
+            for (_, mc) in changes {
+                self.exec(mc).await?;
+            }
+            self.client.batch_execute("COMMIT").await
+        }
+        .await;
+        match all_at_once {
+            Ok(()) => return Ok(Vec::new()),
+            Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
+            Err(_) => {
+                self.client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(WriteError::Transient)?;
+            }
+        }
+        let mut rejected = Vec::new();
+        for (index, mc) in changes {
+            let one = async {
+                self.client.batch_execute("BEGIN").await?;
+                self.exec(mc).await?;
+                self.client.batch_execute("COMMIT").await
+            }
+            .await;
+            match one {
+                Ok(()) => {}
+                Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
+                Err(error) => {
+                    self.client
+                        .batch_execute("ROLLBACK")
+                        .await
+                        .map_err(WriteError::Transient)?;
+                    rejected.push(Rejected {
+                        index: *index,
+                        error,
+                    });
+                }
+            }
+        }
+        Ok(rejected)
+    }
+}
+
+/// Runs the applier of `side` until `shutdown` is cancelled.
+pub async fn run(
+    config: Arc<Config>,
+    side: SideId,
+    shutdown: CancellationToken,
+) -> Result<(), ApplyError> {
+    let span = tracing::info_span!("apply", side = %config.side(side).name);
+    run_inner(config, side, shutdown).instrument(span).await
+}
+
+async fn run_inner(
+    config: Arc<Config>,
+    side: SideId,
+    shutdown: CancellationToken,
+) -> Result<(), ApplyError> {
+    let name = config.side(side).name.clone();
+    let t = Topics::new(&config.kafka.topic_prefix);
+    kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
+    let producer = kafka::producer(&config.kafka, &format!("dualwrite-apply-{name}"))?;
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "apply");
+    let consumer = kafka::consumer(
+        &config.kafka,
+        &format!("dualwrite-apply-{name}"),
+        &t.group(&format!("apply.{name}")),
+    )?;
+    let input = t.apply(&name);
+    consumer.subscribe(&[&input])?;
+    tracing::info!(%input, "applying");
+    let linger = Duration::from_millis(config.apply.linger_ms);
+    let mut writer: Option<Writer> = None;
+    let mut backoff = Backoff::new();
+    loop {
+        // Priority: shutdown first, then the next batch.
+        let batch = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            b = kafka::recv_batch(&consumer, config.apply.max_batch, linger) => b,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("receive failed: {e}");
+                if backoff.wait(&shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let (changes, mut bad) = decode_batch(&errors, &batch);
+        // Write the batch; retry it whole on transient failures.
+        let rejected = loop {
+            let w = match writer.as_mut() {
+                Some(w) => w,
+                None => match Writer::connect(&config, side).await {
+                    Ok(w) => writer.insert(w),
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!("cannot connect to {name}'s database, retrying: {e}");
+                        if backoff.wait(&shutdown).await {
+                            kafka::commit_now(&consumer);
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(ApplyError::Setup {
+                            side: name,
+                            message: format!("cannot connect: {e}"),
+                        })
+                    }
+                },
+            };
+            match w.write(&changes).await {
+                Ok(r) => break r,
+                Err(WriteError::Transient(e)) => {
+                    tracing::warn!(
+                        "writing to {name} failed, retrying the batch: {}",
+                        pg::describe(&e)
+                    );
+                    writer = None;
+                    if backoff.wait(&shutdown).await {
+                        kafka::commit_now(&consumer);
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        for r in rejected {
+            let (idx, mc) = &changes[r.index];
+            bad.push(rejection(
+                &errors,
+                &batch[*idx],
+                mc,
+                &pg::describe(&r.error),
+            ));
+        }
+        let output = Output {
+            records: Vec::new(),
+            errors: bad,
+        };
+        if !deliver(&producer, &errors, &output, &mut backoff, &shutdown).await {
+            break;
+        }
+        backoff.reset();
+        kafka::store_offsets(&consumer, &batch)?;
+    }
+    kafka::commit_now(&consumer);
+    Ok(())
+}
+
+/// Decodes a batch: the changes (with their message index) and error records for the rest.
+fn decode_batch(
+    errors: &ErrorSink,
+    batch: &[OwnedMessage],
+) -> (Vec<(usize, MappedChange)>, Vec<ErrorRecord>) {
+    let mut changes = Vec::with_capacity(batch.len());
+    let mut bad = Vec::new();
+    for (i, m) in batch.iter().enumerate() {
+        match m.payload().map(avro::decode::<MappedChange>) {
+            Some(Ok(mc)) => changes.push((i, mc)),
+            Some(Err(e)) => {
+                bad.push(errors.about(m, "malformed_record", format!("apply record: {e}")))
+            }
+            None => bad.push(errors.about(m, "malformed_record", "empty apply record (no value)")),
+        }
+    }
+    (changes, bad)
+}
+
+fn rejection(
+    errors: &ErrorSink,
+    m: &OwnedMessage,
+    mc: &MappedChange,
+    message: &str,
+) -> ErrorRecord {
+    let mut e = errors.about(
+        m,
+        "rejected_by_target",
+        format!(
+            "map `{}`: {} of {} {} on {} rejected: {message}",
+            mc.map,
+            match mc.op {
+                dualwrite_model::record::ApplyOp::Upsert => "upsert",
+                dualwrite_model::record::ApplyOp::Delete => "delete",
+            },
+            mc.target_entity,
+            mc.kafka_key(),
+            mc.target_side,
+        ),
+    );
+    e.map = Some(mc.map.clone());
+    e.source_side = Some(mc.source_side.clone());
+    e.target_side = Some(mc.target_side.clone());
+    e.source_lsn = Some(mc.source_lsn);
+    e
+}

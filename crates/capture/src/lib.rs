@@ -1,0 +1,324 @@
+//! Change capturer: reads committed changes of one side's PostgreSQL
+//! database from a logical replication slot (wal2json) and publishes them to
+//! `<prefix>.capture.<side>` as Avro [`ChangeRecord`]s.
+//!
+//! Crash safety: the slot is only *peeked*; it is advanced past a batch of
+//! transactions only after Kafka acknowledged every record of the batch. A
+//! crash (even `kill -9`) between the two re-publishes that batch: at least
+//! once, never lost.
+//!
+//! Loop prevention: the appliers write under a replication origin, and the
+//! capturer asks wal2json to leave out changes of that origin
+//! (`filter-origins`), so an applied change never comes back as a new one.
+
+pub mod wal2json;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_model::avro;
+use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::record::ChangeRecord;
+use dualwrite_model::topics::Topics;
+use dualwrite_runtime::backoff::Backoff;
+use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::kafka::{self, Outgoing, Producer, TopicSpec};
+use dualwrite_runtime::pg;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::wal2json::{decode, format_lsn, parse_lsn, SlotRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("side `{side}`: {message}")]
+    Setup { side: String, message: String },
+    #[error("kafka: {0}")]
+    Kafka(#[from] kafka::rdkafka::error::KafkaError),
+}
+
+impl CaptureError {
+    fn setup(side: &str, message: impl Into<String>) -> CaptureError {
+        CaptureError::Setup {
+            side: side.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Topics the capturer of `side` writes.
+pub fn topics(config: &Config, side: SideId) -> Vec<TopicSpec> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    vec![
+        TopicSpec::new(t.capture(&config.side(side).name), config.kafka.partitions),
+        TopicSpec::new(t.errors(), config.kafka.partitions),
+    ]
+}
+
+/// Runs the capturer of `side` until `shutdown` is cancelled.
+pub async fn run(
+    config: Arc<Config>,
+    side: SideId,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
+    let span = tracing::info_span!("capture", side = %config.side(side).name);
+    run_inner(config, side, shutdown).instrument(span).await
+}
+
+async fn run_inner(
+    config: Arc<Config>,
+    side: SideId,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
+    let side_cfg = config.side(side);
+    let name = side_cfg.name.clone();
+    let t = Topics::new(&config.kafka.topic_prefix);
+    kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
+    let producer = kafka::producer(&config.kafka, &format!("dualwrite-capture-{name}"))?;
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "capture");
+    let topic = t.capture(&name);
+    let slot = config.slot_name(side);
+    let origin = config.origin_name(side);
+    let tables: Vec<String> = config.captured_entities(side).into_keys().collect();
+    let poll = Duration::from_millis(config.capture.poll_interval_ms);
+
+    let mut backoff = Backoff::new();
+    'connect: loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let client = match pg::connect(&side_cfg.connection, "dualwrite-capture").await {
+            Ok(c) => c,
+            Err(e) if e.is_transient() => {
+                tracing::warn!("cannot connect to {name}'s database, retrying: {e}");
+                if backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(CaptureError::setup(&name, format!("cannot connect: {e}"))),
+        };
+        let origin_id = match prepare(&client, &config, side, &slot, &origin).await {
+            Ok(id) => id,
+            Err(Prep::Fatal(m)) => return Err(CaptureError::setup(&name, m)),
+            Err(Prep::Transient(e)) => {
+                tracing::warn!("setup on {name} failed, retrying: {}", pg::describe(&e));
+                if backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        tracing::info!(%slot, tables = ?tables, "capturing");
+        let peek = peek_sql(&tables, origin_id);
+        loop {
+            // Priority: shutdown first, then the next read of the slot.
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&slot, &config.capture.max_batch];
+            let rows = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                r = client.query(&peek, &params) => r,
+            };
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) if pg::is_transient(&e) => {
+                    tracing::warn!(
+                        "reading slot {slot} failed, reconnecting: {}",
+                        pg::describe(&e)
+                    );
+                    if backoff.wait(&shutdown).await {
+                        return Ok(());
+                    }
+                    continue 'connect;
+                }
+                Err(e) => {
+                    return Err(CaptureError::setup(
+                        &name,
+                        format!("reading slot {slot}: {}", pg::describe(&e)),
+                    ))
+                }
+            };
+            backoff.reset();
+            let slot_rows: Vec<SlotRow> = rows
+                .iter()
+                .map(|r| SlotRow {
+                    lsn: parse_lsn(r.get::<_, &str>(0)).unwrap_or(0),
+                    data: r.get::<_, String>(1),
+                })
+                .collect();
+            let decoded = decode(&name, &slot_rows);
+            let Some(last) = decoded.last_commit else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(poll) => {},
+                }
+                continue;
+            };
+            if let Err(e) = publish(&producer, &errors, &topic, &name, decoded).await {
+                tracing::warn!("publishing changes failed, will read them again: {e}");
+                if backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            if let Err(e) = client
+                .execute(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&slot, &format_lsn(last)],
+                )
+                .await
+            {
+                tracing::warn!(
+                    "advancing slot {slot} failed (changes will be sent again): {}",
+                    pg::describe(&e)
+                );
+                continue 'connect;
+            }
+        }
+    }
+}
+
+async fn publish(
+    producer: &Producer,
+    errors: &ErrorSink,
+    topic: &str,
+    side: &str,
+    decoded: wal2json::Decoded,
+) -> Result<(), String> {
+    let mut out = Vec::with_capacity(decoded.changes.len());
+    let mut bad = Vec::new();
+    for c in decoded.changes {
+        match avro::encode::<ChangeRecord>(&c.record) {
+            Ok(payload) => out.push(Outgoing {
+                topic: topic.to_owned(),
+                key: c.kafka_key,
+                payload,
+            }),
+            Err(e) => {
+                let mut r = errors.record("encode", format!("change on {}: {e}", c.record.entity));
+                r.source_side = Some(side.to_owned());
+                r.source_lsn = Some(c.record.commit_lsn);
+                bad.push(r);
+            }
+        }
+    }
+    for b in decoded.bad {
+        let mut r = errors.record("malformed_change", b.message);
+        r.source_side = Some(side.to_owned());
+        r.source_lsn = Some(b.lsn as i64);
+        r.payload = Some(b.data.into_bytes());
+        bad.push(r);
+    }
+    kafka::send_all(producer, &out)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !bad.is_empty() {
+        errors.publish(&bad).await.map_err(|e| e.to_string())?;
+    }
+    tracing::debug!(records = out.len(), "published changes");
+    Ok(())
+}
+
+fn peek_sql(tables: &[String], origin_id: Option<i64>) -> String {
+    let add_tables = tables
+        .iter()
+        .map(|t| t.replace('\'', "''").replace(',', "\\,"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut opts = format!(
+        "'format-version','2','include-lsn','true','include-timestamp','true',\
+         'include-xids','true','include-pk','true','add-tables','{add_tables}'"
+    );
+    if let Some(id) = origin_id {
+        opts.push_str(&format!(",'filter-origins','{id}'"));
+    }
+    format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2, {opts})")
+}
+
+enum Prep {
+    Fatal(String),
+    Transient(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for Prep {
+    fn from(e: tokio_postgres::Error) -> Prep {
+        if pg::is_transient(&e) {
+            Prep::Transient(e)
+        } else {
+            Prep::Fatal(pg::describe(&e))
+        }
+    }
+}
+
+/// Checks the captured tables, creates the slot and the replication origin
+/// if missing, and returns the origin's id.
+async fn prepare(
+    client: &Client,
+    config: &Config,
+    side: SideId,
+    slot: &str,
+    origin: &str,
+) -> Result<Option<i64>, Prep> {
+    client.batch_execute("SET TimeZone = 'UTC'").await?;
+    let mut problems = Vec::new();
+    for (entity, key) in config.captured_entities(side) {
+        let (schema, table) = entity.split_once('.').unwrap_or(("public", &entity));
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text, \
+                   ARRAY(SELECT a.attname::text FROM pg_index i \
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                         WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) \
+                               OR (c.relreplident = 'i' AND i.indisreplident))) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&schema, &table],
+            )
+            .await?;
+        let Some(row) = row else {
+            problems.push(format!("table {entity} does not exist"));
+            continue;
+        };
+        let ident: String = row.get(0);
+        let cols: Vec<String> = row.get(1);
+        let covered = ident == "f" || (ident != "n" && key.iter().all(|k| cols.contains(k)));
+        if !covered {
+            problems.push(format!(
+                "table {entity}: its replica identity does not include the alternate key ({}), so deletes could not be linked; run `ALTER TABLE {entity} REPLICA IDENTITY FULL`",
+                key.join(", ")
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Prep::Fatal(problems.join("; ")));
+    }
+    let exists = client
+        .query_opt(
+            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    match exists {
+        Some(row) => {
+            let plugin: String = row.get(0);
+            if plugin != "wal2json" {
+                return Err(Prep::Fatal(format!(
+                    "replication slot {slot} uses plugin {plugin}, not wal2json; drop it or configure another slot name"
+                )));
+            }
+        }
+        None => {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'wal2json')",
+                    &[&slot],
+                )
+                .await?;
+            tracing::info!(%slot, "created replication slot: changes from now on are captured");
+        }
+    }
+    Ok(Some(pg::ensure_origin(client, origin).await?))
+}

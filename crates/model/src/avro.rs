@@ -1,0 +1,294 @@
+//! Avro encoding of the records, as Avro single-object encoding: the two
+//! marker bytes `C3 01`, the schema's 8-byte CRC-64-AVRO (Rabin) fingerprint,
+//! little-endian, then the binary datum. A reader can tell which schema wrote
+//! a message, and a message of another kind or a foreign one is refused with
+//! a clear error instead of being misread.
+
+use std::sync::OnceLock;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::record::{ChangeRecord, ErrorRecord, MappedChange};
+
+const MAGIC: [u8; 2] = [0xC3, 0x01];
+const HEADER_LEN: usize = 10;
+
+/// Schema sources, one `.avsc` per record kind.
+pub const CHANGE_RECORD_AVSC: &str = include_str!("../../../schemas/change_record.avsc");
+pub const MAPPED_CHANGE_AVSC: &str = include_str!("../../../schemas/mapped_change.avsc");
+pub const ERROR_RECORD_AVSC: &str = include_str!("../../../schemas/error_record.avsc");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AvroError {
+    #[error("empty message")]
+    Empty,
+    #[error("not an Avro single-object message (no C3 01 marker)")]
+    NoMarker,
+    #[error("message was written with schema fingerprint {found}, expected {expected} ({kind})")]
+    WrongSchema {
+        kind: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("cannot decode {kind}: {message}")]
+    Decode { kind: &'static str, message: String },
+    #[error("cannot encode {kind}: {message}")]
+    Encode { kind: &'static str, message: String },
+}
+
+/// A record kind with an Avro schema.
+pub trait AvroRecord: Serialize + DeserializeOwned {
+    const KIND: &'static str;
+    fn schema() -> &'static Compiled;
+}
+
+/// A parsed schema and its fingerprint.
+pub struct Compiled {
+    pub schema: Schema,
+    pub fingerprint: [u8; 8],
+}
+
+fn compile(src: &str) -> Compiled {
+    // The schemas are part of the binary and checked by the unit tests.
+    let schema = Schema::parse_str(src).unwrap_or_else(|e| panic!("built-in schema: {e}"));
+    let fp = schema.fingerprint::<Rabin>();
+    let mut fingerprint = [0u8; 8];
+    fingerprint.copy_from_slice(&fp.bytes[..8]);
+    Compiled {
+        schema,
+        fingerprint,
+    }
+}
+
+macro_rules! avro_record {
+    ($ty:ty, $kind:literal, $src:expr) => {
+        impl AvroRecord for $ty {
+            const KIND: &'static str = $kind;
+            fn schema() -> &'static Compiled {
+                static S: OnceLock<Compiled> = OnceLock::new();
+                S.get_or_init(|| compile($src))
+            }
+        }
+    };
+}
+
+avro_record!(ChangeRecord, "ChangeRecord", CHANGE_RECORD_AVSC);
+avro_record!(MappedChange, "MappedChange", MAPPED_CHANGE_AVSC);
+avro_record!(ErrorRecord, "ErrorRecord", ERROR_RECORD_AVSC);
+
+/// Encodes a record (single-object encoding).
+pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
+    let c = T::schema();
+    let err = |e: apache_avro::Error| AvroError::Encode {
+        kind: T::KIND,
+        message: e.to_string(),
+    };
+    let value = apache_avro::to_value(record).map_err(err)?;
+    let value = value.resolve(&c.schema).map_err(err)?;
+    let datum = apache_avro::to_avro_datum(&c.schema, value).map_err(err)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&c.fingerprint);
+    out.extend_from_slice(&datum);
+    Ok(out)
+}
+
+/// Decodes a record written by [`encode`] with the same schema.
+pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
+    let c = T::schema();
+    if bytes.is_empty() {
+        return Err(AvroError::Empty);
+    }
+    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        return Err(AvroError::NoMarker);
+    }
+    if bytes[2..HEADER_LEN] != c.fingerprint {
+        return Err(AvroError::WrongSchema {
+            kind: T::KIND,
+            expected: hex(&c.fingerprint),
+            found: hex(&bytes[2..HEADER_LEN]),
+        });
+    }
+    let err = |e: apache_avro::Error| AvroError::Decode {
+        kind: T::KIND,
+        message: e.to_string(),
+    };
+    let mut body = &bytes[HEADER_LEN..];
+    let value = apache_avro::from_avro_datum(&c.schema, &mut body, None).map_err(err)?;
+    if !body.is_empty() {
+        return Err(AvroError::Decode {
+            kind: T::KIND,
+            message: format!("{} bytes left over after the record", body.len()),
+        });
+    }
+    apache_avro::from_value(&value).map_err(err)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::*;
+    use proptest::prelude::*;
+
+    fn arb_fields() -> impl Strategy<Value = Vec<Field>> {
+        prop::collection::vec(
+            ("[a-z_]{1,12}", prop::option::of(any::<String>()))
+                .prop_map(|(name, value)| Field { name, value }),
+            0..6,
+        )
+    }
+
+    fn arb_change() -> impl Strategy<Value = ChangeRecord> {
+        (
+            "[a-z]{1,8}",
+            "[a-z]{1,8}\\.[a-z_]{1,12}",
+            prop_oneof![
+                Just(ChangeOp::Insert),
+                Just(ChangeOp::Update),
+                Just(ChangeOp::Delete)
+            ],
+            prop::option::of(arb_fields()),
+            prop::option::of(arb_fields()),
+            any::<i64>(),
+            any::<i32>(),
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(side, entity, op, before, after, commit_lsn, seq, xid, commit_time)| {
+                    ChangeRecord {
+                        side,
+                        entity,
+                        op,
+                        before,
+                        after,
+                        commit_lsn,
+                        seq,
+                        xid,
+                        commit_time,
+                    }
+                },
+            )
+    }
+
+    fn arb_mapped() -> impl Strategy<Value = MappedChange> {
+        (
+            "[a-z_]{1,10}",
+            prop_oneof![Just(ApplyOp::Upsert), Just(ApplyOp::Delete)],
+            arb_fields(),
+            arb_fields(),
+            any::<i64>(),
+            any::<i32>(),
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(map, op, key, values, source_lsn, source_seq, source_xid, commit_time)| {
+                    MappedChange {
+                        map,
+                        source_side: "fno".into(),
+                        target_side: "dataverse".into(),
+                        source_entity: "public.customers_v3".into(),
+                        target_entity: "public.accounts".into(),
+                        op,
+                        key,
+                        values,
+                        source_lsn,
+                        source_seq,
+                        source_xid,
+                        commit_time,
+                    }
+                },
+            )
+    }
+
+    fn arb_error() -> impl Strategy<Value = ErrorRecord> {
+        (
+            any::<String>(),
+            prop::option::of("[a-z]{1,8}"),
+            prop::option::of(any::<i32>()),
+            prop::option::of(any::<i64>()),
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+            any::<i64>(),
+        )
+            .prop_map(|(message, map, partition, offset, payload, occurred_at)| {
+                let mut e = ErrorRecord::new("router", "mapping", message, occurred_at);
+                e.map = map;
+                e.partition = partition;
+                e.offset = offset;
+                e.payload = payload;
+                e
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn change_record_round_trips(r in arb_change()) {
+            let bytes = encode(&r).unwrap();
+            prop_assert_eq!(decode::<ChangeRecord>(&bytes).unwrap(), r);
+        }
+
+        #[test]
+        fn mapped_change_round_trips(r in arb_mapped()) {
+            let bytes = encode(&r).unwrap();
+            prop_assert_eq!(decode::<MappedChange>(&bytes).unwrap(), r);
+        }
+
+        #[test]
+        fn error_record_round_trips(r in arb_error()) {
+            let bytes = encode(&r).unwrap();
+            prop_assert_eq!(decode::<ErrorRecord>(&bytes).unwrap(), r);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<ChangeRecord>(&bytes);
+            let _ = decode::<MappedChange>(&bytes);
+        }
+
+        #[test]
+        fn truncated_records_are_errors(r in arb_change(), cut in 0usize..1000) {
+            let bytes = encode(&r).unwrap();
+            let cut = cut % bytes.len();
+            prop_assert!(decode::<ChangeRecord>(&bytes[..cut]).is_err());
+        }
+
+        #[test]
+        fn corrupted_body_never_panics(r in arb_mapped(), pos in any::<usize>(), b in any::<u8>()) {
+            let mut bytes = encode(&r).unwrap();
+            let at = HEADER_LEN + pos % (bytes.len() - HEADER_LEN);
+            bytes[at] = b;
+            let _ = decode::<MappedChange>(&bytes);
+        }
+    }
+
+    #[test]
+    fn another_kind_is_refused_by_fingerprint() {
+        let e = ErrorRecord::new("apply", "x", "y", 1);
+        let bytes = encode(&e).unwrap();
+        let err = decode::<ChangeRecord>(&bytes).unwrap_err();
+        assert!(matches!(err, AvroError::WrongSchema { .. }), "{err}");
+        assert!(matches!(
+            decode::<ChangeRecord>(b"{\"a\":1}").unwrap_err(),
+            AvroError::NoMarker
+        ));
+        assert!(matches!(
+            decode::<ChangeRecord>(b"").unwrap_err(),
+            AvroError::Empty
+        ));
+    }
+
+    #[test]
+    fn schemas_parse_and_differ() {
+        let a = ChangeRecord::schema().fingerprint;
+        let b = MappedChange::schema().fingerprint;
+        let c = ErrorRecord::schema().fingerprint;
+        assert!(a != b && b != c && a != c);
+    }
+}

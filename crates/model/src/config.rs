@@ -1,0 +1,920 @@
+//! The configuration file: the two sides, the entity maps and the Kafka settings.
+//!
+//! One TOML file, loaded with [`Config::load`], overridden by a few
+//! `DUALWRITE_*` environment variables (see [`ENV_OVERRIDES`]) and checked by
+//! [`Config::validate`], whose errors name the file, the map and the field.
+//! Secrets (database passwords, Kafka credentials) are never written in the
+//! file: they are read from an environment variable or a file and kept in a
+//! [`Secret`], whose `Debug` output is redacted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+/// Environment variables that override settings of the file, with the setting they replace.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("DUALWRITE_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers"),
+    ("DUALWRITE_TOPIC_PREFIX", "kafka.topic_prefix"),
+];
+
+/// Kafka client properties that carry secrets: they must come from `secret_properties`.
+const SECRET_PROPERTY_HINTS: &[&str] = &["password", "secret", "sasl.oauthbearer.config"];
+
+/// The whole configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub sides: Sides,
+    #[serde(default, rename = "map")]
+    pub maps: Vec<MapConfig>,
+    #[serde(default)]
+    pub capture: CaptureSettings,
+    #[serde(default)]
+    pub apply: ApplySettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]` of the Kafka cluster.
+    pub bootstrap_servers: String,
+    /// Every topic the project uses starts with this prefix.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Partitions of the topics the project creates.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of the topics the project creates.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// librdkafka properties given to every client (e.g. `security.protocol`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are secrets (e.g. `sasl.password`).
+    #[serde(default)]
+    pub secret_properties: BTreeMap<String, Secret>,
+}
+
+fn default_topic_prefix() -> String {
+    "dualwrite".to_owned()
+}
+fn default_partitions() -> i32 {
+    3
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+
+/// The two systems of record. By convention `left` is the
+/// finance-and-operations-like side and `right` the Dataverse-like side, which
+/// is the default conflict master.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sides {
+    pub left: SideConfig,
+    pub right: SideConfig,
+}
+
+/// Which of the two sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SideId {
+    Left,
+    Right,
+}
+
+impl SideId {
+    pub fn other(self) -> SideId {
+        match self {
+            SideId::Left => SideId::Right,
+            SideId::Right => SideId::Left,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SideId::Left => "left",
+            SideId::Right => "right",
+        }
+    }
+}
+
+impl fmt::Display for SideId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SideKind {
+    Postgres,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SideConfig {
+    /// Short name, used in topic names, records and metrics (`[a-z0-9_]`).
+    pub name: String,
+    pub kind: SideKind,
+    pub connection: PgConnection,
+    /// Logical replication slot the capturer reads (default `dualwrite_<prefix>_<name>`).
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// Replication origin the applier writes under, so that the capturer of
+    /// this side skips the applier's own writes (default `dualwrite_<prefix>_<name>`).
+    #[serde(default)]
+    pub origin: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConnection {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// `disable` (default), `prefer` or `require`.
+    #[serde(default)]
+    pub sslmode: Option<String>,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// Direction in which a field (or a map) syncs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Both,
+    LeftToRight,
+    RightToLeft,
+}
+
+impl Direction {
+    /// Whether a change coming from `source` flows through a field of this direction.
+    pub fn carries_from(self, source: SideId) -> bool {
+        matches!(
+            (self, source),
+            (Direction::Both, _)
+                | (Direction::LeftToRight, SideId::Left)
+                | (Direction::RightToLeft, SideId::Right)
+        )
+    }
+}
+
+/// One entity map: links one entity on each side.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapConfig {
+    /// Map name (`[a-z0-9_]`), used in topic names.
+    pub name: String,
+    pub left: EntityRef,
+    pub right: EntityRef,
+    /// Field mappings. The key fields must be mapped to each other, both ways.
+    #[serde(default, rename = "field")]
+    pub fields: Vec<FieldMapping>,
+    /// Maps this one needs running first (e.g. customers need customer groups).
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Side whose values win a conflict (a side name; default: the right side).
+    #[serde(default)]
+    pub conflict_master: Option<String>,
+    /// Whether a run copies pre-existing rows first (default true).
+    #[serde(default = "default_true")]
+    pub initial_sync: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// An entity (table) on one side and its alternate key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityRef {
+    /// `schema.table`, or `table` in schema `public`.
+    pub entity: String,
+    /// The alternate key fields that identify a record across both sides.
+    pub key: Vec<String>,
+}
+
+impl EntityRef {
+    /// `schema.table` with the default schema filled in.
+    pub fn qualified(&self) -> String {
+        qualify(&self.entity)
+    }
+}
+
+/// `schema.table` with the default schema (`public`) filled in.
+pub fn qualify(entity: &str) -> String {
+    if entity.contains('.') {
+        entity.to_owned()
+    } else {
+        format!("public.{entity}")
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMapping {
+    pub left: String,
+    pub right: String,
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+/// Capturer settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSettings {
+    /// How long the capturer waits before polling again when nothing changed.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Most changes read from the slot at once (whole transactions are always read).
+    #[serde(default = "default_capture_batch")]
+    pub max_batch: i32,
+}
+
+fn default_poll_interval_ms() -> u64 {
+    50
+}
+fn default_capture_batch() -> i32 {
+    5000
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        CaptureSettings {
+            poll_interval_ms: default_poll_interval_ms(),
+            max_batch: default_capture_batch(),
+        }
+    }
+}
+
+/// Applier settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplySettings {
+    /// Most records written in one target transaction.
+    #[serde(default = "default_apply_batch")]
+    pub max_batch: usize,
+    /// How long to wait for more records before writing a batch.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+}
+
+fn default_apply_batch() -> usize {
+    500
+}
+fn default_linger_ms() -> u64 {
+    5
+}
+
+impl Default for ApplySettings {
+    fn default() -> Self {
+        ApplySettings {
+            max_batch: default_apply_batch(),
+            linger_ms: default_linger_ms(),
+        }
+    }
+}
+
+/// A secret value read from an environment variable or a file, never from
+/// the configuration file itself. `Debug` prints `[REDACTED]`.
+#[derive(Clone)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(SecretString::from(value.into()))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretSource {
+    env: Option<String>,
+    file: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let src = SecretSource::deserialize(d)?;
+        match (src.env, src.file) {
+            (Some(var), None) => std::env::var(&var).map(Secret::new).map_err(|_| {
+                D::Error::custom(format!(
+                    "secret: environment variable `{var}` is not set (or not UTF-8)"
+                ))
+            }),
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map_err(|e| {
+                    D::Error::custom(format!(
+                        "secret: cannot read file `{}`: {e}",
+                        path.display()
+                    ))
+                }),
+            _ => Err(D::Error::custom(
+                "secret: give exactly one of `env = \"VAR\"` or `file = \"/path\"`",
+            )),
+        }
+    }
+}
+
+/// One problem found in the configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: e.g. `map "customers": field[2].right`.
+    pub location: String,
+    pub message: String,
+}
+
+/// The configuration could not be used. Lists every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {} is invalid:{}", path.display(), render_problems(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("\n  - {}: {}", p.location, p.message))
+        .collect()
+}
+
+impl Config {
+    /// Reads, overrides from the environment, and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        config.apply_env_overrides(|name| std::env::var(name).ok());
+        config.validate().map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Applies [`ENV_OVERRIDES`] read through `lookup`.
+    pub fn apply_env_overrides(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = lookup("DUALWRITE_BOOTSTRAP_SERVERS").filter(|v| !v.is_empty()) {
+            self.kafka.bootstrap_servers = v;
+        }
+        if let Some(v) = lookup("DUALWRITE_TOPIC_PREFIX").filter(|v| !v.is_empty()) {
+            self.kafka.topic_prefix = v;
+        }
+    }
+
+    /// Checks everything that can be checked without connecting anywhere.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut bad =
+            |location: String, message: String| problems.push(Problem { location, message });
+
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            bad("kafka.bootstrap_servers".into(), "must not be empty".into());
+        }
+        if !is_topic_safe(&k.topic_prefix) {
+            bad(
+                "kafka.topic_prefix".into(),
+                format!(
+                    "`{}` is not a valid topic prefix: use letters, digits, `.`, `_` or `-`",
+                    k.topic_prefix
+                ),
+            );
+        }
+        if k.partitions < 1 {
+            bad("kafka.partitions".into(), "must be at least 1".into());
+        }
+        if k.replication_factor < 1 {
+            bad(
+                "kafka.replication_factor".into(),
+                "must be at least 1".into(),
+            );
+        }
+        for name in k.properties.keys() {
+            if SECRET_PROPERTY_HINTS.iter().any(|h| name.contains(h)) {
+                bad(
+                    format!("kafka.properties.\"{name}\""),
+                    "holds a secret: move it to [kafka.secret_properties] as { env = \"VAR\" } or { file = \"/path\" }".into(),
+                );
+            }
+        }
+
+        for (id, side) in [
+            (SideId::Left, &self.sides.left),
+            (SideId::Right, &self.sides.right),
+        ] {
+            if !is_name(&side.name) {
+                bad(
+                    format!("sides.{id}.name"),
+                    format!("`{}` must be lowercase letters, digits or `_`", side.name),
+                );
+            }
+            if let Some(mode) = &side.connection.sslmode {
+                if !["disable", "prefer", "require"].contains(&mode.as_str()) {
+                    bad(
+                        format!("sides.{id}.connection.sslmode"),
+                        format!("`{mode}` is not one of disable, prefer, require"),
+                    );
+                }
+            }
+        }
+        if self.sides.left.name == self.sides.right.name {
+            bad(
+                "sides.right.name".into(),
+                format!(
+                    "both sides are named `{}`: names must differ",
+                    self.sides.left.name
+                ),
+            );
+        }
+        if self.apply.max_batch == 0 {
+            bad("apply.max_batch".into(), "must be at least 1".into());
+        }
+        if self.capture.max_batch < 1 {
+            bad("capture.max_batch".into(), "must be at least 1".into());
+        }
+
+        let mut seen = BTreeSet::new();
+        for (i, map) in self.maps.iter().enumerate() {
+            let at = format!("map \"{}\"", map.name);
+            if !is_name(&map.name) {
+                bad(
+                    format!("map[{i}].name"),
+                    format!("`{}` must be lowercase letters, digits or `_`", map.name),
+                );
+            }
+            if !seen.insert(map.name.as_str()) {
+                bad(format!("{at}: name"), "is used by another map".into());
+            }
+            for (side, e) in [("left", &map.left), ("right", &map.right)] {
+                if !is_entity(&e.entity) {
+                    bad(
+                        format!("{at}: {side}.entity"),
+                        format!("`{}` is not `table` or `schema.table`", e.entity),
+                    );
+                }
+                if e.key.is_empty() {
+                    bad(
+                        format!("{at}: {side}.key"),
+                        "an alternate key is required: without one the map cannot link records"
+                            .into(),
+                    );
+                }
+            }
+            if map.left.key.len() != map.right.key.len() {
+                bad(
+                    format!("{at}: key"),
+                    format!(
+                        "left.key has {} fields and right.key {}: they must pair up",
+                        map.left.key.len(),
+                        map.right.key.len()
+                    ),
+                );
+            }
+            let mut left_seen = HashMap::new();
+            let mut right_seen = HashMap::new();
+            for (j, f) in map.fields.iter().enumerate() {
+                if let Some(prev) = left_seen.insert(f.left.as_str(), j) {
+                    bad(
+                        format!("{at}: field[{j}].left"),
+                        format!("`{}` is already mapped by field[{prev}]", f.left),
+                    );
+                }
+                if let Some(prev) = right_seen.insert(f.right.as_str(), j) {
+                    bad(
+                        format!("{at}: field[{j}].right"),
+                        format!("`{}` is already mapped by field[{prev}]", f.right),
+                    );
+                }
+            }
+            for (l, r) in map.left.key.iter().zip(&map.right.key) {
+                match map.fields.iter().position(|f| &f.left == l) {
+                    None => bad(
+                        format!("{at}: left.key"),
+                        format!(
+                            "key field `{l}` is not mapped: add a [[map.field]] with left = \"{l}\", right = \"{r}\""
+                        ),
+                    ),
+                    Some(j) if map.fields[j].right != *r => bad(
+                        format!("{at}: field[{j}]"),
+                        format!(
+                            "key field `{l}` is mapped to `{}` but the right key field in that position is `{r}`",
+                            map.fields[j].right
+                        ),
+                    ),
+                    Some(j) if map.fields[j].direction != Direction::Both => bad(
+                        format!("{at}: field[{j}].direction"),
+                        format!("key field `{l}` ↔ `{r}` must sync both ways (direction = \"both\")"),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if let Some(m) = &map.conflict_master {
+                if m != &self.sides.left.name && m != &self.sides.right.name {
+                    bad(
+                        format!("{at}: conflict_master"),
+                        format!(
+                            "`{m}` is not a side: use `{}` or `{}`",
+                            self.sides.left.name, self.sides.right.name
+                        ),
+                    );
+                }
+            }
+            for dep in &map.depends_on {
+                if dep == &map.name {
+                    bad(
+                        format!("{at}: depends_on"),
+                        "a map cannot depend on itself".into(),
+                    );
+                } else if !self.maps.iter().any(|m| &m.name == dep) {
+                    bad(
+                        format!("{at}: depends_on"),
+                        format!("`{dep}` is not a map in this file"),
+                    );
+                }
+            }
+        }
+        if let Some(cycle) = self.dependency_cycle() {
+            bad(
+                "map depends_on".into(),
+                format!("dependencies form a cycle: {}", cycle.join(" → ")),
+            );
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// A dependency cycle among maps, if any, as the list of map names.
+    fn dependency_cycle(&self) -> Option<Vec<String>> {
+        fn visit<'a>(
+            cfg: &'a Config,
+            name: &'a str,
+            stack: &mut Vec<&'a str>,
+            done: &mut BTreeSet<&'a str>,
+        ) -> Option<Vec<String>> {
+            if let Some(pos) = stack.iter().position(|n| *n == name) {
+                let mut cycle: Vec<String> = stack[pos..].iter().map(|s| s.to_string()).collect();
+                cycle.push(name.to_owned());
+                return Some(cycle);
+            }
+            if done.contains(name) {
+                return None;
+            }
+            stack.push(name);
+            if let Some(map) = cfg.map(name) {
+                for dep in &map.depends_on {
+                    if let Some(c) = visit(cfg, dep, stack, done) {
+                        return Some(c);
+                    }
+                }
+            }
+            stack.pop();
+            done.insert(name);
+            None
+        }
+        let mut done = BTreeSet::new();
+        for m in &self.maps {
+            if let Some(c) = visit(self, &m.name, &mut Vec::new(), &mut done) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    pub fn map(&self, name: &str) -> Option<&MapConfig> {
+        self.maps.iter().find(|m| m.name == name)
+    }
+
+    pub fn side(&self, id: SideId) -> &SideConfig {
+        match id {
+            SideId::Left => &self.sides.left,
+            SideId::Right => &self.sides.right,
+        }
+    }
+
+    /// The side with this name.
+    pub fn side_id(&self, name: &str) -> Option<SideId> {
+        if self.sides.left.name == name {
+            Some(SideId::Left)
+        } else if self.sides.right.name == name {
+            Some(SideId::Right)
+        } else {
+            None
+        }
+    }
+
+    /// `dualwrite_<prefix>_<side>`, the default name of a side's slot and origin.
+    fn default_pg_name(&self, id: SideId) -> String {
+        let prefix: String = self
+            .kafka
+            .topic_prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("dualwrite_{prefix}_{}", self.side(id).name)
+    }
+
+    /// The replication slot of a side.
+    pub fn slot_name(&self, id: SideId) -> String {
+        self.side(id)
+            .slot
+            .clone()
+            .unwrap_or_else(|| self.default_pg_name(id))
+    }
+
+    /// The replication origin the applier of a side writes under. Origins
+    /// are cluster-wide in PostgreSQL and one session holds one at a time,
+    /// so the default is unique per deployment and side.
+    pub fn origin_name(&self, id: SideId) -> String {
+        self.side(id)
+            .origin
+            .clone()
+            .unwrap_or_else(|| self.default_pg_name(id))
+    }
+
+    /// Qualified tables of a side that some map reads, with their key fields.
+    pub fn captured_entities(&self, id: SideId) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for m in &self.maps {
+            let e = match id {
+                SideId::Left => &m.left,
+                SideId::Right => &m.right,
+            };
+            out.entry(e.qualified()).or_insert_with(|| e.key.clone());
+        }
+        out
+    }
+
+    /// The conflict master of a map (default: the right side).
+    pub fn conflict_master(&self, map: &MapConfig) -> SideId {
+        map.conflict_master
+            .as_deref()
+            .and_then(|m| self.side_id(m))
+            .unwrap_or(SideId::Right)
+    }
+}
+
+impl MapConfig {
+    pub fn entity(&self, id: SideId) -> &EntityRef {
+        match id {
+            SideId::Left => &self.left,
+            SideId::Right => &self.right,
+        }
+    }
+}
+
+impl FieldMapping {
+    pub fn name(&self, id: SideId) -> &str {
+        match id {
+            SideId::Left => &self.left,
+            SideId::Right => &self.right,
+        }
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn is_topic_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 120
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+}
+
+fn is_entity(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    (1..=2).contains(&parts.len()) && parts.iter().all(|p| !p.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = { host = "127.0.0.1", dbname = "fno", user = "postgres" }
+
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = { host = "127.0.0.1", dbname = "dv", user = "postgres" }
+
+[[map]]
+name = "customer_groups"
+left = { entity = "customer_groups", key = ["customergroupid"] }
+right = { entity = "msdyn_customergroups", key = ["msdyn_groupid"] }
+field = [
+  { left = "customergroupid", right = "msdyn_groupid" },
+  { left = "description", right = "msdyn_description", direction = "left_to_right" },
+]
+
+[[map]]
+name = "customers"
+left = { entity = "public.customers_v3", key = ["customeraccount"] }
+right = { entity = "accounts", key = ["accountnumber"] }
+depends_on = ["customer_groups"]
+conflict_master = "fno"
+field = [
+  { left = "customeraccount", right = "accountnumber" },
+  { left = "name", right = "name" },
+]
+"#;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::parse(text).unwrap().validate().unwrap_err()
+    }
+
+    #[test]
+    fn good_config_validates() {
+        let c = Config::parse(GOOD).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.maps.len(), 2);
+        assert_eq!(c.kafka.topic_prefix, "dualwrite");
+        assert_eq!(c.conflict_master(&c.maps[0]), SideId::Right);
+        assert_eq!(c.conflict_master(&c.maps[1]), SideId::Left);
+        assert_eq!(
+            c.captured_entities(SideId::Left).keys().collect::<Vec<_>>(),
+            ["public.customer_groups", "public.customers_v3"]
+        );
+        assert_eq!(c.slot_name(SideId::Left), "dualwrite_dualwrite_fno");
+    }
+
+    #[test]
+    fn unmapped_key_names_map_and_field() {
+        let text = GOOD.replace(
+            "{ left = \"customeraccount\", right = \"accountnumber\" },",
+            "",
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].location, "map \"customers\": left.key");
+        assert!(p[0].message.contains("customeraccount"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn one_way_key_is_rejected() {
+        let text = GOOD.replace(
+            "{ left = \"customergroupid\", right = \"msdyn_groupid\" }",
+            "{ left = \"customergroupid\", right = \"msdyn_groupid\", direction = \"right_to_left\" }",
+        );
+        let p = problems(&text);
+        assert_eq!(p[0].location, "map \"customer_groups\": field[0].direction");
+    }
+
+    #[test]
+    fn unknown_dependency_and_master_are_named() {
+        let text = GOOD
+            .replace(
+                "depends_on = [\"customer_groups\"]",
+                "depends_on = [\"currencies\"]",
+            )
+            .replace("conflict_master = \"fno\"", "conflict_master = \"crm\"");
+        let p = problems(&text);
+        let locations: Vec<_> = p.iter().map(|p| p.location.as_str()).collect();
+        assert!(
+            locations.contains(&"map \"customers\": depends_on"),
+            "{p:?}"
+        );
+        assert!(
+            locations.contains(&"map \"customers\": conflict_master"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn dependency_cycle_is_rejected() {
+        let text = GOOD.replace(
+            "name = \"customer_groups\"",
+            "name = \"customer_groups\"\ndepends_on = [\"customers\"]",
+        );
+        let p = problems(&text);
+        assert!(p.iter().any(|p| p.message.contains("cycle")), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_field_is_a_parse_error_with_position() {
+        let text = GOOD.replace(
+            "name = \"fno\"\nkind",
+            "name = \"fno\"\ncolour = \"red\"\nkind",
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn literal_secret_property_is_rejected() {
+        let text = GOOD.replace(
+            "bootstrap_servers = \"127.0.0.1:9092\"",
+            "bootstrap_servers = \"127.0.0.1:9092\"\nproperties = { \"sasl.password\" = \"hunter2\" }",
+        );
+        let p = problems(&text);
+        assert_eq!(p[0].location, "kafka.properties.\"sasl.password\"");
+    }
+
+    #[test]
+    fn secrets_come_from_env_and_never_show_in_debug() {
+        std::env::set_var("DUALWRITE_TEST_SECRET_A", "hunter2");
+        let text = GOOD.replace(
+            "connection = { host = \"127.0.0.1\", dbname = \"fno\", user = \"postgres\" }",
+            "connection = { host = \"127.0.0.1\", dbname = \"fno\", user = \"postgres\", password = { env = \"DUALWRITE_TEST_SECRET_A\" } }",
+        );
+        let c = Config::parse(&text).unwrap();
+        let pw = c.sides.left.connection.password.as_ref().unwrap();
+        assert_eq!(pw.expose(), "hunter2");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let missing = text.replace("DUALWRITE_TEST_SECRET_A", "DUALWRITE_TEST_SECRET_UNSET");
+        let err = Config::parse(&missing).unwrap_err();
+        assert!(err.contains("DUALWRITE_TEST_SECRET_UNSET"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = Config::parse(GOOD).unwrap();
+        c.apply_env_overrides(|k| match k {
+            "DUALWRITE_BOOTSTRAP_SERVERS" => Some("kafka:9093".into()),
+            "DUALWRITE_TOPIC_PREFIX" => Some("t1".into()),
+            _ => None,
+        });
+        assert_eq!(c.kafka.bootstrap_servers, "kafka:9093");
+        assert_eq!(c.kafka.topic_prefix, "t1");
+    }
+
+    #[test]
+    fn load_error_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("dw-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(
+            &path,
+            GOOD.replace("conflict_master = \"fno\"", "conflict_master = \"x\""),
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains("map \"customers\": conflict_master"), "{err}");
+    }
+}

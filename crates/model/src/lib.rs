@@ -1,0 +1,15 @@
+//! dualwrite's shared model: no IO, used by every service.
+//!
+//! - [`config`]: the configuration file (sides, entity maps, Kafka) and its validation.
+//! - [`record`]: the records that flow on the topics.
+//! - [`avro`]: Avro encoding of those records (single-object encoding).
+//! - [`mapping`]: field mapping and key translation of a change for a map.
+//! - [`topics`]: topic names.
+
+pub mod avro;
+pub mod config;
+pub mod mapping;
+pub mod record;
+pub mod topics;
+
+pub use config::{Config, ConfigError};

@@ -1,0 +1,40 @@
+//! Topic names. Every topic starts with the configured prefix.
+
+/// The topics of one deployment.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: impl Into<String>) -> Topics {
+        Topics {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Changes captured from a side ([`crate::record::ChangeRecord`]).
+    pub fn capture(&self, side: &str) -> String {
+        format!("{}.capture.{side}", self.prefix)
+    }
+
+    /// Mapped changes of one map, both directions ([`crate::record::MappedChange`]).
+    pub fn map(&self, map: &str) -> String {
+        format!("{}.map.{map}", self.prefix)
+    }
+
+    /// Mapped changes released by the pause buffer for a target side.
+    pub fn apply(&self, side: &str) -> String {
+        format!("{}.apply.{side}", self.prefix)
+    }
+
+    /// Records that could not be processed, with context ([`crate::record::ErrorRecord`]).
+    pub fn errors(&self) -> String {
+        format!("{}.errors", self.prefix)
+    }
+
+    /// Consumer group of a service.
+    pub fn group(&self, service: &str) -> String {
+        format!("{}.{service}", self.prefix)
+    }
+}

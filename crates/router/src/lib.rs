@@ -1,0 +1,145 @@
+//! Per-map router: reads the capture topics of both sides, applies each
+//! map's field mappings and key translation, drops what no map syncs, and
+//! writes each map's topic `<prefix>.map.<map>`, keyed by the alternate key.
+//!
+//! Offsets of the capture topics are stored only after every routed record
+//! (and error record) of a batch was acknowledged by Kafka.
+
+use std::sync::Arc;
+
+use dualwrite_model::avro;
+use dualwrite_model::config::Config;
+use dualwrite_model::mapping::{map_change, maps_for};
+use dualwrite_model::record::{ChangeRecord, MappedChange};
+use dualwrite_model::topics::Topics;
+use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::kafka::rdkafka::consumer::Consumer;
+use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
+use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
+use dualwrite_runtime::kafka::{self, Outgoing, TopicSpec};
+use dualwrite_runtime::relay::{relay, Output};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// Topics the router reads and writes.
+pub fn topics(config: &Config) -> Vec<TopicSpec> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let p = config.kafka.partitions;
+    let mut v = vec![
+        TopicSpec::new(t.capture(&config.sides.left.name), p),
+        TopicSpec::new(t.capture(&config.sides.right.name), p),
+        TopicSpec::new(t.errors(), p),
+    ];
+    v.extend(
+        config
+            .maps
+            .iter()
+            .map(|m| TopicSpec::new(t.map(&m.name), p)),
+    );
+    v
+}
+
+/// Routes a batch of capture-topic messages (pure: no IO).
+pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Output {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let mut r = Output::default();
+    let mut skipped = 0usize;
+    for m in batch {
+        let Some(payload) = m.payload() else {
+            r.errors
+                .push(errors.about(m, "malformed_record", "empty capture record (no value)"));
+            continue;
+        };
+        let change: ChangeRecord = match avro::decode(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                r.errors
+                    .push(errors.about(m, "malformed_record", format!("capture record: {e}")));
+                continue;
+            }
+        };
+        let Some(side) = config.side_id(&change.side) else {
+            let mut e = errors.about(
+                m,
+                "unknown_side",
+                format!(
+                    "capture record from side `{}`, which is not configured",
+                    change.side
+                ),
+            );
+            e.source_lsn = Some(change.commit_lsn);
+            r.errors.push(e);
+            continue;
+        };
+        let mut any = false;
+        for map in maps_for(config, side, &change.entity) {
+            any = true;
+            match map_change(config, map, side, &change) {
+                Ok(mapped) => {
+                    for mc in mapped {
+                        match avro::encode::<MappedChange>(&mc) {
+                            Ok(payload) => r.records.push(Outgoing {
+                                topic: t.map(&map.name),
+                                key: mc.kafka_key(),
+                                payload,
+                            }),
+                            Err(e) => {
+                                let mut er = errors.about(m, "encode", e.to_string());
+                                er.map = Some(map.name.clone());
+                                r.errors.push(er);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let mut er = errors.about(m, "mapping", e.to_string());
+                    er.map = Some(map.name.clone());
+                    er.source_side = Some(change.side.clone());
+                    er.target_side = Some(config.side(side.other()).name.clone());
+                    er.source_lsn = Some(change.commit_lsn);
+                    r.errors.push(er);
+                }
+            }
+        }
+        if !any {
+            skipped += 1;
+        }
+    }
+    if skipped > 0 {
+        tracing::debug!(skipped, "changes of entities no map syncs");
+    }
+    r
+}
+
+/// Runs the router until `shutdown` is cancelled.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), RouterError> {
+    run_inner(config, shutdown)
+        .instrument(tracing::info_span!("router"))
+        .await
+}
+
+async fn run_inner(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), RouterError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
+    let producer = kafka::producer(&config.kafka, "dualwrite-router")?;
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "router");
+    let consumer = kafka::consumer(&config.kafka, "dualwrite-router", &t.group("router"))?;
+    let inputs = [
+        t.capture(&config.sides.left.name),
+        t.capture(&config.sides.right.name),
+    ];
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    consumer.subscribe(&inputs)?;
+    tracing::info!(?inputs, maps = config.maps.len(), "routing");
+    relay(&consumer, &producer, &errors, &shutdown, |batch| {
+        route(&config, &errors, batch)
+    })
+    .await?;
+    Ok(())
+}

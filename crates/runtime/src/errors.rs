@@ -1,0 +1,78 @@
+//! The errors topic: records that could not be processed go there with
+//! their context and original bytes, and the pipeline keeps flowing.
+
+use dualwrite_model::avro;
+use dualwrite_model::record::ErrorRecord;
+use rdkafka::message::{Message, OwnedMessage};
+
+use crate::kafka::{send_all, Outgoing, Producer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot encode an error record: {0}")]
+    Encode(#[from] avro::AvroError),
+    #[error("cannot publish to the errors topic: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Writes error records to the errors topic.
+#[derive(Clone)]
+pub struct ErrorSink {
+    producer: Producer,
+    topic: String,
+    service: &'static str,
+}
+
+impl ErrorSink {
+    pub fn new(producer: Producer, topic: String, service: &'static str) -> ErrorSink {
+        ErrorSink {
+            producer,
+            topic,
+            service,
+        }
+    }
+
+    /// An error record about a message read from Kafka, with its position and bytes.
+    pub fn about(
+        &self,
+        m: &OwnedMessage,
+        error_class: &str,
+        message: impl Into<String>,
+    ) -> ErrorRecord {
+        let mut e = ErrorRecord::new(self.service, error_class, message, crate::now_micros());
+        e.topic = Some(m.topic().to_owned());
+        e.partition = Some(m.partition());
+        e.offset = Some(m.offset());
+        e.key = crate::kafka::key_text(m);
+        e.payload = m.payload().map(<[u8]>::to_vec);
+        e
+    }
+
+    /// A bare error record of this service.
+    pub fn record(&self, error_class: &str, message: impl Into<String>) -> ErrorRecord {
+        ErrorRecord::new(self.service, error_class, message, crate::now_micros())
+    }
+
+    /// Publishes the records and waits for the broker's acknowledgement.
+    pub async fn publish(&self, records: &[ErrorRecord]) -> Result<(), SinkError> {
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            tracing::warn!(
+                service = self.service,
+                class = %r.error_class,
+                map = r.map.as_deref().unwrap_or("-"),
+                topic = r.topic.as_deref().unwrap_or("-"),
+                offset = r.offset.unwrap_or(-1),
+                "{}",
+                r.message
+            );
+            let payload = avro::encode(r)?;
+            out.push(Outgoing {
+                topic: self.topic.clone(),
+                key: r.key.clone().unwrap_or_default(),
+                payload,
+            });
+        }
+        Ok(send_all(&self.producer, &out).await?)
+    }
+}

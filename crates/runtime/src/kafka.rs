@@ -1,0 +1,295 @@
+//! Kafka clients: one shared client context that routes librdkafka's logs
+//! into `tracing`, producers and consumers configured for at-least-once
+//! delivery, idempotent topic setup, and batch helpers.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dualwrite_model::config::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use rdkafka;
+
+/// The context shared by every client: librdkafka's logs and errors go to `tracing`.
+#[derive(Clone, Default)]
+pub struct DwContext;
+
+impl ClientContext for DwContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "kafka client error: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for DwContext {}
+
+pub type Producer = FutureProducer<DwContext>;
+pub type KafkaConsumer = StreamConsumer<DwContext>;
+
+/// Base client configuration: bootstrap servers, the configured properties
+/// (e.g. security settings) and the secret ones.
+pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("client.id", client_id)
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    for (k, v) in &cfg.secret_properties {
+        c.set(k, v.expose());
+    }
+    c
+}
+
+/// A producer for at-least-once delivery in order: all replicas acknowledge,
+/// and librdkafka's idempotence keeps order across its own retries.
+pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<Producer, KafkaError> {
+    let mut c = client_config(cfg, client_id);
+    c.set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "120000");
+    apply_overrides(&mut c, cfg, "producer.");
+    c.create_with_context(DwContext)
+}
+
+/// A consumer in `group` that stores offsets only when told to (after the
+/// downstream write succeeded) and commits stored offsets in the background.
+pub fn consumer(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    group: &str,
+) -> Result<KafkaConsumer, KafkaError> {
+    let mut c = client_config(cfg, client_id);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // Bounds each hop's latency on brokers that do not answer a fetch as
+        // soon as data arrives; Apache Kafka answers early anyway.
+        .set("fetch.wait.max.ms", "50");
+    apply_overrides(&mut c, cfg, "consumer.");
+    c.create_with_context(DwContext)
+}
+
+/// Properties named `producer.X` / `consumer.X` in the configuration apply
+/// to that kind of client only, as `X`.
+fn apply_overrides(c: &mut ClientConfig, cfg: &KafkaConfig, prefix: &str) {
+    for (k, v) in &cfg.properties {
+        if let Some(name) = k.strip_prefix(prefix) {
+            c.set(name, v);
+        }
+    }
+    // Remove the prefixed names themselves, which librdkafka does not know.
+    for k in cfg.properties.keys() {
+        if k.starts_with("producer.") || k.starts_with("consumer.") {
+            c.remove(k);
+        }
+    }
+}
+
+/// A topic the project needs.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub config: Vec<(String, String)>,
+}
+
+impl TopicSpec {
+    pub fn new(name: impl Into<String>, partitions: i32) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            partitions,
+            config: Vec::new(),
+        }
+    }
+}
+
+/// Creates the topics that do not exist yet and waits until the cluster's
+/// metadata shows every one of them with its partitions. Idempotent.
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DwContext> =
+        client_config(cfg, "dualwrite-admin").create_with_context(DwContext)?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            let mut n = NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            );
+            for (k, v) in &t.config {
+                n = n.set(k, v);
+            }
+            n
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(topic = %name, "cannot create topic: {code}"))
+            }
+        }
+    }
+    let want: HashMap<String, i32> = topics
+        .iter()
+        .map(|t| (t.name.clone(), t.partitions))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin.inner().fetch_metadata(None, Duration::from_secs(5))?;
+        let missing: Vec<&String> = want
+            .iter()
+            .filter(|(name, _)| {
+                !md.topics().iter().any(|t| {
+                    t.name() == name.as_str() && t.error().is_none() && !t.partitions().is_empty()
+                })
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            tracing::error!(?missing, "topics not visible in metadata after 30 s");
+            return Err(KafkaError::AdminOp(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// Produces every record, in order, and waits until the broker acknowledged
+/// all of them. A full local queue is waited out and the same record sent
+/// again; any delivery failure fails the whole call (the caller then does not
+/// advance its source position, and the batch is sent again: at least once).
+pub async fn send_all(producer: &Producer, records: &[Outgoing]) -> Result<(), KafkaError> {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        loop {
+            let rec = FutureRecord::to(&r.topic).key(&r.key).payload(&r.payload);
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    for f in pending {
+        match f.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(())
+}
+
+/// Receives up to `max` messages: waits for the first, then takes what
+/// arrives within `linger`.
+pub async fn recv_batch(
+    consumer: &KafkaConsumer,
+    max: usize,
+    linger: Duration,
+) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let first = consumer.recv().await?.detach();
+    let mut out = vec![first];
+    let until = tokio::time::Instant::now() + linger;
+    while out.len() < max {
+        match tokio::time::timeout_at(until, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => {
+                tracing::warn!("kafka receive error: {e}");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Stores the offsets after these messages, to be committed: call only once
+/// everything they caused was written downstream.
+pub fn store_offsets(
+    consumer: &KafkaConsumer,
+    messages: &[OwnedMessage],
+) -> Result<(), KafkaError> {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in messages {
+        let e = next.entry((m.topic(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    }
+    match consumer.store_offsets(&tpl) {
+        // The partition was revoked meanwhile: its new owner re-reads these.
+        Err(KafkaError::StoreOffset(RDKafkaErrorCode::UnknownPartition)) => Ok(()),
+        other => other,
+    }
+}
+
+/// Commits the stored offsets now (on shutdown).
+pub fn commit_now(consumer: &KafkaConsumer) {
+    match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!("final offset commit failed: {e}"),
+    }
+}
+
+/// The key of a message as text (lossy), for error context.
+pub fn key_text(m: &OwnedMessage) -> Option<String> {
+    m.key().map(|k| String::from_utf8_lossy(k).into_owned())
+}

@@ -1,0 +1,19 @@
+//! Shared runtime pieces of the dualwrite services: Kafka clients with one
+//! shared context, topic setup, the errors topic, PostgreSQL connections,
+//! shutdown and logging.
+
+pub mod backoff;
+pub mod errors;
+pub mod kafka;
+pub mod pg;
+pub mod relay;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

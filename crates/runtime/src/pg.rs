@@ -1,0 +1,127 @@
+//! PostgreSQL connections of a side.
+
+use dualwrite_model::config::PgConnection;
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("TLS setup for PostgreSQL failed: {0}")]
+    Tls(#[from] openssl::error::ErrorStack),
+    #[error("{}", describe(.0))]
+    Pg(#[from] tokio_postgres::Error),
+}
+
+impl ConnectError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Tls(_) => false,
+            ConnectError::Pg(e) => is_transient(e),
+        }
+    }
+}
+
+/// Connects to a side's database. The connection runs on its own task; the
+/// client errors out once it is closed.
+pub async fn connect(conn: &PgConnection, application_name: &str) -> Result<Client, ConnectError> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&conn.host)
+        .port(conn.port)
+        .dbname(&conn.dbname)
+        .user(&conn.user)
+        .application_name(application_name)
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pw) = &conn.password {
+        cfg.password(pw.expose());
+    }
+    let mode = match conn.sslmode.as_deref() {
+        Some("require") => SslMode::Require,
+        Some("prefer") => SslMode::Prefer,
+        _ => SslMode::Disable,
+    };
+    cfg.ssl_mode(mode);
+    let (client, connection) = if mode == SslMode::Disable {
+        let (c, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!("postgres connection closed: {e}");
+            }
+        });
+        return Ok(c);
+    } else {
+        let mut builder = SslConnector::builder(SslMethod::tls())?;
+        // sslmode=require encrypts without verifying the server, as libpq does.
+        builder.set_verify(SslVerifyMode::NONE);
+        cfg.connect(MakeTlsConnector::new(builder.build())).await?
+    };
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("postgres connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Whether an error is worth retrying (connection lost, server shutting
+/// down, serialization failure, deadlock, too many connections) rather than
+/// a property of the data.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true, // IO or protocol error: the connection is in doubt.
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") // connection exception
+                || c.starts_with("53") // insufficient resources
+                || c.starts_with("57") // operator intervention (shutdown, cancel)
+                || c == "40001" // serialization_failure
+                || c == "40P01" // deadlock_detected
+                || c == "55P03" // lock_not_available
+                || c == "55006" // object_in_use (e.g. replication origin still held)
+        }
+    }
+}
+
+/// Creates the replication origin if it does not exist, and returns its id.
+pub async fn ensure_origin(client: &Client, origin: &str) -> Result<i64, tokio_postgres::Error> {
+    loop {
+        if let Some(row) = client
+            .query_opt(
+                "SELECT roident::int8 FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await?
+        {
+            return Ok(row.get(0));
+        }
+        match client
+            .execute("SELECT pg_replication_origin_create($1)", &[&origin])
+            .await
+        {
+            Ok(_) => {}
+            // Created meanwhile by the other service of this side.
+            Err(e) if e.code().is_some_and(|c| c.code() == "23505") => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An error with the server's message, SQLSTATE and detail, for operators
+/// (`tokio_postgres::Error`'s own text is only "db error" for those).
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; {d}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,254 @@
+//! `dualwrite`: one binary, every service by subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dualwrite_model::config::{Config, SideId};
+use dualwrite_runtime::kafka::{self, TopicSpec};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "dualwrite",
+    version,
+    about = "Two-way sync of business records between two systems of record through Kafka"
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(
+        long,
+        short,
+        env = "DUALWRITE_CONFIG",
+        default_value = "dualwrite.toml",
+        global = true
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture committed changes of one side into Kafka.
+    Capture {
+        /// Side name (or `left` / `right`).
+        #[arg(long)]
+        side: String,
+    },
+    /// Map captured changes into each map's topic.
+    Router,
+    /// Gate each map between its topic and the appliers.
+    PauseBuffer,
+    /// Write mapped changes to one side.
+    Apply {
+        /// Side name (or `left` / `right`).
+        #[arg(long)]
+        side: String,
+    },
+    /// Run every service in this one process (capture and apply for both sides, router, pause buffer).
+    Run,
+    /// Create the topics and check the configuration, then exit.
+    Setup,
+    /// Operator commands.
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Check the configuration and list the maps.
+    Validate,
+    /// List the topics and what flows on them.
+    Topics,
+    /// Print a topic's records as JSON lines: errors, capture:<side>, map:<map>, apply:<side>.
+    Tail {
+        topic: String,
+        /// Stop after this many records.
+        #[arg(long, default_value_t = 100)]
+        max: usize,
+        /// Stop when nothing arrives for this many seconds.
+        #[arg(long, default_value_t = 3)]
+        idle_secs: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    dualwrite_runtime::telemetry::init_logging();
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn side(config: &Config, s: &str) -> anyhow::Result<SideId> {
+    match s {
+        "left" => Ok(SideId::Left),
+        "right" => Ok(SideId::Right),
+        name => config.side_id(name).with_context(|| {
+            format!(
+                "no side named `{name}`: use `{}`, `{}`, `left` or `right`",
+                config.sides.left.name, config.sides.right.name
+            )
+        }),
+    }
+}
+
+async fn run(command: Command, config: Arc<Config>) -> anyhow::Result<()> {
+    let shutdown = dualwrite_runtime::shutdown::on_signals();
+    match command {
+        Command::Capture { side: s } => {
+            let s = side(&config, &s)?;
+            dualwrite_capture::run(config, s, shutdown).await?;
+        }
+        Command::Router => dualwrite_router::run(config, shutdown).await?,
+        Command::PauseBuffer => dualwrite_pause_buffer::run(config, shutdown).await?,
+        Command::Apply { side: s } => {
+            let s = side(&config, &s)?;
+            dualwrite_apply::run(config, s, shutdown).await?;
+        }
+        Command::Run => run_all(config, shutdown).await?,
+        Command::Setup => {
+            kafka::ensure_topics(&config.kafka, &all_topics(&config)).await?;
+            println!("topics ready:");
+            dualwrite_ctl::describe_topics(&config, &mut std::io::stdout())?;
+        }
+        Command::Ctl { command } => match command {
+            CtlCommand::Validate => {
+                println!("configuration is valid");
+                dualwrite_ctl::describe_maps(&config, &mut std::io::stdout())?;
+            }
+            CtlCommand::Topics => dualwrite_ctl::describe_topics(&config, &mut std::io::stdout())?,
+            CtlCommand::Tail {
+                topic,
+                max,
+                idle_secs,
+            } => {
+                let cfg = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    dualwrite_ctl::tail(
+                        &cfg,
+                        &topic,
+                        max,
+                        Duration::from_secs(idle_secs),
+                        &mut std::io::stdout(),
+                    )
+                })
+                .await??;
+            }
+        },
+    }
+    Ok(())
+}
+
+fn all_topics(config: &Config) -> Vec<TopicSpec> {
+    let mut v = dualwrite_router::topics(config);
+    v.extend(dualwrite_pause_buffer::topics(config));
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v.dedup_by(|a, b| a.name == b.name);
+    v
+}
+
+/// Every service as a task of this process. If one fails, all stop.
+async fn run_all(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    kafka::ensure_topics(&config.kafka, &all_topics(&config)).await?;
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    for s in [SideId::Left, SideId::Right] {
+        let (c, t) = (config.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            (
+                "capture",
+                dualwrite_capture::run(c, s, t).await.map_err(Into::into),
+            )
+        });
+        let (c, t) = (config.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            (
+                "apply",
+                dualwrite_apply::run(c, s, t).await.map_err(Into::into),
+            )
+        });
+    }
+    let (c, t) = (config.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        (
+            "router",
+            dualwrite_router::run(c, t).await.map_err(Into::into),
+        )
+    });
+    let (c, t) = (config.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        (
+            "pause-buffer",
+            dualwrite_pause_buffer::run(c, t).await.map_err(Into::into),
+        )
+    });
+    tracing::info!("all services running");
+
+    let mut first_error = None;
+    // Wait for shutdown or the first service to stop.
+    tokio::select! {
+        _ = shutdown.cancelled() => {},
+        Some(res) = tasks.join_next() => {
+            first_error = Some(describe_exit(res));
+            shutdown.cancel();
+        }
+    }
+    // Drain within a deadline, then abort what is left.
+    let drain = async {
+        while let Some(res) = tasks.join_next().await {
+            let e = describe_exit(res);
+            if first_error.is_none() {
+                first_error = Some(e);
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(15), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("services did not stop within 15 s; aborting them");
+        tasks.abort_all();
+    }
+    match first_error {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn describe_exit(
+    res: Result<(&'static str, anyhow::Result<()>), tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match res {
+        Ok((name, Ok(()))) => {
+            tracing::info!("{name} stopped");
+            Ok(())
+        }
+        Ok((name, Err(e))) => Err(e.context(format!("{name} failed"))),
+        Err(e) => Err(anyhow::anyhow!("a service panicked: {e}")),
+    }
+}

@@ -1,0 +1,67 @@
+//! The binary's command line: configuration errors and the operator CLI
+//! commands that need no running services.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dualwrite");
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/demo/dualwrite.toml");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("DUALWRITE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn demo_config_validates() {
+    let (code, out, err) = run(&["--config", DEMO, "ctl", "validate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("map customers: fno:public.customers_v3 (customeraccount) <-> dataverse:public.accounts (accountnumber)"), "{out}");
+    assert!(
+        out.contains("depends on customer_groups, currencies"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_config_fails_naming_file_map_and_field() {
+    let dir = std::env::temp_dir().join(format!("dualwrite-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broken.toml");
+    let text = std::fs::read_to_string(DEMO).unwrap().replace(
+        "{ left = \"customeraccount\", right = \"accountnumber\" },",
+        "",
+    );
+    std::fs::write(&path, text).unwrap();
+    for cmd in [&["router"][..], &["ctl", "validate"]] {
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        args.extend_from_slice(cmd);
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("broken.toml"), "{err}");
+        assert!(err.contains("map \"customers\": left.key"), "{err}");
+        assert!(err.contains("customeraccount"), "{err}");
+    }
+    let (code, _, err) = run(&[
+        "--config",
+        dir.join("missing.toml").to_str().unwrap(),
+        "router",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.toml"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unknown_side_is_a_clear_error() {
+    let (code, _, err) = run(&["--config", DEMO, "capture", "--side", "crm"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no side named `crm`"), "{err}");
+}

@@ -1,0 +1,330 @@
+//! End-to-end test support: the real local stack (started by
+//! `scripts/stack.sh up` if it is not running), fresh databases and topic
+//! names per test, the services as real child processes, and waiting on
+//! conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_postgres::{Client, NoTls};
+
+pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+pub const BIN: &str = env!("CARGO_BIN_EXE_dualwrite");
+
+/// Endpoints of the local stack.
+pub struct Stack {
+    pub bootstrap: String,
+    pub pg_url: String,
+}
+
+/// Starts the stack if needed (idempotent, serialised across processes).
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(Path::new(ROOT).join("scripts/stack.sh"))
+            .arg("up")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/stack.sh up");
+        assert!(out.status.success(), "scripts/stack.sh up failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        Stack {
+            bootstrap: vars["DUALWRITE_BOOTSTRAP_SERVERS"].to_owned(),
+            pg_url: vars["DUALWRITE_PG_URL"].to_owned(),
+        }
+    })
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Waits until `check` returns true, polling every 50 ms, or panics after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One test's world: two fresh databases with the demo schema and data, a
+/// config file with a fresh topic prefix, and a folder for logs.
+pub struct TestEnv {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub fno_db: String,
+    pub dv_db: String,
+    pub prefix: String,
+    services: Vec<Service>,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str) -> TestEnv {
+        let s = stack();
+        let id: String = {
+            let mut r = rand::rng();
+            (0..8)
+                .map(|_| (b'a' + r.random_range(0..26)) as char)
+                .collect()
+        };
+        let fno_db = format!("dw_{id}_fno");
+        let dv_db = format!("dw_{id}_dv");
+        let admin = connect(&format!("{}/postgres", s.pg_url)).await;
+        for db in [&fno_db, &dv_db] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .unwrap();
+        }
+        let fno = connect(&format!("{}/{fno_db}", s.pg_url)).await;
+        fno.batch_execute(
+            &std::fs::read_to_string(Path::new(ROOT).join("deploy/demo/fno.sql")).unwrap(),
+        )
+        .await
+        .unwrap();
+        let dv = connect(&format!("{}/{dv_db}", s.pg_url)).await;
+        dv.batch_execute(
+            &std::fs::read_to_string(Path::new(ROOT).join("deploy/demo/dataverse.sql")).unwrap(),
+        )
+        .await
+        .unwrap();
+
+        let dir = std::env::temp_dir().join(format!("dualwrite-test-{name}-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let prefix = format!("t-{name}-{id}");
+        let port = s.pg_url.rsplit(':').next().unwrap().to_owned();
+        let config_text =
+            std::fs::read_to_string(Path::new(ROOT).join("deploy/demo/dualwrite.toml"))
+                .unwrap()
+                .replace(
+                    "bootstrap_servers = \"127.0.0.1:19092\"",
+                    &format!("bootstrap_servers = \"{}\"", s.bootstrap),
+                )
+                .replace(
+                    "topic_prefix = \"dualwrite\"",
+                    &format!("topic_prefix = \"{prefix}\""),
+                )
+                .replace("port = 55432", &format!("port = {port}"))
+                .replace(
+                    "dbname = \"dualwrite_fno\"",
+                    &format!("dbname = \"{fno_db}\""),
+                )
+                .replace(
+                    "dbname = \"dualwrite_dataverse\"",
+                    &format!("dbname = \"{dv_db}\""),
+                )
+                + "\n[capture]\npoll_interval_ms = 20\n";
+        let config = dir.join("dualwrite.toml");
+        std::fs::write(&config, config_text).unwrap();
+        TestEnv {
+            id,
+            dir,
+            config,
+            fno_db,
+            dv_db,
+            prefix,
+            services: Vec::new(),
+        }
+    }
+
+    pub async fn fno(&self) -> Client {
+        connect(&format!("{}/{}", stack().pg_url, self.fno_db)).await
+    }
+
+    pub async fn dv(&self) -> Client {
+        connect(&format!("{}/{}", stack().pg_url, self.dv_db)).await
+    }
+
+    /// Starts `dualwrite <args>` as a child process with this env's config.
+    pub fn spawn(&mut self, args: &[&str]) -> usize {
+        let svc = Service::start(&self.config, &self.dir, args);
+        self.services.push(svc);
+        self.services.len() - 1
+    }
+
+    pub fn service(&mut self, i: usize) -> &mut Service {
+        &mut self.services[i]
+    }
+
+    /// Runs `dualwrite <args>` to completion: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("DUALWRITE_CONFIG", &self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The records of a topic (`errors`, `capture:<side>`, …) as JSON values, via `dualwrite ctl tail`.
+    pub fn tail(&self, which: &str) -> Vec<serde_json::Value> {
+        let (code, out, err) =
+            self.run(&["ctl", "tail", which, "--max", "100000", "--idle-secs", "1"]);
+        assert_eq!(code, 0, "ctl tail {which} failed: {err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
+            .collect()
+    }
+
+    /// Waits until both capturers created their slots (changes from then on are captured).
+    pub async fn wait_for_slots(&self, n: i64) {
+        let admin = connect(&format!("{}/postgres", stack().pg_url)).await;
+        let dbs = [self.fno_db.clone(), self.dv_db.clone()];
+        eventually(
+            "replication slots created",
+            Duration::from_secs(60),
+            || async {
+                let row = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_replication_slots WHERE database = ANY($1)",
+                        &[&dbs.as_slice()],
+                    )
+                    .await
+                    .unwrap();
+                row.get::<_, i64>(0) >= n
+            },
+        )
+        .await;
+    }
+
+    /// Stops the services, drops the slots and the databases.
+    pub async fn cleanup(mut self) {
+        for s in &mut self.services {
+            s.stop();
+        }
+        let admin = connect(&format!("{}/postgres", stack().pg_url)).await;
+        for db in [&self.fno_db, &self.dv_db] {
+            let _ = admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+                    &[db],
+                )
+                .await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// The services' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.services
+            .iter()
+            .map(|s| {
+                format!(
+                    "--- {} ---\n{}",
+                    s.name,
+                    std::fs::read_to_string(&s.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+/// A service running as a child process; killed when dropped.
+pub struct Service {
+    pub name: String,
+    args: Vec<String>,
+    config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    fn start(config: &Path, dir: &Path, args: &[&str]) -> Service {
+        let name = args.join("-").replace("--", "");
+        let mut s = Service {
+            log: dir.join(format!("{name}.log")),
+            name,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            config: config.to_owned(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    /// Starts the process again (appending to its log).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("DUALWRITE_CONFIG", &self.config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for it to exit (SIGKILL after 20 s).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

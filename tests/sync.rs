@@ -1,0 +1,335 @@
+//! End-to-end: the services as separate processes against the real broker
+//! and PostgreSQL, with fresh databases and topics per test.
+
+mod support;
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use support::{eventually, stack, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn start_all(env: &mut TestEnv) {
+    for args in [
+        &["capture", "--side", "fno"][..],
+        &["capture", "--side", "dataverse"],
+        &["router"],
+        &["pause-buffer"],
+        &["apply", "--side", "fno"],
+        &["apply", "--side", "dataverse"],
+    ] {
+        env.spawn(args);
+    }
+}
+
+async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    c.query_opt(sql, &[])
+        .await
+        .unwrap()
+        .map(|r| r.get::<_, String>(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_sync_both_ways_without_echo() {
+    let mut env = TestEnv::new("sync").await;
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+
+    // Insert on the left: an account appears on the right, mapped field by field.
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode, creditlimit, primaryphone, onhold)
+         VALUES ('C9001', 'Fabrikam ''Nordic'' A/S', 'G01', 'EUR', 25000.50, '+45 1', true)",
+    )
+    .await
+    .unwrap();
+    let q = "SELECT concat_ws('|', name, msdyn_customergroupid, transactioncurrencycode, creditlimit::text, telephone1, creditonhold::text)
+             FROM accounts WHERE accountnumber = 'C9001'";
+    eventually("insert reaches the right side", WAIT, || async {
+        text(&dv, q).await.as_deref() == Some("Fabrikam 'Nordic' A/S|G01|EUR|25000.50|+45 1|true")
+    })
+    .await;
+
+    // Updates, and a multi-row transaction.
+    fno.batch_execute(
+        "BEGIN;
+         UPDATE customers_v3 SET organizationname = 'Fabrikam Renamed' WHERE customeraccount = 'C9001';
+         INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           SELECT 'C8' || lpad(i::text, 3, '0'), 'Bulk ' || i, 'G02', 'USD' FROM generate_series(1, 50) i;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    eventually(
+        "update and bulk insert reach the right side",
+        WAIT,
+        || async {
+            let n = dv
+                .query_one(
+                    "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'C8%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+            n == 50
+                && text(
+                    &dv,
+                    "SELECT name FROM accounts WHERE accountnumber = 'C9001'",
+                )
+                .await
+                .as_deref()
+                    == Some("Fabrikam Renamed")
+        },
+    )
+    .await;
+
+    // Right to left. creditlimit syncs left-to-right only: its change on the
+    // right must not reach the left, while the phone in the same update does.
+    dv.batch_execute(
+        "UPDATE accounts SET telephone1 = '+45 777', creditlimit = 1 WHERE accountnumber = 'C0002'",
+    )
+    .await
+    .unwrap();
+    eventually("right-side update reaches the left side", WAIT, || async {
+        text(
+            &fno,
+            "SELECT primaryphone FROM customers_v3 WHERE customeraccount = 'C0002'",
+        )
+        .await
+        .as_deref()
+            == Some("+45 777")
+    })
+    .await;
+    assert_eq!(
+        text(
+            &fno,
+            "SELECT creditlimit::text FROM customers_v3 WHERE customeraccount = 'C0002'"
+        )
+        .await
+        .as_deref(),
+        Some("2000.00"),
+        "a left_to_right field was synced right to left"
+    );
+
+    // Delete on the left (contacts of the customer cascade on both sides).
+    fno.batch_execute("DELETE FROM customers_v3 WHERE customeraccount = 'C0003'")
+        .await
+        .unwrap();
+    eventually("delete reaches the right side", WAIT, || async {
+        dv.query_opt("SELECT 1 FROM accounts WHERE accountnumber = 'C0003'", &[])
+            .await
+            .unwrap()
+            .is_none()
+            && dv
+                .query_opt(
+                    "SELECT 1 FROM contacts WHERE msdyn_contactpersonid = 'P0003'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .is_none()
+    })
+    .await;
+
+    // A last change on the right, after every applier write above: once it
+    // reached the left, anything the right-side capturer took from the
+    // appliers would be on its topic before it.
+    dv.batch_execute(
+        "UPDATE accounts SET emailaddress1 = 'marker@example.com' WHERE accountnumber = 'C0004'",
+    )
+    .await
+    .unwrap();
+    eventually("marker reaches the left side", WAIT, || async {
+        text(
+            &fno,
+            "SELECT primaryemail FROM customers_v3 WHERE customeraccount = 'C0004'",
+        )
+        .await
+        .as_deref()
+            == Some("marker@example.com")
+    })
+    .await;
+    let captured = env.tail("capture:dataverse");
+    let mut keys: Vec<String> = captured
+        .iter()
+        .map(|r| {
+            let after = r["value"]["after"]
+                .as_array()
+                .expect("update has new values");
+            after.iter().find(|f| f["name"] == "accountnumber").unwrap()["value"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["C0002", "C0004"],
+        "the right side's topic holds only changes made on the right: applied writes echoed"
+    );
+
+    // Nothing failed on the way.
+    assert!(
+        env.tail("errors").is_empty(),
+        "unexpected error records:\n{}",
+        env.logs()
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capturer_killed_with_sigkill_loses_no_change() {
+    let mut env = TestEnv::new("kill").await;
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    let capture = 0; // the fno capturer, first started
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+
+    const N: i32 = 300;
+    let writer = {
+        let fno = env.fno().await;
+        tokio::spawn(async move {
+            for i in 0..N {
+                // One transaction per row: an insert and an update of it.
+                fno.batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO customers_v3 (customeraccount, organizationname) VALUES ('K{i:04}', 'k{i}');
+                     UPDATE customers_v3 SET primaryphone = 'p{i}' WHERE customeraccount = 'K{i:04}';
+                     COMMIT;"
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    // Kill the capturer mid-stream three times, at different points.
+    for at in [40i64, 130, 220] {
+        eventually("writer progress", WAIT, || async {
+            fno.query_one(
+                "SELECT count(*) FROM customers_v3 WHERE customeraccount LIKE 'K%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                >= at
+        })
+        .await;
+        env.service(capture).kill9();
+        env.service(capture).restart();
+    }
+    writer.await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(90), async {
+        eventually("every change reaches the right side", Duration::from_secs(90), || async {
+            dv.query_one(
+                "SELECT count(*) FROM accounts
+                 WHERE accountnumber LIKE 'K%' AND telephone1 = 'p' || substr(accountnumber, 2)::int",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == N as i64
+        })
+        .await
+    })
+    .await;
+    if result.is_err() {
+        panic!("not every change arrived:\n{}", env.logs());
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_go_to_the_errors_topic_and_the_rest_flows() {
+    let mut env = TestEnv::new("errors").await;
+    let dv = env.dv().await;
+    dv.batch_execute(
+        "ALTER TABLE accounts ADD CONSTRAINT credit_within_policy CHECK (creditlimit < 1000000)",
+    )
+    .await
+    .unwrap();
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    let fno = env.fno().await;
+
+    // Garbage on the capture topic, from a foreign producer.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack().bootstrap)
+        .create()
+        .unwrap();
+    let topic = format!("{}.capture.fno", env.prefix);
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("junk")
+                .payload(&b"\x00\x01 not avro"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+
+    // A value the target rejects, then a good change.
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9100', 'Too much credit', 5000000);
+         INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9101', 'Fine', 100);",
+    )
+    .await
+    .unwrap();
+    eventually("the good change arrives", WAIT, || async {
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C9101'",
+        )
+        .await
+        .as_deref()
+            == Some("Fine")
+    })
+    .await;
+
+    let mut errors = Vec::new();
+    eventually("two error records", WAIT, || {
+        errors = env.tail("errors");
+        let n = errors.len();
+        async move { n >= 2 }
+    })
+    .await;
+    let by_class = |class: &str| {
+        errors
+            .iter()
+            .find(|e| e["value"]["error_class"] == class)
+            .unwrap_or_else(|| panic!("no {class} error in {errors:?}"))
+            .clone()
+    };
+    let malformed = by_class("malformed_record")["value"].clone();
+    assert_eq!(malformed["service"], "router");
+    assert_eq!(malformed["topic"], topic.as_str());
+    assert_eq!(malformed["key"], "junk");
+    assert!(
+        malformed["payload"].is_array(),
+        "original bytes are kept: {malformed}"
+    );
+    let rejected = by_class("rejected_by_target")["value"].clone();
+    assert_eq!(rejected["map"], "customers");
+    assert_eq!(rejected["target_side"], "dataverse");
+    assert_eq!(rejected["key"], "[\"C9100\"]");
+    let msg = rejected["message"].as_str().unwrap();
+    assert!(
+        msg.contains("credit_within_policy") && msg.contains("23514"),
+        "{msg}"
+    );
+    assert!(text(
+        &dv,
+        "SELECT name FROM accounts WHERE accountnumber = 'C9100'"
+    )
+    .await
+    .is_none());
+    env.cleanup().await;
+}
