@@ -73,6 +73,11 @@ slots_ready() {
   [ "$(psql -X -At "$PG/postgres" -c "SELECT count(*) FROM pg_replication_slots WHERE database IN ('dualwrite_fno','dualwrite_dataverse')")" = 2 ]
 }
 wait_for 120 "both capturers to create their replication slots" slots_ready
+CTL=("$BIN" --config deploy/demo/dualwrite.toml ctl)
+
+step "Run the maps: contacts with its related maps (customers, customer groups, currencies), dependencies first"
+"${CTL[@]}" run contacts --include-related
+"${CTL[@]}" maps
 
 now_ms() { date +%s%3N; }
 show_arrival() { # show_arrival DESCRIPTION CHECK-COMMAND...
@@ -95,6 +100,19 @@ renamed() { [ "$(psql_fno -At -c "SELECT organizationname || ' ' || primaryphone
 show_arrival "customer C9001 renamed on fno" renamed
 psql_fno -c "SELECT customeraccount, organizationname, primaryphone FROM customers_v3 WHERE customeraccount = 'C9001'"
 
+step "Pause customers: changes queue in Kafka and nothing reaches dataverse"
+"${CTL[@]}" pause customers
+psql_fno -c "UPDATE customers_v3 SET creditlimit = 99000 WHERE customeraccount = 'C9001'"
+queued() { "${CTL[@]}" maps --json | python3 -c "import json,sys; m=[r for r in json.load(sys.stdin) if r['map']=='customers'][0]; sys.exit(0 if m['backlog'] >= 1 else 1)"; }
+wait_for 30 "the change to be queued" queued
+"${CTL[@]}" maps
+psql_dv -c "SELECT accountnumber, creditlimit FROM accounts WHERE accountnumber = 'C9001'"
+
+step "Run customers again: it resumes, catches up on the queued change, and runs"
+"${CTL[@]}" run customers
+credited() { [ "$(psql_dv -At -c "SELECT creditlimit FROM accounts WHERE accountnumber = 'C9001'")" = "99000.00" ]; }
+show_arrival "queued credit limit on dataverse" credited
+
 step "Delete it on fno; it is deleted on dataverse"
 psql_fno -c "DELETE FROM customers_v3 WHERE customeraccount = 'C9001'"
 gone() { [ "$(psql_dv -At -c "SELECT count(*) FROM accounts WHERE accountnumber = 'C9001'")" = 0 ]; }
@@ -102,13 +120,16 @@ show_arrival "account C9001 deleted on dataverse" gone
 
 cat <<MSG
 
-The demo sync is running (pid $(cat "$PIDFILE"), log $DEMO/dualwrite.log).
+The demo sync is running (pid $(cat "$PIDFILE"), log $DEMO/dualwrite.log, topics $DUALWRITE_TOPIC_PREFIX.*;
+export DUALWRITE_TOPIC_PREFIX=$DUALWRITE_TOPIC_PREFIX for the commands below).
 Try it yourself:
   psql $PG/dualwrite_fno -c "UPDATE customers_v3 SET primaryemail = 'new@example.com' WHERE customeraccount = 'C0001'"
   psql $PG/dualwrite_dataverse -c "SELECT accountnumber, emailaddress1 FROM accounts WHERE accountnumber = 'C0001'"
+Operate the maps:
+  $BIN -c deploy/demo/dualwrite.toml ctl maps            (and: ctl pause|run|stop MAP, ctl watch)
 Inspect the topics:
-  DUALWRITE_TOPIC_PREFIX=$DUALWRITE_TOPIC_PREFIX $BIN -c deploy/demo/dualwrite.toml ctl tail map:customers
-  DUALWRITE_TOPIC_PREFIX=$DUALWRITE_TOPIC_PREFIX $BIN -c deploy/demo/dualwrite.toml ctl tail errors
+  $BIN -c deploy/demo/dualwrite.toml ctl tail map:customers
+  $BIN -c deploy/demo/dualwrite.toml ctl tail errors
 Stop it:
   scripts/demo.sh stop        (and scripts/stack.sh down to stop PostgreSQL and the broker)
 MSG

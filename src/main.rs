@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dualwrite_ctl::CommandResult;
 use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::lifecycle::{Action, ControlCommand};
 use dualwrite_runtime::kafka::{self, TopicSpec};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +69,55 @@ enum CtlCommand {
     Validate,
     /// List the topics and what flows on them.
     Topics,
-    /// Print a topic's records as JSON lines: errors, capture:<side>, map:<map>, apply:<side>.
+    /// List the maps with state, generation and backlog.
+    Maps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a map (from Not running or Failed), or resume it (from Paused).
+    Run {
+        map: String,
+        /// Also run the maps it depends on, dependencies first.
+        #[arg(long)]
+        include_related: bool,
+        /// Copy pre-existing rows first (default: the map's configuration).
+        #[arg(long)]
+        initial_sync: Option<bool>,
+        /// Side whose values win conflicts.
+        #[arg(long)]
+        conflict_master: Option<String>,
+        /// Order of the related maps, comma separated; must respect dependencies.
+        #[arg(long, value_delimiter = ',')]
+        order: Option<Vec<String>>,
+        /// On resume: catch_up (default), skip_to_live or discard.
+        #[arg(long)]
+        resume_policy: Option<String>,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Pause a running map: its changes queue until it is run again.
+    Pause {
+        map: String,
+        /// Also pause the maps it depends on.
+        #[arg(long)]
+        include_related: bool,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Stop a running map: it writes nothing until it is run again.
+    Stop {
+        map: String,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Print acknowledgements and state changes as they happen.
+    Watch {
+        /// Stop when nothing happens for this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        idle_secs: u64,
+    },
+    /// Print a topic's records as JSON lines: errors, capture:<side>, map:<map>, apply:<side>,
+    /// catchup-errors, status, events, control.
     Tail {
         topic: String,
         /// Stop after this many records.
@@ -77,6 +127,19 @@ enum CtlCommand {
         #[arg(long, default_value_t = 3)]
         idle_secs: u64,
     },
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Command id (default: a fresh one). Sending the same id again changes nothing.
+    #[arg(long)]
+    id: Option<String>,
+    /// Do not wait for the acknowledgements.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the command to complete.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +206,80 @@ async fn run(command: Command, config: Arc<Config>) -> anyhow::Result<()> {
                 dualwrite_ctl::describe_maps(&config, &mut std::io::stdout())?;
             }
             CtlCommand::Topics => dualwrite_ctl::describe_topics(&config, &mut std::io::stdout())?,
+            CtlCommand::Maps { json } => {
+                let cfg = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    dualwrite_ctl::list_maps(&cfg, json, &mut std::io::stdout())
+                })
+                .await??;
+            }
+            CtlCommand::Watch { idle_secs } => {
+                let cfg = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    dualwrite_ctl::watch(
+                        &cfg,
+                        Duration::from_secs(idle_secs),
+                        &mut std::io::stdout(),
+                    )
+                })
+                .await??;
+            }
+            CtlCommand::Run {
+                map,
+                include_related,
+                initial_sync,
+                conflict_master,
+                order,
+                resume_policy,
+                send,
+            } => {
+                let resume_policy = resume_policy
+                    .map(|p| serde_json::from_value(serde_json::Value::String(p.clone())).map_err(|_| {
+                        anyhow::anyhow!("unknown resume policy `{p}`: use catch_up, skip_to_live or discard")
+                    }))
+                    .transpose()?;
+                let cmd = ControlCommand {
+                    id: String::new(),
+                    action: Action::Run,
+                    map,
+                    include_related,
+                    initial_sync,
+                    conflict_master,
+                    order,
+                    resume_policy,
+                };
+                send_command(config, cmd, send).await?;
+            }
+            CtlCommand::Pause {
+                map,
+                include_related,
+                send,
+            } => {
+                let cmd = ControlCommand {
+                    id: String::new(),
+                    action: Action::Pause,
+                    map,
+                    include_related,
+                    initial_sync: None,
+                    conflict_master: None,
+                    order: None,
+                    resume_policy: None,
+                };
+                send_command(config, cmd, send).await?;
+            }
+            CtlCommand::Stop { map, send } => {
+                let cmd = ControlCommand {
+                    id: String::new(),
+                    action: Action::Stop,
+                    map,
+                    include_related: false,
+                    initial_sync: None,
+                    conflict_master: None,
+                    order: None,
+                    resume_policy: None,
+                };
+                send_command(config, cmd, send).await?;
+            }
             CtlCommand::Tail {
                 topic,
                 max,
@@ -163,6 +300,34 @@ async fn run(command: Command, config: Arc<Config>) -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+/// Sends a command and waits for its outcome; an error unless it completed (or was sent without waiting).
+async fn send_command(
+    config: Arc<Config>,
+    mut cmd: ControlCommand,
+    send: SendArgs,
+) -> anyhow::Result<()> {
+    cmd.id = send.id.unwrap_or_else(dualwrite_ctl::new_command_id);
+    let wait = if send.no_wait {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(send.timeout_secs)
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        dualwrite_ctl::send_command(&config, &cmd, wait, &mut std::io::stdout())
+    })
+    .await??;
+    match result {
+        CommandResult::Completed => Ok(()),
+        CommandResult::Pending if wait.is_zero() => Ok(()),
+        CommandResult::Pending => Err(anyhow::anyhow!(
+            "not completed within {} s; it may still complete: follow it with `dualwrite ctl watch`",
+            wait.as_secs()
+        )),
+        CommandResult::Rejected(r) => Err(anyhow::anyhow!("rejected: {r}")),
+        CommandResult::Failed(r) => Err(anyhow::anyhow!("failed: {r}")),
+    }
 }
 
 fn all_topics(config: &Config) -> Vec<TopicSpec> {

@@ -36,6 +36,7 @@ async fn changes_sync_both_ways_without_echo() {
     let mut env = TestEnv::new("sync").await;
     start_all(&mut env);
     env.wait_for_slots(2).await;
+    env.run_all_maps();
     let fno = env.fno().await;
     let dv = env.dv().await;
 
@@ -187,6 +188,7 @@ async fn capturer_killed_with_sigkill_loses_no_change() {
     let mut env = TestEnv::new("kill").await;
     start_all(&mut env);
     env.wait_for_slots(2).await;
+    env.run_all_maps();
     let capture = 0; // the fno capturer, first started
     let fno = env.fno().await;
     let dv = env.dv().await;
@@ -257,6 +259,7 @@ async fn bad_records_go_to_the_errors_topic_and_the_rest_flows() {
     .unwrap();
     start_all(&mut env);
     env.wait_for_slots(2).await;
+    env.run_all_maps();
     let fno = env.fno().await;
 
     // Garbage on the capture topic, from a foreign producer.

@@ -197,6 +197,48 @@ impl TestEnv {
             .collect()
     }
 
+    /// Runs every map (contacts with its related maps, dependencies first)
+    /// and waits until they all run.
+    pub fn run_all_maps(&self) {
+        let (code, out, err) = self.run(&[
+            "ctl",
+            "run",
+            "contacts",
+            "--include-related",
+            "--timeout-secs",
+            "60",
+        ]);
+        assert_eq!(code, 0, "ctl run failed:\n{out}\n{err}\n{}", self.logs());
+    }
+
+    /// `dualwrite ctl <args>`; panics unless it exits 0. Returns stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let mut all = vec!["ctl"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.run(&all);
+        assert_eq!(
+            code,
+            0,
+            "ctl {args:?} failed:\n{out}\n{err}\n{}",
+            self.logs()
+        );
+        out
+    }
+
+    /// Each map's state, from `ctl maps --json`.
+    pub fn states(&self) -> HashMap<String, String> {
+        let out = self.ctl(&["maps", "--json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        rows.iter()
+            .map(|r| {
+                (
+                    r["map"].as_str().unwrap().to_owned(),
+                    r["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
     /// Waits until both capturers created their slots (changes from then on are captured).
     pub async fn wait_for_slots(&self, n: i64) {
         let admin = connect(&format!("{}/postgres", stack().pg_url)).await;

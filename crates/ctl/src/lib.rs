@@ -3,14 +3,24 @@
 use std::io::Write;
 use std::time::Duration;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
 use dualwrite_model::avro::{self, AvroRecord};
 use dualwrite_model::config::Config;
+use dualwrite_model::lifecycle::{
+    dependencies, ControlCommand, ControlEvent, MapState, MapStatus, Outcome,
+};
 use dualwrite_model::record::{ChangeRecord, ErrorRecord, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::Message;
+use dualwrite_runtime::kafka::rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
+};
 use dualwrite_runtime::kafka::rdkafka::{Offset, TopicPartitionList};
+use dualwrite_runtime::kafka::{self as kafka_rt};
 use dualwrite_runtime::kafka::{client_config, DwContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,9 +107,13 @@ pub fn tail(
         Some(("capture", side)) => (t.capture(side), render::<ChangeRecord>),
         Some(("map", map)) => (t.map(map), render::<MappedChange>),
         Some(("apply", side)) => (t.apply(side), render::<MappedChange>),
+        None if which == "catchup-errors" => (t.catchup_errors(), render::<MappedChange>),
+        None if which == "status" => (t.status(), render::<MapStatus>),
+        None if which == "events" => (t.events(), render::<ControlEvent>),
+        None if which == "control" => (t.control(), render_command),
         _ => {
             return Err(CtlError::Usage(format!(
-                "unknown topic `{which}`: use errors, capture:<side>, map:<map> or apply:<side>"
+                "unknown topic `{which}`: use errors, capture:<side>, map:<map>, apply:<side>, catchup-errors, status, events or control"
             )))
         }
     };
@@ -145,5 +159,274 @@ fn render<T: AvroRecord>(bytes: &[u8]) -> String {
         Ok(r) => serde_json::to_string(&r)
             .unwrap_or_else(|e| format!("{{\"render_error\":{:?}}}", e.to_string())),
         Err(e) => format!("{{\"decode_error\":{:?}}}", e.to_string()),
+    }
+}
+
+fn render_command(bytes: &[u8]) -> String {
+    match dualwrite_model::lifecycle::parse_command(bytes) {
+        Ok(c) => serde_json::to_string(&c).unwrap_or_default(),
+        Err(e) => format!("{{\"decode_error\":{:?}}}", e),
+    }
+}
+
+/// One map's state and how far behind it is.
+#[derive(Debug, serde::Serialize)]
+pub struct MapRow {
+    pub map: String,
+    pub state: String,
+    pub generation: i64,
+    /// Records on the map topic not yet released by the pause buffer.
+    pub backlog: i64,
+    pub depends_on: Vec<String>,
+    pub reason: Option<String>,
+    pub last_command_id: Option<String>,
+}
+
+/// The latest status of each map on the status topic.
+pub fn read_statuses(config: &Config) -> Result<BTreeMap<String, MapStatus>, CtlError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let mut out = BTreeMap::new();
+    for m in kafka_rt::read_to_end(&config.kafka, &t.status())? {
+        if let Some(Ok(s)) = m.payload().map(avro::decode::<MapStatus>) {
+            out.insert(s.map.clone(), s);
+        }
+    }
+    Ok(out)
+}
+
+/// Every configured map with its state and backlog.
+pub fn map_rows(config: &Config) -> Result<Vec<MapRow>, CtlError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let statuses = read_statuses(config)?;
+    let mut rows = Vec::new();
+    for m in &config.maps {
+        let status = statuses.get(&m.name);
+        let topic = t.map(&m.name);
+        let marks = kafka_rt::watermarks(&config.kafka, &topic)?;
+        let group: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
+            .set("group.id", t.group(&format!("pause-buffer.{}", m.name)))
+            .set("enable.auto.commit", "false")
+            .create_with_context(DwContext)?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, _, _) in &marks {
+            tpl.add_partition(&topic, *p);
+        }
+        let committed = group.committed_offsets(tpl, Duration::from_secs(10))?;
+        let backlog = marks
+            .iter()
+            .map(|(p, lo, hi)| {
+                let pos = match committed.find_partition(&topic, *p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => *lo,
+                };
+                (hi - pos).max(0)
+            })
+            .sum();
+        rows.push(MapRow {
+            map: m.name.clone(),
+            state: status
+                .map_or(MapState::NotRunning, |s| s.state)
+                .label()
+                .to_owned(),
+            generation: status.map_or(0, |s| s.generation),
+            backlog,
+            depends_on: m.depends_on.clone(),
+            reason: status.and_then(|s| s.reason.clone()),
+            last_command_id: status.and_then(|s| s.last_command_id.clone()),
+        });
+    }
+    Ok(rows)
+}
+
+/// Prints the maps as a table or JSON.
+pub fn list_maps(config: &Config, json: bool, out: &mut impl Write) -> Result<(), CtlError> {
+    let rows = map_rows(config)?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<20} {:<13} {:>4} {:>9}  DEPENDS ON",
+        "MAP", "STATE", "GEN", "BACKLOG"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:<20} {:<13} {:>4} {:>9}  {}",
+            r.map,
+            r.state,
+            r.generation,
+            r.backlog,
+            if r.depends_on.is_empty() {
+                "-".to_owned()
+            } else {
+                r.depends_on.join(", ")
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// A fresh command id.
+pub fn new_command_id() -> String {
+    format!(
+        "ctl-{}-{}",
+        dualwrite_runtime::now_micros(),
+        std::process::id()
+    )
+}
+
+/// What happened to a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CommandResult {
+    Completed,
+    Rejected(String),
+    Failed(String),
+    /// Accepted, not completed within the wait (e.g. a long catch-up).
+    Pending,
+}
+
+/// Sends a command (Avro) to the control topic and, unless `wait` is zero,
+/// prints its acknowledgements until it completed for every map it acts on,
+/// was rejected or failed, or `wait` passed.
+pub fn send_command(
+    config: &Config,
+    cmd: &ControlCommand,
+    wait: Duration,
+    out: &mut impl Write,
+) -> Result<CommandResult, CtlError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    if cmd.action == dualwrite_model::lifecycle::Action::Run {
+        let deps = dependencies(config, &cmd.map);
+        if !deps.is_empty() {
+            writeln!(
+                out,
+                "related maps of {}: {}{}",
+                cmd.map,
+                deps.join(", "),
+                if cmd.include_related {
+                    " (run together, dependencies first)"
+                } else {
+                    " (add --include-related to run them too)"
+                }
+            )?;
+        }
+    }
+    let start = kafka_rt::watermarks(&config.kafka, &t.events())?;
+    let payload = avro::encode(cmd).map_err(|e| CtlError::Usage(e.to_string()))?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client_config(&config.kafka, "dualwrite-ctl")
+            .set("acks", "all")
+            .create()?;
+    producer
+        .send(BaseRecord::to(&t.control()).key(&cmd.id).payload(&payload))
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(30))?;
+    writeln!(out, "sent {} {} (id {})", cmd.action, cmd.map, cmd.id)?;
+    if wait.is_zero() {
+        return Ok(CommandResult::Pending);
+    }
+    let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
+        .set("group.id", "dualwrite-ctl")
+        .set("enable.auto.commit", "false")
+        .create_with_context(DwContext)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, hi) in &start {
+        tpl.add_partition_offset(&t.events(), *p, Offset::Offset(*hi))?;
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + wait;
+    let mut pending: Option<BTreeSet<String>> = None;
+    while Instant::now() < deadline {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        let Some(Ok(ev)) = m.payload().map(avro::decode::<ControlEvent>) else {
+            continue;
+        };
+        if ev.command_id.as_deref() != Some(&cmd.id) {
+            continue;
+        }
+        writeln!(
+            out,
+            "{:<13} {:<16} {:<13} {}",
+            outcome_label(ev.outcome),
+            ev.map.as_deref().unwrap_or("-"),
+            ev.state.as_deref().unwrap_or(""),
+            ev.message
+        )?;
+        match ev.outcome {
+            Outcome::Rejected => return Ok(CommandResult::Rejected(ev.message)),
+            Outcome::Failed => return Ok(CommandResult::Failed(ev.message)),
+            Outcome::Accepted => pending = Some(ev.maps.iter().cloned().collect()),
+            Outcome::Completed => match pending.as_mut() {
+                // A duplicate id completes without being accepted again.
+                None => return Ok(CommandResult::Completed),
+                Some(p) => {
+                    if let Some(map) = &ev.map {
+                        p.remove(map);
+                    }
+                    if p.is_empty() {
+                        return Ok(CommandResult::Completed);
+                    }
+                }
+            },
+            Outcome::StateChanged => {}
+        }
+    }
+    Ok(CommandResult::Pending)
+}
+
+/// Prints events as they happen, for `max` or until nothing arrives for `idle` (zero: forever).
+pub fn watch(config: &Config, idle: Duration, out: &mut impl Write) -> Result<(), CtlError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let start = kafka_rt::watermarks(&config.kafka, &t.events())?;
+    let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
+        .set("group.id", "dualwrite-ctl")
+        .set("enable.auto.commit", "false")
+        .create_with_context(DwContext)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, hi) in &start {
+        tpl.add_partition_offset(&t.events(), *p, Offset::Offset(*hi))?;
+    }
+    consumer.assign(&tpl)?;
+    let mut last = Instant::now();
+    loop {
+        if !idle.is_zero() && last.elapsed() > idle {
+            return Ok(());
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        last = Instant::now();
+        if let Some(Ok(ev)) = m.payload().map(avro::decode::<ControlEvent>) {
+            writeln!(
+                out,
+                "{:<13} {:<16} {:<13} {:<28} {}",
+                outcome_label(ev.outcome),
+                ev.map.as_deref().unwrap_or("-"),
+                ev.state.as_deref().unwrap_or(""),
+                ev.command_id.as_deref().unwrap_or("-"),
+                ev.message
+            )?;
+            out.flush()?;
+        }
+    }
+}
+
+fn outcome_label(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Accepted => "ACCEPTED",
+        Outcome::Rejected => "REJECTED",
+        Outcome::Completed => "COMPLETED",
+        Outcome::Failed => "FAILED",
+        Outcome::StateChanged => "STATE_CHANGED",
     }
 }

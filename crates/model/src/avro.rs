@@ -10,6 +10,7 @@ use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
 use crate::record::{ChangeRecord, ErrorRecord, MappedChange};
 
 const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -19,6 +20,9 @@ const HEADER_LEN: usize = 10;
 pub const CHANGE_RECORD_AVSC: &str = include_str!("../../../schemas/change_record.avsc");
 pub const MAPPED_CHANGE_AVSC: &str = include_str!("../../../schemas/mapped_change.avsc");
 pub const ERROR_RECORD_AVSC: &str = include_str!("../../../schemas/error_record.avsc");
+pub const CONTROL_COMMAND_AVSC: &str = include_str!("../../../schemas/control_command.avsc");
+pub const MAP_STATUS_AVSC: &str = include_str!("../../../schemas/map_status.avsc");
+pub const CONTROL_EVENT_AVSC: &str = include_str!("../../../schemas/control_event.avsc");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AvroError {
@@ -77,6 +81,9 @@ macro_rules! avro_record {
 avro_record!(ChangeRecord, "ChangeRecord", CHANGE_RECORD_AVSC);
 avro_record!(MappedChange, "MappedChange", MAPPED_CHANGE_AVSC);
 avro_record!(ErrorRecord, "ErrorRecord", ERROR_RECORD_AVSC);
+avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
+avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC);
+avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC);
 
 /// Encodes a record (single-object encoding).
 pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
@@ -266,6 +273,44 @@ mod tests {
             bytes[at] = b;
             let _ = decode::<MappedChange>(&bytes);
         }
+    }
+
+    #[test]
+    fn lifecycle_records_round_trip() {
+        use crate::lifecycle::*;
+        let mut st = MapStatus::initial("customers", 7);
+        st.state = MapState::Resuming;
+        st.resume_targets = vec![PartitionOffset {
+            partition: 2,
+            offset: 99,
+        }];
+        st.paused_at = Some(5);
+        st.reason = Some("r".into());
+        assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
+        let ev = ControlEvent {
+            command_id: Some("c".into()),
+            outcome: Outcome::Rejected,
+            map: None,
+            state: Some("Paused".into()),
+            maps: vec!["a".into(), "b".into()],
+            message: "m".into(),
+            at: 1,
+        };
+        assert_eq!(decode::<ControlEvent>(&encode(&ev).unwrap()).unwrap(), ev);
+        let cmd = ControlCommand {
+            id: "x".into(),
+            action: Action::Stop,
+            map: "m".into(),
+            include_related: false,
+            initial_sync: Some(false),
+            conflict_master: None,
+            order: None,
+            resume_policy: Some(ResumePolicy::Discard),
+        };
+        assert_eq!(
+            decode::<ControlCommand>(&encode(&cmd).unwrap()).unwrap(),
+            cmd
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Config {
     pub capture: CaptureSettings,
     #[serde(default)]
     pub apply: ApplySettings,
+    #[serde(default)]
+    pub pause_buffer: PauseBufferSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -287,6 +289,35 @@ impl Default for ApplySettings {
     }
 }
 
+/// Pause buffer settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseBufferSettings {
+    /// Retention of the map topics (`retention.ms`): a paused map's queued
+    /// changes older than this are lost. Default: Kafka's, 7 days.
+    #[serde(default = "default_retention_ms")]
+    pub map_topic_retention_ms: i64,
+    /// Warn when a pause has lasted this share of the retention.
+    #[serde(default = "default_warn_ratio")]
+    pub backlog_warn_ratio: f64,
+}
+
+fn default_retention_ms() -> i64 {
+    7 * 24 * 3600 * 1000
+}
+fn default_warn_ratio() -> f64 {
+    0.8
+}
+
+impl Default for PauseBufferSettings {
+    fn default() -> Self {
+        PauseBufferSettings {
+            map_topic_retention_ms: default_retention_ms(),
+            backlog_warn_ratio: default_warn_ratio(),
+        }
+    }
+}
+
 /// A secret value read from an environment variable or a file, never from
 /// the configuration file itself. `Debug` prints `[REDACTED]`.
 #[derive(Clone)]
@@ -473,6 +504,18 @@ impl Config {
         if self.apply.max_batch == 0 {
             bad("apply.max_batch".into(), "must be at least 1".into());
         }
+        if !(0.0..=1.0).contains(&self.pause_buffer.backlog_warn_ratio) {
+            bad(
+                "pause_buffer.backlog_warn_ratio".into(),
+                "must be between 0 and 1".into(),
+            );
+        }
+        if self.pause_buffer.map_topic_retention_ms < 1 {
+            bad(
+                "pause_buffer.map_topic_retention_ms".into(),
+                "must be positive".into(),
+            );
+        }
         if self.capture.max_batch < 1 {
             bad("capture.max_batch".into(), "must be at least 1".into());
         }
@@ -530,27 +573,8 @@ impl Config {
                     );
                 }
             }
-            for (l, r) in map.left.key.iter().zip(&map.right.key) {
-                match map.fields.iter().position(|f| &f.left == l) {
-                    None => bad(
-                        format!("{at}: left.key"),
-                        format!(
-                            "key field `{l}` is not mapped: add a [[map.field]] with left = \"{l}\", right = \"{r}\""
-                        ),
-                    ),
-                    Some(j) if map.fields[j].right != *r => bad(
-                        format!("{at}: field[{j}]"),
-                        format!(
-                            "key field `{l}` is mapped to `{}` but the right key field in that position is `{r}`",
-                            map.fields[j].right
-                        ),
-                    ),
-                    Some(j) if map.fields[j].direction != Direction::Both => bad(
-                        format!("{at}: field[{j}].direction"),
-                        format!("key field `{l}` ↔ `{r}` must sync both ways (direction = \"both\")"),
-                    ),
-                    Some(_) => {}
-                }
+            for (field, message) in map.key_problems() {
+                bad(format!("{at}: {field}"), message);
             }
             if let Some(m) = &map.conflict_master {
                 if m != &self.sides.left.name && m != &self.sides.right.name {
@@ -708,6 +732,36 @@ impl Config {
 }
 
 impl MapConfig {
+    /// Problems with the alternate key mapping, as (field, message): each
+    /// key field must be mapped, both ways, to the other side's key field in
+    /// the same position. A map with such problems cannot run.
+    pub fn key_problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (l, r) in self.left.key.iter().zip(&self.right.key) {
+            match self.fields.iter().position(|f| &f.left == l) {
+                None => out.push((
+                    "left.key".to_owned(),
+                    format!(
+                        "key field `{l}` is not mapped: add a [[map.field]] with left = \"{l}\", right = \"{r}\""
+                    ),
+                )),
+                Some(j) if self.fields[j].right != *r => out.push((
+                    format!("field[{j}]"),
+                    format!(
+                        "key field `{l}` is mapped to `{}` but the right key field in that position is `{r}`",
+                        self.fields[j].right
+                    ),
+                )),
+                Some(j) if self.fields[j].direction != Direction::Both => out.push((
+                    format!("field[{j}].direction"),
+                    format!("key field `{l}` ↔ `{r}` must sync both ways (direction = \"both\")"),
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
     pub fn entity(&self, id: SideId) -> &EntityRef {
         match id {
             SideId::Left => &self.left,

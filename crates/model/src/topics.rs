@@ -33,6 +33,27 @@ impl Topics {
         format!("{}.errors", self.prefix)
     }
 
+    /// Operator commands ([`crate::lifecycle::ControlCommand`], JSON or Avro).
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// Map states, compacted, keyed by map ([`crate::lifecycle::MapStatus`]).
+    pub fn status(&self) -> String {
+        format!("{}.status", self.prefix)
+    }
+
+    /// Acknowledgements and state changes ([`crate::lifecycle::ControlEvent`]).
+    pub fn events(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    /// Changes queued while a map was paused and set aside by a
+    /// skip-to-live resume ([`crate::record::MappedChange`]).
+    pub fn catchup_errors(&self) -> String {
+        format!("{}.catchup-errors", self.prefix)
+    }
+
     /// Consumer group of a service.
     pub fn group(&self, service: &str) -> String {
         format!("{}.{service}", self.prefix)

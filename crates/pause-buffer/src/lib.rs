@@ -1,41 +1,69 @@
 //! Pause buffer: gates each map between its topic `<prefix>.map.<map>` and
-//! the appliers' topics `<prefix>.apply.<side>`. Records pass through
-//! unchanged, keyed as they came; offsets are stored only after the
-//! forwarded records were acknowledged.
+//! the appliers' topics `<prefix>.apply.<side>`, and runs the maps'
+//! lifecycle controller.
 //!
-//! Pausing a map (hold its consumer offset so its changes queue in Kafka)
-//! and resuming it (catch-up replay) build on this loop: the consumer is
-//! per map topic, so a map's partitions can be paused on their own.
+//! - [`controller`]: operator commands from `<prefix>.control` → map states
+//!   on the compacted `<prefix>.status` → acknowledgements on `<prefix>.events`.
+//! - [`gate`]: one per map; forwards while the map runs, holds the map's
+//!   offset while it is paused (changes queue in Kafka), replays the backlog
+//!   in order on resume (catch-up), then reports back.
+//!
+//! Run one pause buffer per deployment: it is the only writer of the status
+//! topic. It keeps nothing on disk; everything it needs is read back from
+//! Kafka on start, so it may be killed at any moment.
 
+pub mod controller;
+pub mod gate;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
-use dualwrite_model::record::MappedChange;
+use dualwrite_model::lifecycle::{
+    parse_command, ControlEvent, MapState, MapStatus, Outcome, PartitionOffset,
+};
+use dualwrite_model::record::{ErrorRecord, MappedChange};
 use dualwrite_model::topics::Topics;
+use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
-use dualwrite_runtime::kafka::rdkafka::consumer::Consumer;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
-use dualwrite_runtime::kafka::{self, Outgoing, TopicSpec};
-use dualwrite_runtime::relay::{relay, Output};
+use dualwrite_runtime::kafka::{self, Outgoing, Producer, TopicSpec};
+use dualwrite_runtime::now_micros;
+use dualwrite_runtime::relay::{deliver, Output};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::controller::{event, Controller, Effects};
+use crate::gate::{Gate, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PauseBufferError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("cannot read {topic}: {message}")]
+    Load { topic: String, message: String },
 }
 
 /// Topics the pause buffer reads and writes.
 pub fn topics(config: &Config) -> Vec<TopicSpec> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let p = config.kafka.partitions;
+    let mut status = TopicSpec::new(t.status(), 1);
+    status
+        .config
+        .push(("cleanup.policy".into(), "compact".into()));
     let mut v = vec![
         TopicSpec::new(t.apply(&config.sides.left.name), p),
         TopicSpec::new(t.apply(&config.sides.right.name), p),
         TopicSpec::new(t.errors(), p),
+        TopicSpec::new(t.control(), 1),
+        status,
+        TopicSpec::new(t.events(), 1),
+        TopicSpec::new(t.catchup_errors(), p),
     ];
     v.extend(
         config
@@ -46,40 +74,43 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
     v
 }
 
-/// Decides where each record of a batch goes (pure: no IO).
-pub fn forward(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Output {
+/// Where one map-topic record goes: the target side's apply topic, same key.
+pub fn forward_one(
+    config: &Config,
+    errors: &ErrorSink,
+    m: &OwnedMessage,
+) -> Result<Outgoing, Box<ErrorRecord>> {
     let t = Topics::new(&config.kafka.topic_prefix);
-    let mut out = Vec::with_capacity(batch.len());
-    let mut bad = Vec::new();
-    for m in batch {
-        let Some(payload) = m.payload() else {
-            bad.push(errors.about(m, "malformed_record", "empty map record (no value)"));
-            continue;
-        };
-        match avro::decode::<MappedChange>(payload) {
-            Ok(mc) if config.side_id(&mc.target_side).is_some() => out.push(Outgoing {
-                topic: t.apply(&mc.target_side),
-                key: kafka::key_text(m).unwrap_or_else(|| mc.kafka_key()),
-                payload: payload.to_vec(),
-            }),
-            Ok(mc) => {
-                let mut e = errors.about(
-                    m,
-                    "unknown_side",
-                    format!(
-                        "map record for side `{}`, which is not configured",
-                        mc.target_side
-                    ),
-                );
-                e.map = Some(mc.map);
-                bad.push(e);
-            }
-            Err(e) => bad.push(errors.about(m, "malformed_record", format!("map record: {e}"))),
+    let Some(payload) = m.payload() else {
+        return Err(Box::new(errors.about(
+            m,
+            "malformed_record",
+            "empty map record (no value)",
+        )));
+    };
+    match avro::decode::<MappedChange>(payload) {
+        Ok(mc) if config.side_id(&mc.target_side).is_some() => Ok(Outgoing {
+            topic: t.apply(&mc.target_side),
+            key: kafka::key_text(m).unwrap_or_else(|| mc.kafka_key()),
+            payload: payload.to_vec(),
+        }),
+        Ok(mc) => {
+            let mut e = errors.about(
+                m,
+                "unknown_side",
+                format!(
+                    "map record for side `{}`, which is not configured",
+                    mc.target_side
+                ),
+            );
+            e.map = Some(mc.map);
+            Err(Box::new(e))
         }
-    }
-    Output {
-        records: out,
-        errors: bad,
+        Err(e) => Err(Box::new(errors.about(
+            m,
+            "malformed_record",
+            format!("map record: {e}"),
+        ))),
     }
 }
 
@@ -98,23 +129,287 @@ async fn run_inner(
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-pause-buffer")?;
     let errors = ErrorSink::new(producer.clone(), t.errors(), "pause-buffer");
-    let consumer = kafka::consumer(
-        &config.kafka,
-        "dualwrite-pause-buffer",
-        &t.group("pause-buffer"),
-    )?;
-    let inputs: Vec<String> = config.maps.iter().map(|m| t.map(&m.name)).collect();
-    if inputs.is_empty() {
-        tracing::warn!("no maps configured: nothing to do");
-        shutdown.cancelled().await;
+
+    // The states, read back from the status topic; applied command ids from the events.
+    let (statuses, seen) = load(&config).await?;
+    let mut ctl = Controller::new(&config, statuses, seen, now_micros());
+    let mut backoff = Backoff::new();
+    let fx = ctl.recover(now_micros());
+    if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
         return Ok(());
     }
-    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    consumer.subscribe(&refs)?;
-    tracing::info!(inputs = ?refs, "forwarding");
-    relay(&consumer, &producer, &errors, &shutdown, |batch| {
-        forward(&config, &errors, batch)
-    })
-    .await?;
+    ctl.commit(&fx, None);
+
+    let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
+    let mut senders: BTreeMap<String, watch::Sender<MapStatus>> = BTreeMap::new();
+    let mut gates = JoinSet::new();
+    for (map, status) in &ctl.statuses {
+        let gate = Gate::start(
+            config.clone(),
+            map.clone(),
+            status.clone(),
+            producer.clone(),
+            errors.clone(),
+            report_tx.clone(),
+        )
+        .await?;
+        let (tx, rx) = watch::channel(status.clone());
+        senders.insert(map.clone(), tx);
+        let sd = shutdown.clone();
+        let span = tracing::info_span!("gate", map = %map);
+        gates.spawn(gate::run(gate, rx, sd).instrument(span));
+        tracing::info!(map = %map, state = %status.state, generation = status.generation, "map loaded");
+    }
+
+    // Commands are read in order from assigned partitions (no group
+    // rebalance to wait for after a restart); the group keeps the offsets.
+    let control = Arc::new(kafka::consumer(
+        &config.kafka,
+        "dualwrite-controller",
+        &t.group("controller"),
+    )?);
+    let (cfg, c, top) = (config.clone(), control.clone(), t.control());
+    let positions =
+        tokio::task::spawn_blocking(move || kafka::committed_positions(&cfg.kafka, &c, &top))
+            .await
+            .map_err(|e| PauseBufferError::Load {
+                topic: t.control(),
+                message: e.to_string(),
+            })??;
+    kafka::assign_at(&control, &t.control(), &positions)?;
+    tracing::info!(topic = %t.control(), "taking commands");
+    let notify =
+        |ctl: &Controller, fx: &Effects, senders: &BTreeMap<String, watch::Sender<MapStatus>>| {
+            for s in &fx.statuses {
+                if let (Some(tx), Some(now)) = (senders.get(&s.map), ctl.statuses.get(&s.map)) {
+                    let _ = tx.send(now.clone());
+                }
+            }
+        };
+    loop {
+        // Priority: shutdown, a gate failing, catch-up reports, then commands.
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(done) = gates.join_next() => {
+                match done {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => { shutdown.cancel(); return Err(e.into()); }
+                    Err(e) => { shutdown.cancel(); return Err(PauseBufferError::Load { topic: "gate".into(), message: e.to_string() }); }
+                }
+            }
+            Some(Report::CaughtUp { map, targets }) = report_rx.recv() => {
+                let fx = ctl.caught_up(&map, &targets, now_micros());
+                if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
+                    break;
+                }
+                ctl.commit(&fx, None);
+                notify(&ctl, &fx, &senders);
+            }
+            m = control.recv() => {
+                let m = match m {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        tracing::warn!("control topic receive failed: {e}");
+                        if backoff.wait(&shutdown).await { break; }
+                        continue;
+                    }
+                };
+                let now = now_micros();
+                let (fx, id) = match m.payload().map(parse_command) {
+                    Some(Ok(cmd)) => {
+                        let span = tracing::info_span!("command", id = %cmd.id, action = %cmd.action, map = %cmd.map);
+                        let _g = span.enter();
+                        let cfg = config.clone();
+                        let fx = tokio::task::block_in_place(|| {
+                            ctl.command(&config, &cmd, now, |map| end_offsets(&cfg, map))
+                        });
+                        for e in &fx.events {
+                            tracing::info!(outcome = ?e.outcome, "{}", e.message);
+                        }
+                        (fx, Some(cmd.id))
+                    }
+                    Some(Err(reason)) => (unreadable(&m, reason, now), None),
+                    None => (unreadable(&m, "empty command (no value)".into(), now), None),
+                };
+                if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
+                    break;
+                }
+                ctl.commit(&fx, id.as_deref());
+                notify(&ctl, &fx, &senders);
+                backoff.reset();
+                kafka::store_offsets(&control, std::slice::from_ref(&m))?;
+            }
+        }
+    }
+    kafka::commit_now(&control);
+    shutdown.cancel();
+    while gates.join_next().await.is_some() {}
     Ok(())
+}
+
+/// A rejection for a command that could not be read, naming where it was.
+fn unreadable(m: &OwnedMessage, reason: String, now: i64) -> Effects {
+    let at = format!("{}:{}", m.partition(), m.offset());
+    let id = kafka::key_text(m)
+        .filter(|k| !k.is_empty())
+        .unwrap_or(at.clone());
+    tracing::warn!(at = %at, "rejected command: {reason}");
+    Effects {
+        statuses: Vec::new(),
+        events: vec![event(
+            Some(&id),
+            Outcome::Rejected,
+            None,
+            None,
+            format!("command at {at} rejected: {reason}"),
+            now,
+        )],
+    }
+}
+
+/// End offsets of a map's topic (blocking).
+fn end_offsets(config: &Config, map: &str) -> Result<Vec<PartitionOffset>, String> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    kafka::watermarks(&config.kafka, &t.map(map))
+        .map(|v| {
+            v.into_iter()
+                .map(|(partition, _, hi)| PartitionOffset {
+                    partition,
+                    offset: hi,
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// Writes statuses and events, retrying until acknowledged; false on shutdown.
+async fn write(
+    producer: &Producer,
+    errors: &ErrorSink,
+    t: &Topics,
+    fx: &Effects,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut out = Output::default();
+    for s in &fx.statuses {
+        match avro::encode(s) {
+            Ok(payload) => out.records.push(Outgoing {
+                topic: t.status(),
+                key: s.map.clone(),
+                payload,
+            }),
+            Err(e) => tracing::error!(map = %s.map, "cannot encode a status: {e}"),
+        }
+    }
+    for e in &fx.events {
+        match avro::encode::<ControlEvent>(e) {
+            Ok(payload) => out.records.push(Outgoing {
+                topic: t.events(),
+                key: e
+                    .command_id
+                    .clone()
+                    .or_else(|| e.map.clone())
+                    .unwrap_or_default(),
+                payload,
+            }),
+            Err(err) => tracing::error!("cannot encode an event: {err}"),
+        }
+    }
+    deliver(producer, errors, &out, backoff, shutdown).await
+}
+
+/// Reads the status topic (latest record per map) and the command ids of past events.
+async fn load(config: &Arc<Config>) -> Result<(Vec<MapStatus>, Vec<String>), PauseBufferError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let cfg = config.clone();
+    let (status, events) = tokio::task::spawn_blocking(move || {
+        let s = kafka::read_to_end(&cfg.kafka, &t.status());
+        let e = kafka::read_to_end(&cfg.kafka, &t.events());
+        (s, e)
+    })
+    .await
+    .map_err(|e| PauseBufferError::Load {
+        topic: "status".into(),
+        message: e.to_string(),
+    })?;
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let status = status.map_err(|e| PauseBufferError::Load {
+        topic: t.status(),
+        message: e.to_string(),
+    })?;
+    let events = events.map_err(|e| PauseBufferError::Load {
+        topic: t.events(),
+        message: e.to_string(),
+    })?;
+    let mut latest: BTreeMap<String, MapStatus> = BTreeMap::new();
+    for m in &status {
+        match m.payload().map(avro::decode::<MapStatus>) {
+            Some(Ok(s)) => {
+                latest.insert(s.map.clone(), s);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(offset = m.offset(), "unreadable status record skipped: {e}")
+            }
+            None => {
+                // A tombstone: the map's status was deleted.
+                if let Some(k) = kafka::key_text(m) {
+                    latest.remove(&k);
+                }
+            }
+        }
+    }
+    let seen = events
+        .iter()
+        .filter_map(|m| {
+            m.payload()
+                .and_then(|p| avro::decode::<ControlEvent>(p).ok())
+        })
+        .filter(|e| matches!(e.outcome, Outcome::Accepted | Outcome::Rejected))
+        .filter_map(|e| e.command_id)
+        .collect();
+    Ok((latest.into_values().collect(), seen))
+}
+
+/// Warns when a paused map's queued changes near the map topic's retention.
+pub async fn backlog_guard(
+    config: &Arc<Config>,
+    map: &str,
+    status: &MapStatus,
+    position: &BTreeMap<i32, i64>,
+    topic: &str,
+) {
+    if status.state != MapState::Paused {
+        return;
+    }
+    let Some(paused_at) = status.paused_at else {
+        return;
+    };
+    let age_ms = (now_micros() - paused_at) / 1000;
+    let retention = config.pause_buffer.map_topic_retention_ms;
+    let (cfg, top) = (config.clone(), topic.to_owned());
+    let backlog: i64 =
+        match tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top)).await {
+            Ok(Ok(marks)) => marks
+                .iter()
+                .map(|(p, _, hi)| (hi - position.get(p).copied().unwrap_or(0)).max(0))
+                .sum(),
+            _ => -1,
+        };
+    let limit = (retention as f64 * config.pause_buffer.backlog_warn_ratio) as i64;
+    if age_ms >= limit {
+        tracing::warn!(
+            map,
+            backlog,
+            paused_for_s = age_ms / 1000,
+            retention_s = retention / 1000,
+            "map has been paused for {} s, {}% of its topic's retention: its oldest queued changes expire in {} s; run it again (resume) or raise the retention",
+            age_ms / 1000,
+            age_ms * 100 / retention.max(1),
+            (retention - age_ms).max(0) / 1000
+        );
+    } else {
+        tracing::debug!(map, backlog, paused_for_s = age_ms / 1000, "paused");
+    }
 }

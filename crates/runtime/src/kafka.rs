@@ -96,7 +96,10 @@ pub fn consumer(
         .set("enable.partition.eof", "false")
         // Bounds each hop's latency on brokers that do not answer a fetch as
         // soon as data arrives; Apache Kafka answers early anyway.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // A killed member's partitions move to the others within seconds.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000");
     apply_overrides(&mut c, cfg, "consumer.");
     c.create_with_context(DwContext)
 }
@@ -244,6 +247,19 @@ pub async fn recv_batch(
     linger: Duration,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
     let first = consumer.recv().await?.detach();
+    Ok(recv_more(consumer, first, max, linger).await)
+}
+
+/// Given the first message of a batch, takes up to `max - 1` more that
+/// arrive within `linger`. Callers that must not lose messages when a
+/// `select!` cancels them await the first `recv()` inside the select (it is
+/// cancel-safe) and this outside.
+pub async fn recv_more(
+    consumer: &KafkaConsumer,
+    first: OwnedMessage,
+    max: usize,
+    linger: Duration,
+) -> Vec<OwnedMessage> {
     let mut out = vec![first];
     let until = tokio::time::Instant::now() + linger;
     while out.len() < max {
@@ -254,6 +270,121 @@ pub async fn recv_batch(
                 break;
             }
             Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Low and high watermarks of every partition of a topic (blocking: call
+/// from a blocking task).
+pub fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
+    let consumer: rdkafka::consumer::BaseConsumer<DwContext> =
+        client_config(cfg, "dualwrite-watermarks").create_with_context(DwContext)?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut out = Vec::new();
+    for t in md.topics() {
+        if let Some(e) = t.error() {
+            return Err(KafkaError::MetadataFetch(e.into()));
+        }
+        for p in t.partitions() {
+            let (lo, hi) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            out.push((p.id(), lo, hi));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Where `consumer`'s group left off on each partition of `topic`: the
+/// committed offset, or the earliest available one (blocking: call from a
+/// blocking task). For consumers that assign partitions themselves.
+pub fn committed_positions(
+    cfg: &KafkaConfig,
+    consumer: &KafkaConsumer,
+    topic: &str,
+) -> Result<std::collections::BTreeMap<i32, i64>, KafkaError> {
+    let marks = watermarks(cfg, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(marks
+        .iter()
+        .map(|(p, lo, _)| {
+            let c = match committed.find_partition(topic, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => *lo,
+            };
+            (*p, c.max(*lo))
+        })
+        .collect())
+}
+
+/// Assigns every partition of `topic` at `positions`.
+pub fn assign_at(
+    consumer: &KafkaConsumer,
+    topic: &str,
+    positions: &std::collections::BTreeMap<i32, i64>,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in positions {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    consumer.assign(&tpl)
+}
+
+/// Every message of a topic from the beginning up to its end at the time of
+/// the call (blocking: call from a blocking task).
+pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let marks = watermarks(cfg, topic)?;
+    let consumer: rdkafka::consumer::BaseConsumer<DwContext> =
+        client_config(cfg, "dualwrite-reader")
+            .set("group.id", "dualwrite-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create_with_context(DwContext)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining: HashMap<i32, i64> = HashMap::new();
+    for (p, lo, hi) in &marks {
+        if hi > lo {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*lo))?;
+            remaining.insert(*p, *hi);
+        }
+    }
+    let mut out = Vec::new();
+    if remaining.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() {
+        if Instant::now() > deadline {
+            return Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {
+                // Compaction may have removed the records just before the end.
+                let pos = consumer.position()?;
+                remaining.retain(|p, hi| {
+                    !matches!(pos.find_partition(topic, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *hi)
+                });
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let o = m.offset();
+                if let Some(hi) = remaining.get(&p) {
+                    if o < *hi {
+                        out.push(m.detach());
+                    }
+                    if o + 1 >= *hi {
+                        remaining.remove(&p);
+                    }
+                }
+            }
         }
     }
     Ok(out)

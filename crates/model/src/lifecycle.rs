@@ -1,0 +1,519 @@
+//! Entity map lifecycle: states, the actions available in each (the
+//! reference's table), control commands, status records and events, and the
+//! order in which related maps run.
+//!
+//! | State        | Available actions |
+//! |--------------|-------------------|
+//! | Not running  | Run               |
+//! | Initializing | none              |
+//! | Running      | Stop, Pause       |
+//! | Paused       | Run (resumes)     |
+//! | Resuming     | none              |
+//! | Failed       | Run, Stop         |
+//!
+//! Initializing → Running and Resuming → Running happen by themselves (the
+//! initial write finished; the catch-up reached the end offsets taken when
+//! the resume began); any state may turn Failed with a reason.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::avro;
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MapState {
+    NotRunning,
+    Initializing,
+    Running,
+    Paused,
+    Resuming,
+    Failed,
+}
+
+impl MapState {
+    pub const ALL: [MapState; 6] = [
+        MapState::NotRunning,
+        MapState::Initializing,
+        MapState::Running,
+        MapState::Paused,
+        MapState::Resuming,
+        MapState::Failed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MapState::NotRunning => "Not running",
+            MapState::Initializing => "Initializing",
+            MapState::Running => "Running",
+            MapState::Paused => "Paused",
+            MapState::Resuming => "Resuming",
+            MapState::Failed => "Failed",
+        }
+    }
+
+    /// The operator actions available in this state.
+    pub fn actions(self) -> &'static [Action] {
+        match self {
+            MapState::NotRunning => &[Action::Run],
+            MapState::Initializing | MapState::Resuming => &[],
+            MapState::Running => &[Action::Stop, Action::Pause],
+            MapState::Paused => &[Action::Run],
+            MapState::Failed => &[Action::Run, Action::Stop],
+        }
+    }
+
+    /// Whether records of the map flow to the target in this state.
+    pub fn flows(self) -> bool {
+        matches!(self, MapState::Running | MapState::Resuming)
+    }
+}
+
+impl fmt::Display for MapState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    #[serde(alias = "run")]
+    Run,
+    #[serde(alias = "pause")]
+    Pause,
+    #[serde(alias = "stop")]
+    Stop,
+}
+
+impl Action {
+    pub const ALL: [Action; 3] = [Action::Run, Action::Pause, Action::Stop];
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Run => "Run",
+            Action::Pause => "Pause",
+            Action::Stop => "Stop",
+        })
+    }
+}
+
+/// The state an action leads to, or why it is not available.
+pub fn next_state(state: MapState, action: Action) -> Result<MapState, String> {
+    let next = match (state, action) {
+        (MapState::NotRunning | MapState::Failed, Action::Run) => MapState::Initializing,
+        (MapState::Paused, Action::Run) => MapState::Resuming,
+        (MapState::Running, Action::Pause) => MapState::Paused,
+        (MapState::Running | MapState::Failed, Action::Stop) => MapState::NotRunning,
+        _ => {
+            let available = state.actions();
+            return Err(format!(
+                "{action} is not available while the map is {state} (available: {})",
+                if available.is_empty() {
+                    "none".to_owned()
+                } else {
+                    available
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ));
+        }
+    };
+    debug_assert!(state.actions().contains(&action));
+    Ok(next)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ResumePolicy {
+    /// Replay the queued changes in order, then Running (default).
+    #[default]
+    #[serde(alias = "catch_up")]
+    CatchUp,
+    /// Go live at once; the queued changes go to the catch-up errors topic.
+    #[serde(alias = "skip_to_live")]
+    SkipToLive,
+    /// Go live at once and drop the queued changes.
+    #[serde(alias = "discard")]
+    Discard,
+}
+
+impl ResumePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumePolicy::CatchUp => "catch_up",
+            ResumePolicy::SkipToLive => "skip_to_live",
+            ResumePolicy::Discard => "discard",
+        }
+    }
+}
+
+/// An operator command (topic `<prefix>.control`, JSON or Avro).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlCommand {
+    pub id: String,
+    pub action: Action,
+    pub map: String,
+    #[serde(default)]
+    pub include_related: bool,
+    #[serde(default)]
+    pub initial_sync: Option<bool>,
+    #[serde(default)]
+    pub conflict_master: Option<String>,
+    #[serde(default)]
+    pub order: Option<Vec<String>>,
+    #[serde(default)]
+    pub resume_policy: Option<ResumePolicy>,
+}
+
+/// Largest command accepted.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// Reads a command: Avro single-object encoding, or JSON.
+pub fn parse_command(bytes: &[u8]) -> Result<ControlCommand, String> {
+    if bytes.len() > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "command is {} bytes, more than the {MAX_COMMAND_BYTES} allowed",
+            bytes.len()
+        ));
+    }
+    let cmd: ControlCommand = if bytes.starts_with(&[0xC3, 0x01]) {
+        avro::decode(bytes).map_err(|e| format!("invalid Avro command: {e}"))?
+    } else {
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON command: {e}"))?
+    };
+    if cmd.id.trim().is_empty() || cmd.id.len() > 200 {
+        return Err("command id must be 1 to 200 characters".into());
+    }
+    Ok(cmd)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The state of a map (topic `<prefix>.status`, compacted, keyed by map).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub map: String,
+    pub state: MapState,
+    pub generation: i64,
+    pub reason: Option<String>,
+    pub last_command_id: Option<String>,
+    pub last_action: Option<String>,
+    pub initial_sync: bool,
+    pub conflict_master: Option<String>,
+    pub resume_policy: Option<String>,
+    pub start_offsets: Vec<PartitionOffset>,
+    pub resume_targets: Vec<PartitionOffset>,
+    pub paused_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+impl MapStatus {
+    /// A map never run: Not running, generation 0.
+    pub fn initial(map: &str, now: i64) -> MapStatus {
+        MapStatus {
+            map: map.to_owned(),
+            state: MapState::NotRunning,
+            generation: 0,
+            reason: None,
+            last_command_id: None,
+            last_action: None,
+            initial_sync: true,
+            conflict_master: None,
+            resume_policy: None,
+            start_offsets: Vec::new(),
+            resume_targets: Vec::new(),
+            paused_at: None,
+            updated_at: now,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Outcome {
+    Accepted,
+    Rejected,
+    Completed,
+    Failed,
+    StateChanged,
+}
+
+/// An acknowledgement or a state change (topic `<prefix>.events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlEvent {
+    pub command_id: Option<String>,
+    pub outcome: Outcome,
+    pub map: Option<String>,
+    pub state: Option<String>,
+    pub maps: Vec<String>,
+    pub message: String,
+    pub at: i64,
+}
+
+/// The maps `map` depends on, transitively (not itself), in config order.
+pub fn dependencies(config: &Config, map: &str) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![map.to_owned()];
+    while let Some(m) = stack.pop() {
+        if let Some(mc) = config.map(&m) {
+            for d in &mc.depends_on {
+                if seen.insert(d.clone()) {
+                    stack.push(d.clone());
+                }
+            }
+        }
+    }
+    seen.remove(map);
+    config
+        .maps
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|n| seen.contains(n))
+        .collect()
+}
+
+/// The maps a command acts on, in the order to act: the map alone, or with
+/// its dependencies, dependencies first (the operator's `order` when it
+/// names exactly those maps and runs every map after its dependencies).
+pub fn command_order(
+    config: &Config,
+    map: &str,
+    include_related: bool,
+    order: Option<&[String]>,
+) -> Result<Vec<String>, String> {
+    if config.map(map).is_none() {
+        return Err(format!("unknown map `{map}`"));
+    }
+    let mut set: Vec<String> = Vec::new();
+    if include_related {
+        set.extend(dependencies(config, map));
+    }
+    set.push(map.to_owned());
+    let Some(order) = order else {
+        return Ok(topological(config, &set));
+    };
+    let wanted: BTreeSet<&str> = set.iter().map(String::as_str).collect();
+    let given: BTreeSet<&str> = order.iter().map(String::as_str).collect();
+    if given.len() != order.len() {
+        return Err("order names a map more than once".into());
+    }
+    if let Some(extra) = given.difference(&wanted).next() {
+        return Err(format!(
+            "order names `{extra}`, which is not among the maps this command acts on ({})",
+            set.join(", ")
+        ));
+    }
+    if let Some(missing) = wanted.difference(&given).next() {
+        return Err(format!("order leaves out `{missing}`"));
+    }
+    for (i, m) in order.iter().enumerate() {
+        for d in &config
+            .map(m)
+            .map(|c| c.depends_on.clone())
+            .unwrap_or_default()
+        {
+            if let Some(j) = order.iter().position(|x| x == d) {
+                if j > i {
+                    return Err(format!(
+                        "inconsistent order: `{m}` depends on `{d}`, so `{d}` must come first"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(order.to_vec())
+}
+
+/// Dependencies first; otherwise the order of the configuration file.
+fn topological(config: &Config, set: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut left: Vec<&String> = config
+        .maps
+        .iter()
+        .map(|m| &m.name)
+        .filter(|n| set.contains(n))
+        .collect();
+    while !left.is_empty() {
+        // Config validation rules out cycles, so some map is always ready.
+        let pos = left
+            .iter()
+            .position(|m| {
+                config.map(m).is_none_or(|c| {
+                    c.depends_on
+                        .iter()
+                        .all(|d| !set.contains(d) || out.contains(d))
+                })
+            })
+            .unwrap_or(0);
+        out.push(left.remove(pos).clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> Config {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/demo/dualwrite.toml"
+        ))
+        .unwrap();
+        Config::parse(&text).unwrap()
+    }
+
+    fn state() -> impl Strategy<Value = MapState> {
+        prop::sample::select(MapState::ALL.to_vec())
+    }
+    fn action() -> impl Strategy<Value = Action> {
+        prop::sample::select(Action::ALL.to_vec())
+    }
+
+    /// The reference's table, written out independently of `next_state`.
+    fn table(s: MapState, a: Action) -> Option<MapState> {
+        use Action::*;
+        use MapState::*;
+        match (s, a) {
+            (NotRunning, Run) => Some(Initializing),
+            (Running, Stop) => Some(NotRunning),
+            (Running, Pause) => Some(Paused),
+            (Paused, Run) => Some(Resuming),
+            (Failed, Run) => Some(Initializing),
+            (Failed, Stop) => Some(NotRunning),
+            _ => None,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_action_in_every_state_follows_the_table(s in state(), a in action()) {
+            match (next_state(s, a), table(s, a)) {
+                (Ok(n), Some(t)) => prop_assert_eq!(n, t),
+                (Err(reason), None) => {
+                    prop_assert!(reason.contains(&a.to_string()) && reason.contains(s.label()), "{}", reason);
+                    prop_assert!(!s.actions().contains(&a));
+                }
+                (got, want) => prop_assert!(false, "{:?} {:?}: got {:?}, table says {:?}", s, a, got, want),
+            }
+        }
+
+        /// Random walks: only Running and Resuming let records flow, and
+        /// the available actions are exactly those that succeed.
+        #[test]
+        fn random_walks_stay_within_the_table(actions in prop::collection::vec(action(), 0..40)) {
+            let mut s = MapState::NotRunning;
+            for a in actions {
+                let ok: Vec<Action> = Action::ALL.into_iter().filter(|x| next_state(s, *x).is_ok()).collect();
+                prop_assert_eq!(ok.as_slice().len(), s.actions().len());
+                if let Ok(n) = next_state(s, a) {
+                    s = n;
+                    // The automatic steps.
+                    if s == MapState::Initializing || s == MapState::Resuming {
+                        prop_assert!(s.actions().is_empty());
+                        s = MapState::Running;
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn json_commands_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_command(&bytes);
+        }
+    }
+
+    #[test]
+    fn json_and_avro_commands_parse() {
+        let j = br#"{"id":"c1","action":"run","map":"customers","include_related":true,"order":["currencies","customer_groups","customers"],"resume_policy":"skip_to_live"}"#;
+        let c = parse_command(j).unwrap();
+        assert_eq!(c.action, Action::Run);
+        assert!(c.include_related);
+        assert_eq!(c.resume_policy, Some(ResumePolicy::SkipToLive));
+        let a = avro::encode(&c).unwrap();
+        assert_eq!(parse_command(&a).unwrap(), c);
+        let upper = br#"{"id":"c2","action":"PAUSE","map":"customers"}"#;
+        assert_eq!(parse_command(upper).unwrap().action, Action::Pause);
+    }
+
+    #[test]
+    fn bad_commands_say_why() {
+        let e = parse_command(br#"{"id":"c","action":"explode","map":"m"}"#).unwrap_err();
+        assert!(e.contains("unknown variant `explode`"), "{e}");
+        let e = parse_command(br#"{"id":"c","action":"run","map":"m","colour":1}"#).unwrap_err();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = parse_command(br#"{"id":"c","action":"run","map":"m","include_related":"yes"}"#)
+            .unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = parse_command(br#"{"id":"","action":"run","map":"m"}"#).unwrap_err();
+        assert!(e.contains("id"), "{e}");
+        let e = parse_command(b"{not json").unwrap_err();
+        assert!(e.starts_with("invalid JSON command"), "{e}");
+        let big = vec![b' '; MAX_COMMAND_BYTES + 1];
+        assert!(parse_command(&big).unwrap_err().contains("more than"));
+    }
+
+    #[test]
+    fn related_maps_run_dependencies_first() {
+        let c = config();
+        assert_eq!(
+            dependencies(&c, "contacts"),
+            ["customer_groups", "currencies", "customers"]
+        );
+        assert_eq!(
+            command_order(&c, "contacts", true, None).unwrap(),
+            ["customer_groups", "currencies", "customers", "contacts"]
+        );
+        assert_eq!(
+            command_order(&c, "customers", false, None).unwrap(),
+            ["customers"]
+        );
+        let order: Vec<String> = ["currencies", "customer_groups", "customers"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            command_order(&c, "customers", true, Some(&order)).unwrap(),
+            order
+        );
+    }
+
+    #[test]
+    fn inconsistent_orders_are_rejected() {
+        let c = config();
+        let bad: Vec<String> = ["customers", "currencies", "customer_groups"]
+            .map(String::from)
+            .to_vec();
+        let e = command_order(&c, "customers", true, Some(&bad)).unwrap_err();
+        assert!(
+            e.contains("inconsistent order: `customers` depends on"),
+            "{e}"
+        );
+        let short: Vec<String> = ["currencies", "customers"].map(String::from).to_vec();
+        assert!(command_order(&c, "customers", true, Some(&short))
+            .unwrap_err()
+            .contains("leaves out `customer_groups`"));
+        let extra: Vec<String> = ["contacts", "customer_groups", "currencies", "customers"]
+            .map(String::from)
+            .to_vec();
+        assert!(command_order(&c, "customers", true, Some(&extra))
+            .unwrap_err()
+            .contains("`contacts`"));
+        assert!(command_order(&c, "nope", false, None)
+            .unwrap_err()
+            .contains("unknown map `nope`"));
+    }
+}

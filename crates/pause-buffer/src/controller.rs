@@ -1,0 +1,564 @@
+//! The lifecycle controller: takes operator commands from the control
+//! topic, checks them against each map's state (the reference's table),
+//! and records the new states on the compacted status topic, with
+//! acknowledgements on the events topic. The status topic is the source of
+//! truth: on start the controller reads it back, so every map comes back in
+//! its state after any restart.
+//!
+//! A command is applied once: its id is remembered (from the events topic
+//! and each map's last command) and a repeated id changes nothing.
+
+use std::collections::{BTreeMap, HashSet};
+
+use dualwrite_model::config::Config;
+use dualwrite_model::lifecycle::{
+    command_order, dependencies, next_state, Action, ControlCommand, ControlEvent, MapState,
+    MapStatus, Outcome, PartitionOffset,
+};
+
+/// What a command does, decided before anything is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The maps acted on, in order.
+    pub steps: Vec<(String, MapState)>,
+    /// Related maps, warnings and maps left as they are, for the operator.
+    pub notes: Vec<String>,
+}
+
+/// Decides what `cmd` does given the current states, or why it is rejected.
+pub fn plan(
+    config: &Config,
+    states: &BTreeMap<String, MapStatus>,
+    cmd: &ControlCommand,
+) -> Result<Plan, String> {
+    let Some(map) = config.map(&cmd.map) else {
+        return Err(format!("unknown map `{}`", cmd.map));
+    };
+    if let Some(m) = &cmd.conflict_master {
+        if config.side_id(m).is_none() {
+            return Err(format!(
+                "conflict master `{m}` is not a side: use `{}` or `{}`",
+                config.sides.left.name, config.sides.right.name
+            ));
+        }
+    }
+    if cmd.action != Action::Run
+        && (cmd.initial_sync.is_some()
+            || cmd.conflict_master.is_some()
+            || cmd.resume_policy.is_some())
+    {
+        return Err(format!(
+            "initial_sync, conflict_master and resume_policy are options of Run, not of {}",
+            cmd.action
+        ));
+    }
+    if cmd.action == Action::Stop && cmd.include_related {
+        return Err("Stop acts on one map: include_related is not available".into());
+    }
+    let order = command_order(config, &cmd.map, cmd.include_related, cmd.order.as_deref())?;
+    let state_of = |m: &str| states.get(m).map_or(MapState::NotRunning, |s| s.state);
+    let mut steps = Vec::new();
+    let mut notes = Vec::new();
+    for m in &order {
+        let target = m == &cmd.map;
+        if cmd.action == Action::Run {
+            let problems = config.map(m).map(|c| c.key_problems()).unwrap_or_default();
+            if !problems.is_empty() {
+                let list: Vec<String> = problems
+                    .into_iter()
+                    .map(|(f, msg)| format!("{f}: {msg}"))
+                    .collect();
+                return Err(format!(
+                    "map `{m}` cannot run: its alternate key is not mapped: {}",
+                    list.join("; ")
+                ));
+            }
+        }
+        match next_state(state_of(m), cmd.action) {
+            Ok(to) => steps.push((m.clone(), to)),
+            Err(reason) if target => return Err(format!("map `{m}`: {reason}")),
+            Err(_) => notes.push(format!(
+                "related map `{m}` is {}: left as it is",
+                state_of(m)
+            )),
+        }
+    }
+    if cmd.action == Action::Run {
+        let deps = dependencies(config, &map.name);
+        if !deps.is_empty() {
+            notes.push(format!("related maps: {}", deps.join(", ")));
+        }
+        if !cmd.include_related {
+            let idle: Vec<&String> = deps.iter().filter(|d| !state_of(d).flows()).collect();
+            if !idle.is_empty() {
+                notes.push(format!(
+                    "warning: `{}` depends on maps that are not running: {} (run them too, or run with include_related)",
+                    map.name,
+                    idle.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+    }
+    Ok(Plan { steps, notes })
+}
+
+/// Records to write for a decision: new statuses and events, in order.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub statuses: Vec<MapStatus>,
+    pub events: Vec<ControlEvent>,
+}
+
+pub fn event(
+    command_id: Option<&str>,
+    outcome: Outcome,
+    map: Option<&str>,
+    state: Option<MapState>,
+    message: impl Into<String>,
+    at: i64,
+) -> ControlEvent {
+    ControlEvent {
+        command_id: command_id.map(str::to_owned),
+        outcome,
+        map: map.map(str::to_owned),
+        state: state.map(|s| s.label().to_owned()),
+        maps: Vec::new(),
+        message: message.into(),
+        at,
+    }
+}
+
+/// The controller's view: every map's status and the command ids applied.
+pub struct Controller {
+    pub statuses: BTreeMap<String, MapStatus>,
+    pub seen: HashSet<String>,
+}
+
+impl Controller {
+    /// Builds the view from the status topic's records (latest per map wins)
+    /// and the command ids of past events.
+    pub fn new(
+        config: &Config,
+        records: Vec<MapStatus>,
+        seen_ids: impl IntoIterator<Item = String>,
+        now: i64,
+    ) -> Controller {
+        let mut statuses: BTreeMap<String, MapStatus> = config
+            .maps
+            .iter()
+            .map(|m| (m.name.clone(), MapStatus::initial(&m.name, now)))
+            .collect();
+        let mut seen: HashSet<String> = seen_ids.into_iter().collect();
+        for r in records {
+            if let Some(id) = &r.last_command_id {
+                seen.insert(id.clone());
+            }
+            if let Some(slot) = statuses.get_mut(&r.map) {
+                *slot = r;
+            } else {
+                tracing::warn!(map = %r.map, "status of a map that is no longer configured: ignored");
+            }
+        }
+        Controller { statuses, seen }
+    }
+
+    /// Applies a command. `end_offsets(map)` gives the map topic's current
+    /// end offsets (taken where a run starts live sync or a resume begins).
+    pub fn command<F>(
+        &self,
+        config: &Config,
+        cmd: &ControlCommand,
+        now: i64,
+        mut end_offsets: F,
+    ) -> Effects
+    where
+        F: FnMut(&str) -> Result<Vec<PartitionOffset>, String>,
+    {
+        let id = Some(cmd.id.as_str());
+        let mut fx = Effects::default();
+        if self.seen.contains(&cmd.id) {
+            fx.events.push(event(
+                id,
+                Outcome::Completed,
+                Some(&cmd.map),
+                None,
+                "duplicate command id: this command was already applied; nothing changed",
+                now,
+            ));
+            return fx;
+        }
+        let plan = match plan(config, &self.statuses, cmd) {
+            Ok(p) => p,
+            Err(reason) => {
+                fx.events.push(event(
+                    id,
+                    Outcome::Rejected,
+                    Some(&cmd.map),
+                    None,
+                    reason,
+                    now,
+                ));
+                return fx;
+            }
+        };
+        // Take the end offsets first: a failure here fails the command before anything changed.
+        let mut ends = BTreeMap::new();
+        for (m, to) in &plan.steps {
+            if matches!(to, MapState::Initializing | MapState::Resuming) {
+                match end_offsets(m) {
+                    Ok(o) => {
+                        ends.insert(m.clone(), o);
+                    }
+                    Err(e) => {
+                        fx.events.push(event(
+                            id,
+                            Outcome::Failed,
+                            Some(m),
+                            None,
+                            format!("cannot read the end offsets of map `{m}`'s topic: {e}; nothing changed, send the command again"),
+                            now,
+                        ));
+                        return fx;
+                    }
+                }
+            }
+        }
+        let mut accepted = event(
+            id,
+            Outcome::Accepted,
+            Some(&cmd.map),
+            None,
+            if plan.notes.is_empty() {
+                "accepted".to_owned()
+            } else {
+                plan.notes.join("; ")
+            },
+            now,
+        );
+        accepted.maps = plan.steps.iter().map(|(m, _)| m.clone()).collect();
+        fx.events.push(accepted);
+        for (m, to) in &plan.steps {
+            let mut s = self.statuses[m].clone();
+            s.last_command_id = Some(cmd.id.clone());
+            s.last_action = Some(cmd.action.to_string());
+            s.updated_at = now;
+            s.reason = None;
+            s.state = *to;
+            let cfg = config.map(m).expect("planned maps exist");
+            match to {
+                MapState::Initializing => {
+                    s.generation += 1;
+                    s.initial_sync = cmd.initial_sync.unwrap_or(cfg.initial_sync);
+                    s.conflict_master = cmd
+                        .conflict_master
+                        .clone()
+                        .or_else(|| cfg.conflict_master.clone());
+                    s.start_offsets = ends.remove(m).unwrap_or_default();
+                    s.resume_targets.clear();
+                    s.resume_policy = None;
+                    s.paused_at = None;
+                    self.push(&mut fx, id, &s, "initializing", now);
+                    // The initial write of pre-existing rows is not built yet:
+                    // the map goes live from the end offsets taken above.
+                    s.state = MapState::Running;
+                    s.reason = Some(if s.initial_sync {
+                        "initial sync of pre-existing rows is not available yet: live sync from the moment of the run".to_owned()
+                    } else {
+                        "initial sync skipped: live sync from the moment of the run".to_owned()
+                    });
+                    self.push(&mut fx, id, &s, "running", now);
+                    fx.events.push(event(
+                        id,
+                        Outcome::Completed,
+                        Some(m),
+                        Some(s.state),
+                        "running",
+                        now,
+                    ));
+                }
+                MapState::Resuming => {
+                    let policy = cmd.resume_policy.unwrap_or_default();
+                    s.resume_targets = ends.remove(m).unwrap_or_default();
+                    s.resume_policy = Some(policy.as_str().to_owned());
+                    self.push(
+                        &mut fx,
+                        id,
+                        &s,
+                        format!(
+                            "resuming ({}): catching up on the queued changes",
+                            policy.as_str()
+                        ),
+                        now,
+                    );
+                }
+                MapState::Paused => {
+                    s.paused_at = Some(now);
+                    self.push(
+                        &mut fx,
+                        id,
+                        &s,
+                        "paused: changes queue until the map is run again",
+                        now,
+                    );
+                    fx.events.push(event(
+                        id,
+                        Outcome::Completed,
+                        Some(m),
+                        Some(s.state),
+                        "paused",
+                        now,
+                    ));
+                }
+                MapState::NotRunning => {
+                    s.paused_at = None;
+                    s.resume_targets.clear();
+                    self.push(
+                        &mut fx,
+                        id,
+                        &s,
+                        "stopped: the map writes nothing until it is run again",
+                        now,
+                    );
+                    fx.events.push(event(
+                        id,
+                        Outcome::Completed,
+                        Some(m),
+                        Some(s.state),
+                        "stopped",
+                        now,
+                    ));
+                }
+                other => unreachable!("no action leads to {other}"),
+            }
+        }
+        fx
+    }
+
+    /// The gate of `map` caught up to `targets`: Resuming → Running.
+    pub fn caught_up(&self, map: &str, targets: &[PartitionOffset], now: i64) -> Effects {
+        let mut fx = Effects::default();
+        let Some(s) = self.statuses.get(map) else {
+            return fx;
+        };
+        if s.state != MapState::Resuming || s.resume_targets != targets {
+            return fx; // a report about an earlier resume
+        }
+        let mut s = s.clone();
+        s.state = MapState::Running;
+        s.paused_at = None;
+        s.updated_at = now;
+        let id = s.last_command_id.clone();
+        self.push(&mut fx, id.as_deref(), &s, "caught up: running", now);
+        fx.events.push(event(
+            id.as_deref(),
+            Outcome::Completed,
+            Some(map),
+            Some(s.state),
+            "caught up: running",
+            now,
+        ));
+        fx
+    }
+
+    /// Maps left Initializing by a crash finish their initialization.
+    pub fn recover(&self, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        for s in self
+            .statuses
+            .values()
+            .filter(|s| s.state == MapState::Initializing)
+        {
+            let mut s = s.clone();
+            s.state = MapState::Running;
+            s.updated_at = now;
+            let id = s.last_command_id.clone();
+            self.push(
+                &mut fx,
+                id.as_deref(),
+                &s,
+                "running (initialization resumed after a restart)",
+                now,
+            );
+            fx.events.push(event(
+                id.as_deref(),
+                Outcome::Completed,
+                Some(&s.map),
+                Some(s.state),
+                "running",
+                now,
+            ));
+        }
+        fx
+    }
+
+    fn push(
+        &self,
+        fx: &mut Effects,
+        id: Option<&str>,
+        s: &MapStatus,
+        message: impl Into<String>,
+        now: i64,
+    ) {
+        fx.statuses.push(s.clone());
+        fx.events.push(event(
+            id,
+            Outcome::StateChanged,
+            Some(&s.map),
+            Some(s.state),
+            message,
+            now,
+        ));
+    }
+
+    /// Takes written effects into the view.
+    pub fn commit(&mut self, fx: &Effects, command_id: Option<&str>) {
+        for s in &fx.statuses {
+            self.statuses.insert(s.map.clone(), s.clone());
+        }
+        if let Some(id) = command_id {
+            self.seen.insert(id.to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dualwrite_model::lifecycle::ResumePolicy;
+
+    fn config() -> Config {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/demo/dualwrite.toml"
+        ))
+        .unwrap();
+        Config::parse(&text).unwrap()
+    }
+
+    fn cmd(id: &str, action: Action, map: &str) -> ControlCommand {
+        ControlCommand {
+            id: id.into(),
+            action,
+            map: map.into(),
+            include_related: false,
+            initial_sync: None,
+            conflict_master: None,
+            order: None,
+            resume_policy: None,
+        }
+    }
+
+    fn ends(_: &str) -> Result<Vec<PartitionOffset>, String> {
+        Ok(vec![PartitionOffset {
+            partition: 0,
+            offset: 10,
+        }])
+    }
+
+    fn apply(c: &mut Controller, cfg: &Config, command: &ControlCommand) -> Effects {
+        let fx = c.command(cfg, command, 1, ends);
+        c.commit(&fx, Some(&command.id));
+        fx
+    }
+
+    fn outcomes(fx: &Effects) -> Vec<Outcome> {
+        fx.events.iter().map(|e| e.outcome).collect()
+    }
+
+    #[test]
+    fn run_pause_resume_stop() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        let fx = apply(&mut c, &cfg, &cmd("1", Action::Run, "currencies"));
+        assert_eq!(
+            outcomes(&fx),
+            [
+                Outcome::Accepted,
+                Outcome::StateChanged,
+                Outcome::StateChanged,
+                Outcome::Completed
+            ]
+        );
+        let s = &c.statuses["currencies"];
+        assert_eq!((s.state, s.generation), (MapState::Running, 1));
+        assert_eq!(s.start_offsets, ends("").unwrap());
+
+        apply(&mut c, &cfg, &cmd("2", Action::Pause, "currencies"));
+        assert_eq!(c.statuses["currencies"].state, MapState::Paused);
+        let mut resume = cmd("3", Action::Run, "currencies");
+        resume.resume_policy = Some(ResumePolicy::Discard);
+        let fx = apply(&mut c, &cfg, &resume);
+        assert_eq!(outcomes(&fx), [Outcome::Accepted, Outcome::StateChanged]);
+        let s = &c.statuses["currencies"];
+        assert_eq!(
+            (s.state, s.resume_policy.as_deref()),
+            (MapState::Resuming, Some("discard"))
+        );
+        // A stale report changes nothing; the right one completes the command.
+        assert!(c.caught_up("currencies", &[], 2).statuses.is_empty());
+        let fx = c.caught_up("currencies", &ends("").unwrap(), 2);
+        assert_eq!(fx.events.last().unwrap().command_id.as_deref(), Some("3"));
+        c.commit(&fx, None);
+        assert_eq!(c.statuses["currencies"].state, MapState::Running);
+        apply(&mut c, &cfg, &cmd("4", Action::Stop, "currencies"));
+        assert_eq!(c.statuses["currencies"].state, MapState::NotRunning);
+    }
+
+    #[test]
+    fn unavailable_actions_and_duplicates_change_nothing() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        let fx = apply(&mut c, &cfg, &cmd("p", Action::Pause, "customers"));
+        assert_eq!(outcomes(&fx), [Outcome::Rejected]);
+        assert!(fx.events[0]
+            .message
+            .contains("Pause is not available while the map is Not running (available: Run)"));
+        assert!(fx.statuses.is_empty());
+        apply(&mut c, &cfg, &cmd("r", Action::Run, "currencies"));
+        let fx = apply(&mut c, &cfg, &cmd("r", Action::Run, "currencies"));
+        assert_eq!(outcomes(&fx), [Outcome::Completed]);
+        assert!(fx.statuses.is_empty() && fx.events[0].message.contains("duplicate"));
+        let fx = apply(&mut c, &cfg, &cmd("u", Action::Run, "nope"));
+        assert!(fx.events[0].message.contains("unknown map `nope`"));
+    }
+
+    #[test]
+    fn related_maps_run_in_dependency_order_with_warnings_otherwise() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        let fx = apply(&mut c, &cfg, &cmd("a", Action::Run, "customers"));
+        assert!(fx.events[0].message.contains("warning: `customers` depends on maps that are not running: customer_groups, currencies"), "{}", fx.events[0].message);
+        apply(&mut c, &cfg, &cmd("b", Action::Stop, "customers"));
+        let mut all = cmd("c", Action::Run, "contacts");
+        all.include_related = true;
+        let fx = apply(&mut c, &cfg, &all);
+        assert_eq!(
+            fx.events[0].maps,
+            ["customer_groups", "currencies", "customers", "contacts"]
+        );
+        assert!(c.statuses.values().all(|s| s.state == MapState::Running));
+        let mut pause = cmd("d", Action::Pause, "customers");
+        pause.include_related = true;
+        apply(&mut c, &cfg, &pause);
+        let paused: Vec<&str> = c
+            .statuses
+            .values()
+            .filter(|s| s.state == MapState::Paused)
+            .map(|s| s.map.as_str())
+            .collect();
+        assert_eq!(paused, ["currencies", "customer_groups", "customers"]);
+        assert_eq!(c.statuses["contacts"].state, MapState::Running);
+    }
+
+    #[test]
+    fn restart_restores_states_and_applied_ids() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        apply(&mut c, &cfg, &cmd("x", Action::Run, "currencies"));
+        apply(&mut c, &cfg, &cmd("y", Action::Pause, "currencies"));
+        let written: Vec<MapStatus> = c.statuses.values().cloned().collect();
+        let c2 = Controller::new(&cfg, written, vec!["x".to_owned()], 5);
+        assert_eq!(c2.statuses["currencies"].state, MapState::Paused);
+        assert!(c2.seen.contains("x") && c2.seen.contains("y"));
+    }
+}

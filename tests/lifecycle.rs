@@ -1,0 +1,338 @@
+//! End-to-end: the entity map lifecycle through the control topic, with
+//! the services as separate processes against the real broker and PostgreSQL.
+
+mod support;
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use support::{eventually, stack, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(90);
+const PAUSE_BUFFER: usize = 3;
+
+fn start_all(env: &mut TestEnv) {
+    for args in [
+        &["capture", "--side", "fno"][..],
+        &["capture", "--side", "dataverse"],
+        &["router"],
+        &["pause-buffer"],
+        &["apply", "--side", "fno"],
+        &["apply", "--side", "dataverse"],
+    ] {
+        env.spawn(args);
+    }
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Total records on a map topic.
+fn map_records(env: &TestEnv, map: &str) -> i64 {
+    let cfg =
+        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+    dualwrite_runtime::kafka::watermarks(&cfg.kafka, &format!("{}.map.{map}", env.prefix))
+        .unwrap()
+        .iter()
+        .map(|(_, lo, hi)| hi - lo)
+        .sum()
+}
+
+/// 10,000 changes on customers: 5,000 inserts and 5,000 updates.
+async fn write_10k(fno: &tokio_postgres::Client, tag: &str) {
+    for chunk in 0..10 {
+        let from = chunk * 500 + 1;
+        let to = from + 499;
+        fno.batch_execute(&format!(
+            "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+               SELECT '{tag}' || lpad(i::text, 5, '0'), 'v1', 'G03', 'DKK' FROM generate_series({from}, {to}) i;
+             UPDATE customers_v3 SET organizationname = 'v2 ' || customeraccount
+               WHERE customeraccount BETWEEN '{tag}' || lpad('{from}', 5, '0') AND '{tag}' || lpad('{to}', 5, '0');"
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// Target rows of the batch that have their final value.
+async fn synced(dv: &tokio_postgres::Client, tag: &str) -> i64 {
+    count(dv, &format!("SELECT count(*) FROM accounts WHERE accountnumber LIKE '{tag}%' AND name = 'v2 ' || accountnumber")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_changes_and_resume_catches_up() {
+    let mut env = TestEnv::new("pause").await;
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    assert!(
+        env.states().values().all(|s| s == "Running"),
+        "{:?}",
+        env.states()
+    );
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+
+    let out = env.ctl(&["pause", "customers"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert_eq!(env.states()["customers"], "Paused");
+
+    let before = map_records(&env, "customers");
+    write_10k(&fno, "Q").await;
+    // Every change is queued on the map's topic …
+    eventually("10,000 changes queued on the map topic", WAIT, || {
+        let n = map_records(&env, "customers");
+        async move { n >= before + 10_000 }
+    })
+    .await;
+    // … and nothing reached the target.
+    assert_eq!(
+        count(
+            &dv,
+            "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'Q%'"
+        )
+        .await,
+        0
+    );
+    let backlog: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ctl(&["maps", "--json"])).unwrap();
+    let customers = backlog.iter().find(|r| r["map"] == "customers").unwrap();
+    assert!(
+        customers["backlog"].as_i64().unwrap() >= 10_000,
+        "{customers}"
+    );
+    // Other maps keep flowing while customers is paused.
+    fno.batch_execute(
+        "UPDATE currencies SET name = 'Euro (paused test)' WHERE currencycode = 'EUR'",
+    )
+    .await
+    .unwrap();
+    eventually("a running map still syncs", WAIT, || async {
+        count(
+            &dv,
+            "SELECT count(*) FROM transactioncurrencies WHERE currencyname = 'Euro (paused test)'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    let out = env.ctl(&["run", "customers", "--timeout-secs", "120"]);
+    assert!(
+        out.contains("Resuming") && out.contains("COMPLETED"),
+        "{out}"
+    );
+    assert_eq!(env.states()["customers"], "Running");
+    eventually("the target equals the source", WAIT, || async {
+        synced(&dv, "Q").await == 5000
+    })
+    .await;
+
+    // Resuming then Running on the events topic, for the resume command.
+    let states: Vec<String> = env
+        .tail("events")
+        .iter()
+        .filter(|e| e["value"]["map"] == "customers" && e["value"]["outcome"] == "STATE_CHANGED")
+        .map(|e| e["value"]["state"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        states,
+        ["Initializing", "Running", "Paused", "Resuming", "Running"]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_survive_kill9_of_the_pause_buffer() {
+    let mut env = TestEnv::new("pbkill").await;
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+
+    // Related maps pause together: customers with its groups and currencies.
+    let out = env.ctl(&["pause", "customers", "--include-related"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    let states = env.states();
+    for m in ["customers", "customer_groups", "currencies"] {
+        assert_eq!(states[m], "Paused", "{states:?}");
+    }
+    assert_eq!(states["contacts"], "Running");
+
+    let before = map_records(&env, "customers");
+    write_10k(&fno, "R").await;
+    fno.batch_execute("INSERT INTO customer_groups VALUES ('G99', 'Paused group', 'Net7')")
+        .await
+        .unwrap();
+
+    // kill -9 while paused: the pause holds across the restart.
+    env.service(PAUSE_BUFFER).kill9();
+    env.service(PAUSE_BUFFER).restart();
+    eventually("changes queued", WAIT, || {
+        let n = map_records(&env, "customers");
+        async move { n >= before + 10_000 }
+    })
+    .await;
+    assert_eq!(env.states()["customers"], "Paused");
+    // The restarted pause buffer is up (it answers commands) and still holds everything back.
+    let out = env.ctl(&["pause", "contacts"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert_eq!(
+        count(
+            &dv,
+            "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'R%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &dv,
+            "SELECT count(*) FROM msdyn_customergroups WHERE msdyn_groupid = 'G99'"
+        )
+        .await,
+        0
+    );
+
+    // Resume the related maps together, and kill -9 the pause buffer mid-catch-up.
+    let out = env.ctl(&["run", "customers", "--include-related", "--no-wait"]);
+    assert!(
+        out.contains("related maps of customers: customer_groups, currencies"),
+        "{out}"
+    );
+    eventually("resume began", WAIT, || {
+        let s = env.states();
+        async move { s["customers"] == "Resuming" || s["customers"] == "Running" }
+    })
+    .await;
+    env.service(PAUSE_BUFFER).kill9();
+    env.service(PAUSE_BUFFER).restart();
+    eventually("catch-up finishes after the restart", WAIT, || {
+        let s = env.states();
+        async move {
+            ["customers", "customer_groups", "currencies"]
+                .iter()
+                .all(|m| s[*m] == "Running")
+        }
+    })
+    .await;
+    eventually("the target equals the source", WAIT, || async {
+        synced(&dv, "R").await == 5000
+    })
+    .await;
+    assert_eq!(
+        count(
+            &dv,
+            "SELECT count(*) FROM msdyn_customergroups WHERE msdyn_groupid = 'G99'"
+        )
+        .await,
+        1
+    );
+    // contacts stayed paused through all of it.
+    assert_eq!(env.states()["contacts"], "Paused");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unavailable_commands_are_rejected_with_reasons() {
+    let mut env = TestEnv::new("cmds").await;
+    env.spawn(&["pause-buffer"]);
+    // Wait until it takes commands: a valid run completes.
+    eventually("pause buffer takes commands", WAIT, || {
+        let (code, _, _) = env.run(&["ctl", "run", "currencies", "--timeout-secs", "5"]);
+        async move { code == 0 }
+    })
+    .await;
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack().bootstrap)
+        .create()
+        .unwrap();
+    let topic = format!("{}.control", env.prefix);
+    let send = |key: &'static str, value: Vec<u8>| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(key).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad-json", b"{\"id\": \"x\", \"action\": ".to_vec(), "invalid JSON command"),
+        ("unknown-map", br#"{"id":"c-unknown-map","action":"run","map":"suppliers"}"#.to_vec(), "unknown map `suppliers`"),
+        ("unknown-action", br#"{"id":"c-unknown-action","action":"explode","map":"customers"}"#.to_vec(), "unknown variant `explode`"),
+        ("not-allowed", br#"{"id":"c-not-allowed","action":"pause","map":"customers"}"#.to_vec(), "Pause is not available while the map is Not running (available: Run)"),
+        ("bad-order", br#"{"id":"c-bad-order","action":"run","map":"customers","include_related":true,"order":["customers","currencies","customer_groups"]}"#.to_vec(), "inconsistent order"),
+        ("bad-type", br#"{"id":"c-bad-type","action":"run","map":"customers","include_related":"yes"}"#.to_vec(), "invalid type"),
+        ("oversized", vec![b' '; 70_000], "more than the 65536 allowed"),
+        ("empty-id", br#"{"id":"","action":"run","map":"customers"}"#.to_vec(), "command id"),
+    ];
+    for (key, value, _) in &cases {
+        send(key, value.clone()).await;
+    }
+    // A command applied twice: the second changes nothing.
+    send(
+        "dup",
+        br#"{"id":"c-dup","action":"stop","map":"currencies"}"#.to_vec(),
+    )
+    .await;
+    send(
+        "dup",
+        br#"{"id":"c-dup","action":"stop","map":"currencies"}"#.to_vec(),
+    )
+    .await;
+
+    let mut events = Vec::new();
+    eventually("every command acknowledged", WAIT, || {
+        events = env.tail("events");
+        let dup_done = events
+            .iter()
+            .filter(|e| e["key"] == "c-dup" && e["value"]["outcome"] == "COMPLETED")
+            .count()
+            == 2;
+        let n = events
+            .iter()
+            .filter(|e| e["value"]["outcome"] == "REJECTED")
+            .count();
+        async move { dup_done && n >= 8 }
+    })
+    .await;
+    for (key, _, reason) in &cases {
+        let ev = events
+            .iter()
+            .find(|e| {
+                e["value"]["outcome"] == "REJECTED"
+                    && (e["key"].as_str() == Some(key)
+                        || e["key"].as_str().is_some_and(|k| k == format!("c-{key}")))
+            })
+            .unwrap_or_else(|| panic!("no rejection for {key} in {events:#?}"));
+        let msg = ev["value"]["message"].as_str().unwrap();
+        assert!(msg.contains(reason), "{key}: {msg}");
+    }
+    let dup: Vec<&serde_json::Value> = events.iter().filter(|e| e["key"] == "c-dup").collect();
+    assert_eq!(
+        dup.iter()
+            .filter(|e| e["value"]["outcome"] == "ACCEPTED")
+            .count(),
+        1,
+        "{dup:#?}"
+    );
+    assert!(dup.last().unwrap()["value"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate"));
+    // Rejections changed nothing; the duplicate stop applied once.
+    let states = env.states();
+    assert_eq!(states["customers"], "Not running");
+    assert_eq!(states["currencies"], "Not running");
+    env.cleanup().await;
+}
