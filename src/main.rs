@@ -110,6 +110,14 @@ enum CtlCommand {
         #[command(flatten)]
         send: SendArgs,
     },
+    /// Send changes that a skip-to-live resume set aside back through the map
+    /// (all, or the given keys); changes overtaken by later ones are skipped.
+    RetryCatchup {
+        map: String,
+        /// A record key as shown by `ctl tail catchup-errors` (JSON array), repeatable.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+    },
     /// Print acknowledgements and state changes as they happen.
     Watch {
         /// Stop when nothing happens for this many seconds (0: never).
@@ -210,6 +218,13 @@ async fn run(command: Command, config: Arc<Config>) -> anyhow::Result<()> {
                 let cfg = config.clone();
                 tokio::task::spawn_blocking(move || {
                     dualwrite_ctl::list_maps(&cfg, json, &mut std::io::stdout())
+                })
+                .await??;
+            }
+            CtlCommand::RetryCatchup { map, keys } => {
+                let cfg = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    dualwrite_ctl::retry_catchup(&cfg, &map, &keys, &mut std::io::stdout())
                 })
                 .await??;
             }

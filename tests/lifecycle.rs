@@ -336,3 +336,96 @@ async fn malformed_and_unavailable_commands_are_rejected_with_reasons() {
     assert_eq!(states["currencies"], "Not running");
     env.cleanup().await;
 }
+
+async fn name_on_dv(dv: &tokio_postgres::Client, acct: &str) -> String {
+    dv.query_one(
+        "SELECT name FROM accounts WHERE accountnumber = $1",
+        &[&acct],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_policies_discard_and_skip_to_live_with_retry() {
+    let mut env = TestEnv::new("policy").await;
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    let queue = |sql: &'static str| {
+        let env = &env;
+        let fno = &fno;
+        async move {
+            env.ctl(&["pause", "customers"]);
+            let before = map_records(env, "customers");
+            fno.batch_execute(sql).await.unwrap();
+            eventually("change queued", WAIT, || {
+                let n = map_records(env, "customers");
+                async move { n > before }
+            })
+            .await;
+        }
+    };
+
+    // Discard: the queued change is dropped, later ones flow.
+    queue("UPDATE customers_v3 SET organizationname = 'queued-discard' WHERE customeraccount = 'C0010'").await;
+    env.ctl(&["run", "customers", "--resume-policy", "discard"]);
+    fno.batch_execute("UPDATE customers_v3 SET organizationname = 'after-discard' WHERE customeraccount = 'C0011'").await.unwrap();
+    eventually("live change after discard", WAIT, || async {
+        name_on_dv(&dv, "C0011").await == "after-discard"
+    })
+    .await;
+    support::drained(&env, "customers", "dataverse").await;
+    assert_eq!(name_on_dv(&dv, "C0010").await, "Customer 10 Ltd");
+
+    // Skip to live: the queued change is set aside on the catch-up errors topic.
+    queue(
+        "UPDATE customers_v3 SET organizationname = 'queued-skip' WHERE customeraccount = 'C0012'",
+    )
+    .await;
+    env.ctl(&["run", "customers", "--resume-policy", "skip_to_live"]);
+    fno.batch_execute(
+        "UPDATE customers_v3 SET organizationname = 'after-skip' WHERE customeraccount = 'C0013'",
+    )
+    .await
+    .unwrap();
+    eventually("live change after skip", WAIT, || async {
+        name_on_dv(&dv, "C0013").await == "after-skip"
+    })
+    .await;
+    support::drained(&env, "customers", "dataverse").await;
+    assert_eq!(name_on_dv(&dv, "C0012").await, "Customer 12 Ltd");
+    let aside = env.tail("catchup-errors");
+    assert_eq!(aside.len(), 1, "{aside:#?}");
+    assert_eq!(aside[0]["key"], "[\"C0012\"]");
+
+    // Retry it: now it applies.
+    let out = env.ctl(&["retry-catchup", "customers", "--key", "[\"C0012\"]"]);
+    assert!(out.contains("sent 1 queued change"), "{out}");
+    eventually("retried change applied", WAIT, || async {
+        name_on_dv(&dv, "C0012").await == "queued-skip"
+    })
+    .await;
+
+    // A newer change, then the same retry again: the old change is skipped, never regressing the record.
+    fno.batch_execute(
+        "UPDATE customers_v3 SET organizationname = 'newest' WHERE customeraccount = 'C0012'",
+    )
+    .await
+    .unwrap();
+    eventually("newest change applied", WAIT, || async {
+        name_on_dv(&dv, "C0012").await == "newest"
+    })
+    .await;
+    env.ctl(&["retry-catchup", "customers"]);
+    support::drained(&env, "customers", "dataverse").await;
+    assert_eq!(
+        name_on_dv(&dv, "C0012").await,
+        "newest",
+        "a replayed older change regressed the record"
+    );
+    env.cleanup().await;
+}

@@ -370,3 +370,53 @@ impl Drop for Service {
         self.kill9();
     }
 }
+
+/// Records of `topic` that consumer group `group` has not committed yet.
+pub fn group_lag(env: &TestEnv, group: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let cfg =
+        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+    let marks = dualwrite_runtime::kafka::watermarks(&cfg.kafka, topic).unwrap();
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    marks
+        .iter()
+        .map(|(p, lo, hi)| {
+            let c = match committed.find_partition(topic, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => *lo,
+            };
+            hi - c
+        })
+        .sum()
+}
+
+/// Waits until every record on the way to `side` was applied: the pause
+/// buffer released everything of `map` and the applier committed all it read.
+pub async fn drained(env: &TestEnv, map: &str, side: &str) {
+    let p = env.prefix.clone();
+    eventually("pipeline drained", Duration::from_secs(60), || {
+        let lag = group_lag(
+            env,
+            &format!("{p}.pause-buffer.{map}"),
+            &format!("{p}.map.{map}"),
+        ) + group_lag(
+            env,
+            &format!("{p}.apply.{side}"),
+            &format!("{p}.apply.{side}"),
+        );
+        async move { lag == 0 }
+    })
+    .await;
+}

@@ -74,6 +74,7 @@ impl Writer {
         client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await?;
+        client.batch_execute(sql::POSITIONS_DDL).await?;
         Ok(Writer {
             client,
             statements: HashMap::new(),
@@ -89,7 +90,28 @@ impl Writer {
         Ok(s)
     }
 
+    /// Writes one change, unless the target already has this record from a
+    /// later (or the same) source position of the same side: a redelivered
+    /// or replayed change never regresses a record.
     async fn exec(&mut self, mc: &MappedChange) -> Result<u64, tokio_postgres::Error> {
+        let guard = self.prepared(sql::ADVANCE_POSITION.to_owned()).await?;
+        let advanced = self
+            .client
+            .query_opt(
+                &guard,
+                &[
+                    &mc.map,
+                    &mc.kafka_key(),
+                    &mc.source_side,
+                    &mc.source_lsn,
+                    &mc.source_seq,
+                ],
+            )
+            .await?;
+        if advanced.is_none() {
+            tracing::debug!(map = %mc.map, key = %mc.kafka_key(), lsn = mc.source_lsn, "older than what the target has: skipped");
+            return Ok(0);
+        }
         let stmt = self.prepared(sql::statement(mc)).await?;
         self.client.execute(&stmt, &[&sql::parameter(mc)]).await
     }

@@ -8,6 +8,28 @@
 use dualwrite_model::record::{ApplyOp, Field, MappedChange};
 use postgres_protocol::escape::escape_identifier;
 
+/// Bookkeeping on each target: the latest source position applied per map,
+/// record and source side.
+pub const POSITIONS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS dualwrite;
+CREATE TABLE IF NOT EXISTS dualwrite.applied_positions (
+    map         text   NOT NULL,
+    record_key  text   NOT NULL,
+    source_side text   NOT NULL,
+    source_lsn  bigint NOT NULL,
+    source_seq  int    NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (map, record_key, source_side)
+)";
+
+/// Records a change's source position if it is newer than the one stored;
+/// returns a row only then (the change is to be written).
+pub const ADVANCE_POSITION: &str = "INSERT INTO dualwrite.applied_positions AS a (map, record_key, source_side, source_lsn, source_seq)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (map, record_key, source_side) DO UPDATE
+   SET source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq, applied_at = now()
+ WHERE (a.source_lsn, a.source_seq) < (EXCLUDED.source_lsn, EXCLUDED.source_seq)
+RETURNING 1";
+
 /// `schema.table` as a quoted identifier.
 pub fn table_ident(entity: &str) -> String {
     let (schema, table) = entity.split_once('.').unwrap_or(("public", entity));

@@ -430,3 +430,61 @@ fn outcome_label(o: Outcome) -> &'static str {
         Outcome::StateChanged => "STATE_CHANGED",
     }
 }
+
+/// Sends the changes a skip-to-live resume set aside for `map` (all, or
+/// those whose key is in `keys`) back through the map's topic. The applier
+/// skips any that a later change of the same record has overtaken, so a
+/// retry never regresses a record and may be repeated. Returns how many
+/// were sent.
+pub fn retry_catchup(
+    config: &Config,
+    map: &str,
+    keys: &[String],
+    out: &mut impl Write,
+) -> Result<usize, CtlError> {
+    if config.map(map).is_none() {
+        return Err(CtlError::Usage(format!("unknown map `{map}`")));
+    }
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let mut selected = Vec::new();
+    for m in kafka_rt::read_to_end(&config.kafka, &t.catchup_errors())? {
+        let Some(payload) = m.payload() else { continue };
+        let Ok(mc) = avro::decode::<MappedChange>(payload) else {
+            continue;
+        };
+        if mc.map == map && (keys.is_empty() || keys.contains(&mc.kafka_key())) {
+            selected.push((mc.kafka_key(), payload.to_vec()));
+        }
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client_config(&config.kafka, "dualwrite-ctl")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .create()?;
+    let topic = t.map(map);
+    for (key, payload) in &selected {
+        let mut record = BaseRecord::to(&topic).key(key).payload(payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    KafkaError::MessageProduction(
+                        dualwrite_runtime::kafka::rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    writeln!(
+        out,
+        "sent {} queued change(s) of map {map} back through {topic}",
+        selected.len()
+    )?;
+    Ok(selected.len())
+}

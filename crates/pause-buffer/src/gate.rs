@@ -106,8 +106,13 @@ impl Gate {
     /// (Re)assigns every partition at the current positions.
     fn reassign(&mut self) -> Result<(), KafkaError> {
         kafka::assign_at(&self.consumer, &self.topic, &self.position)?;
-        self.paused = false;
-        Ok(())
+        // A partition keeps its paused flag across assignments: set it again.
+        let assignment = self.consumer.assignment()?;
+        if self.paused {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        }
     }
 
     fn set_paused(&mut self, paused: bool) -> Result<(), KafkaError> {
