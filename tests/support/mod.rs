@@ -420,3 +420,30 @@ pub async fn drained(env: &TestEnv, map: &str, side: &str) {
     })
     .await;
 }
+
+/// Waits until nothing is in flight anywhere: the router, every map's gate
+/// and both appliers committed everything on their topics.
+pub async fn all_drained(env: &TestEnv) {
+    let p = env.prefix.clone();
+    let maps = ["customer_groups", "currencies", "customers", "contacts"];
+    eventually("whole pipeline drained", Duration::from_secs(90), || {
+        let mut lag = 0;
+        for side in ["fno", "dataverse"] {
+            lag += group_lag(env, &format!("{p}.router"), &format!("{p}.capture.{side}"));
+            lag += group_lag(
+                env,
+                &format!("{p}.apply.{side}"),
+                &format!("{p}.apply.{side}"),
+            );
+        }
+        for m in maps {
+            lag += group_lag(
+                env,
+                &format!("{p}.pause-buffer.{m}"),
+                &format!("{p}.map.{m}"),
+            );
+        }
+        async move { lag == 0 }
+    })
+    .await;
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
-use dualwrite_model::record::{ErrorRecord, MappedChange};
+use dualwrite_model::record::{ApplyOp, ErrorRecord, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
@@ -53,6 +53,10 @@ pub fn topics(config: &Config, side: SideId) -> Vec<TopicSpec> {
 struct Writer {
     client: Client,
     statements: HashMap<String, Statement>,
+    /// This side's name: the target of every change this writer applies.
+    side_name: String,
+    /// A second connection, without the replication origin, for touches.
+    plain: Option<Client>,
 }
 
 /// A change that the target rejected.
@@ -66,6 +70,27 @@ enum WriteError {
     Transient(tokio_postgres::Error),
 }
 
+/// What writing one change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Written,
+    /// The target already has a later (or the same) change from this source.
+    Stale,
+    /// Both sides changed the record; the source is the conflict master: written.
+    ConflictSourceWon,
+    /// Both sides changed the record; the target is the conflict master: not
+    /// written, and the target's values are sent back (a touch).
+    ConflictTargetWon,
+}
+
+/// The outcome of a batch.
+#[derive(Default)]
+struct BatchResult {
+    rejected: Vec<Rejected>,
+    /// Changes (indices) whose record must be touched on the target.
+    touches: Vec<usize>,
+}
+
 impl Writer {
     async fn connect(config: &Config, side: SideId) -> Result<Writer, pg::ConnectError> {
         let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
@@ -75,9 +100,12 @@ impl Writer {
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await?;
         client.batch_execute(sql::POSITIONS_DDL).await?;
+        let plain = pg::connect(&config.side(side).connection, "dualwrite-apply-touch").await?;
         Ok(Writer {
             client,
             statements: HashMap::new(),
+            side_name: config.side(side).name.clone(),
+            plain: Some(plain),
         })
     }
 
@@ -90,18 +118,23 @@ impl Writer {
         Ok(s)
     }
 
-    /// Writes one change, unless the target already has this record from a
-    /// later (or the same) source position of the same side: a redelivered
-    /// or replayed change never regresses a record.
-    async fn exec(&mut self, mc: &MappedChange) -> Result<u64, tokio_postgres::Error> {
+    /// Writes one change, unless
+    /// - the target already has this record from a later (or the same)
+    ///   source position of the same side: a redelivered or replayed change
+    ///   never regresses a record;
+    /// - the record changed on the target too (its fields that sync both
+    ///   ways match neither the source's old nor its new values) and the
+    ///   target is the conflict master.
+    async fn exec(&mut self, mc: &MappedChange) -> Result<Applied, tokio_postgres::Error> {
         let guard = self.prepared(sql::ADVANCE_POSITION.to_owned()).await?;
+        let key = mc.kafka_key();
         let advanced = self
             .client
             .query_opt(
                 &guard,
                 &[
                     &mc.map,
-                    &mc.kafka_key(),
+                    &key,
                     &mc.source_side,
                     &mc.source_lsn,
                     &mc.source_seq,
@@ -109,11 +142,27 @@ impl Writer {
             )
             .await?;
         if advanced.is_none() {
-            tracing::debug!(map = %mc.map, key = %mc.kafka_key(), lsn = mc.source_lsn, "older than what the target has: skipped");
-            return Ok(0);
+            tracing::debug!(map = %mc.map, key = %key, lsn = mc.source_lsn, "older than what the target has: skipped");
+            return Ok(Applied::Stale);
+        }
+        let mut applied = Applied::Written;
+        if let Some(check) = sql::conflict_check(mc) {
+            let stmt = self.prepared(check).await?;
+            let (before, after) = sql::conflict_parameters(mc);
+            let row = self.client.query_opt(&stmt, &[&before, &after]).await?;
+            let state = row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1)));
+            if is_conflict(mc, state) {
+                if mc.conflict_master.as_deref() == Some(self.side_name.as_str()) {
+                    tracing::info!(map = %mc.map, key = %key, master = %self.side_name, "conflict: the target is the master and keeps its values");
+                    return Ok(Applied::ConflictTargetWon);
+                }
+                tracing::info!(map = %mc.map, key = %key, master = %mc.source_side, "conflict: the source is the master and its change is written");
+                applied = Applied::ConflictSourceWon;
+            }
         }
         let stmt = self.prepared(sql::statement(mc)).await?;
-        self.client.execute(&stmt, &[&sql::parameter(mc)]).await
+        self.client.execute(&stmt, &[&sql::parameter(mc)]).await?;
+        Ok(applied)
     }
 
     /// Writes the changes in one transaction; if the target rejects one,
@@ -121,17 +170,26 @@ impl Writer {
     async fn write(
         &mut self,
         changes: &[(usize, MappedChange)],
-    ) -> Result<Vec<Rejected>, WriteError> {
+    ) -> Result<BatchResult, WriteError> {
         let all_at_once = async {
+            let mut touches = Vec::new();
             self.client.batch_execute("BEGIN").await?;
-            for (_, mc) in changes {
-                self.exec(mc).await?;
+            for (i, (_, mc)) in changes.iter().enumerate() {
+                if self.exec(mc).await? == Applied::ConflictTargetWon {
+                    touches.push(i);
+                }
             }
-            self.client.batch_execute("COMMIT").await
+            self.client.batch_execute("COMMIT").await?;
+            Ok::<_, tokio_postgres::Error>(touches)
         }
         .await;
+        let mut result = BatchResult::default();
         match all_at_once {
-            Ok(()) => return Ok(Vec::new()),
+            Ok(touches) => {
+                result.touches = touches;
+                self.touch(changes, &result.touches).await;
+                return Ok(result);
+            }
             Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
             Err(_) => {
                 self.client
@@ -140,30 +198,64 @@ impl Writer {
                     .map_err(WriteError::Transient)?;
             }
         }
-        let mut rejected = Vec::new();
-        for (index, mc) in changes {
+        for (i, (index, mc)) in changes.iter().enumerate() {
             let one = async {
                 self.client.batch_execute("BEGIN").await?;
-                self.exec(mc).await?;
-                self.client.batch_execute("COMMIT").await
+                let applied = self.exec(mc).await?;
+                self.client.batch_execute("COMMIT").await?;
+                Ok::<_, tokio_postgres::Error>(applied)
             }
             .await;
             match one {
-                Ok(()) => {}
+                Ok(Applied::ConflictTargetWon) => result.touches.push(i),
+                Ok(_) => {}
                 Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
                 Err(error) => {
                     self.client
                         .batch_execute("ROLLBACK")
                         .await
                         .map_err(WriteError::Transient)?;
-                    rejected.push(Rejected {
+                    result.rejected.push(Rejected {
                         index: *index,
                         error,
                     });
                 }
             }
         }
-        Ok(rejected)
+        self.touch(changes, &result.touches).await;
+        Ok(result)
+    }
+
+    /// Touches the records (see [`sql::touch`]) so that the master's values
+    /// flow back. Best effort: a failure is logged (the record stays as the
+    /// master has it; a later change on it syncs it again).
+    async fn touch(&mut self, changes: &[(usize, MappedChange)], which: &[usize]) {
+        let Some(plain) = self.plain.as_ref() else {
+            return;
+        };
+        for i in which {
+            let mc = &changes[*i].1;
+            if let Err(e) = plain.execute(&sql::touch(mc), &[&sql::parameter(mc)]).await {
+                tracing::warn!(map = %mc.map, key = %mc.kafka_key(), "could not send the master's values back: {}", pg::describe(&e));
+            }
+        }
+    }
+}
+
+/// Whether the target's state (`None`: no row; else whether its fields that
+/// sync both ways equal the source's old values, and its new values) shows a
+/// change made on the target that the source did not know of.
+fn is_conflict(mc: &MappedChange, target: Option<(bool, bool)>) -> bool {
+    match (mc.existed, mc.op, target) {
+        // New on the source: a conflict if the target has the record otherwise.
+        (false, _, Some((_, same_as_new))) => !same_as_new,
+        (false, _, None) => false,
+        // Deleted on the source: a conflict if the target changed it meanwhile.
+        (true, ApplyOp::Delete, Some((same_as_old, _))) => !same_as_old,
+        (true, ApplyOp::Delete, None) => false,
+        // Updated on the source: a conflict if the target changed or deleted it.
+        (true, ApplyOp::Upsert, Some((same_as_old, same_as_new))) => !same_as_old && !same_as_new,
+        (true, ApplyOp::Upsert, None) => true,
     }
 }
 
@@ -253,7 +345,7 @@ async fn run_inner(
                 }
             }
         };
-        for r in rejected {
+        for r in rejected.rejected {
             let (idx, mc) = &changes[r.index];
             bad.push(rejection(
                 &errors,

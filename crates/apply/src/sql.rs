@@ -94,6 +94,79 @@ pub fn parameter(mc: &MappedChange) -> String {
     serde_json::Value::Object(obj).to_string()
 }
 
+/// Conflict check for a change that carries `before`: locks the target row
+/// and says whether its fields that sync both ways equal the source's old
+/// values ($1) and the change's new values ($2). No row: the record is absent.
+pub fn conflict_check(mc: &MappedChange) -> Option<String> {
+    let before = mc.before.as_ref()?;
+    let table = table_ident(&mc.target_entity);
+    let cols: Vec<String> = before.iter().map(|f| escape_identifier(&f.name)).collect();
+    let row = |alias: &str| {
+        format!(
+            "ROW({})",
+            cols.iter()
+                .map(|c| format!("{alias}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let cond: Vec<String> = mc
+        .key
+        .iter()
+        .map(|k| {
+            let k = escape_identifier(&k.name);
+            format!("t.{k} = b.{k}")
+        })
+        .collect();
+    Some(format!(
+        "SELECT {t} IS NOT DISTINCT FROM {b}, {t} IS NOT DISTINCT FROM {a} \
+         FROM {table} AS t, json_populate_record(NULL::{table}, $1::text::json) AS b, \
+         json_populate_record(NULL::{table}, $2::text::json) AS a \
+         WHERE {} FOR UPDATE OF t",
+        cond.join(" AND "),
+        t = row("t"),
+        b = row("b"),
+        a = row("a"),
+    ))
+}
+
+/// Parameters of [`conflict_check`]: the old values and the new values, each with the key.
+pub fn conflict_parameters(mc: &MappedChange) -> (String, String) {
+    let obj = |fields: &mut dyn Iterator<Item = &Field>| {
+        let mut o = serde_json::Map::new();
+        for f in fields {
+            o.insert(
+                f.name.clone(),
+                f.value
+                    .clone()
+                    .map_or(serde_json::Value::Null, serde_json::Value::String),
+            );
+        }
+        serde_json::Value::Object(o).to_string()
+    };
+    let before = mc.before.as_deref().unwrap_or(&[]);
+    (
+        obj(&mut before.iter().chain(mc.key.iter())),
+        obj(&mut mc.values.iter().chain(mc.key.iter())),
+    )
+}
+
+/// A no-op update of the record (key = key), written without the
+/// replication origin so that the side's capturer sends the record's
+/// current values to the other side: how a conflict master that kept its
+/// values makes the other side take them.
+pub fn touch(mc: &MappedChange) -> String {
+    let table = table_ident(&mc.target_entity);
+    let keys: Vec<String> = mc.key.iter().map(|f| escape_identifier(&f.name)).collect();
+    let set: Vec<String> = keys.iter().map(|k| format!("{k} = t.{k}")).collect();
+    let cond: Vec<String> = keys.iter().map(|k| format!("t.{k} = r.{k}")).collect();
+    format!(
+        "UPDATE {table} AS t SET {} FROM json_populate_record(NULL::{table}, $1::text::json) AS r WHERE {}",
+        set.join(", "),
+        cond.join(" AND ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +193,9 @@ mod tests {
             source_seq: 0,
             source_xid: 1,
             commit_time: 0,
+            before: None,
+            existed: true,
+            conflict_master: None,
         }
     }
 
@@ -148,6 +224,33 @@ mod tests {
         assert_eq!(p["name"], "O'Brien \"Ltd\"");
         assert!(p["creditlimit"].is_null());
         assert_eq!(p["accountnumber"], "C1");
+    }
+
+    #[test]
+    fn conflict_check_compares_both_way_fields_and_locks() {
+        let mut c = mc(ApplyOp::Upsert);
+        assert_eq!(conflict_check(&c), None);
+        c.before = Some(vec![
+            Field::new("accountnumber", Some("C1")),
+            Field::new("name", Some("Old")),
+        ]);
+        let sql = conflict_check(&c).unwrap();
+        assert!(sql.starts_with("SELECT ROW(t.\"accountnumber\", t.\"name\") IS NOT DISTINCT FROM ROW(b.\"accountnumber\", b.\"name\")"), "{sql}");
+        assert!(
+            sql.ends_with("WHERE t.\"accountnumber\" = b.\"accountnumber\" FOR UPDATE OF t"),
+            "{sql}"
+        );
+        let (b, a) = conflict_parameters(&c);
+        let b: serde_json::Value = serde_json::from_str(&b).unwrap();
+        let a: serde_json::Value = serde_json::from_str(&a).unwrap();
+        assert_eq!(
+            (b["name"].as_str(), a["name"].as_str()),
+            (Some("Old"), Some("O'Brien \"Ltd\""))
+        );
+        assert_eq!(
+            touch(&c),
+            "UPDATE \"public\".\"accounts\" AS t SET \"accountnumber\" = t.\"accountnumber\" FROM json_populate_record(NULL::\"public\".\"accounts\", $1::text::json) AS r WHERE t.\"accountnumber\" = r.\"accountnumber\""
+        );
     }
 
     #[test]

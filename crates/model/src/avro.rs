@@ -186,6 +186,11 @@ mod tests {
 
     fn arb_mapped() -> impl Strategy<Value = MappedChange> {
         (
+            (
+                prop::option::of(arb_fields()),
+                any::<bool>(),
+                prop::option::of("[a-z]{1,8}"),
+            ),
             "[a-z_]{1,10}",
             prop_oneof![Just(ApplyOp::Upsert), Just(ApplyOp::Delete)],
             arb_fields(),
@@ -196,8 +201,21 @@ mod tests {
             any::<i64>(),
         )
             .prop_map(
-                |(map, op, key, values, source_lsn, source_seq, source_xid, commit_time)| {
+                |(
+                    (before, existed, conflict_master),
+                    map,
+                    op,
+                    key,
+                    values,
+                    source_lsn,
+                    source_seq,
+                    source_xid,
+                    commit_time,
+                )| {
                     MappedChange {
+                        before,
+                        existed,
+                        conflict_master,
                         map,
                         source_side: "fno".into(),
                         target_side: "dataverse".into(),

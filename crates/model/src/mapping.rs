@@ -1,7 +1,7 @@
 //! Field mapping and key translation: turns a change captured on one side
 //! into the changes a map writes to the other side.
 
-use crate::config::{Config, MapConfig, SideId};
+use crate::config::{Config, Direction, MapConfig, SideId};
 use crate::record::{field, ApplyOp, ChangeOp, ChangeRecord, Field, MappedChange};
 
 /// Why a change could not be mapped. The record goes to the errors topic.
@@ -91,6 +91,20 @@ pub fn map_change(
         which,
     };
 
+    // The fields that sync both ways, in target names, as `image` has them.
+    let both_ways = |image: &[Field]| -> Option<Vec<Field>> {
+        map.fields
+            .iter()
+            .filter(|f| f.direction == Direction::Both)
+            .map(|f| {
+                field(image, f.name(source)).map(|v| Field {
+                    name: f.name(target).to_owned(),
+                    value: v.value.clone(),
+                })
+            })
+            .collect()
+    };
+    let master = config.side(config.conflict_master(map)).name.clone();
     let base = |op: ApplyOp, key: Vec<Field>, values: Vec<Field>| MappedChange {
         map: map.name.clone(),
         source_side: config.side(source).name.clone(),
@@ -104,6 +118,9 @@ pub fn map_change(
         source_seq: change.seq,
         source_xid: change.xid,
         commit_time: change.commit_time,
+        before: None,
+        existed: true,
+        conflict_master: Some(master.clone()),
     };
 
     match change.op {
@@ -112,11 +129,9 @@ pub fn map_change(
                 .before
                 .as_deref()
                 .ok_or_else(|| missing_image("old"))?;
-            Ok(vec![base(
-                ApplyOp::Delete,
-                key_of(before, "old")?,
-                Vec::new(),
-            )])
+            let mut mc = base(ApplyOp::Delete, key_of(before, "old")?, Vec::new());
+            mc.before = both_ways(before);
+            Ok(vec![mc])
         }
         ChangeOp::Insert | ChangeOp::Update => {
             let after = change
@@ -150,17 +165,26 @@ pub fn map_change(
                 });
             }
             let mut out = Vec::with_capacity(2);
-            if change.op == ChangeOp::Update {
+            let mut upsert = base(ApplyOp::Upsert, key, values);
+            match (change.op, change.before.as_deref()) {
                 // The old identity carries the old key only when the source sent it.
-                if let Some(before) = change.before.as_deref() {
-                    if let Ok(old_key) = key_of(before, "old") {
-                        if old_key != key {
-                            out.push(base(ApplyOp::Delete, old_key, Vec::new()));
-                        }
+                (ChangeOp::Update, Some(before)) => match key_of(before, "old") {
+                    Ok(old_key) if old_key != upsert.key => {
+                        let mut delete = base(ApplyOp::Delete, old_key, Vec::new());
+                        delete.before = both_ways(before);
+                        out.push(delete);
+                        upsert.existed = false;
+                        upsert.before = both_ways(after);
                     }
+                    _ => upsert.before = both_ways(before),
+                },
+                (ChangeOp::Update, None) => {}
+                _ => {
+                    upsert.existed = false;
+                    upsert.before = both_ways(after);
                 }
             }
-            out.push(base(ApplyOp::Upsert, key, values));
+            out.push(upsert);
             Ok(out)
         }
     }
@@ -253,6 +277,16 @@ field = [
         assert_eq!(mc.target_side, "dataverse");
         assert_eq!((mc.source_lsn, mc.source_seq), (100, 2));
         assert_eq!(mc.kafka_key(), "[\"C1\"]");
+        // An insert expects the record absent; conflicts compare only fields that sync both ways.
+        assert!(!mc.existed);
+        assert_eq!(
+            mc.before,
+            Some(vec![
+                f("accountnumber", Some("C1")),
+                f("name", Some("Contoso"))
+            ])
+        );
+        assert_eq!(mc.conflict_master.as_deref(), Some("dataverse"));
     }
 
     #[test]
@@ -295,6 +329,14 @@ field = [
         assert_eq!(out[0].op, ApplyOp::Delete);
         assert_eq!(out[0].key, vec![f("accountnumber", Some("C9"))]);
         assert!(out[0].values.is_empty());
+        assert!(out[0].existed);
+        assert_eq!(
+            out[0].before,
+            Some(vec![
+                f("accountnumber", Some("C9")),
+                f("name", Some("Contoso"))
+            ])
+        );
     }
 
     #[test]

@@ -77,6 +77,14 @@ pub struct MappedChange {
     pub source_xid: i64,
     /// Source commit time, microseconds since the Unix epoch.
     pub commit_time: i64,
+    /// The fields that sync both ways (target names) as the source had them
+    /// before this change (for a record new on the source: its new values);
+    /// `None` when unknown (no conflict detection).
+    pub before: Option<Vec<Field>>,
+    /// Whether the record existed on the source before this change.
+    pub existed: bool,
+    /// Side whose values win a conflict.
+    pub conflict_master: Option<String>,
 }
 
 impl MappedChange {

@@ -280,6 +280,9 @@ impl Controller {
                     let policy = cmd.resume_policy.unwrap_or_default();
                     s.resume_targets = ends.remove(m).unwrap_or_default();
                     s.resume_policy = Some(policy.as_str().to_owned());
+                    if cmd.conflict_master.is_some() {
+                        s.conflict_master = cmd.conflict_master.clone();
+                    }
                     self.push(
                         &mut fx,
                         id,

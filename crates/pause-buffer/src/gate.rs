@@ -219,7 +219,12 @@ impl Gate {
         let catchup = Topics::new(&self.config.kafka.topic_prefix).catchup_errors();
         let mut out = Output::default();
         for m in batch {
-            match crate::forward_one(&self.config, &self.errors, m) {
+            match crate::forward_one(
+                &self.config,
+                &self.errors,
+                m,
+                self.status.conflict_master.as_deref(),
+            ) {
                 Ok(mut rec) => {
                     if aside_before
                         .as_ref()

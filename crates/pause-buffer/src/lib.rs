@@ -75,10 +75,12 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
 }
 
 /// Where one map-topic record goes: the target side's apply topic, same key.
+/// A conflict master chosen at run time (`master`) replaces the configured one.
 pub fn forward_one(
     config: &Config,
     errors: &ErrorSink,
     m: &OwnedMessage,
+    master: Option<&str>,
 ) -> Result<Outgoing, Box<ErrorRecord>> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let Some(payload) = m.payload() else {
@@ -89,11 +91,19 @@ pub fn forward_one(
         )));
     };
     match avro::decode::<MappedChange>(payload) {
-        Ok(mc) if config.side_id(&mc.target_side).is_some() => Ok(Outgoing {
-            topic: t.apply(&mc.target_side),
-            key: kafka::key_text(m).unwrap_or_else(|| mc.kafka_key()),
-            payload: payload.to_vec(),
-        }),
+        Ok(mut mc) if config.side_id(&mc.target_side).is_some() => {
+            let mut payload = payload.to_vec();
+            if master.is_some() && mc.conflict_master.as_deref() != master {
+                mc.conflict_master = master.map(str::to_owned);
+                payload = avro::encode(&mc)
+                    .map_err(|e| Box::new(errors.about(m, "encode", e.to_string())))?;
+            }
+            Ok(Outgoing {
+                topic: t.apply(&mc.target_side),
+                key: kafka::key_text(m).unwrap_or_else(|| mc.kafka_key()),
+                payload,
+            })
+        }
         Ok(mc) => {
             let mut e = errors.about(
                 m,
