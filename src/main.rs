@@ -118,6 +118,18 @@ enum CtlCommand {
         #[arg(long = "key")]
         keys: Vec<String>,
     },
+    /// Send the records behind error records back to where they were read,
+    /// once the cause is fixed (all, or filtered).
+    RetryErrors {
+        #[arg(long)]
+        map: Option<String>,
+        /// Error class, e.g. rejected_by_target.
+        #[arg(long)]
+        class: Option<String>,
+        /// Position on the errors topic, `partition:offset` (as `ctl tail errors` shows), repeatable.
+        #[arg(long = "at")]
+        at: Vec<String>,
+    },
     /// Print acknowledgements and state changes as they happen.
     Watch {
         /// Stop when nothing happens for this many seconds (0: never).
@@ -225,6 +237,14 @@ async fn run(command: Command, config: Arc<Config>) -> anyhow::Result<()> {
                 let cfg = config.clone();
                 tokio::task::spawn_blocking(move || {
                     dualwrite_ctl::retry_catchup(&cfg, &map, &keys, &mut std::io::stdout())
+                })
+                .await??;
+            }
+            CtlCommand::RetryErrors { map, class, at } => {
+                let cfg = config.clone();
+                let filter = dualwrite_ctl::ErrorFilter { map, class, at };
+                tokio::task::spawn_blocking(move || {
+                    dualwrite_ctl::retry_errors(&cfg, &filter, &mut std::io::stdout())
                 })
                 .await??;
             }

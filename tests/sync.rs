@@ -336,3 +336,117 @@ async fn bad_records_go_to_the_errors_topic_and_the_rest_flows() {
     .is_none());
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_auto_pause_the_map_at_the_threshold_and_retry_once_fixed() {
+    let mut env = TestEnv::with_config(
+        "autopause",
+        "\n[pause_buffer.auto_pause]\nerrors = 3\nwindow_secs = 120\n",
+    )
+    .await;
+    let dv = env.dv().await;
+    dv.batch_execute(
+        "ALTER TABLE accounts ADD CONSTRAINT credit_within_policy CHECK (creditlimit < 1000000)",
+    )
+    .await
+    .unwrap();
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let reason = |env: &TestEnv| -> (String, String) {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&env.ctl(&["maps", "--json"])).unwrap();
+        let c = rows.iter().find(|r| r["map"] == "customers").unwrap();
+        (
+            c["state"].as_str().unwrap().to_owned(),
+            c["reason"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+
+    // Two rejections: below the threshold, the map keeps running.
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9200', 'Poison 1', 5000000);
+         INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9201', 'Poison 2', 6000000);
+         INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9202', 'Good 1', 10);",
+    )
+    .await
+    .unwrap();
+    eventually("later records still sync", WAIT, || async {
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C9202'",
+        )
+        .await
+        .as_deref()
+            == Some("Good 1")
+    })
+    .await;
+    eventually("two errors recorded", WAIT, || {
+        let n = env.tail("errors").len();
+        async move { n == 2 }
+    })
+    .await;
+    assert_eq!(reason(&env).0, "Running");
+
+    // The third reaches the threshold: the map pauses itself, with the reason.
+    fno.batch_execute("INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9203', 'Poison 3', 7000000)")
+        .await
+        .unwrap();
+    eventually("auto-pause", WAIT, || {
+        let (state, why) = reason(&env);
+        async move {
+            state == "Paused" && why.starts_with("auto-paused: 3 errors within 120 s (threshold 3)")
+        }
+    })
+    .await;
+    // Paused: a good change now queues.
+    fno.batch_execute("INSERT INTO customers_v3 (customeraccount, organizationname, creditlimit) VALUES ('C9204', 'Good 2', 10)")
+        .await
+        .unwrap();
+
+    // Fix the cause, retry the errors, run the map again.
+    dv.batch_execute("ALTER TABLE accounts DROP CONSTRAINT credit_within_policy")
+        .await
+        .unwrap();
+    let out = env.ctl(&[
+        "retry-errors",
+        "--map",
+        "customers",
+        "--class",
+        "rejected_by_target",
+    ]);
+    assert!(out.contains("sent 3 record(s)"), "{out}");
+    eventually("retried records applied", WAIT, || async {
+        dv.query_one(
+            "SELECT count(*) FROM accounts WHERE accountnumber IN ('C9200', 'C9201', 'C9203')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 3
+    })
+    .await;
+    assert!(
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C9204'"
+        )
+        .await
+        .is_none(),
+        "a paused map wrote to its target"
+    );
+    env.ctl(&["run", "customers"]);
+    eventually("queued change after resume", WAIT, || async {
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C9204'",
+        )
+        .await
+        .as_deref()
+            == Some("Good 2")
+    })
+    .await;
+    env.cleanup().await;
+}

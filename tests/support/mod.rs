@@ -87,6 +87,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(name: &str) -> TestEnv {
+        TestEnv::with_config(name, "").await
+    }
+
+    /// A test world whose config file ends with `extra` (TOML sections).
+    pub async fn with_config(name: &str, extra: &str) -> TestEnv {
         let s = stack();
         let id: String = {
             let mut r = rand::rng();
@@ -140,7 +145,8 @@ impl TestEnv {
                     "dbname = \"dualwrite_dataverse\"",
                     &format!("dbname = \"{dv_db}\""),
                 )
-                + "\n[capture]\npoll_interval_ms = 20\n";
+                + "\n[capture]\npoll_interval_ms = 20\n"
+                + extra;
         let config = dir.join("dualwrite.toml");
         std::fs::write(&config, config_text).unwrap();
         TestEnv {

@@ -456,14 +456,29 @@ pub fn retry_catchup(
             selected.push((mc.kafka_key(), payload.to_vec()));
         }
     }
+    let topic = t.map(map);
+    let records: Vec<(String, String, Vec<u8>)> = selected
+        .iter()
+        .map(|(k, p)| (topic.clone(), k.clone(), p.clone()))
+        .collect();
+    republish(config, &records)?;
+    writeln!(
+        out,
+        "sent {} queued change(s) of map {map} back through {topic}",
+        selected.len()
+    )?;
+    Ok(selected.len())
+}
+
+/// Produces the records (topic, key, payload) and waits until all are acknowledged.
+fn republish(config: &Config, records: &[(String, String, Vec<u8>)]) -> Result<(), CtlError> {
     let producer: ThreadedProducer<DefaultProducerContext> =
         client_config(&config.kafka, "dualwrite-ctl")
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .create()?;
-    let topic = t.map(map);
-    for (key, payload) in &selected {
-        let mut record = BaseRecord::to(&topic).key(key).payload(payload);
+    for (topic, key, payload) in records {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -481,10 +496,56 @@ pub fn retry_catchup(
         }
     }
     producer.flush(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// Which error records to retry.
+#[derive(Debug, Default)]
+pub struct ErrorFilter {
+    pub map: Option<String>,
+    pub class: Option<String>,
+    /// Offsets on the errors topic (as `partition:offset`); empty: all.
+    pub at: Vec<String>,
+}
+
+/// Sends the records behind error records (matching `filter`) back to the
+/// topic they were read from, once the cause is fixed. Records whose change
+/// a later one has overtaken are skipped by the applier, so a retry never
+/// regresses a record. Returns (sent, not retryable).
+pub fn retry_errors(
+    config: &Config,
+    filter: &ErrorFilter,
+    out: &mut impl Write,
+) -> Result<(usize, usize), CtlError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let mut records = Vec::new();
+    let mut not_retryable = 0;
+    for m in kafka_rt::read_to_end(&config.kafka, &t.errors())? {
+        let Some(Ok(e)) = m.payload().map(avro::decode::<ErrorRecord>) else {
+            continue;
+        };
+        let here = format!("{}:{}", m.partition(), m.offset());
+        if filter
+            .map
+            .as_ref()
+            .is_some_and(|f| e.map.as_ref() != Some(f))
+            || filter.class.as_ref().is_some_and(|c| &e.error_class != c)
+            || (!filter.at.is_empty() && !filter.at.contains(&here))
+        {
+            continue;
+        }
+        match (e.topic, e.payload) {
+            (Some(topic), Some(payload)) => {
+                records.push((topic, e.key.unwrap_or_default(), payload))
+            }
+            _ => not_retryable += 1,
+        }
+    }
+    republish(config, &records)?;
     writeln!(
         out,
-        "sent {} queued change(s) of map {map} back through {topic}",
-        selected.len()
+        "sent {} record(s) back to the topics they came from; {not_retryable} matching error(s) carry no record to retry",
+        records.len()
     )?;
-    Ok(selected.len())
+    Ok((records.len(), not_retryable))
 }

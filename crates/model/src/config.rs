@@ -192,6 +192,9 @@ pub struct MapConfig {
     /// Whether a run copies pre-existing rows first (default true).
     #[serde(default = "default_true")]
     pub initial_sync: bool,
+    /// Overrides `[pause_buffer.auto_pause]` for this map.
+    #[serde(default)]
+    pub auto_pause: Option<AutoPause>,
 }
 
 fn default_true() -> bool {
@@ -300,6 +303,33 @@ pub struct PauseBufferSettings {
     /// Warn when a pause has lasted this share of the retention.
     #[serde(default = "default_warn_ratio")]
     pub backlog_warn_ratio: f64,
+    /// Pause a map automatically when its errors reach a count within a
+    /// window (maps may override it).
+    #[serde(default)]
+    pub auto_pause: AutoPause,
+}
+
+/// Automatic pause on errors: `errors` error records of a map within
+/// `window_secs` pause it, with the reason on its status. `errors = 0` turns it off.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AutoPause {
+    pub errors: u32,
+    #[serde(default = "default_auto_pause_window")]
+    pub window_secs: u64,
+}
+
+fn default_auto_pause_window() -> u64 {
+    300
+}
+
+impl Default for AutoPause {
+    fn default() -> Self {
+        AutoPause {
+            errors: 100,
+            window_secs: default_auto_pause_window(),
+        }
+    }
 }
 
 fn default_retention_ms() -> i64 {
@@ -314,6 +344,7 @@ impl Default for PauseBufferSettings {
         PauseBufferSettings {
             map_topic_retention_ms: default_retention_ms(),
             backlog_warn_ratio: default_warn_ratio(),
+            auto_pause: AutoPause::default(),
         }
     }
 }
@@ -720,6 +751,11 @@ impl Config {
             out.entry(e.qualified()).or_insert_with(|| e.key.clone());
         }
         out
+    }
+
+    /// The automatic pause rule of a map.
+    pub fn auto_pause(&self, map: &MapConfig) -> AutoPause {
+        map.auto_pause.unwrap_or(self.pause_buffer.auto_pause)
     }
 
     /// The conflict master of a map (default: the right side).

@@ -363,6 +363,25 @@ impl Controller {
         fx
     }
 
+    /// Pauses a running (or resuming) map on its own, with the reason.
+    pub fn auto_pause(&self, map: &str, reason: &str, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        let Some(s) = self.statuses.get(map) else {
+            return fx;
+        };
+        if !s.state.flows() {
+            return fx;
+        }
+        let mut s = s.clone();
+        s.state = MapState::Paused;
+        s.paused_at = Some(now);
+        s.updated_at = now;
+        s.reason = Some(reason.to_owned());
+        s.last_action = Some("auto-pause".to_owned());
+        self.push(&mut fx, None, &s, reason, now);
+        fx
+    }
+
     /// Maps left Initializing by a crash finish their initialization.
     pub fn recover(&self, now: i64) -> Effects {
         let mut fx = Effects::default();
@@ -551,6 +570,28 @@ mod tests {
             .collect();
         assert_eq!(paused, ["currencies", "customer_groups", "customers"]);
         assert_eq!(c.statuses["contacts"].state, MapState::Running);
+    }
+
+    #[test]
+    fn auto_pause_pauses_only_flowing_maps() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        assert!(c
+            .auto_pause("currencies", "too many errors", 1)
+            .statuses
+            .is_empty());
+        apply(&mut c, &cfg, &cmd("r", Action::Run, "currencies"));
+        let fx = c.auto_pause("currencies", "auto-paused: 3 errors within 60 s", 2);
+        c.commit(&fx, None);
+        let s = &c.statuses["currencies"];
+        assert_eq!(s.state, MapState::Paused);
+        assert_eq!(
+            s.reason.as_deref(),
+            Some("auto-paused: 3 errors within 60 s")
+        );
+        // An operator resumes it as any paused map.
+        let fx = apply(&mut c, &cfg, &cmd("resume", Action::Run, "currencies"));
+        assert_eq!(fx.statuses[0].state, MapState::Resuming);
     }
 
     #[test]

@@ -188,6 +188,26 @@ async fn run_inner(
             })??;
     kafka::assign_at(&control, &t.control(), &positions)?;
     tracing::info!(topic = %t.control(), "taking commands");
+
+    // Error records, from now on, counted per map for the automatic pause.
+    let error_feed = kafka::consumer(
+        &config.kafka,
+        "dualwrite-auto-pause",
+        &t.group("auto-pause"),
+    )?;
+    let (cfg, top) = (config.clone(), t.errors());
+    let ends = tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top))
+        .await
+        .map_err(|e| PauseBufferError::Load {
+            topic: t.errors(),
+            message: e.to_string(),
+        })??;
+    kafka::assign_at(
+        &error_feed,
+        &t.errors(),
+        &ends.iter().map(|(p, _, hi)| (*p, *hi)).collect(),
+    )?;
+    let mut windows = ErrorWindows::default();
     let notify =
         |ctl: &Controller, fx: &Effects, senders: &BTreeMap<String, watch::Sender<MapStatus>>| {
             for s in &fx.statuses {
@@ -197,7 +217,7 @@ async fn run_inner(
             }
         };
     loop {
-        // Priority: shutdown, a gate failing, catch-up reports, then commands.
+        // Priority: shutdown, a gate failing, catch-up reports, errors (auto-pause), then commands.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -215,6 +235,22 @@ async fn run_inner(
                 }
                 ctl.commit(&fx, None);
                 notify(&ctl, &fx, &senders);
+            }
+            m = error_feed.recv() => {
+                let Ok(m) = m else { continue };
+                let Some(Ok(e)) = m.payload().map(avro::decode::<ErrorRecord>) else { continue };
+                let Some(map) = e.map.as_deref().and_then(|n| config.map(n)) else { continue };
+                let rule = config.auto_pause(map);
+                let flowing = ctl.statuses.get(&map.name).is_some_and(|s| s.state.flows());
+                if let Some(reason) = windows.record(&map.name, rule, flowing, e.occurred_at, &e.message) {
+                    tracing::warn!(map = %map.name, "{reason}");
+                    let fx = ctl.auto_pause(&map.name, &reason, now_micros());
+                    if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
+                        break;
+                    }
+                    ctl.commit(&fx, None);
+                    notify(&ctl, &fx, &senders);
+                }
             }
             m = control.recv() => {
                 let m = match m {
@@ -256,6 +292,45 @@ async fn run_inner(
     shutdown.cancel();
     while gates.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Recent error times per map, for the automatic pause.
+#[derive(Default)]
+pub struct ErrorWindows {
+    seen: BTreeMap<String, std::collections::VecDeque<i64>>,
+}
+
+impl ErrorWindows {
+    /// Records an error of `map` at `at` (µs); returns the pause reason when
+    /// the map's errors within the window reach the rule's count.
+    pub fn record(
+        &mut self,
+        map: &str,
+        rule: dualwrite_model::config::AutoPause,
+        flowing: bool,
+        at: i64,
+        message: &str,
+    ) -> Option<String> {
+        if rule.errors == 0 || !flowing {
+            self.seen.remove(map);
+            return None;
+        }
+        let q = self.seen.entry(map.to_owned()).or_default();
+        q.push_back(at);
+        let since = at - rule.window_secs as i64 * 1_000_000;
+        while q.front().is_some_and(|t| *t < since) {
+            q.pop_front();
+        }
+        if q.len() < rule.errors as usize {
+            return None;
+        }
+        let n = q.len();
+        self.seen.remove(map);
+        Some(format!(
+            "auto-paused: {n} errors within {} s (threshold {}); last: {message}. Fix the cause, retry the errors (ctl retry-errors) and run the map again",
+            rule.window_secs, rule.errors
+        ))
+    }
 }
 
 /// A rejection for a command that could not be read, naming where it was.
@@ -421,5 +496,43 @@ pub async fn backlog_guard(
         );
     } else {
         tracing::debug!(map, backlog, paused_for_s = age_ms / 1000, "paused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dualwrite_model::config::AutoPause;
+
+    #[test]
+    fn errors_within_the_window_trigger_once() {
+        let rule = AutoPause {
+            errors: 3,
+            window_secs: 10,
+        };
+        let mut w = ErrorWindows::default();
+        let s = 1_000_000;
+        assert!(w.record("m", rule, true, 0, "a").is_none());
+        assert!(w.record("m", rule, true, 20 * s, "b").is_none()); // the first fell out of the window
+        assert!(w.record("m", rule, true, 21 * s, "c").is_none());
+        let reason = w.record("m", rule, true, 22 * s, "d").unwrap();
+        assert!(
+            reason.starts_with("auto-paused: 3 errors within 10 s") && reason.contains("last: d"),
+            "{reason}"
+        );
+        assert!(w.record("m", rule, true, 23 * s, "e").is_none()); // counting starts over
+        assert!(w
+            .record(
+                "m",
+                AutoPause {
+                    errors: 0,
+                    window_secs: 10
+                },
+                true,
+                0,
+                "x"
+            )
+            .is_none());
+        assert!(w.record("other", rule, false, 0, "x").is_none());
     }
 }
