@@ -450,3 +450,92 @@ async fn errors_auto_pause_the_map_at_the_threshold_and_retry_once_fixed() {
     .await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_waits_for_its_parent_for_a_bounded_time() {
+    let mut env = TestEnv::with_config("parent", "\n[apply]\nparent_wait_secs = 8\n").await;
+    start_all(&mut env);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    let p = env.prefix.clone();
+
+    // The group's map is paused, so the customer arrives before its group
+    // (accounts.msdyn_customergroupid references the groups on the right).
+    env.ctl(&["pause", "customer_groups"]);
+    fno.batch_execute(
+        "INSERT INTO customer_groups VALUES ('G50', 'New group', 'Net30');
+         INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid) VALUES ('C9300', 'Child', 'G50');",
+    )
+    .await
+    .unwrap();
+    eventually("the customer reached the applier", WAIT, || {
+        let lag = support::group_lag(
+            &env,
+            &format!("{p}.pause-buffer.customers"),
+            &format!("{p}.map.customers"),
+        );
+        async move { lag == 0 }
+    })
+    .await;
+    env.ctl(&["run", "customer_groups"]);
+    eventually(
+        "the child is applied once its parent arrived",
+        WAIT,
+        || async {
+            text(
+                &dv,
+                "SELECT msdyn_customergroupid FROM accounts WHERE accountnumber = 'C9300'",
+            )
+            .await
+            .as_deref()
+                == Some("G50")
+        },
+    )
+    .await;
+    assert!(
+        env.tail("errors").is_empty(),
+        "a waiting child counted as an error"
+    );
+
+    // A parent that does not come within the wait: the child becomes an error.
+    env.ctl(&["pause", "customer_groups"]);
+    fno.batch_execute(
+        "INSERT INTO customer_groups VALUES ('G51', 'Late group', 'Net30');
+         INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid) VALUES ('C9301', 'Orphan', 'G51');",
+    )
+    .await
+    .unwrap();
+    let mut errors = Vec::new();
+    eventually("the orphan is reported", WAIT, || {
+        errors = env.tail("errors");
+        let n = errors.len();
+        async move { n == 1 }
+    })
+    .await;
+    let e = &errors[0]["value"];
+    assert_eq!(e["error_class"], "rejected_by_target");
+    assert_eq!(e["key"], "[\"C9301\"]");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing related record after waiting 8 s"),
+        "{e}"
+    );
+    // Later changes kept flowing meanwhile, and the fix is a retry.
+    env.ctl(&["run", "customer_groups"]);
+    env.ctl(&["retry-errors", "--map", "customers"]);
+    eventually("the orphan applies after the retry", WAIT, || async {
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C9301'",
+        )
+        .await
+        .as_deref()
+            == Some("Orphan")
+    })
+    .await;
+    env.cleanup().await;
+}

@@ -12,7 +12,7 @@
 
 pub mod sql;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use dualwrite_runtime::errors::ErrorSink;
 use dualwrite_runtime::kafka::rdkafka::consumer::Consumer;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
-use dualwrite_runtime::kafka::{self, TopicSpec};
+use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer, TopicSpec};
 use dualwrite_runtime::pg;
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio_postgres::{Client, Statement};
@@ -288,84 +288,274 @@ async fn run_inner(
     consumer.subscribe(&[&input])?;
     tracing::info!(%input, "applying");
     let linger = Duration::from_millis(config.apply.linger_ms);
-    let mut writer: Option<Writer> = None;
-    let mut backoff = Backoff::new();
+    let mut a = Applier {
+        config: config.clone(),
+        side,
+        name,
+        errors: errors.clone(),
+        writer: None,
+        backoff: Backoff::new(),
+        parked: BTreeMap::new(),
+        next: BTreeMap::new(),
+        parent_wait: Duration::from_secs(config.apply.parent_wait_secs),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        // Priority: shutdown first, then the next batch.
-        let batch = tokio::select! {
+        // Priority: shutdown, then records, then retries of parked changes.
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            b = kafka::recv_batch(&consumer, config.apply.max_batch, linger) => b,
-        };
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!("receive failed: {e}");
-                if backoff.wait(&shutdown).await {
+            m = consumer.recv() => m,
+            _ = tick.tick(), if !a.parked.is_empty() => {
+                let Some(bad) = a.retry_parked(&shutdown).await? else { break };
+                if !a.finish(&producer, &consumer, &input, bad, &shutdown).await? {
                     break;
                 }
                 continue;
             }
         };
-        let (changes, mut bad) = decode_batch(&errors, &batch);
-        // Write the batch; retry it whole on transient failures.
-        let rejected = loop {
-            let w = match writer.as_mut() {
+        let first = match first {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                tracing::warn!("receive failed: {e}");
+                if a.backoff.wait(&shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let batch = kafka::recv_more(&consumer, first, config.apply.max_batch, linger).await;
+        let Some(bad) = a.apply_batch(batch, &shutdown).await? else {
+            break;
+        };
+        if !a
+            .finish(&producer, &consumer, &input, bad, &shutdown)
+            .await?
+        {
+            break;
+        }
+    }
+    kafka::commit_now(&consumer);
+    Ok(())
+}
+
+/// A change waiting for its parent record (a foreign key the target has not got yet).
+struct Parked {
+    message: OwnedMessage,
+    change: MappedChange,
+    since: tokio::time::Instant,
+}
+
+/// The applier's state between batches.
+struct Applier {
+    config: Arc<Config>,
+    side: SideId,
+    name: String,
+    errors: ErrorSink,
+    writer: Option<Writer>,
+    backoff: Backoff,
+    /// Changes waiting for a parent, per record (map and key), in order.
+    parked: BTreeMap<String, VecDeque<Parked>>,
+    /// Per partition: the offset after the last message handled.
+    next: BTreeMap<i32, i64>,
+    parent_wait: Duration,
+}
+
+fn is_missing_parent(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code() == "23503")
+}
+
+impl Applier {
+    /// Writes changes, reconnecting and retrying on transient failures;
+    /// None when shutdown came first.
+    async fn write(
+        &mut self,
+        changes: &[(usize, MappedChange)],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<BatchResult>, ApplyError> {
+        loop {
+            let w = match self.writer.as_mut() {
                 Some(w) => w,
-                None => match Writer::connect(&config, side).await {
-                    Ok(w) => writer.insert(w),
+                None => match Writer::connect(&self.config, self.side).await {
+                    Ok(w) => self.writer.insert(w),
                     Err(e) if e.is_transient() => {
-                        tracing::warn!("cannot connect to {name}'s database, retrying: {e}");
-                        if backoff.wait(&shutdown).await {
-                            kafka::commit_now(&consumer);
-                            return Ok(());
+                        tracing::warn!("cannot connect to {}'s database, retrying: {e}", self.name);
+                        if self.backoff.wait(shutdown).await {
+                            return Ok(None);
                         }
                         continue;
                     }
                     Err(e) => {
                         return Err(ApplyError::Setup {
-                            side: name,
+                            side: self.name.clone(),
                             message: format!("cannot connect: {e}"),
                         })
                     }
                 },
             };
-            match w.write(&changes).await {
-                Ok(r) => break r,
+            match w.write(changes).await {
+                Ok(r) => return Ok(Some(r)),
                 Err(WriteError::Transient(e)) => {
                     tracing::warn!(
-                        "writing to {name} failed, retrying the batch: {}",
+                        "writing to {} failed, retrying: {}",
+                        self.name,
                         pg::describe(&e)
                     );
-                    writer = None;
-                    if backoff.wait(&shutdown).await {
-                        kafka::commit_now(&consumer);
-                        return Ok(());
+                    self.writer = None;
+                    if self.backoff.wait(shutdown).await {
+                        return Ok(None);
                     }
                 }
             }
-        };
-        for r in rejected.rejected {
-            let (idx, mc) = &changes[r.index];
-            bad.push(rejection(
-                &errors,
-                &batch[*idx],
-                mc,
-                &pg::describe(&r.error),
-            ));
         }
+    }
+
+    /// Applies a batch; returns the error records to publish (None on shutdown).
+    async fn apply_batch(
+        &mut self,
+        batch: Vec<OwnedMessage>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<ErrorRecord>>, ApplyError> {
+        let (changes, mut bad) = decode_batch(&self.errors, &batch);
+        // A record with a parked change waits behind it, in order.
+        let mut now = Vec::with_capacity(changes.len());
+        for (i, mc) in changes {
+            let rk = record_key(&mc);
+            if let Some(q) = self.parked.get_mut(&rk) {
+                q.push_back(Parked {
+                    message: batch[i].clone(),
+                    change: mc,
+                    since: tokio::time::Instant::now(),
+                });
+            } else {
+                now.push((i, mc));
+            }
+        }
+        let Some(result) = self.write(&now, shutdown).await? else {
+            return Ok(None);
+        };
+        let mut rejected: BTreeMap<usize, tokio_postgres::Error> = result
+            .rejected
+            .into_iter()
+            .map(|r| (r.index, r.error))
+            .collect();
+        for (i, mc) in now {
+            let Some(error) = rejected.remove(&i) else {
+                continue;
+            };
+            if is_missing_parent(&error) && !self.parent_wait.is_zero() {
+                tracing::info!(map = %mc.map, key = %mc.kafka_key(), "parent record not there yet: the change waits for it");
+                self.parked
+                    .entry(record_key(&mc))
+                    .or_default()
+                    .push_back(Parked {
+                        message: batch[i].clone(),
+                        change: mc,
+                        since: tokio::time::Instant::now(),
+                    });
+            } else {
+                bad.push(rejection(
+                    &self.errors,
+                    &batch[i],
+                    &mc,
+                    &pg::describe(&error),
+                ));
+            }
+        }
+        for m in &batch {
+            let e = self.next.entry(m.partition()).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        if !self.parked.is_empty() {
+            match self.retry_parked(shutdown).await? {
+                Some(more) => bad.extend(more),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(bad))
+    }
+
+    /// Tries the waiting changes again, oldest first per record; a change
+    /// whose parent did not come within the wait becomes an error.
+    async fn retry_parked(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<ErrorRecord>>, ApplyError> {
+        let mut bad = Vec::new();
+        let keys: Vec<String> = self.parked.keys().cloned().collect();
+        for rk in keys {
+            while let Some(head) = self.parked.get(&rk).and_then(|q| q.front()) {
+                let change = vec![(0usize, head.change.clone())];
+                let Some(result) = self.write(&change, shutdown).await? else {
+                    return Ok(None);
+                };
+                let q = self.parked.get_mut(&rk).expect("queue exists");
+                match result.rejected.into_iter().next() {
+                    None => {
+                        q.pop_front();
+                    }
+                    Some(r)
+                        if is_missing_parent(&r.error)
+                            && q.front()
+                                .is_some_and(|h| h.since.elapsed() < self.parent_wait) =>
+                    {
+                        break
+                    }
+                    Some(r) => {
+                        let p = q.pop_front().expect("head exists");
+                        let mut message = pg::describe(&r.error);
+                        if is_missing_parent(&r.error) {
+                            message = format!(
+                                "missing related record after waiting {} s: {message}",
+                                self.parent_wait.as_secs()
+                            );
+                        }
+                        bad.push(rejection(&self.errors, &p.message, &p.change, &message));
+                    }
+                }
+            }
+            if self.parked.get(&rk).is_some_and(|q| q.is_empty()) {
+                self.parked.remove(&rk);
+            }
+        }
+        Ok(Some(bad))
+    }
+
+    /// Publishes error records, then stores the offsets that are safe: up
+    /// to the oldest waiting change of each partition. False on shutdown.
+    async fn finish(
+        &mut self,
+        producer: &Producer,
+        consumer: &KafkaConsumer,
+        topic: &str,
+        bad: Vec<ErrorRecord>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ApplyError> {
         let output = Output {
             records: Vec::new(),
             errors: bad,
         };
-        if !deliver(&producer, &errors, &output, &mut backoff, &shutdown).await {
-            break;
+        if !deliver(producer, &self.errors, &output, &mut self.backoff, shutdown).await {
+            return Ok(false);
         }
-        backoff.reset();
-        kafka::store_offsets(&consumer, &batch)?;
+        self.backoff.reset();
+        let mut safe = self.next.clone();
+        for q in self.parked.values() {
+            for p in q {
+                let e = safe
+                    .entry(p.message.partition())
+                    .or_insert(p.message.offset());
+                *e = (*e).min(p.message.offset());
+            }
+        }
+        kafka::store_positions(consumer, topic, &safe)?;
+        Ok(true)
     }
-    kafka::commit_now(&consumer);
-    Ok(())
+}
+
+/// A record's identity across the apply topic: map and alternate key.
+fn record_key(mc: &MappedChange) -> String {
+    format!("{}/{}", mc.map, mc.kafka_key())
 }
 
 /// Decodes a batch: the changes (with their message index) and error records for the rest.

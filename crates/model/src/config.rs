@@ -274,6 +274,14 @@ pub struct ApplySettings {
     /// How long to wait for more records before writing a batch.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
+    /// How long a change whose related (parent) record is not on the target
+    /// yet waits for it before it counts as an error; 0: no wait.
+    #[serde(default = "default_parent_wait")]
+    pub parent_wait_secs: u64,
+}
+
+fn default_parent_wait() -> u64 {
+    60
 }
 
 fn default_apply_batch() -> usize {
@@ -288,6 +296,7 @@ impl Default for ApplySettings {
         ApplySettings {
             max_batch: default_apply_batch(),
             linger_ms: default_linger_ms(),
+            parent_wait_secs: default_parent_wait(),
         }
     }
 }

@@ -412,6 +412,22 @@ pub fn store_offsets(
     }
 }
 
+/// Stores these next offsets of `topic`'s partitions, to be committed.
+pub fn store_positions(
+    consumer: &KafkaConsumer,
+    topic: &str,
+    next: &std::collections::BTreeMap<i32, i64>,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in next {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    match consumer.store_offsets(&tpl) {
+        Err(KafkaError::StoreOffset(RDKafkaErrorCode::UnknownPartition)) => Ok(()),
+        other => other,
+    }
+}
+
 /// Commits the stored offsets now (on shutdown).
 pub fn commit_now(consumer: &KafkaConsumer) {
     match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
