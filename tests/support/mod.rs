@@ -432,24 +432,29 @@ pub async fn drained(env: &TestEnv, map: &str, side: &str) {
 pub async fn all_drained(env: &TestEnv) {
     let p = env.prefix.clone();
     let maps = ["customer_groups", "currencies", "customers", "contacts"];
-    eventually("whole pipeline drained", Duration::from_secs(90), || {
-        let mut lag = 0;
-        for side in ["fno", "dataverse"] {
-            lag += group_lag(env, &format!("{p}.router"), &format!("{p}.capture.{side}"));
-            lag += group_lag(
-                env,
-                &format!("{p}.apply.{side}"),
-                &format!("{p}.apply.{side}"),
-            );
+    let mut pairs = Vec::new();
+    for side in ["fno", "dataverse"] {
+        pairs.push((format!("{p}.router"), format!("{p}.capture.{side}")));
+        pairs.push((format!("{p}.apply.{side}"), format!("{p}.apply.{side}")));
+    }
+    for m in maps {
+        pairs.push((format!("{p}.pause-buffer.{m}"), format!("{p}.map.{m}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let lags: Vec<(String, i64)> = pairs
+            .iter()
+            .map(|(g, t)| (format!("{g} on {t}"), group_lag(env, g, t)))
+            .filter(|(_, l)| *l != 0)
+            .collect();
+        if lags.is_empty() {
+            return;
         }
-        for m in maps {
-            lag += group_lag(
-                env,
-                &format!("{p}.pause-buffer.{m}"),
-                &format!("{p}.map.{m}"),
-            );
-        }
-        async move { lag == 0 }
-    })
-    .await;
+        assert!(
+            Instant::now() < deadline,
+            "pipeline not drained after 90 s: {lags:?}\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -18,14 +18,16 @@ use std::time::Duration;
 
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
-use dualwrite_model::record::{ApplyOp, ErrorRecord, MappedChange};
+use dualwrite_model::mapping::map_change;
+use dualwrite_model::record::{
+    parse_lsn, ApplyOp, ChangeOp, ChangeRecord, ErrorRecord, Field, MappedChange,
+};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
-use dualwrite_runtime::kafka::rdkafka::consumer::Consumer;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
-use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer, TopicSpec};
+use dualwrite_runtime::kafka::{self, KafkaConsumer, Outgoing, Producer, TopicSpec};
 use dualwrite_runtime::pg;
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio_postgres::{Client, Statement};
@@ -53,10 +55,8 @@ pub fn topics(config: &Config, side: SideId) -> Vec<TopicSpec> {
 struct Writer {
     client: Client,
     statements: HashMap<String, Statement>,
-    /// This side's name: the target of every change this writer applies.
-    side_name: String,
-    /// A second connection, without the replication origin, for touches.
-    plain: Option<Client>,
+    config: Arc<Config>,
+    side: SideId,
 }
 
 /// A change that the target rejected.
@@ -68,6 +68,8 @@ struct Rejected {
 enum WriteError {
     /// Worth retrying the whole batch (after reconnecting).
     Transient(tokio_postgres::Error),
+    /// The records a conflict sends back could not be produced: retry the batch.
+    Emit(KafkaError),
 }
 
 /// What writing one change did.
@@ -76,23 +78,18 @@ enum Applied {
     Written,
     /// The target already has a later (or the same) change from this source.
     Stale,
-    /// Both sides changed the record; the source is the conflict master: written.
+    /// Both sides changed the record; the source is the conflict master:
+    /// written, and the master is asked to re-assert its current values.
     ConflictSourceWon,
-    /// Both sides changed the record; the target is the conflict master: not
-    /// written, and the target's values are sent back (a touch).
+    /// Both sides changed the record; the target is the conflict master:
+    /// not written, and the target's current values are sent back.
     ConflictTargetWon,
-}
-
-/// The outcome of a batch.
-#[derive(Default)]
-struct BatchResult {
-    rejected: Vec<Rejected>,
-    /// Changes (indices) whose record must be touched on the target.
-    touches: Vec<usize>,
+    /// A re-assert request answered with the current values.
+    Reasserted,
 }
 
 impl Writer {
-    async fn connect(config: &Config, side: SideId) -> Result<Writer, pg::ConnectError> {
+    async fn connect(config: &Arc<Config>, side: SideId) -> Result<Writer, pg::ConnectError> {
         let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
         let origin = config.origin_name(side);
         pg::ensure_origin(&client, &origin).await?;
@@ -100,13 +97,16 @@ impl Writer {
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await?;
         client.batch_execute(sql::POSITIONS_DDL).await?;
-        let plain = pg::connect(&config.side(side).connection, "dualwrite-apply-touch").await?;
         Ok(Writer {
             client,
             statements: HashMap::new(),
-            side_name: config.side(side).name.clone(),
-            plain: Some(plain),
+            config: config.clone(),
+            side,
         })
+    }
+
+    fn side_name(&self) -> &str {
+        &self.config.side(self.side).name
     }
 
     async fn prepared(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
@@ -125,9 +125,19 @@ impl Writer {
     /// - the record changed on the target too (its fields that sync both
     ///   ways match neither the source's old nor its new values) and the
     ///   target is the conflict master.
-    async fn exec(&mut self, mc: &MappedChange) -> Result<Applied, tokio_postgres::Error> {
-        let guard = self.prepared(sql::ADVANCE_POSITION.to_owned()).await?;
+    ///
+    /// Records to send back because of a conflict are added to `emit`.
+    async fn exec(
+        &mut self,
+        mc: &MappedChange,
+        emit: &mut Vec<Outgoing>,
+    ) -> Result<Applied, tokio_postgres::Error> {
         let key = mc.kafka_key();
+        if mc.op == ApplyOp::Reassert {
+            self.reassert(mc, emit).await?;
+            return Ok(Applied::Reasserted);
+        }
+        let guard = self.prepared(sql::ADVANCE_POSITION.to_owned()).await?;
         let advanced = self
             .client
             .query_opt(
@@ -152,43 +162,117 @@ impl Writer {
             let row = self.client.query_opt(&stmt, &[&before, &after]).await?;
             let state = row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1)));
             if is_conflict(mc, state) {
-                if mc.conflict_master.as_deref() == Some(self.side_name.as_str()) {
-                    tracing::info!(map = %mc.map, key = %key, master = %self.side_name, "conflict: the target is the master and keeps its values");
+                if mc.conflict_master.as_deref() == Some(self.side_name()) {
+                    tracing::info!(map = %mc.map, key = %key, master = %self.side_name(), "conflict: the target is the master; it keeps its values and sends them back");
+                    self.reassert(mc, emit).await?;
                     return Ok(Applied::ConflictTargetWon);
                 }
-                tracing::info!(map = %mc.map, key = %key, master = %mc.source_side, "conflict: the source is the master and its change is written");
+                tracing::info!(map = %mc.map, key = %key, master = %mc.source_side, "conflict: the source is the master; its change is written and it re-asserts its values");
+                if let Some(request) = reassert_request(&self.config, mc) {
+                    emit.push(request);
+                }
                 applied = Applied::ConflictSourceWon;
             }
         }
-        let stmt = self.prepared(sql::statement(mc)).await?;
-        self.client.execute(&stmt, &[&sql::parameter(mc)]).await?;
+        if let Some(sql) = sql::statement(mc) {
+            let stmt = self.prepared(sql).await?;
+            self.client.execute(&stmt, &[&sql::parameter(mc)]).await?;
+        }
         Ok(applied)
+    }
+
+    /// Sends this side's current values of the record (or its absence)
+    /// back through the map, stamped with the current WAL position, so the
+    /// other side converges to what the master has now.
+    async fn reassert(
+        &mut self,
+        mc: &MappedChange,
+        emit: &mut Vec<Outgoing>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let config = self.config.clone();
+        let Some(map) = config.map(&mc.map) else {
+            return Ok(());
+        };
+        let stmt = self.prepared(sql::current_row(mc)).await?;
+        let row: Option<String> = self
+            .client
+            .query_opt(&stmt, &[&sql::key_parameter(mc)])
+            .await?
+            .and_then(|r| r.get(0));
+        let lsn: String = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        let current: Option<Vec<Field>> = row.and_then(|json| {
+            let obj: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&json).ok()?;
+            Some(
+                obj.into_iter()
+                    .map(|(name, v)| Field {
+                        name,
+                        value: v.as_str().map(str::to_owned),
+                    })
+                    .collect(),
+            )
+        });
+        let change = ChangeRecord {
+            side: self.side_name().to_owned(),
+            entity: map.entity(self.side).qualified(),
+            op: if current.is_some() {
+                ChangeOp::Update
+            } else {
+                ChangeOp::Delete
+            },
+            before: Some(current.clone().unwrap_or_else(|| mc.key.clone())),
+            after: current,
+            commit_lsn: parse_lsn(&lsn).unwrap_or(0) as i64,
+            seq: 0,
+            xid: 0,
+            commit_time: dualwrite_runtime::now_micros(),
+        };
+        let topic = Topics::new(&self.config.kafka.topic_prefix).map(&map.name);
+        match map_change(&config, map, self.side, &change) {
+            Ok(changes) => {
+                for c in changes {
+                    match avro::encode(&c) {
+                        Ok(payload) => emit.push(Outgoing {
+                            topic: topic.clone(),
+                            key: c.kafka_key(),
+                            payload,
+                        }),
+                        Err(e) => {
+                            tracing::error!(map = %map.name, "cannot encode a re-asserted record: {e}")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(map = %map.name, "cannot re-assert the record: {e}"),
+        }
+        Ok(())
     }
 
     /// Writes the changes in one transaction; if the target rejects one,
     /// writes them one transaction each so that only the rejected ones fail.
+    /// Records a conflict sends back are produced before the commit.
     async fn write(
         &mut self,
         changes: &[(usize, MappedChange)],
-    ) -> Result<BatchResult, WriteError> {
+        producer: &Producer,
+    ) -> Result<Vec<Rejected>, WriteError> {
         let all_at_once = async {
-            let mut touches = Vec::new();
+            let mut emit = Vec::new();
             self.client.batch_execute("BEGIN").await?;
-            for (i, (_, mc)) in changes.iter().enumerate() {
-                if self.exec(mc).await? == Applied::ConflictTargetWon {
-                    touches.push(i);
-                }
+            for (_, mc) in changes {
+                self.exec(mc, &mut emit).await?;
             }
-            self.client.batch_execute("COMMIT").await?;
-            Ok::<_, tokio_postgres::Error>(touches)
+            Ok::<_, tokio_postgres::Error>(emit)
         }
         .await;
-        let mut result = BatchResult::default();
         match all_at_once {
-            Ok(touches) => {
-                result.touches = touches;
-                self.touch(changes, &result.touches).await;
-                return Ok(result);
+            Ok(emit) => {
+                self.commit_with(producer, &emit).await?;
+                return Ok(Vec::new());
             }
             Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
             Err(_) => {
@@ -198,48 +282,90 @@ impl Writer {
                     .map_err(WriteError::Transient)?;
             }
         }
-        for (i, (index, mc)) in changes.iter().enumerate() {
+        let mut rejected = Vec::new();
+        for (index, mc) in changes {
             let one = async {
+                let mut emit = Vec::new();
                 self.client.batch_execute("BEGIN").await?;
-                let applied = self.exec(mc).await?;
-                self.client.batch_execute("COMMIT").await?;
-                Ok::<_, tokio_postgres::Error>(applied)
+                self.exec(mc, &mut emit).await?;
+                Ok::<_, tokio_postgres::Error>(emit)
             }
             .await;
             match one {
-                Ok(Applied::ConflictTargetWon) => result.touches.push(i),
-                Ok(_) => {}
+                Ok(emit) => self.commit_with(producer, &emit).await?,
                 Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
                 Err(error) => {
                     self.client
                         .batch_execute("ROLLBACK")
                         .await
                         .map_err(WriteError::Transient)?;
-                    result.rejected.push(Rejected {
+                    rejected.push(Rejected {
                         index: *index,
                         error,
                     });
                 }
             }
         }
-        self.touch(changes, &result.touches).await;
-        Ok(result)
+        Ok(rejected)
     }
 
-    /// Touches the records (see [`sql::touch`]) so that the master's values
-    /// flow back. Best effort: a failure is logged (the record stays as the
-    /// master has it; a later change on it syncs it again).
-    async fn touch(&mut self, changes: &[(usize, MappedChange)], which: &[usize]) {
-        let Some(plain) = self.plain.as_ref() else {
-            return;
-        };
-        for i in which {
-            let mc = &changes[*i].1;
-            if let Err(e) = plain.execute(&sql::touch(mc), &[&sql::parameter(mc)]).await {
-                tracing::warn!(map = %mc.map, key = %mc.kafka_key(), "could not send the master's values back: {}", pg::describe(&e));
-            }
+    /// Produces `emit` (acknowledged), then commits; rolls back if producing failed.
+    async fn commit_with(
+        &mut self,
+        producer: &Producer,
+        emit: &[Outgoing],
+    ) -> Result<(), WriteError> {
+        if let Err(e) = kafka::send_all(producer, emit).await {
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(WriteError::Transient)?;
+            return Err(WriteError::Emit(e));
         }
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(WriteError::Transient)
     }
+}
+
+/// A request to the master (the source of `mc`) to re-assert its values of the record.
+fn reassert_request(config: &Config, mc: &MappedChange) -> Option<Outgoing> {
+    let map = config.map(&mc.map)?;
+    let master = config.side_id(&mc.source_side)?;
+    let key: Vec<Field> = map
+        .entity(master)
+        .key
+        .iter()
+        .zip(&mc.key)
+        .map(|(name, f)| Field {
+            name: name.clone(),
+            value: f.value.clone(),
+        })
+        .collect();
+    let request = MappedChange {
+        map: mc.map.clone(),
+        source_side: mc.target_side.clone(),
+        target_side: mc.source_side.clone(),
+        source_entity: mc.target_entity.clone(),
+        target_entity: mc.source_entity.clone(),
+        op: ApplyOp::Reassert,
+        key,
+        values: Vec::new(),
+        source_lsn: 0,
+        source_seq: 0,
+        source_xid: 0,
+        commit_time: dualwrite_runtime::now_micros(),
+        before: None,
+        existed: true,
+        conflict_master: mc.conflict_master.clone(),
+    };
+    let payload = avro::encode(&request).ok()?;
+    Some(Outgoing {
+        topic: Topics::new(&config.kafka.topic_prefix).map(&mc.map),
+        key: request.kafka_key(),
+        payload,
+    })
 }
 
 /// Whether the target's state (`None`: no row; else whether its fields that
@@ -247,6 +373,7 @@ impl Writer {
 /// change made on the target that the source did not know of.
 fn is_conflict(mc: &MappedChange, target: Option<(bool, bool)>) -> bool {
     match (mc.existed, mc.op, target) {
+        (_, ApplyOp::Reassert, _) => false,
         // New on the source: a conflict if the target has the record otherwise.
         (false, _, Some((_, same_as_new))) => !same_as_new,
         (false, _, None) => false,
@@ -279,13 +406,14 @@ async fn run_inner(
     kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
     let producer = kafka::producer(&config.kafka, &format!("dualwrite-apply-{name}"))?;
     let errors = ErrorSink::new(producer.clone(), t.errors(), "apply");
-    let consumer = kafka::consumer(
+    let input = t.apply(&name);
+    let consumer = kafka::assigned_consumer(
         &config.kafka,
         &format!("dualwrite-apply-{name}"),
         &t.group(&format!("apply.{name}")),
-    )?;
-    let input = t.apply(&name);
-    consumer.subscribe(&[&input])?;
+        std::slice::from_ref(&input),
+    )
+    .await?;
     tracing::info!(%input, "applying");
     let linger = Duration::from_millis(config.apply.linger_ms);
     let mut a = Applier {
@@ -293,6 +421,7 @@ async fn run_inner(
         side,
         name,
         errors: errors.clone(),
+        producer: producer.clone(),
         writer: None,
         backoff: Backoff::new(),
         parked: BTreeMap::new(),
@@ -352,6 +481,7 @@ struct Applier {
     side: SideId,
     name: String,
     errors: ErrorSink,
+    producer: Producer,
     writer: Option<Writer>,
     backoff: Backoff,
     /// Changes waiting for a parent, per record (map and key), in order.
@@ -372,7 +502,7 @@ impl Applier {
         &mut self,
         changes: &[(usize, MappedChange)],
         shutdown: &CancellationToken,
-    ) -> Result<Option<BatchResult>, ApplyError> {
+    ) -> Result<Option<Vec<Rejected>>, ApplyError> {
         loop {
             let w = match self.writer.as_mut() {
                 Some(w) => w,
@@ -393,19 +523,15 @@ impl Applier {
                     }
                 },
             };
-            match w.write(changes).await {
+            let failure = match w.write(changes, &self.producer).await {
                 Ok(r) => return Ok(Some(r)),
-                Err(WriteError::Transient(e)) => {
-                    tracing::warn!(
-                        "writing to {} failed, retrying: {}",
-                        self.name,
-                        pg::describe(&e)
-                    );
-                    self.writer = None;
-                    if self.backoff.wait(shutdown).await {
-                        return Ok(None);
-                    }
-                }
+                Err(WriteError::Transient(e)) => pg::describe(&e),
+                Err(WriteError::Emit(e)) => format!("cannot send conflict records: {e}"),
+            };
+            tracing::warn!("writing to {} failed, retrying: {failure}", self.name);
+            self.writer = None;
+            if self.backoff.wait(shutdown).await {
+                return Ok(None);
             }
         }
     }
@@ -434,11 +560,8 @@ impl Applier {
         let Some(result) = self.write(&now, shutdown).await? else {
             return Ok(None);
         };
-        let mut rejected: BTreeMap<usize, tokio_postgres::Error> = result
-            .rejected
-            .into_iter()
-            .map(|r| (r.index, r.error))
-            .collect();
+        let mut rejected: BTreeMap<usize, tokio_postgres::Error> =
+            result.into_iter().map(|r| (r.index, r.error)).collect();
         for (i, mc) in now {
             let Some(error) = rejected.remove(&i) else {
                 continue;
@@ -490,7 +613,7 @@ impl Applier {
                     return Ok(None);
                 };
                 let q = self.parked.get_mut(&rk).expect("queue exists");
-                match result.rejected.into_iter().next() {
+                match result.into_iter().next() {
                     None => {
                         q.pop_front();
                     }
@@ -592,6 +715,7 @@ fn rejection(
             match mc.op {
                 dualwrite_model::record::ApplyOp::Upsert => "upsert",
                 dualwrite_model::record::ApplyOp::Delete => "delete",
+                dualwrite_model::record::ApplyOp::Reassert => "re-assert",
             },
             mc.target_entity,
             mc.kafka_key(),

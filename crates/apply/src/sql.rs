@@ -36,8 +36,9 @@ pub fn table_ident(entity: &str) -> String {
     format!("{}.{}", escape_identifier(schema), escape_identifier(table))
 }
 
-/// The statement for a change (depends only on table, op and field names).
-pub fn statement(mc: &MappedChange) -> String {
+/// The statement for a change (depends only on table, op and field names);
+/// a re-assert request writes nothing.
+pub fn statement(mc: &MappedChange) -> Option<String> {
     let table = table_ident(&mc.target_entity);
     let keys: Vec<String> = mc.key.iter().map(|f| escape_identifier(&f.name)).collect();
     match mc.op {
@@ -61,20 +62,21 @@ pub fn statement(mc: &MappedChange) -> String {
             } else {
                 format!("DO UPDATE SET {}", updates.join(", "))
             };
-            format!(
+            Some(format!(
                 "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_record(NULL::{table}, $1::text::json) \
                  ON CONFLICT ({keys}) {action}",
                 cols = cols.join(", "),
                 keys = keys.join(", "),
-            )
+            ))
         }
         ApplyOp::Delete => {
             let cond: Vec<String> = keys.iter().map(|k| format!("t.{k} = r.{k}")).collect();
-            format!(
+            Some(format!(
                 "DELETE FROM {table} AS t USING json_populate_record(NULL::{table}, $1::text::json) AS r WHERE {}",
                 cond.join(" AND ")
-            )
+            ))
         }
+        ApplyOp::Reassert => None,
     }
 }
 
@@ -151,20 +153,37 @@ pub fn conflict_parameters(mc: &MappedChange) -> (String, String) {
     )
 }
 
-/// A no-op update of the record (key = key), written without the
-/// replication origin so that the side's capturer sends the record's
-/// current values to the other side: how a conflict master that kept its
-/// values makes the other side take them.
-pub fn touch(mc: &MappedChange) -> String {
+/// The record's current row on the target, every column as text (a JSON
+/// object), locked until the transaction ends; no row when it is absent.
+pub fn current_row(mc: &MappedChange) -> String {
     let table = table_ident(&mc.target_entity);
-    let keys: Vec<String> = mc.key.iter().map(|f| escape_identifier(&f.name)).collect();
-    let set: Vec<String> = keys.iter().map(|k| format!("{k} = t.{k}")).collect();
-    let cond: Vec<String> = keys.iter().map(|k| format!("t.{k} = r.{k}")).collect();
+    let cond: Vec<String> = mc
+        .key
+        .iter()
+        .map(|k| {
+            let k = escape_identifier(&k.name);
+            format!("t.{k} = r.{k}")
+        })
+        .collect();
     format!(
-        "UPDATE {table} AS t SET {} FROM json_populate_record(NULL::{table}, $1::text::json) AS r WHERE {}",
-        set.join(", "),
+        "SELECT (SELECT json_object_agg(e.key, e.value) FROM json_each_text(row_to_json(t)) AS e)::text \
+         FROM {table} AS t, json_populate_record(NULL::{table}, $1::text::json) AS r WHERE {} FOR SHARE OF t",
         cond.join(" AND ")
     )
+}
+
+/// The key as the parameter of [`current_row`].
+pub fn key_parameter(mc: &MappedChange) -> String {
+    let mut o = serde_json::Map::new();
+    for f in &mc.key {
+        o.insert(
+            f.name.clone(),
+            f.value
+                .clone()
+                .map_or(serde_json::Value::Null, serde_json::Value::String),
+        );
+    }
+    serde_json::Value::Object(o).to_string()
 }
 
 #[cfg(test)]
@@ -202,7 +221,7 @@ mod tests {
     #[test]
     fn upsert_statement() {
         assert_eq!(
-            statement(&mc(ApplyOp::Upsert)),
+            statement(&mc(ApplyOp::Upsert)).unwrap(),
             "INSERT INTO \"public\".\"accounts\" (\"accountnumber\", \"name\", \"creditlimit\") \
              SELECT \"accountnumber\", \"name\", \"creditlimit\" FROM json_populate_record(NULL::\"public\".\"accounts\", $1::text::json) \
              ON CONFLICT (\"accountnumber\") DO UPDATE SET \"name\" = EXCLUDED.\"name\", \"creditlimit\" = EXCLUDED.\"creditlimit\""
@@ -212,7 +231,7 @@ mod tests {
     #[test]
     fn delete_statement() {
         assert_eq!(
-            statement(&mc(ApplyOp::Delete)),
+            statement(&mc(ApplyOp::Delete)).unwrap(),
             "DELETE FROM \"public\".\"accounts\" AS t USING json_populate_record(NULL::\"public\".\"accounts\", $1::text::json) AS r \
              WHERE t.\"accountnumber\" = r.\"accountnumber\""
         );
@@ -247,10 +266,10 @@ mod tests {
             (b["name"].as_str(), a["name"].as_str()),
             (Some("Old"), Some("O'Brien \"Ltd\""))
         );
-        assert_eq!(
-            touch(&c),
-            "UPDATE \"public\".\"accounts\" AS t SET \"accountnumber\" = t.\"accountnumber\" FROM json_populate_record(NULL::\"public\".\"accounts\", $1::text::json) AS r WHERE t.\"accountnumber\" = r.\"accountnumber\""
-        );
+        assert!(current_row(&c)
+            .ends_with("WHERE t.\"accountnumber\" = r.\"accountnumber\" FOR SHARE OF t"));
+        assert_eq!(key_parameter(&c), "{\"accountnumber\":\"C1\"}");
+        assert_eq!(statement(&mc(ApplyOp::Reassert)), None);
     }
 
     #[test]

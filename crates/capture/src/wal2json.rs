@@ -208,16 +208,7 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         .map(|t| t.timestamp_micros())
 }
 
-/// `X/Y` LSN text to a number.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
-/// A number to `X/Y` LSN text.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
+pub use dualwrite_model::record::{format_lsn, parse_lsn};
 
 #[cfg(test)]
 mod tests {

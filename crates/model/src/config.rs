@@ -39,7 +39,7 @@ pub struct Config {
     pub pause_buffer: PauseBufferSettings,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `host:port[,host:port…]` of the Kafka cluster.

@@ -56,6 +56,9 @@ pub struct ChangeRecord {
 pub enum ApplyOp {
     Upsert,
     Delete,
+    /// Asks the target, the conflict master, to send its current values of
+    /// the record back through the map.
+    Reassert,
 }
 
 /// A change mapped for one map and direction, in the target's names
@@ -146,4 +149,15 @@ impl ErrorRecord {
             occurred_at,
         }
     }
+}
+
+/// PostgreSQL `X/Y` LSN text to a number.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// A number to PostgreSQL `X/Y` LSN text.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }

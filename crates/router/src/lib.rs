@@ -13,7 +13,6 @@ use dualwrite_model::mapping::{map_change, maps_for};
 use dualwrite_model::record::{ChangeRecord, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::errors::ErrorSink;
-use dualwrite_runtime::kafka::rdkafka::consumer::Consumer;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::{self, Outgoing, TopicSpec};
@@ -129,13 +128,17 @@ async fn run_inner(config: Arc<Config>, shutdown: CancellationToken) -> Result<(
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-router")?;
     let errors = ErrorSink::new(producer.clone(), t.errors(), "router");
-    let consumer = kafka::consumer(&config.kafka, "dualwrite-router", &t.group("router"))?;
-    let inputs = [
+    let inputs = vec![
         t.capture(&config.sides.left.name),
         t.capture(&config.sides.right.name),
     ];
-    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    consumer.subscribe(&inputs)?;
+    let consumer = kafka::assigned_consumer(
+        &config.kafka,
+        "dualwrite-router",
+        &t.group("router"),
+        &inputs,
+    )
+    .await?;
     tracing::info!(?inputs, maps = config.maps.len(), "routing");
     relay(&consumer, &producer, &errors, &shutdown, |batch| {
         route(&config, &errors, batch)

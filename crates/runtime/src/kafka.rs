@@ -60,7 +60,10 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
         .set("client.id", client_id)
         .set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &cfg.properties {
-        c.set(k, v);
+        // `producer.X` / `consumer.X` apply to that kind of client only.
+        if !k.starts_with("producer.") && !k.starts_with("consumer.") {
+            c.set(k, v);
+        }
     }
     for (k, v) in &cfg.secret_properties {
         c.set(k, v.expose());
@@ -99,7 +102,10 @@ pub fn consumer(
         .set("fetch.wait.max.ms", "50")
         // A killed member's partitions move to the others within seconds.
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "3000");
+        .set("heartbeat.interval.ms", "3000")
+        // Also bounds how long a rebalance waits for a member that died
+        // without leaving (some brokers wait for this rather than the session).
+        .set("max.poll.interval.ms", "30000");
     apply_overrides(&mut c, cfg, "consumer.");
     c.create_with_context(DwContext)
 }
@@ -110,12 +116,6 @@ fn apply_overrides(c: &mut ClientConfig, cfg: &KafkaConfig, prefix: &str) {
     for (k, v) in &cfg.properties {
         if let Some(name) = k.strip_prefix(prefix) {
             c.set(name, v);
-        }
-    }
-    // Remove the prefixed names themselves, which librdkafka does not know.
-    for k in cfg.properties.keys() {
-        if k.starts_with("producer.") || k.starts_with("consumer.") {
-            c.remove(k);
         }
     }
 }
@@ -319,6 +319,34 @@ pub fn committed_positions(
             (*p, c.max(*lo))
         })
         .collect())
+}
+
+/// A consumer that reads every partition of `topics` from where `group`
+/// left off (its committed offsets), assigning the partitions itself
+/// instead of joining the group: no rebalance can stall it, e.g. after a
+/// `kill -9` of its predecessor, on any broker. The group only keeps the
+/// offsets, committed as they are stored.
+pub async fn assigned_consumer(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    group: &str,
+    topics: &[String],
+) -> Result<std::sync::Arc<KafkaConsumer>, KafkaError> {
+    let consumer = std::sync::Arc::new(consumer(cfg, client_id, group)?);
+    let (c, k, t) = (consumer.clone(), cfg.clone(), topics.to_vec());
+    let tpl = tokio::task::spawn_blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        for topic in &t {
+            for (p, o) in committed_positions(&k, &c, topic)? {
+                tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+            }
+        }
+        Ok::<_, KafkaError>(tpl)
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)??;
+    consumer.assign(&tpl)?;
+    Ok(consumer)
 }
 
 /// Assigns every partition of `topic` at `positions`.
