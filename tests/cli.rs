@@ -65,3 +65,27 @@ fn unknown_side_is_a_clear_error() {
     assert_ne!(code, 0);
     assert!(err.contains("no side named `crm`"), "{err}");
 }
+
+#[test]
+fn compose_config_validates_with_its_secrets_from_the_environment() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/compose/dualwrite.toml");
+    let out = Command::new(BIN)
+        .args(["--config", path, "ctl", "validate"])
+        .env("FNO_DB_PASSWORD", "x")
+        .env("DATAVERSE_DB_PASSWORD", "y")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without them, the error names the variable.
+    let out = Command::new(BIN)
+        .args(["--config", path, "ctl", "validate"])
+        .env_remove("FNO_DB_PASSWORD")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FNO_DB_PASSWORD"));
+}
