@@ -9,19 +9,6 @@ use support::{all_drained, eventually, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn start_all(env: &mut TestEnv) {
-    for args in [
-        &["capture", "--side", "fno"][..],
-        &["capture", "--side", "dataverse"],
-        &["router"],
-        &["pause-buffer"],
-        &["apply", "--side", "fno"],
-        &["apply", "--side", "dataverse"],
-    ] {
-        env.spawn(args);
-    }
-}
-
 /// (name, phone) of a customer on each side; None when absent.
 async fn both(env: &TestEnv, acct: &str) -> (Option<(String, String)>, Option<(String, String)>) {
     let fno = env.fno().await;
@@ -144,7 +131,7 @@ async fn no_ping_pong(env: &TestEnv) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_edits_converge_to_the_default_master() {
     let mut env = TestEnv::new("conflict").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     conflicting_edits(&env, &[]).await;
@@ -168,7 +155,7 @@ async fn concurrent_edits_converge_to_the_default_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflict_master_chosen_at_run_wins() {
     let mut env = TestEnv::new("master").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     conflicting_edits(&env, &["--conflict-master", "fno"]).await;

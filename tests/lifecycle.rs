@@ -7,23 +7,9 @@ use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use support::{eventually, stack, TestEnv};
+use support::{eventually, stack, TestEnv, PAUSE_BUFFER};
 
 const WAIT: Duration = Duration::from_secs(90);
-const PAUSE_BUFFER: usize = 3;
-
-fn start_all(env: &mut TestEnv) {
-    for args in [
-        &["capture", "--side", "fno"][..],
-        &["capture", "--side", "dataverse"],
-        &["router"],
-        &["pause-buffer"],
-        &["apply", "--side", "fno"],
-        &["apply", "--side", "dataverse"],
-    ] {
-        env.spawn(args);
-    }
-}
 
 async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
@@ -64,7 +50,7 @@ async fn synced(dv: &tokio_postgres::Client, tag: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_changes_and_resume_catches_up() {
     let mut env = TestEnv::new("pause").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     assert!(
@@ -147,7 +133,7 @@ async fn pause_holds_changes_and_resume_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_resume_survive_kill9_of_the_pause_buffer() {
     let mut env = TestEnv::new("pbkill").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     let fno = env.fno().await;
@@ -350,7 +336,7 @@ async fn name_on_dv(dv: &tokio_postgres::Client, acct: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_policies_discard_and_skip_to_live_with_retry() {
     let mut env = TestEnv::new("policy").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     let fno = env.fno().await;

@@ -12,17 +12,12 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{all_drained, eventually, TestEnv};
+use support::{
+    all_drained, eventually, TestEnv, APPLY_DV, APPLY_FNO, CAPTURE_DV, CAPTURE_FNO, PAUSE_BUFFER,
+    ROUTER,
+};
 
 const OPS_PER_SIDE: usize = 300;
-
-/// Service indices, in start order.
-const CAPTURE_FNO: usize = 0;
-const CAPTURE_DV: usize = 1;
-const ROUTER: usize = 2;
-const PAUSE_BUFFER: usize = 3;
-const APPLY_FNO: usize = 4;
-const APPLY_DV: usize = 5;
 
 struct Side {
     tag: &'static str,
@@ -172,16 +167,7 @@ async fn random_concurrent_edits_on_both_sides_with_restarts_converge_without_ec
         .unwrap_or_else(rand::random);
     println!("DUALWRITE_TEST_SEED={seed}");
     let mut env = TestEnv::new("random").await;
-    for args in [
-        &["capture", "--side", "fno"][..],
-        &["capture", "--side", "dataverse"],
-        &["router"],
-        &["pause-buffer"],
-        &["apply", "--side", "fno"],
-        &["apply", "--side", "dataverse"],
-    ] {
-        env.spawn(args);
-    }
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
 

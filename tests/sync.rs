@@ -11,19 +11,6 @@ use support::{eventually, stack, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn start_all(env: &mut TestEnv) {
-    for args in [
-        &["capture", "--side", "fno"][..],
-        &["capture", "--side", "dataverse"],
-        &["router"],
-        &["pause-buffer"],
-        &["apply", "--side", "fno"],
-        &["apply", "--side", "dataverse"],
-    ] {
-        env.spawn(args);
-    }
-}
-
 async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
     c.query_opt(sql, &[])
         .await
@@ -34,7 +21,7 @@ async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_sync_both_ways_without_echo() {
     let mut env = TestEnv::new("sync").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     let fno = env.fno().await;
@@ -186,10 +173,10 @@ async fn changes_sync_both_ways_without_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capturer_killed_with_sigkill_loses_no_change() {
     let mut env = TestEnv::new("kill").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
-    let capture = 0; // the fno capturer, first started
+    let capture = support::CAPTURE_FNO;
     let fno = env.fno().await;
     let dv = env.dv().await;
 
@@ -257,7 +244,7 @@ async fn bad_records_go_to_the_errors_topic_and_the_rest_flows() {
     )
     .await
     .unwrap();
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     let fno = env.fno().await;
@@ -350,7 +337,7 @@ async fn errors_auto_pause_the_map_at_the_threshold_and_retry_once_fixed() {
     )
     .await
     .unwrap();
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     let fno = env.fno().await;
@@ -454,7 +441,7 @@ async fn errors_auto_pause_the_map_at_the_threshold_and_retry_once_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_waits_for_its_parent_for_a_bounded_time() {
     let mut env = TestEnv::with_config("parent", "\n[apply]\nparent_wait_secs = 8\n").await;
-    start_all(&mut env);
+    env.start_all();
     env.wait_for_slots(2).await;
     env.run_all_maps();
     let fno = env.fno().await;

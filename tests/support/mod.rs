@@ -16,6 +16,14 @@ use rand::Rng;
 use tokio_postgres::{Client, NoTls};
 
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Indices of the services [`TestEnv::start_all`] starts.
+pub const CAPTURE_FNO: usize = 0;
+pub const CAPTURE_DV: usize = 1;
+pub const ROUTER: usize = 2;
+pub const PAUSE_BUFFER: usize = 3;
+pub const APPLY_FNO: usize = 4;
+pub const APPLY_DV: usize = 5;
 pub const BIN: &str = env!("CARGO_BIN_EXE_dualwrite");
 
 /// Endpoints of the local stack.
@@ -201,6 +209,21 @@ impl TestEnv {
         out.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
             .collect()
+    }
+
+    /// Starts every service as its own process: both capturers, the
+    /// router, the pause buffer, both appliers (indices 0 to 5, in that order).
+    pub fn start_all(&mut self) {
+        for args in [
+            &["capture", "--side", "fno"][..],
+            &["capture", "--side", "dataverse"],
+            &["router"],
+            &["pause-buffer"],
+            &["apply", "--side", "fno"],
+            &["apply", "--side", "dataverse"],
+        ] {
+            self.spawn(args);
+        }
     }
 
     /// Runs every map (contacts with its related maps, dependencies first)

@@ -331,15 +331,7 @@ pub fn send_command(
     if wait.is_zero() {
         return Ok(CommandResult::Pending);
     }
-    let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
-        .set("group.id", "dualwrite-ctl")
-        .set("enable.auto.commit", "false")
-        .create_with_context(DwContext)?;
-    let mut tpl = TopicPartitionList::new();
-    for (p, _, hi) in &start {
-        tpl.add_partition_offset(&t.events(), *p, Offset::Offset(*hi))?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = events_from(config, &start)?;
     let deadline = Instant::now() + wait;
     let mut pending: Option<BTreeSet<String>> = None;
     while Instant::now() < deadline {
@@ -387,15 +379,7 @@ pub fn send_command(
 pub fn watch(config: &Config, idle: Duration, out: &mut impl Write) -> Result<(), CtlError> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let start = kafka_rt::watermarks(&config.kafka, &t.events())?;
-    let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
-        .set("group.id", "dualwrite-ctl")
-        .set("enable.auto.commit", "false")
-        .create_with_context(DwContext)?;
-    let mut tpl = TopicPartitionList::new();
-    for (p, _, hi) in &start {
-        tpl.add_partition_offset(&t.events(), *p, Offset::Offset(*hi))?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = events_from(config, &start)?;
     let mut last = Instant::now();
     loop {
         if !idle.is_zero() && last.elapsed() > idle {
@@ -548,4 +532,22 @@ pub fn retry_errors(
         records.len()
     )?;
     Ok((records.len(), not_retryable))
+}
+
+/// A consumer of the events topic from the given end offsets on.
+fn events_from(
+    config: &Config,
+    start: &[(i32, i64, i64)],
+) -> Result<BaseConsumer<DwContext>, CtlError> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
+        .set("group.id", "dualwrite-ctl")
+        .set("enable.auto.commit", "false")
+        .create_with_context(DwContext)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, hi) in start {
+        tpl.add_partition_offset(&t.events(), *p, Offset::Offset(*hi))?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
 }

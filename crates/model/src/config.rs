@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
+/// The demo configuration (`deploy/demo/dualwrite.toml`), also used by tests.
+pub const DEMO_CONFIG: &str = include_str!("../../../deploy/demo/dualwrite.toml");
+
 /// Environment variables that override settings of the file, with the setting they replace.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DUALWRITE_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers"),

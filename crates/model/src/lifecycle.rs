@@ -369,12 +369,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn config() -> Config {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/demo/dualwrite.toml"
-        ))
-        .unwrap();
-        Config::parse(&text).unwrap()
+        Config::parse(crate::config::DEMO_CONFIG).unwrap()
     }
 
     fn state() -> impl Strategy<Value = MapState> {

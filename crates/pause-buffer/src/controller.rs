@@ -449,12 +449,7 @@ mod tests {
     use dualwrite_model::lifecycle::ResumePolicy;
 
     fn config() -> Config {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/demo/dualwrite.toml"
-        ))
-        .unwrap();
-        Config::parse(&text).unwrap()
+        Config::parse(dualwrite_model::config::DEMO_CONFIG).unwrap()
     }
 
     fn cmd(id: &str, action: Action, map: &str) -> ControlCommand {
