@@ -51,7 +51,8 @@ echo "customers_v3 rows: $(psql_fno -At -c 'SELECT count(*) FROM customers_v3'),
 export DUALWRITE_TOPIC_PREFIX="demo-$(date +%s)"
 export DUALWRITE_BOOTSTRAP_SERVERS
 step "Running every service in one process (log: $DEMO/dualwrite.log, topics: $DUALWRITE_TOPIC_PREFIX.*)"
-nohup "$BIN" --config deploy/demo/dualwrite.toml run >"$DEMO/dualwrite.log" 2>&1 &
+METRICS_ADDR="${DUALWRITE_METRICS_ADDR:-127.0.0.1:9464}"
+nohup "$BIN" --config deploy/demo/dualwrite.toml --metrics-addr "$METRICS_ADDR" run >"$DEMO/dualwrite.log" 2>&1 &
 echo $! >"$PIDFILE"
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
@@ -125,6 +126,9 @@ export DUALWRITE_TOPIC_PREFIX=$DUALWRITE_TOPIC_PREFIX for the commands below).
 Try it yourself:
   psql $PG/dualwrite_fno -c "UPDATE customers_v3 SET primaryemail = 'new@example.com' WHERE customeraccount = 'C0001'"
   psql $PG/dualwrite_dataverse -c "SELECT accountnumber, emailaddress1 FROM accounts WHERE accountnumber = 'C0001'"
+Metrics (Prometheus text format) and health:
+  curl http://$METRICS_ADDR/metrics      curl http://$METRICS_ADDR/readyz      curl http://$METRICS_ADDR/healthz
+  (a Prometheus scrape config, alert rules and a Grafana dashboard are in deploy/prometheus and deploy/grafana)
 Operate the maps:
   $BIN -c deploy/demo/dualwrite.toml ctl maps            (and: ctl pause|run|stop MAP, ctl watch)
 Inspect the topics:

@@ -34,7 +34,8 @@ need_root_or_sudo() {
 install_packages() {
   # PostgreSQL with wal2json for the sides; a C toolchain, OpenSSL and zlib
   # headers for librdkafka, which the rdkafka crate builds from source.
-  local want=(postgresql-$PG_VERSION postgresql-$PG_VERSION-wal2json build-essential pkg-config libssl-dev zlib1g-dev)
+  # promtool (Debian's prometheus package) checks the metrics and alert rules.
+  local want=(postgresql-$PG_VERSION postgresql-$PG_VERSION-wal2json build-essential pkg-config libssl-dev zlib1g-dev prometheus)
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,7 +43,7 @@ install_packages() {
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     need_root_or_sudo apt-get update -qq
-    need_root_or_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    need_root_or_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
   fi
 }
 

@@ -30,6 +30,9 @@ struct Cli {
         global = true
     )]
     config: PathBuf,
+    /// Serve /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9464; port 0 picks one).
+    #[arg(long, env = "DUALWRITE_METRICS_ADDR", global = true)]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,7 +182,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command, config)) {
+    match rt.block_on(run(cli.command, config, cli.metrics_addr)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -201,8 +204,20 @@ fn side(config: &Config, s: &str) -> anyhow::Result<SideId> {
     }
 }
 
-async fn run(command: Command, config: Arc<Config>) -> anyhow::Result<()> {
+async fn run(
+    command: Command,
+    config: Arc<Config>,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let shutdown = dualwrite_runtime::shutdown::on_signals();
+    if let (Some(addr), false) = (
+        metrics_addr,
+        matches!(command, Command::Ctl { .. } | Command::Setup),
+    ) {
+        dualwrite_runtime::health::serve(addr, shutdown.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     match command {
         Command::Capture { side: s } => {
             let s = side(&config, &s)?;

@@ -481,3 +481,58 @@ pub async fn all_drained(env: &TestEnv) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A plain HTTP/1.0 GET on loopback: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A sample's value in Prometheus text output (0 when absent).
+pub fn sample(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl TestEnv {
+    /// The address a service serves its metrics on (started with
+    /// `--metrics-addr 127.0.0.1:0`), read from its log.
+    pub async fn metrics_addr(&mut self, i: usize) -> String {
+        let log = self.services[i].log.clone();
+        let mut addr = None;
+        eventually(
+            "metrics endpoint announced",
+            Duration::from_secs(60),
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                addr = text
+                    .split("metrics on http://")
+                    .nth(1)
+                    .and_then(|rest| rest.split('/').next())
+                    .map(str::to_owned);
+                let found = addr.is_some();
+                async move { found }
+            },
+        )
+        .await;
+        addr.unwrap()
+    }
+}

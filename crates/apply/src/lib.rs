@@ -25,9 +25,11 @@ use dualwrite_model::record::{
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::{self, KafkaConsumer, Outgoing, Producer, TopicSpec};
+use dualwrite_runtime::metrics::{direction, metrics};
 use dualwrite_runtime::pg;
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio_postgres::{Client, Statement};
@@ -262,16 +264,20 @@ impl Writer {
     ) -> Result<Vec<Rejected>, WriteError> {
         let all_at_once = async {
             let mut emit = Vec::new();
+            let mut outcomes = Vec::with_capacity(changes.len());
             self.client.batch_execute("BEGIN").await?;
             for (_, mc) in changes {
-                self.exec(mc, &mut emit).await?;
+                outcomes.push(self.exec(mc, &mut emit).await?);
             }
-            Ok::<_, tokio_postgres::Error>(emit)
+            Ok::<_, tokio_postgres::Error>((emit, outcomes))
         }
         .await;
         match all_at_once {
-            Ok(emit) => {
+            Ok((emit, outcomes)) => {
                 self.commit_with(producer, &emit).await?;
+                for ((_, mc), applied) in changes.iter().zip(outcomes) {
+                    record_applied(mc, applied);
+                }
                 return Ok(Vec::new());
             }
             Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
@@ -287,12 +293,15 @@ impl Writer {
             let one = async {
                 let mut emit = Vec::new();
                 self.client.batch_execute("BEGIN").await?;
-                self.exec(mc, &mut emit).await?;
-                Ok::<_, tokio_postgres::Error>(emit)
+                let applied = self.exec(mc, &mut emit).await?;
+                Ok::<_, tokio_postgres::Error>((emit, applied))
             }
             .await;
             match one {
-                Ok(emit) => self.commit_with(producer, &emit).await?,
+                Ok((emit, applied)) => {
+                    self.commit_with(producer, &emit).await?;
+                    record_applied(mc, applied);
+                }
                 Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
                 Err(error) => {
                     self.client
@@ -326,6 +335,26 @@ impl Writer {
             .batch_execute("COMMIT")
             .await
             .map_err(WriteError::Transient)
+    }
+}
+
+/// Counts a committed change in the metrics, with its latency when written.
+fn record_applied(mc: &MappedChange, applied: Applied) {
+    let outcome = match applied {
+        Applied::Written => "written",
+        Applied::Stale => "stale",
+        Applied::ConflictSourceWon => "conflict_source_won",
+        Applied::ConflictTargetWon => "conflict_target_won",
+        Applied::Reasserted => "reasserted",
+    };
+    let m = metrics();
+    let dir = direction(&mc.source_side, &mc.target_side);
+    m.applied.with_label_values(&[&mc.map, &dir, outcome]).inc();
+    if matches!(applied, Applied::Written | Applied::ConflictSourceWon) && mc.commit_time > 0 {
+        let seconds = (dualwrite_runtime::now_micros() - mc.commit_time).max(0) as f64 / 1e6;
+        m.latency
+            .with_label_values(&[&mc.map, &dir])
+            .observe(seconds);
     }
 }
 
@@ -415,6 +444,7 @@ async fn run_inner(
     )
     .await?;
     tracing::info!(%input, "applying");
+    health().set(&format!("apply.{name}:database"), false);
     let linger = Duration::from_millis(config.apply.linger_ms);
     let mut a = Applier {
         config: config.clone(),
@@ -423,11 +453,15 @@ async fn run_inner(
         errors: errors.clone(),
         producer: producer.clone(),
         writer: None,
-        backoff: Backoff::new(),
+        backoff: Backoff::new("apply"),
         parked: BTreeMap::new(),
         next: BTreeMap::new(),
         parent_wait: Duration::from_secs(config.apply.parent_wait_secs),
     };
+    // Connect now, so that readiness reflects the database before the first record.
+    if a.write(&[], &shutdown).await?.is_none() {
+        return Ok(());
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         // Priority: shutdown, then records, then retries of parked changes.
@@ -507,8 +541,12 @@ impl Applier {
             let w = match self.writer.as_mut() {
                 Some(w) => w,
                 None => match Writer::connect(&self.config, self.side).await {
-                    Ok(w) => self.writer.insert(w),
+                    Ok(w) => {
+                        health().set(&format!("apply.{}:database", self.name), true);
+                        self.writer.insert(w)
+                    }
                     Err(e) if e.is_transient() => {
+                        health().set(&format!("apply.{}:database", self.name), false);
                         tracing::warn!("cannot connect to {}'s database, retrying: {e}", self.name);
                         if self.backoff.wait(shutdown).await {
                             return Ok(None);
@@ -529,6 +567,7 @@ impl Applier {
                 Err(WriteError::Emit(e)) => format!("cannot send conflict records: {e}"),
             };
             tracing::warn!("writing to {} failed, retrying: {failure}", self.name);
+            health().set(&format!("apply.{}:database", self.name), false);
             self.writer = None;
             if self.backoff.wait(shutdown).await {
                 return Ok(None);
@@ -568,6 +607,14 @@ impl Applier {
             };
             if is_missing_parent(&error) && !self.parent_wait.is_zero() {
                 tracing::info!(map = %mc.map, key = %mc.kafka_key(), "parent record not there yet: the change waits for it");
+                metrics()
+                    .applied
+                    .with_label_values(&[
+                        &mc.map,
+                        &direction(&mc.source_side, &mc.target_side),
+                        "waiting_for_parent",
+                    ])
+                    .inc();
                 self.parked
                     .entry(record_key(&mc))
                     .or_default()
@@ -706,6 +753,14 @@ fn rejection(
     mc: &MappedChange,
     message: &str,
 ) -> ErrorRecord {
+    metrics()
+        .applied
+        .with_label_values(&[
+            &mc.map,
+            &direction(&mc.source_side, &mc.target_side),
+            "rejected",
+        ])
+        .inc();
     let mut e = errors.about(
         m,
         "rejected_by_target",

@@ -22,7 +22,9 @@ use dualwrite_model::record::ChangeRecord;
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::{self, Outgoing, Producer, TopicSpec};
+use dualwrite_runtime::metrics::metrics;
 use dualwrite_runtime::pg;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -82,8 +84,10 @@ async fn run_inner(
     let origin = config.origin_name(side);
     let tables: Vec<String> = config.captured_entities(side).into_keys().collect();
     let poll = Duration::from_millis(config.capture.poll_interval_ms);
+    let db_ready = format!("capture.{name}:database");
+    health().set(&db_ready, false);
 
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new("capture");
     'connect: loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -91,6 +95,7 @@ async fn run_inner(
         let client = match pg::connect(&side_cfg.connection, "dualwrite-capture").await {
             Ok(c) => c,
             Err(e) if e.is_transient() => {
+                health().set(&db_ready, false);
                 tracing::warn!("cannot connect to {name}'s database, retrying: {e}");
                 if backoff.wait(&shutdown).await {
                     return Ok(());
@@ -111,6 +116,7 @@ async fn run_inner(
             }
         };
         tracing::info!(%slot, tables = ?tables, "capturing");
+        health().set(&db_ready, true);
         let peek = peek_sql(&tables, origin_id);
         loop {
             // Priority: shutdown first, then the next read of the slot.
@@ -131,6 +137,7 @@ async fn run_inner(
                     if backoff.wait(&shutdown).await {
                         return Ok(());
                     }
+                    health().set(&db_ready, false);
                     continue 'connect;
                 }
                 Err(e) => {
@@ -215,6 +222,10 @@ async fn publish(
     kafka::send_all(producer, &out)
         .await
         .map_err(|e| e.to_string())?;
+    metrics()
+        .captured
+        .with_label_values(&[side])
+        .inc_by(out.len() as u64);
     if !bad.is_empty() {
         errors.publish(&bad).await.map_err(|e| e.to_string())?;
     }

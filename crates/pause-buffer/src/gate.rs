@@ -31,6 +31,7 @@ use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::rdkafka::{Offset, TopicPartitionList};
 use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer};
+use dualwrite_runtime::metrics::metrics;
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,22 @@ pub struct Gate {
     status: MapStatus,
     reported: Option<Vec<PartitionOffset>>,
     paused: bool,
+    /// Producer timestamp (µs) of the last record released.
+    last_released: Option<i64>,
+    /// When the current resume began, and records replayed since.
+    resume_started: Option<(std::time::Instant, i64)>,
+}
+
+/// A gate's progress, for the metrics.
+pub struct Progress {
+    pub topic: String,
+    pub position: BTreeMap<i32, i64>,
+    pub status: MapStatus,
+    pub last_released: Option<i64>,
+    /// Records left to replay while resuming.
+    pub backlog: i64,
+    /// Records replayed per second since the resume began.
+    pub catchup_rate: Option<f64>,
 }
 
 fn offsets(v: &[PartitionOffset]) -> BTreeMap<i32, i64> {
@@ -97,6 +114,8 @@ impl Gate {
             status: status.clone(),
             reported: None,
             paused: false,
+            last_released: None,
+            resume_started: None,
         };
         gate.reassign()?;
         gate.apply(status).await?;
@@ -162,8 +181,14 @@ impl Gate {
         let start = offsets(&self.status.start_offsets);
         self.advance_to(&start)?;
         match self.status.state {
-            MapState::Running => self.set_paused(false)?,
+            MapState::Running => {
+                self.resume_started = None;
+                self.set_paused(false)?
+            }
             MapState::Resuming => {
+                if self.resume_started.is_none() {
+                    self.resume_started = Some((std::time::Instant::now(), 0));
+                }
                 let policy = match self.status.resume_policy.as_deref() {
                     Some("discard") => ResumePolicy::Discard,
                     Some("skip_to_live") => ResumePolicy::SkipToLive,
@@ -180,6 +205,20 @@ impl Gate {
             _ => self.set_paused(true)?,
         }
         Ok(())
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            topic: self.topic.clone(),
+            position: self.position.clone(),
+            status: self.status.clone(),
+            last_released: self.last_released,
+            backlog: self.backlog(),
+            catchup_rate: self.resume_started.and_then(|(at, n)| {
+                let secs = at.elapsed().as_secs_f64();
+                (secs > 0.0).then_some(n as f64 / secs)
+            }),
+        }
     }
 
     /// Records between the positions and the resume targets.
@@ -247,9 +286,9 @@ pub async fn run(
     mut status_rx: watch::Receiver<MapStatus>,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new("pause-buffer");
     let consumer = gate.consumer.clone();
-    let mut guard = tokio::time::interval(Duration::from_secs(10));
+    let mut guard = tokio::time::interval(Duration::from_secs(5));
     loop {
         let flowing = gate.status.state.flows();
         // Priority: shutdown, then state changes, then records.
@@ -266,7 +305,7 @@ pub async fn run(
             }
             m = consumer.recv(), if flowing => m,
             _ = guard.tick() => {
-                crate::backlog_guard(&gate.config, &gate.map, &gate.status, &gate.position, &gate.topic).await;
+                crate::map_gauges(&gate.config, &gate.map, &gate.progress()).await;
                 continue;
             }
         };
@@ -295,6 +334,18 @@ pub async fn run(
         }
         backoff.reset();
         kafka::store_offsets(&consumer, &batch)?;
+        let released = output.records.len() as u64;
+        metrics()
+            .forwarded
+            .with_label_values(&[&gate.map])
+            .inc_by(released);
+        if let Some((_, n)) = gate.resume_started.as_mut() {
+            *n += batch.len() as i64;
+        }
+        gate.last_released = batch
+            .last()
+            .and_then(|m| m.timestamp().to_millis())
+            .map(|ms| ms * 1000);
         for m in &batch {
             let e = gate.position.entry(m.partition()).or_insert(0);
             *e = (*e).max(m.offset() + 1);

@@ -27,9 +27,11 @@ use dualwrite_model::record::{ErrorRecord, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::{self, Outgoing, Producer, TopicSpec};
+use dualwrite_runtime::metrics::metrics;
 use dualwrite_runtime::now_micros;
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio::sync::{mpsc, watch};
@@ -143,7 +145,7 @@ async fn run_inner(
     // The states, read back from the status topic; applied command ids from the events.
     let (statuses, seen) = load(&config).await?;
     let mut ctl = Controller::new(&config, statuses, seen, now_micros());
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new("pause-buffer");
     let fx = ctl.recover(now_micros());
     if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
         return Ok(());
@@ -215,7 +217,10 @@ async fn run_inner(
                     let _ = tx.send(now.clone());
                 }
             }
+            publish_states(ctl);
         };
+    publish_states(&ctl);
+    health().set("pause-buffer:state", true);
     loop {
         // Priority: shutdown, a gate failing, catch-up reports, errors (auto-pause), then commands.
         tokio::select! {
@@ -244,6 +249,7 @@ async fn run_inner(
                 let flowing = ctl.statuses.get(&map.name).is_some_and(|s| s.state.flows());
                 if let Some(reason) = windows.record(&map.name, rule, flowing, e.occurred_at, &e.message) {
                     tracing::warn!(map = %map.name, "{reason}");
+                    metrics().auto_pauses.with_label_values(&[&map.name]).inc();
                     let fx = ctl.auto_pause(&map.name, &reason, now_micros());
                     if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
                         break;
@@ -273,6 +279,17 @@ async fn run_inner(
                         for e in &fx.events {
                             tracing::info!(outcome = ?e.outcome, "{}", e.message);
                         }
+                        let outcome = fx.events.first().map_or("none", |e| match e.outcome {
+                            Outcome::Accepted => "accepted",
+                            Outcome::Rejected => "rejected",
+                            Outcome::Completed => "duplicate",
+                            Outcome::Failed => "failed",
+                            Outcome::StateChanged => "changed",
+                        });
+                        metrics()
+                            .commands
+                            .with_label_values(&[&cmd.action.to_string().to_lowercase(), outcome])
+                            .inc();
                         (fx, Some(cmd.id))
                     }
                     Some(Err(reason)) => (unreadable(&m, reason, now), None),
@@ -333,8 +350,24 @@ impl ErrorWindows {
     }
 }
 
+/// Sets each map's state gauge: 1 for its state, 0 for the others.
+fn publish_states(ctl: &Controller) {
+    let m = metrics();
+    for (map, s) in &ctl.statuses {
+        for state in MapState::ALL {
+            m.map_state
+                .with_label_values(&[map, state.label()])
+                .set(i64::from(state == s.state));
+        }
+    }
+}
+
 /// A rejection for a command that could not be read, naming where it was.
 fn unreadable(m: &OwnedMessage, reason: String, now: i64) -> Effects {
+    metrics()
+        .commands
+        .with_label_values(&["unreadable", "rejected"])
+        .inc();
     let at = format!("{}:{}", m.partition(), m.offset());
     let id = kafka::key_text(m)
         .filter(|k| !k.is_empty())
@@ -457,45 +490,64 @@ async fn load(config: &Arc<Config>) -> Result<(Vec<MapStatus>, Vec<String>), Pau
     Ok((latest.into_values().collect(), seen))
 }
 
-/// Warns when a paused map's queued changes near the map topic's retention.
-pub async fn backlog_guard(
-    config: &Arc<Config>,
-    map: &str,
-    status: &MapStatus,
-    position: &BTreeMap<i32, i64>,
-    topic: &str,
-) {
-    if status.state != MapState::Paused {
-        return;
-    }
-    let Some(paused_at) = status.paused_at else {
+/// Every few seconds per map: lag, backlog, catch-up estimate and pause
+/// age as metrics, and a warning when a paused map's queued changes near
+/// the map topic's retention.
+pub async fn map_gauges(config: &Arc<Config>, map: &str, gate: &gate::Progress) {
+    let m = metrics();
+    let retention = config.pause_buffer.map_topic_retention_ms;
+    m.retention_seconds
+        .with_label_values(&[map])
+        .set(retention as f64 / 1000.0);
+    let (cfg, top) = (config.clone(), gate.topic.clone());
+    let Ok(Ok(marks)) =
+        tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top)).await
+    else {
         return;
     };
-    let age_ms = (now_micros() - paused_at) / 1000;
-    let retention = config.pause_buffer.map_topic_retention_ms;
-    let (cfg, top) = (config.clone(), topic.to_owned());
-    let backlog: i64 =
-        match tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top)).await {
-            Ok(Ok(marks)) => marks
-                .iter()
-                .map(|(p, _, hi)| (hi - position.get(p).copied().unwrap_or(0)).max(0))
-                .sum(),
-            _ => -1,
-        };
-    let limit = (retention as f64 * config.pause_buffer.backlog_warn_ratio) as i64;
-    if age_ms >= limit {
+    let lag: i64 = marks
+        .iter()
+        .map(|(p, _, hi)| (hi - gate.position.get(p).copied().unwrap_or(0)).max(0))
+        .sum();
+    m.lag_records.with_label_values(&[map]).set(lag);
+    let now = now_micros();
+    let age = match (gate.status.state, gate.status.paused_at, gate.last_released) {
+        (MapState::Paused, Some(at), _) => (now - at) as f64 / 1e6,
+        (_, _, Some(ts)) if lag > 0 => (now - ts) as f64 / 1e6,
+        _ => 0.0,
+    };
+    m.lag_seconds.with_label_values(&[map]).set(age.max(0.0));
+    let backlog = match gate.status.state {
+        MapState::Paused => lag,
+        MapState::Resuming => gate.backlog,
+        _ => 0,
+    };
+    m.backlog.with_label_values(&[map]).set(backlog);
+    let eta = match (gate.status.state, gate.catchup_rate) {
+        (MapState::Resuming, Some(rate)) if rate > 0.0 => gate.backlog as f64 / rate,
+        _ => 0.0,
+    };
+    m.catchup_eta.with_label_values(&[map]).set(eta);
+    let paused_ms = match (gate.status.state, gate.status.paused_at) {
+        (MapState::Paused, Some(at)) => (now - at) / 1000,
+        _ => 0,
+    };
+    m.paused_seconds
+        .with_label_values(&[map])
+        .set(paused_ms as f64 / 1000.0);
+    if paused_ms > 0
+        && paused_ms as f64 >= retention as f64 * config.pause_buffer.backlog_warn_ratio
+    {
         tracing::warn!(
             map,
             backlog,
-            paused_for_s = age_ms / 1000,
+            paused_for_s = paused_ms / 1000,
             retention_s = retention / 1000,
             "map has been paused for {} s, {}% of its topic's retention: its oldest queued changes expire in {} s; run it again (resume) or raise the retention",
-            age_ms / 1000,
-            age_ms * 100 / retention.max(1),
-            (retention - age_ms).max(0) / 1000
+            paused_ms / 1000,
+            paused_ms * 100 / retention.max(1),
+            (retention - paused_ms).max(0) / 1000
         );
-    } else {
-        tracing::debug!(map, backlog, paused_for_s = age_ms / 1000, "paused");
     }
 }
 

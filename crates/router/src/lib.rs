@@ -13,9 +13,11 @@ use dualwrite_model::mapping::{map_change, maps_for};
 use dualwrite_model::record::{ChangeRecord, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::errors::ErrorSink;
+use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::{self, Outgoing, TopicSpec};
+use dualwrite_runtime::metrics::{direction, metrics};
 use dualwrite_runtime::relay::{relay, Output};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -82,6 +84,13 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
             match map_change(config, map, side, &change) {
                 Ok(mapped) => {
                     for mc in mapped {
+                        metrics()
+                            .routed
+                            .with_label_values(&[
+                                &mc.map,
+                                &direction(&mc.source_side, &mc.target_side),
+                            ])
+                            .inc();
                         match avro::encode::<MappedChange>(&mc) {
                             Ok(payload) => r.records.push(Outgoing {
                                 topic: t.map(&map.name),
@@ -111,6 +120,10 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
         }
     }
     if skipped > 0 {
+        metrics()
+            .skipped
+            .with_label_values(&["router", "no_map"])
+            .inc_by(skipped as u64);
         tracing::debug!(skipped, "changes of entities no map syncs");
     }
     r
@@ -140,6 +153,7 @@ async fn run_inner(config: Arc<Config>, shutdown: CancellationToken) -> Result<(
     )
     .await?;
     tracing::info!(?inputs, maps = config.maps.len(), "routing");
+    health().set("router:kafka", true);
     relay(&consumer, &producer, &errors, &shutdown, |batch| {
         route(&config, &errors, batch)
     })

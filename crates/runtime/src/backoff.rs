@@ -4,22 +4,21 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// Exponential backoff between retries, 100 ms to 10 s.
+use crate::metrics::metrics;
+
+/// Exponential backoff between retries, 100 ms to 10 s; each wait counts as
+/// a retry of `service` in the metrics.
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new()
-    }
+    service: &'static str,
 }
 
 impl Backoff {
-    pub fn new() -> Backoff {
+    pub fn new(service: &'static str) -> Backoff {
         Backoff {
             next: Duration::from_millis(100),
+            service,
         }
     }
     pub fn reset(&mut self) {
@@ -27,6 +26,7 @@ impl Backoff {
     }
     /// Waits the current delay; returns true if shutdown was requested meanwhile.
     pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        metrics().retries.with_label_values(&[self.service]).inc();
         let d = self.next;
         self.next = (self.next * 2).min(Duration::from_secs(10));
         tokio::select! {

@@ -48,6 +48,11 @@ impl ErrorSink {
         e
     }
 
+    /// The service this sink writes for.
+    pub fn service(&self) -> &'static str {
+        self.service
+    }
+
     /// A bare error record of this service.
     pub fn record(&self, error_class: &str, message: impl Into<String>) -> ErrorRecord {
         ErrorRecord::new(self.service, error_class, message, crate::now_micros())
@@ -66,6 +71,10 @@ impl ErrorSink {
                 "{}",
                 r.message
             );
+            crate::metrics::metrics()
+                .errors
+                .with_label_values(&[self.service, &r.error_class])
+                .inc();
             let payload = avro::encode(r)?;
             out.push(Outgoing {
                 topic: self.topic.clone(),

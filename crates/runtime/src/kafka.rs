@@ -42,6 +42,26 @@ impl ClientContext for DwContext {
         }
     }
 
+    /// librdkafka statistics (every `statistics.interval.ms`): local queue
+    /// size and average broker round-trip time, per client.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let m = crate::metrics::metrics();
+        m.kafka_queue
+            .with_label_values(&[&stats.client_id])
+            .set(stats.msg_cnt as i64);
+        let rtts: Vec<i64> = stats
+            .brokers
+            .values()
+            .filter_map(|b| b.rtt.as_ref())
+            .map(|w| w.avg)
+            .filter(|a| *a > 0)
+            .collect();
+        if !rtts.is_empty() {
+            let avg = rtts.iter().sum::<i64>() as f64 / rtts.len() as f64 / 1e6;
+            m.kafka_rtt.with_label_values(&[&stats.client_id]).set(avg);
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "kafka client error: {error}: {reason}");
     }
@@ -58,6 +78,7 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("client.id", client_id)
+        .set("statistics.interval.ms", "15000")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &cfg.properties {
         // `producer.X` / `consumer.X` apply to that kind of client only.

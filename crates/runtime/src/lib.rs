@@ -4,7 +4,9 @@
 
 pub mod backoff;
 pub mod errors;
+pub mod health;
 pub mod kafka;
+pub mod metrics;
 pub mod pg;
 pub mod relay;
 pub mod shutdown;

@@ -33,7 +33,7 @@ pub async fn relay<F>(
 where
     F: FnMut(&[OwnedMessage]) -> Output,
 {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(errors.service());
     loop {
         // Priority: shutdown first, then the next batch.
         let batch = tokio::select! {

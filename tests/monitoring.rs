@@ -1,0 +1,159 @@
+//! End-to-end: every service serves /metrics, /healthz and /readyz; the
+//! counters and gauges move with the records; the metrics and the alert
+//! rules pass promtool.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{eventually, http_get, sample, TestEnv, APPLY_DV, PAUSE_BUFFER};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by scripts/stack.sh");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_records_and_pass_promtool() {
+    let mut env = TestEnv::new("metrics").await;
+    for args in [
+        &["capture", "--side", "fno"][..],
+        &["capture", "--side", "dataverse"],
+        &["router"],
+        &["pause-buffer"],
+        &["apply", "--side", "fno"],
+        &["apply", "--side", "dataverse"],
+    ] {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--metrics-addr", "127.0.0.1:0"]);
+        env.spawn(&a);
+    }
+    let mut addrs = Vec::new();
+    for i in 0..6 {
+        addrs.push(env.metrics_addr(i).await);
+    }
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    for a in &addrs {
+        eventually("ready", WAIT, || {
+            let (code, _) = http_get(a, "/readyz");
+            async move { code == 200 }
+        })
+        .await;
+        assert_eq!(http_get(a, "/healthz").0, 200);
+    }
+    let apply = addrs[APPLY_DV].clone();
+    let pause_buffer = addrs[PAUSE_BUFFER].clone();
+    let written = r#"dualwrite_records_applied_total{direction="fno_to_dataverse",map="customers",outcome="written"}"#;
+    let latency =
+        r#"dualwrite_sync_latency_seconds_count{direction="fno_to_dataverse",map="customers"}"#;
+    let before = http_get(&apply, "/metrics").1;
+    let (w0, l0) = (sample(&before, written), sample(&before, latency));
+
+    const N: f64 = 50.0;
+    let fno = env.fno().await;
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname)
+         SELECT 'M' || lpad(i::text, 3, '0'), 'metrics ' || i FROM generate_series(1, 50) i",
+    )
+    .await
+    .unwrap();
+    eventually("applied counter moves by N", WAIT, || {
+        let text = http_get(&apply, "/metrics").1;
+        async move { sample(&text, written) - w0 == N && sample(&text, latency) - l0 == N }
+    })
+    .await;
+
+    // Paused: the lag gauge shows the queued changes, then drops on resume.
+    env.ctl(&["pause", "customers"]);
+    fno.batch_execute(
+        "UPDATE customers_v3 SET primaryphone = 'queued' WHERE customeraccount LIKE 'M%'",
+    )
+    .await
+    .unwrap();
+    let lag = r#"dualwrite_map_lag_records{map="customers"}"#;
+    eventually(
+        "lag and backlog gauges show the queued changes",
+        WAIT,
+        || {
+            let text = http_get(&pause_buffer, "/metrics").1;
+            async move {
+                sample(&text, lag) == N
+                    && sample(&text, r#"dualwrite_map_backlog_records{map="customers"}"#) == N
+                    && sample(
+                        &text,
+                        r#"dualwrite_map_state{map="customers",state="Paused"}"#,
+                    ) == 1.0
+            }
+        },
+    )
+    .await;
+    env.ctl(&["run", "customers"]);
+    eventually("lag back to zero", WAIT, || {
+        let text = http_get(&pause_buffer, "/metrics").1;
+        async move {
+            sample(&text, lag) == 0.0
+                && sample(
+                    &text,
+                    r#"dualwrite_map_state{map="customers",state="Running"}"#,
+                ) == 1.0
+        }
+    })
+    .await;
+    let text = http_get(&pause_buffer, "/metrics").1;
+    assert!(
+        sample(
+            &text,
+            r#"dualwrite_control_commands_total{action="pause",outcome="accepted"}"#
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // Every service's output passes promtool's lint, and so do the alert rules.
+    for a in &addrs {
+        let (ok, out) = promtool(&["check", "metrics"], Some(&http_get(a, "/metrics").1));
+        assert!(ok, "promtool check metrics ({a}): {out}");
+    }
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+    let (ok, out) = promtool(&["check", "rules", rules], None);
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(
+        &[
+            "check",
+            "config",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/prometheus/prometheus.yml"
+            ),
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    env.cleanup().await;
+}
