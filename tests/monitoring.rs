@@ -155,5 +155,66 @@ async fn metrics_move_with_the_records_and_pass_promtool() {
         None,
     );
     assert!(ok, "{out}");
+
+    // A real Prometheus scrapes every service.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = env.dir.join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let targets: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: dualwrite\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut prometheus = ChildGuard(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is installed by scripts/stack.sh"),
+    );
+    let api = format!("127.0.0.1:{port}");
+    eventually("Prometheus scraped every service", WAIT, || {
+        let ok = std::net::TcpStream::connect(&api).is_ok() && {
+            let body = http_get(
+                &api,
+                "/api/v1/query?query=sum(up%7Bjob%3D%22dualwrite%22%7D)",
+            )
+            .1;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            v["data"]["result"][0]["value"][1] == "6"
+        };
+        async move { ok }
+    })
+    .await;
+    let body = http_get(&api, "/api/v1/query?query=count(dualwrite_build_info)").1;
+    assert!(body.contains("\"6\""), "{body}");
+    prometheus.0.kill().ok();
     env.cleanup().await;
+}
+
+/// Kills the child process when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -36,6 +36,12 @@ pub fn health() -> &'static Health {
 impl Health {
     /// Records whether a component (e.g. `apply.fno:database`) is ready.
     pub fn set(&self, component: &str, ready: bool) {
+        {
+            let c = self.components.lock().unwrap_or_else(|e| e.into_inner());
+            if c.get(component) == Some(&ready) {
+                return;
+            }
+        }
         let service = component.split(':').next().unwrap_or(component).to_owned();
         let mut c = self.components.lock().unwrap_or_else(|e| e.into_inner());
         c.insert(component.to_owned(), ready);

@@ -45,6 +45,8 @@ impl ClientContext for DwContext {
     /// librdkafka statistics (every `statistics.interval.ms`): local queue
     /// size and average broker round-trip time, per client.
     fn stats(&self, stats: rdkafka::Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        crate::health::health().set(KAFKA_COMPONENT, up);
         let m = crate::metrics::metrics();
         m.kafka_queue
             .with_label_values(&[&stats.client_id])
@@ -64,10 +66,18 @@ impl ClientContext for DwContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "kafka client error: {error}: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            crate::health::health().set(KAFKA_COMPONENT, false);
+        }
     }
 }
 
 impl ConsumerContext for DwContext {}
+
+/// The readiness component of the process's Kafka connection: not ready
+/// when librdkafka reports every broker down or its statistics show no
+/// broker up; ready when they show one up.
+pub const KAFKA_COMPONENT: &str = "kafka";
 
 pub type Producer = FutureProducer<DwContext>;
 pub type KafkaConsumer = StreamConsumer<DwContext>;
@@ -78,7 +88,7 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("client.id", client_id)
-        .set("statistics.interval.ms", "15000")
+        .set("statistics.interval.ms", "5000")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &cfg.properties {
         // `producer.X` / `consumer.X` apply to that kind of client only.
