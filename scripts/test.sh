@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: starts the local stack it needs (PostgreSQL 15
-# with wal2json, the tansu broker), then the unit and end-to-end tests.
+# with wal2json, the tansu broker), checks the deployment files against the
+# binary, then runs the unit and end-to-end tests.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 eval "$(scripts/stack.sh up)"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
+# The deployment files against the binary (offline).
+scripts/check-deploy.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -133,6 +133,8 @@ enum CtlCommand {
         #[arg(long = "at")]
         at: Vec<String>,
     },
+    /// List every environment variable this binary reads, with this configuration's secrets.
+    EnvVars,
     /// Print acknowledgements and state changes as they happen.
     Watch {
         /// Stop when nothing happens for this many seconds (0: never).
@@ -151,6 +153,18 @@ enum CtlCommand {
         idle_secs: u64,
     },
 }
+
+/// Environment variables read by the binary itself (besides the
+/// configuration's overrides and secrets).
+const ENV_VARS: &[(&str, &str)] = &[
+    ("DUALWRITE_CONFIG", "configuration file (--config)"),
+    (
+        "DUALWRITE_METRICS_ADDR",
+        "address of /metrics, /healthz, /readyz (--metrics-addr)",
+    ),
+    ("DUALWRITE_LOG_FORMAT", "json for JSON logs"),
+    ("RUST_LOG", "log filter"),
+];
 
 #[derive(clap::Args)]
 struct SendArgs {
@@ -262,6 +276,22 @@ async fn run(
                     dualwrite_ctl::retry_errors(&cfg, &filter, &mut std::io::stdout())
                 })
                 .await??;
+            }
+            CtlCommand::EnvVars => {
+                for (name, what) in ENV_VARS {
+                    println!("{name}\t{what}");
+                }
+                for (name, setting) in dualwrite_model::config::ENV_OVERRIDES {
+                    println!("{name}\toverrides {setting}");
+                }
+                println!(
+                    "{}<PROPERTY>\tsets a Kafka client property (e.g. {}SECURITY_PROTOCOL)",
+                    dualwrite_model::config::KAFKA_ENV_PREFIX,
+                    dualwrite_model::config::KAFKA_ENV_PREFIX
+                );
+                for name in config.secret_env_vars() {
+                    println!("{name}\tsecret named by the configuration file");
+                }
             }
             CtlCommand::Watch { idle_secs } => {
                 let cfg = config.clone();

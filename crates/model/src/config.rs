@@ -23,6 +23,9 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DUALWRITE_TOPIC_PREFIX", "kafka.topic_prefix"),
 ];
 
+/// Prefix of environment variables that set Kafka client properties.
+pub const KAFKA_ENV_PREFIX: &str = "DUALWRITE_KAFKA_";
+
 /// Kafka client properties that carry secrets: they must come from `secret_properties`.
 const SECRET_PROPERTY_HINTS: &[&str] = &["password", "secret", "sasl.oauthbearer.config"];
 
@@ -364,11 +367,15 @@ impl Default for PauseBufferSettings {
 /// A secret value read from an environment variable or a file, never from
 /// the configuration file itself. `Debug` prints `[REDACTED]`.
 #[derive(Clone)]
-pub struct Secret(SecretString);
+pub struct Secret(SecretString, Option<String>);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(SecretString::from(value.into()))
+        Secret(SecretString::from(value.into()), None)
+    }
+    /// The environment variable the secret was read from, if any.
+    pub fn env_var(&self) -> Option<&str> {
+        self.1.as_deref()
     }
     pub fn expose(&self) -> &str {
         self.0.expose_secret()
@@ -393,11 +400,13 @@ impl<'de> Deserialize<'de> for Secret {
         use serde::de::Error;
         let src = SecretSource::deserialize(d)?;
         match (src.env, src.file) {
-            (Some(var), None) => std::env::var(&var).map(Secret::new).map_err(|_| {
-                D::Error::custom(format!(
-                    "secret: environment variable `{var}` is not set (or not UTF-8)"
-                ))
-            }),
+            (Some(var), None) => std::env::var(&var)
+                .map(|v| Secret(SecretString::from(v), Some(var.clone())))
+                .map_err(|_| {
+                    D::Error::custom(format!(
+                        "secret: environment variable `{var}` is not set (or not UTF-8)"
+                    ))
+                }),
             (None, Some(path)) => std::fs::read_to_string(&path)
                 .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
                 .map_err(|e| {
@@ -457,6 +466,7 @@ impl Config {
             message,
         })?;
         config.apply_env_overrides(|name| std::env::var(name).ok());
+        config.apply_kafka_env(std::env::vars().filter(|(k, _)| k.starts_with(KAFKA_ENV_PREFIX)));
         config.validate().map_err(|problems| ConfigError::Invalid {
             path: path.to_owned(),
             problems,
@@ -467,6 +477,30 @@ impl Config {
     /// Parses TOML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Kafka client properties from `DUALWRITE_KAFKA_<NAME>` environment
+    /// variables (`DUALWRITE_KAFKA_SECURITY_PROTOCOL=sasl_ssl` sets
+    /// `security.protocol`), given as (variable, value) pairs. They override
+    /// the file's properties; values of secret properties become secrets.
+    pub fn apply_kafka_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(KAFKA_ENV_PREFIX) else {
+                continue;
+            };
+            if rest.is_empty() {
+                continue;
+            }
+            let property = rest.to_ascii_lowercase().replace('_', ".");
+            if SECRET_PROPERTY_HINTS.iter().any(|h| property.contains(h)) {
+                self.kafka.properties.remove(&property);
+                self.kafka
+                    .secret_properties
+                    .insert(property, Secret::new(value));
+            } else {
+                self.kafka.properties.insert(property, value);
+            }
+        }
     }
 
     /// Applies [`ENV_OVERRIDES`] read through `lookup`.
@@ -765,6 +799,30 @@ impl Config {
         out
     }
 
+    /// Environment variables this configuration reads secrets from.
+    pub fn secret_env_vars(&self) -> Vec<String> {
+        let mut out: Vec<String> = [&self.sides.left, &self.sides.right]
+            .iter()
+            .filter_map(|s| {
+                s.connection
+                    .password
+                    .as_ref()
+                    .and_then(|p| p.env_var())
+                    .map(str::to_owned)
+            })
+            .chain(
+                self.kafka
+                    .secret_properties
+                    .values()
+                    .filter_map(|p| p.env_var())
+                    .map(str::to_owned),
+            )
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The automatic pause rule of a map.
     pub fn auto_pause(&self, map: &MapConfig) -> AutoPause {
         map.auto_pause.unwrap_or(self.pause_buffer.auto_pause)
@@ -1003,6 +1061,34 @@ field = [
         });
         assert_eq!(c.kafka.bootstrap_servers, "kafka:9093");
         assert_eq!(c.kafka.topic_prefix, "t1");
+    }
+
+    #[test]
+    fn kafka_properties_from_the_environment() {
+        let mut c = Config::parse(GOOD).unwrap();
+        c.apply_kafka_env([
+            (
+                "DUALWRITE_KAFKA_SECURITY_PROTOCOL".to_owned(),
+                "sasl_ssl".to_owned(),
+            ),
+            (
+                "DUALWRITE_KAFKA_SASL_MECHANISMS".to_owned(),
+                "SCRAM-SHA-512".to_owned(),
+            ),
+            (
+                "DUALWRITE_KAFKA_SASL_PASSWORD".to_owned(),
+                "hunter2".to_owned(),
+            ),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ]);
+        assert_eq!(c.kafka.properties["security.protocol"], "sasl_ssl");
+        assert_eq!(c.kafka.properties["sasl.mechanisms"], "SCRAM-SHA-512");
+        assert_eq!(
+            c.kafka.secret_properties["sasl.password"].expose(),
+            "hunter2"
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        c.validate().unwrap();
     }
 
     #[test]

@@ -499,3 +499,42 @@ pub fn commit_now(consumer: &KafkaConsumer) {
 pub fn key_text(m: &OwnedMessage) -> Option<String> {
     m.key().map(|k| String::from_utf8_lossy(k).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn security_settings_reach_every_client() {
+        let mut cfg = dualwrite_model::Config::parse(dualwrite_model::config::DEMO_CONFIG).unwrap();
+        cfg.apply_kafka_env([
+            (
+                "DUALWRITE_KAFKA_SECURITY_PROTOCOL".to_owned(),
+                "sasl_ssl".to_owned(),
+            ),
+            (
+                "DUALWRITE_KAFKA_SASL_MECHANISM".to_owned(),
+                "SCRAM-SHA-256".to_owned(),
+            ),
+            (
+                "DUALWRITE_KAFKA_SASL_USERNAME".to_owned(),
+                "dualwrite".to_owned(),
+            ),
+            (
+                "DUALWRITE_KAFKA_SASL_PASSWORD".to_owned(),
+                "s3cret".to_owned(),
+            ),
+            (
+                "DUALWRITE_KAFKA_CONSUMER_FETCH_MIN_BYTES".to_owned(),
+                "1".to_owned(),
+            ),
+        ]);
+        let c = client_config(&cfg.kafka, "t");
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        // librdkafka accepts the combination (SCRAM needs the ssl feature built in).
+        let p: Result<rdkafka::producer::BaseProducer, _> = c.create();
+        assert!(p.is_ok(), "{:?}", p.err());
+    }
+}
