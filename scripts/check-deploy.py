@@ -90,12 +90,19 @@ def kubernetes():
             if d["kind"] == "PrometheusRule":
                 alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
                 check("PrometheusRule equals deploy/prometheus/alerts.yml", d["spec"] == alerts, "rules drifted")
-            if d["kind"] != "Deployment":
+            if d["kind"] not in ("Deployment", "StatefulSet"):
                 continue
             name = d["metadata"]["name"]
             pod = d["spec"]["template"]["spec"]
             c = pod["containers"][0]
             env = {e["name"]: e for e in c.get("env", [])}
+            if "DUALWRITE_INSTANCES" in env:
+                n = int(env["DUALWRITE_INSTANCES"]["value"])
+                check(f"{overlay}/{name}: DUALWRITE_INSTANCES equals replicas", n == d["spec"]["replicas"], (n, d["spec"]["replicas"]))
+                check(f"{overlay}/{name}: sharded only as a StatefulSet", d["kind"] == "StatefulSet", d["kind"])
+                idx = env.get("DUALWRITE_INSTANCE_INDEX", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+                check(f"{overlay}/{name}: instance index from the pod index", "pod-index" in idx, idx)
+                check(f"{overlay}/{name}: only the router and appliers are sharded", c["args"][0] in ("router", "apply"), c["args"])
             port = int(env["DUALWRITE_METRICS_ADDR"]["value"].rsplit(":", 1)[1])
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             check(f"{overlay}/{name}: containerPort metrics = DUALWRITE_METRICS_ADDR port", ports.get("metrics") == port, ports)

@@ -9,16 +9,16 @@
 #
 # Environment:
 #   DUALWRITE_STATE_DIR  where data and logs live (default /tmp/dualwrite-stack)
-#   DUALWRITE_PG_PORT    PostgreSQL port            (default 55432)
-#   DUALWRITE_KAFKA_PORT broker port                (default 19092)
-#   DUALWRITE_PG_VERSION PostgreSQL major version   (default 15)
+#   DUALWRITE_STACK_PG_PORT    PostgreSQL port            (default 55432)
+#   DUALWRITE_STACK_KAFKA_PORT broker port                (default 19092)
+#   DUALWRITE_STACK_PG_VERSION PostgreSQL major version   (default 15)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${DUALWRITE_STATE_DIR:-/tmp/dualwrite-stack}"
-PG_PORT="${DUALWRITE_PG_PORT:-55432}"
-KAFKA_PORT="${DUALWRITE_KAFKA_PORT:-19092}"
-PG_VERSION="${DUALWRITE_PG_VERSION:-15}"
+PG_PORT="${DUALWRITE_STACK_PG_PORT:-55432}"
+KAFKA_PORT="${DUALWRITE_STACK_KAFKA_PORT:-19092}"
+PG_VERSION="${DUALWRITE_STACK_PG_VERSION:-15}"
 PG_BIN=/usr/lib/postgresql/$PG_VERSION/bin
 PG_DATA="$STATE/pg"
 PG_LOG="$STATE/pg.log"

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use dualwrite_ctl::CommandResult;
 use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::lifecycle::{Action, ControlCommand};
-use dualwrite_runtime::kafka::{self, TopicSpec};
+use dualwrite_runtime::kafka::{self, Shard, TopicSpec};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,17 @@ struct Cli {
         global = true
     )]
     config: PathBuf,
+    /// This instance's index among `--instances` of the router or an applier (e.g. a StatefulSet's pod index).
+    #[arg(
+        long,
+        env = "DUALWRITE_INSTANCE_INDEX",
+        default_value_t = 0,
+        global = true
+    )]
+    instance_index: u32,
+    /// How many instances of the router or of one side's applier share the partitions.
+    #[arg(long, env = "DUALWRITE_INSTANCES", default_value_t = 1, global = true)]
+    instances: u32,
     /// Serve /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9464; port 0 picks one).
     #[arg(long, env = "DUALWRITE_METRICS_ADDR", global = true)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -154,17 +165,33 @@ enum CtlCommand {
     },
 }
 
-/// Environment variables read by the binary itself (besides the
-/// configuration's overrides and secrets).
+/// Environment variables read by the binary besides its options'
+/// (`option_env_vars`), the configuration's overrides and secrets.
 const ENV_VARS: &[(&str, &str)] = &[
-    ("DUALWRITE_CONFIG", "configuration file (--config)"),
-    (
-        "DUALWRITE_METRICS_ADDR",
-        "address of /metrics, /healthz, /readyz (--metrics-addr)",
-    ),
     ("DUALWRITE_LOG_FORMAT", "json for JSON logs"),
     ("RUST_LOG", "log filter"),
 ];
+
+/// Environment variables of the command line's options, from clap's own definition.
+fn option_env_vars() -> Vec<(String, String)> {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, out: &mut Vec<(String, String)>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let name = env.to_string_lossy().into_owned();
+                if !out.iter().any(|(n, _)| n == &name) {
+                    out.push((name, format!("--{}", arg.get_long().unwrap_or_default())));
+                }
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Cli::command(), &mut out);
+    out
+}
 
 #[derive(clap::Args)]
 struct SendArgs {
@@ -189,6 +216,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = kafka::check_properties(&config.kafka) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -196,7 +227,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command, config, cli.metrics_addr)) {
+    let shard = match Shard::new(cli.instance_index, cli.instances) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: --instance-index/--instances: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli.command, config, cli.metrics_addr, shard)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -222,6 +260,7 @@ async fn run(
     command: Command,
     config: Arc<Config>,
     metrics_addr: Option<std::net::SocketAddr>,
+    shard: Shard,
 ) -> anyhow::Result<()> {
     let shutdown = dualwrite_runtime::shutdown::on_signals();
     if let (Some(addr), false) = (
@@ -237,11 +276,11 @@ async fn run(
             let s = side(&config, &s)?;
             dualwrite_capture::run(config, s, shutdown).await?;
         }
-        Command::Router => dualwrite_router::run(config, shutdown).await?,
+        Command::Router => dualwrite_router::run(config, shard, shutdown).await?,
         Command::PauseBuffer => dualwrite_pause_buffer::run(config, shutdown).await?,
         Command::Apply { side: s } => {
             let s = side(&config, &s)?;
-            dualwrite_apply::run(config, s, shutdown).await?;
+            dualwrite_apply::run(config, s, shard, shutdown).await?;
         }
         Command::Run => run_all(config, shutdown).await?,
         Command::Setup => {
@@ -278,6 +317,9 @@ async fn run(
                 .await??;
             }
             CtlCommand::EnvVars => {
+                for (name, option) in option_env_vars() {
+                    println!("{name}\toption {option}");
+                }
                 for (name, what) in ENV_VARS {
                     println!("{name}\t{what}");
                 }
@@ -434,7 +476,9 @@ async fn run_all(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
         tasks.spawn(async move {
             (
                 "apply",
-                dualwrite_apply::run(c, s, t).await.map_err(Into::into),
+                dualwrite_apply::run(c, s, Shard::ALL, t)
+                    .await
+                    .map_err(Into::into),
             )
         });
     }
@@ -442,7 +486,9 @@ async fn run_all(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
     tasks.spawn(async move {
         (
             "router",
-            dualwrite_router::run(c, t).await.map_err(Into::into),
+            dualwrite_router::run(c, Shard::ALL, t)
+                .await
+                .map_err(Into::into),
         )
     });
     let (c, t) = (config.clone(), shutdown.clone());

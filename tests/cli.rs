@@ -89,3 +89,15 @@ fn compose_config_validates_with_its_secrets_from_the_environment() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("FNO_DB_PASSWORD"));
 }
+
+#[test]
+fn an_unknown_kafka_property_from_the_environment_is_named() {
+    let out = Command::new(BIN)
+        .args(["--config", DEMO, "ctl", "validate"])
+        .env("DUALWRITE_KAFKA_NO_SUCH_THING", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no.such.thing") && err.contains("DUALWRITE_KAFKA_NO_SUCH_THING"), "{err}");
+}

@@ -526,3 +526,106 @@ async fn a_child_waits_for_its_parent_for_a_bounded_time() {
     .await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_and_appliers_split_partitions_across_instances() {
+    let mut env = TestEnv::new("shards").await;
+    for args in [
+        &["capture", "--side", "fno"][..],
+        &["capture", "--side", "dataverse"],
+        &["pause-buffer"],
+        &["router", "--instance-index", "0", "--instances", "2"],
+        &["router", "--instance-index", "1", "--instances", "2"],
+        &[
+            "apply",
+            "--side",
+            "dataverse",
+            "--instance-index",
+            "0",
+            "--instances",
+            "2",
+        ],
+        &[
+            "apply",
+            "--side",
+            "dataverse",
+            "--instance-index",
+            "1",
+            "--instances",
+            "2",
+        ],
+        &["apply", "--side", "fno"],
+    ] {
+        env.spawn(args);
+    }
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname)
+         SELECT 'S' || lpad(i::text, 3, '0'), 'shard ' || i FROM generate_series(1, 60) i",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute("UPDATE accounts SET telephone1 = 'from-dv' WHERE accountnumber <= 'C0020'")
+        .await
+        .unwrap();
+    eventually("both directions arrive", WAIT, || async {
+        let a: i64 = dv
+            .query_one(
+                "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'S%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let b: i64 = fno
+            .query_one(
+                "SELECT count(*) FROM customers_v3 WHERE primaryphone = 'from-dv'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        a == 60 && b == 20
+    })
+    .await;
+    // Each instance read its own partitions; together all of them.
+    let logs = env.logs();
+    let mut routers: Vec<Vec<String>> = ["instance=0/2", "instance=1/2"]
+        .iter()
+        .map(|i| {
+            logs.lines()
+                .filter(|l| {
+                    l.contains("reading partitions") && l.contains(i) && l.contains(".capture.")
+                })
+                .flat_map(|l| {
+                    l.split('"')
+                        .filter(|p| p.contains(".capture."))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .collect();
+    routers.iter_mut().for_each(|v| v.sort());
+    assert!(
+        !routers[0].is_empty() && !routers[1].is_empty(),
+        "{routers:?}"
+    );
+    assert!(
+        routers[0].iter().all(|p| !routers[1].contains(p)),
+        "overlap: {routers:?}"
+    );
+    assert_eq!(routers[0].len() + routers[1].len(), 6, "{routers:?}");
+    // No applier instance's writes echoed back.
+    support::all_drained(&env).await;
+    let echoed: Vec<serde_json::Value> = env
+        .tail("capture:dataverse")
+        .into_iter()
+        .filter(|r| r.to_string().contains("shard "))
+        .collect();
+    assert!(echoed.is_empty(), "{echoed:?}");
+    env.cleanup().await;
+}

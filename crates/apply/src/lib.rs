@@ -28,7 +28,7 @@ use dualwrite_runtime::errors::ErrorSink;
 use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
-use dualwrite_runtime::kafka::{self, KafkaConsumer, Outgoing, Producer, TopicSpec};
+use dualwrite_runtime::kafka::{self, KafkaConsumer, Outgoing, Producer, Shard, TopicSpec};
 use dualwrite_runtime::metrics::{direction, metrics};
 use dualwrite_runtime::pg;
 use dualwrite_runtime::relay::{deliver, Output};
@@ -91,9 +91,19 @@ enum Applied {
 }
 
 impl Writer {
-    async fn connect(config: &Arc<Config>, side: SideId) -> Result<Writer, pg::ConnectError> {
+    async fn connect(
+        config: &Arc<Config>,
+        side: SideId,
+        shard: Shard,
+    ) -> Result<Writer, pg::ConnectError> {
         let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
-        let origin = config.origin_name(side);
+        // One session holds an origin at a time: each instance has its own.
+        let origins = config.origin_names(side);
+        let origin = if shard.count > 1 {
+            origins[1 + shard.index as usize].clone()
+        } else {
+            origins[0].clone()
+        };
         pg::ensure_origin(&client, &origin).await?;
         client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
@@ -415,21 +425,35 @@ fn is_conflict(mc: &MappedChange, target: Option<(bool, bool)>) -> bool {
     }
 }
 
-/// Runs the applier of `side` until `shutdown` is cancelled.
+/// Runs the applier of `side` (this instance's share of the partitions)
+/// until `shutdown` is cancelled.
 pub async fn run(
     config: Arc<Config>,
     side: SideId,
+    shard: Shard,
     shutdown: CancellationToken,
 ) -> Result<(), ApplyError> {
-    let span = tracing::info_span!("apply", side = %config.side(side).name);
-    run_inner(config, side, shutdown).instrument(span).await
+    let span = tracing::info_span!("apply", side = %config.side(side).name, instance = %shard);
+    run_inner(config, side, shard, shutdown)
+        .instrument(span)
+        .await
 }
 
 async fn run_inner(
     config: Arc<Config>,
     side: SideId,
+    shard: Shard,
     shutdown: CancellationToken,
 ) -> Result<(), ApplyError> {
+    if shard.count as usize > dualwrite_model::config::MAX_INSTANCES {
+        return Err(ApplyError::Setup {
+            side: config.side(side).name.clone(),
+            message: format!(
+                "at most {} applier instances per side",
+                dualwrite_model::config::MAX_INSTANCES
+            ),
+        });
+    }
     let name = config.side(side).name.clone();
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
@@ -441,6 +465,7 @@ async fn run_inner(
         &format!("dualwrite-apply-{name}"),
         &t.group(&format!("apply.{name}")),
         std::slice::from_ref(&input),
+        shard,
     )
     .await?;
     tracing::info!(%input, "applying");
@@ -457,6 +482,7 @@ async fn run_inner(
         parked: BTreeMap::new(),
         next: BTreeMap::new(),
         parent_wait: Duration::from_secs(config.apply.parent_wait_secs),
+        shard,
     };
     // Connect now, so that readiness reflects the database before the first record.
     if a.write(&[], &shutdown).await?.is_none() {
@@ -523,6 +549,7 @@ struct Applier {
     /// Per partition: the offset after the last message handled.
     next: BTreeMap<i32, i64>,
     parent_wait: Duration,
+    shard: Shard,
 }
 
 fn is_missing_parent(e: &tokio_postgres::Error) -> bool {
@@ -540,7 +567,7 @@ impl Applier {
         loop {
             let w = match self.writer.as_mut() {
                 Some(w) => w,
-                None => match Writer::connect(&self.config, self.side).await {
+                None => match Writer::connect(&self.config, self.side, self.shard).await {
                     Ok(w) => {
                         health().set(&format!("apply.{}:database", self.name), true);
                         self.writer.insert(w)

@@ -81,7 +81,7 @@ async fn run_inner(
     let errors = ErrorSink::new(producer.clone(), t.errors(), "capture");
     let topic = t.capture(&name);
     let slot = config.slot_name(side);
-    let origin = config.origin_name(side);
+    let origins = config.origin_names(side);
     let tables: Vec<String> = config.captured_entities(side).into_keys().collect();
     let poll = Duration::from_millis(config.capture.poll_interval_ms);
     let db_ready = format!("capture.{name}:database");
@@ -104,7 +104,7 @@ async fn run_inner(
             }
             Err(e) => return Err(CaptureError::setup(&name, format!("cannot connect: {e}"))),
         };
-        let origin_id = match prepare(&client, &config, side, &slot, &origin).await {
+        let origin_ids = match prepare(&client, &config, side, &slot, &origins).await {
             Ok(id) => id,
             Err(Prep::Fatal(m)) => return Err(CaptureError::setup(&name, m)),
             Err(Prep::Transient(e)) => {
@@ -117,7 +117,7 @@ async fn run_inner(
         };
         tracing::info!(%slot, tables = ?tables, "capturing");
         health().set(&db_ready, true);
-        let peek = peek_sql(&tables, origin_id);
+        let peek = peek_sql(&tables, &origin_ids);
         loop {
             // Priority: shutdown first, then the next read of the slot.
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
@@ -233,7 +233,7 @@ async fn publish(
     Ok(())
 }
 
-fn peek_sql(tables: &[String], origin_id: Option<i64>) -> String {
+fn peek_sql(tables: &[String], origin_ids: &[i64]) -> String {
     let add_tables = tables
         .iter()
         .map(|t| t.replace('\'', "''").replace(',', "\\,"))
@@ -243,8 +243,9 @@ fn peek_sql(tables: &[String], origin_id: Option<i64>) -> String {
         "'format-version','2','include-lsn','true','include-timestamp','true',\
          'include-xids','true','include-pk','true','add-tables','{add_tables}'"
     );
-    if let Some(id) = origin_id {
-        opts.push_str(&format!(",'filter-origins','{id}'"));
+    if !origin_ids.is_empty() {
+        let ids: Vec<String> = origin_ids.iter().map(i64::to_string).collect();
+        opts.push_str(&format!(",'filter-origins','{}'", ids.join(",")));
     }
     format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2, {opts})")
 }
@@ -264,15 +265,15 @@ impl From<tokio_postgres::Error> for Prep {
     }
 }
 
-/// Checks the captured tables, creates the slot and the replication origin
-/// if missing, and returns the origin's id.
+/// Checks the captured tables, creates the slot and the appliers'
+/// replication origins if missing, and returns the origins' ids.
 async fn prepare(
     client: &Client,
     config: &Config,
     side: SideId,
     slot: &str,
-    origin: &str,
-) -> Result<Option<i64>, Prep> {
+    origins: &[String],
+) -> Result<Vec<i64>, Prep> {
     client.batch_execute("SET TimeZone = 'UTC'").await?;
     let mut problems = Vec::new();
     for (entity, key) in config.captured_entities(side) {
@@ -331,5 +332,11 @@ async fn prepare(
             tracing::info!(%slot, "created replication slot: changes from now on are captured");
         }
     }
-    Ok(Some(pg::ensure_origin(client, origin).await?))
+    // Created here, before the first read, so that no applier can write
+    // under an origin this capturer does not leave out yet.
+    let mut ids = Vec::with_capacity(origins.len());
+    for o in origins {
+        ids.push(pg::ensure_origin(client, o).await?);
+    }
+    Ok(ids)
 }

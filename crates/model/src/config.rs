@@ -23,6 +23,9 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DUALWRITE_TOPIC_PREFIX", "kafka.topic_prefix"),
 ];
 
+/// Most instances of one side's applier.
+pub const MAX_INSTANCES: usize = 16;
+
 /// Prefix of environment variables that set Kafka client properties.
 pub const KAFKA_ENV_PREFIX: &str = "DUALWRITE_KAFKA_";
 
@@ -65,6 +68,9 @@ pub struct KafkaConfig {
     /// librdkafka properties whose values are secrets (e.g. `sasl.password`).
     #[serde(default)]
     pub secret_properties: BTreeMap<String, Secret>,
+    /// Properties set from the environment, with the variable that set each.
+    #[serde(skip)]
+    pub properties_from_env: BTreeMap<String, String>,
 }
 
 fn default_topic_prefix() -> String {
@@ -492,6 +498,9 @@ impl Config {
                 continue;
             }
             let property = rest.to_ascii_lowercase().replace('_', ".");
+            self.kafka
+                .properties_from_env
+                .insert(property.clone(), name.clone());
             if SECRET_PROPERTY_HINTS.iter().any(|h| property.contains(h)) {
                 self.kafka.properties.remove(&property);
                 self.kafka
@@ -776,14 +785,20 @@ impl Config {
             .unwrap_or_else(|| self.default_pg_name(id))
     }
 
-    /// The replication origin the applier of a side writes under. Origins
-    /// are cluster-wide in PostgreSQL and one session holds one at a time,
-    /// so the default is unique per deployment and side.
-    pub fn origin_name(&self, id: SideId) -> String {
-        self.side(id)
+    /// The replication origins appliers of a side write under: the base
+    /// name (`origin`, default unique per deployment and side: origins are
+    /// cluster-wide) for a single applier, then `<base>_<i>` for instance i
+    /// of several (one session holds an origin at a time). The capturer
+    /// leaves out changes of all of them.
+    pub fn origin_names(&self, id: SideId) -> Vec<String> {
+        let base = self
+            .side(id)
             .origin
             .clone()
-            .unwrap_or_else(|| self.default_pg_name(id))
+            .unwrap_or_else(|| self.default_pg_name(id));
+        let mut v = vec![base.clone()];
+        v.extend((0..MAX_INSTANCES).map(|i| format!("{base}_{i}")));
+        v
     }
 
     /// Qualified tables of a side that some map reads, with their key fields.

@@ -16,7 +16,7 @@ use dualwrite_runtime::errors::ErrorSink;
 use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
-use dualwrite_runtime::kafka::{self, Outgoing, TopicSpec};
+use dualwrite_runtime::kafka::{self, Outgoing, Shard, TopicSpec};
 use dualwrite_runtime::metrics::{direction, metrics};
 use dualwrite_runtime::relay::{relay, Output};
 use tokio_util::sync::CancellationToken;
@@ -129,14 +129,22 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
     r
 }
 
-/// Runs the router until `shutdown` is cancelled.
-pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), RouterError> {
-    run_inner(config, shutdown)
+/// Runs the router (this instance's share of the capture partitions) until `shutdown` is cancelled.
+pub async fn run(
+    config: Arc<Config>,
+    shard: Shard,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
+    run_inner(config, shard, shutdown)
         .instrument(tracing::info_span!("router"))
         .await
 }
 
-async fn run_inner(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), RouterError> {
+async fn run_inner(
+    config: Arc<Config>,
+    shard: Shard,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-router")?;
@@ -150,6 +158,7 @@ async fn run_inner(config: Arc<Config>, shutdown: CancellationToken) -> Result<(
         "dualwrite-router",
         &t.group("router"),
         &inputs,
+        shard,
     )
     .await?;
     tracing::info!(?inputs, maps = config.maps.len(), "routing");

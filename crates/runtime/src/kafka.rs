@@ -102,6 +102,40 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     c
 }
 
+/// Checks, without connecting, that librdkafka knows every configured
+/// property; the error names the property and where it was set.
+pub fn check_properties(cfg: &KafkaConfig) -> Result<(), String> {
+    let names = cfg.properties.keys().chain(cfg.secret_properties.keys());
+    for name in names {
+        let plain = name
+            .strip_prefix("producer.")
+            .or_else(|| name.strip_prefix("consumer."))
+            .unwrap_or(name);
+        let value = cfg
+            .properties
+            .get(name)
+            .cloned()
+            .or_else(|| {
+                cfg.secret_properties
+                    .get(name)
+                    .map(|s| s.expose().to_owned())
+            })
+            .unwrap_or_default();
+        let probe: Result<rdkafka::consumer::BaseConsumer, _> =
+            ClientConfig::new().set(plain, &value).create();
+        if let Err(e) = probe {
+            let source = match cfg.properties_from_env.get(name) {
+                Some(var) => format!("environment variable {var}"),
+                None => "kafka.properties in the configuration file".to_owned(),
+            };
+            return Err(format!(
+                "Kafka property `{plain}` (from {source}) is not accepted: {e}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A producer for at-least-once delivery in order: all replicas acknowledge,
 /// and librdkafka's idempotence keeps order across its own retries.
 pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<Producer, KafkaError> {
@@ -362,6 +396,7 @@ pub async fn assigned_consumer(
     client_id: &str,
     group: &str,
     topics: &[String],
+    shard: Shard,
 ) -> Result<std::sync::Arc<KafkaConsumer>, KafkaError> {
     let consumer = std::sync::Arc::new(consumer(cfg, client_id, group)?);
     let (c, k, t) = (consumer.clone(), cfg.clone(), topics.to_vec());
@@ -369,15 +404,57 @@ pub async fn assigned_consumer(
         let mut tpl = TopicPartitionList::new();
         for topic in &t {
             for (p, o) in committed_positions(&k, &c, topic)? {
-                tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+                if shard.owns(p) {
+                    tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+                }
             }
         }
         Ok::<_, KafkaError>(tpl)
     })
     .await
     .map_err(|_| KafkaError::Canceled)??;
+    let owned: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+        .collect();
+    tracing::info!(instance = %shard, partitions = ?owned, "reading partitions");
     consumer.assign(&tpl)?;
     Ok(consumer)
+}
+
+/// Which share of the partitions one instance of a service reads: instance
+/// `index` of `count` reads the partitions `p` with `p % count == index`.
+/// A record's changes share one partition, so each stays with one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// The only instance: every partition.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    pub fn new(index: u32, count: u32) -> Result<Shard, String> {
+        if count == 0 || index >= count {
+            return Err(format!(
+                "instance {index} of {count} does not exist: the index must be below the count (0 to {})",
+                count.saturating_sub(1)
+            ));
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn owns(&self, partition: i32) -> bool {
+        partition.rem_euclid(self.count as i32) as u32 == self.index
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// Assigns every partition of `topic` at `positions`.
@@ -503,6 +580,17 @@ pub fn key_text(m: &OwnedMessage) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_split_partitions_without_overlap() {
+        let shards: Vec<Shard> = (0..3).map(|i| Shard::new(i, 3).unwrap()).collect();
+        for p in 0..12 {
+            assert_eq!(shards.iter().filter(|s| s.owns(p)).count(), 1);
+        }
+        assert!(Shard::ALL.owns(7));
+        assert!(Shard::new(3, 3).unwrap_err().contains("instance 3 of 3"));
+        assert!(Shard::new(0, 0).is_err());
+    }
 
     #[test]
     fn security_settings_reach_every_client() {
