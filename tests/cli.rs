@@ -99,5 +99,8 @@ fn an_unknown_kafka_property_from_the_environment_is_named() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no.such.thing") && err.contains("DUALWRITE_KAFKA_NO_SUCH_THING"), "{err}");
+    assert!(
+        err.contains("no.such.thing") && err.contains("DUALWRITE_KAFKA_NO_SUCH_THING"),
+        "{err}"
+    );
 }
