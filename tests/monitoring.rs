@@ -42,18 +42,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_the_records_and_pass_promtool() {
     let mut env = TestEnv::new("metrics").await;
-    for args in [
-        &["capture", "--side", "fno"][..],
-        &["capture", "--side", "dataverse"],
-        &["router"],
-        &["pause-buffer"],
-        &["apply", "--side", "fno"],
-        &["apply", "--side", "dataverse"],
-    ] {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--metrics-addr", "127.0.0.1:0"]);
-        env.spawn(&a);
-    }
+    env.start_all_with(&["--metrics-addr", "127.0.0.1:0"]);
     let mut addrs = Vec::new();
     for i in 0..6 {
         addrs.push(env.metrics_addr(i).await);

@@ -214,6 +214,11 @@ impl TestEnv {
     /// Starts every service as its own process: both capturers, the
     /// router, the pause buffer, both appliers (indices 0 to 5, in that order).
     pub fn start_all(&mut self) {
+        self.start_all_with(&[]);
+    }
+
+    /// [`TestEnv::start_all`], with `extra` arguments for every service.
+    pub fn start_all_with(&mut self, extra: &[&str]) {
         for args in [
             &["capture", "--side", "fno"][..],
             &["capture", "--side", "dataverse"],
@@ -222,7 +227,9 @@ impl TestEnv {
             &["apply", "--side", "fno"],
             &["apply", "--side", "dataverse"],
         ] {
-            self.spawn(args);
+            let mut a = args.to_vec();
+            a.extend_from_slice(extra);
+            self.spawn(&a);
         }
     }
 

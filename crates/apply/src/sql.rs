@@ -82,18 +82,21 @@ pub fn statement(mc: &MappedChange) -> Option<String> {
 
 /// The parameter: a JSON object of the key and values.
 pub fn parameter(mc: &MappedChange) -> String {
-    let mut obj = serde_json::Map::new();
-    let mut put = |f: &Field| {
-        obj.insert(
+    json_object(mc.key.iter().chain(&mc.values))
+}
+
+/// A JSON object of fields (a later field of the same name wins), values as strings or null.
+fn json_object<'a>(fields: impl Iterator<Item = &'a Field>) -> String {
+    let mut o = serde_json::Map::new();
+    for f in fields {
+        o.insert(
             f.name.clone(),
             f.value
                 .clone()
                 .map_or(serde_json::Value::Null, serde_json::Value::String),
         );
-    };
-    mc.key.iter().for_each(&mut put);
-    mc.values.iter().for_each(&mut put);
-    serde_json::Value::Object(obj).to_string()
+    }
+    serde_json::Value::Object(o).to_string()
 }
 
 /// Conflict check for a change that carries `before`: locks the target row
@@ -134,22 +137,10 @@ pub fn conflict_check(mc: &MappedChange) -> Option<String> {
 
 /// Parameters of [`conflict_check`]: the old values and the new values, each with the key.
 pub fn conflict_parameters(mc: &MappedChange) -> (String, String) {
-    let obj = |fields: &mut dyn Iterator<Item = &Field>| {
-        let mut o = serde_json::Map::new();
-        for f in fields {
-            o.insert(
-                f.name.clone(),
-                f.value
-                    .clone()
-                    .map_or(serde_json::Value::Null, serde_json::Value::String),
-            );
-        }
-        serde_json::Value::Object(o).to_string()
-    };
     let before = mc.before.as_deref().unwrap_or(&[]);
     (
-        obj(&mut before.iter().chain(mc.key.iter())),
-        obj(&mut mc.values.iter().chain(mc.key.iter())),
+        json_object(before.iter().chain(&mc.key)),
+        json_object(mc.values.iter().chain(&mc.key)),
     )
 }
 
@@ -174,16 +165,7 @@ pub fn current_row(mc: &MappedChange) -> String {
 
 /// The key as the parameter of [`current_row`].
 pub fn key_parameter(mc: &MappedChange) -> String {
-    let mut o = serde_json::Map::new();
-    for f in &mc.key {
-        o.insert(
-            f.name.clone(),
-            f.value
-                .clone()
-                .map_or(serde_json::Value::Null, serde_json::Value::String),
-        );
-    }
-    serde_json::Value::Object(o).to_string()
+    json_object(mc.key.iter())
 }
 
 #[cfg(test)]
