@@ -146,6 +146,19 @@ enum CtlCommand {
     },
     /// List every environment variable this binary reads, with this configuration's secrets.
     EnvVars,
+    /// Compare both sides of maps (all, or those named), after mapping: missing
+    /// and differing records. Exit code 1 when they differ.
+    Verify {
+        maps: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// Also compare the fields that sync one way.
+        #[arg(long)]
+        one_way: bool,
+        /// Most example keys printed per kind of difference.
+        #[arg(long, default_value_t = 10)]
+        examples: usize,
+    },
     /// Print acknowledgements and state changes as they happen.
     Watch {
         /// Stop when nothing happens for this many seconds (0: never).
@@ -333,6 +346,59 @@ async fn run(
                 );
                 for name in config.secret_env_vars() {
                     println!("{name}\tsecret named by the configuration file");
+                }
+            }
+            CtlCommand::Verify {
+                maps,
+                json,
+                one_way,
+                examples,
+            } => {
+                let mut reports = Vec::new();
+                for name in if maps.is_empty() {
+                    config.maps.iter().map(|m| m.name.clone()).collect()
+                } else {
+                    maps
+                } {
+                    let map = config
+                        .map(&name)
+                        .with_context(|| format!("unknown map `{name}`"))?;
+                    reports.push(
+                        dualwrite_ctl::verify::verify_map(&config, map, one_way)
+                            .await
+                            .map_err(anyhow::Error::msg)?,
+                    );
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                } else {
+                    for r in &reports {
+                        println!(
+                            "map {}: {} left, {} right: {} only left, {} only right, {} differing{}",
+                            r.map,
+                            r.left_rows,
+                            r.right_rows,
+                            r.only_left.len(),
+                            r.only_right.len(),
+                            r.differing.len(),
+                            if r.is_equal() { " — equal" } else { "" }
+                        );
+                        for k in r.only_left.iter().take(examples) {
+                            println!("  only left:  {k}");
+                        }
+                        for k in r.only_right.iter().take(examples) {
+                            println!("  only right: {k}");
+                        }
+                        for d in r.differing.iter().take(examples) {
+                            println!(
+                                "  differs:    {} {} = {:?} / {} = {:?}",
+                                d.key, d.left_field, d.left, d.right_field, d.right
+                            );
+                        }
+                    }
+                }
+                if reports.iter().any(|r| !r.is_equal()) {
+                    anyhow::bail!("the sides differ");
                 }
             }
             CtlCommand::Watch { idle_secs } => {

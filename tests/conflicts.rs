@@ -149,6 +149,26 @@ async fn concurrent_edits_converge_to_the_default_master() {
     )
     .await;
     no_ping_pong(&env).await;
+    let (code, out, err) = env.run(&["ctl", "verify", "customers"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The checker finds a difference made while the map does not run.
+    env.ctl(&["stop", "customers"]);
+    env.dv()
+        .await
+        .batch_execute(
+            "UPDATE accounts SET name = 'changed while stopped' WHERE accountnumber = 'C0030'",
+        )
+        .await
+        .unwrap();
+    let (code, out, _) = env.run(&["ctl", "verify", "customers", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report[0]["differing"][0]["key"], "[\"C0030\"]", "{out}");
+    assert_eq!(
+        report[0]["differing"][0]["right"], "changed while stopped",
+        "{out}"
+    );
     env.cleanup().await;
 }
 

@@ -220,6 +220,17 @@ async fn random_concurrent_edits_on_both_sides_with_restarts_converge_without_ec
         env.logs()
     );
 
+    // The operators' checker agrees, for every map.
+    let (code, out, err) = env.run(&["ctl", "verify"]);
+    assert_eq!(
+        code, 0,
+        "seed {seed}: ctl verify found differences:\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("map customers:") && out.contains("— equal"),
+        "{out}"
+    );
+
     assert_no_echo(
         &env,
         "fno",

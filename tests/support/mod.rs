@@ -129,7 +129,11 @@ impl TestEnv {
         .await
         .unwrap();
 
-        let dir = std::env::temp_dir().join(format!("dualwrite-test-{name}-{id}"));
+        // Under the stack's state folder when there is one (CI gives each run its own).
+        let base = std::env::var_os("DUALWRITE_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("dualwrite-test-{name}-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let prefix = format!("t-{name}-{id}");
         let port = s.pg_url.rsplit(':').next().unwrap().to_owned();

@@ -1,4 +1,7 @@
-//! Operator CLI (`dualwrite ctl …`). It talks only to Kafka.
+//! Operator CLI (`dualwrite ctl …`). It talks only to Kafka, but for
+//! [`verify`], which reads both sides' databases.
+
+pub mod verify;
 
 use std::io::Write;
 use std::time::Duration;
