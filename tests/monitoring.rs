@@ -207,3 +207,62 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_makes_the_applier_unready_not_dead() {
+    // The right side's database on a port where nothing listens.
+    let mut env = TestEnv::new("unready").await;
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let port = support::stack()
+        .pg_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut parts: Vec<&str> = text
+        .splitn(2, &format!("port = {port}, dbname = \"{}\"", env.dv_db))
+        .collect();
+    assert_eq!(parts.len(), 2, "the dataverse connection is in the config");
+    let replaced = format!("port = {dead_port}, dbname = \"{}\"", env.dv_db);
+    parts.insert(1, &replaced);
+    std::fs::write(&env.config, parts.concat()).unwrap();
+
+    let i = env.spawn(&[
+        "apply",
+        "--side",
+        "dataverse",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let addr = env.metrics_addr(i).await;
+    // It keeps retrying: alive, not ready (naming the database), counting retries.
+    eventually(
+        "retries counted while the database is unreachable",
+        WAIT,
+        || {
+            let text = http_get(&addr, "/metrics").1;
+            async move { sample(&text, r#"dualwrite_retries_total{service="apply"}"#) >= 3.0 }
+        },
+    )
+    .await;
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("apply.dataverse:database"), "{body}");
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    assert!(
+        env.service(i).is_running(),
+        "the applier exited instead of waiting for its database"
+    );
+    let text = http_get(&addr, "/metrics").1;
+    assert_eq!(
+        sample(&text, r#"dualwrite_ready{service="apply.dataverse"}"#),
+        0.0,
+        "{text}"
+    );
+    env.cleanup().await;
+}

@@ -1078,6 +1078,23 @@ field = [
         assert_eq!(c.kafka.topic_prefix, "t1");
     }
 
+    proptest::proptest! {
+        /// Any text, and any single-line corruption of a good file, gives a
+        /// result or an error, never a panic.
+        #[test]
+        fn arbitrary_config_text_never_panics(text in ".{0,400}", line in 0usize..40, junk in ".{0,40}") {
+            if let Ok(c) = Config::parse(&text) {
+                let _ = c.validate();
+            }
+            let mut lines: Vec<&str> = GOOD.lines().collect();
+            let at = line % lines.len();
+            lines[at] = &junk;
+            if let Ok(c) = Config::parse(&lines.join("\n")) {
+                let _ = c.validate();
+            }
+        }
+    }
+
     #[test]
     fn kafka_properties_from_the_environment() {
         let mut c = Config::parse(GOOD).unwrap();
