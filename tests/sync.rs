@@ -571,26 +571,36 @@ async fn router_and_appliers_split_partitions_across_instances() {
     dv.batch_execute("UPDATE accounts SET telephone1 = 'from-dv' WHERE accountnumber <= 'C0020'")
         .await
         .unwrap();
-    eventually("both directions arrive", WAIT, || async {
-        let a: i64 = dv
-            .query_one(
-                "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'S%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let b: i64 = fno
-            .query_one(
-                "SELECT count(*) FROM customers_v3 WHERE primaryphone = 'from-dv'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        a == 60 && b == 20
+    let arrived = tokio::time::timeout(WAIT, async {
+        loop {
+            let a: i64 = dv
+                .query_one(
+                    "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'S%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let b: i64 = fno
+                .query_one(
+                    "SELECT count(*) FROM customers_v3 WHERE primaryphone = 'from-dv'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if a == 60 && b == 20 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
+    assert!(
+        arrived.is_ok(),
+        "both directions did not arrive:\n{}",
+        env.logs()
+    );
     // Each instance read its own partitions; together all of them.
     let logs = env.logs();
     let mut routers: Vec<Vec<String>> = ["instance=0/2", "instance=1/2"]

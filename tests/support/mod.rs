@@ -317,6 +317,22 @@ impl TestEnv {
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                 .await;
         }
+        // Replication origins are cluster-wide, and every one that was used
+        // holds one of max_replication_slots' state slots until dropped.
+        if let Ok(cfg) = dualwrite_model::Config::parse(
+            &std::fs::read_to_string(&self.config).unwrap_or_default(),
+        ) {
+            for side in [
+                dualwrite_model::config::SideId::Left,
+                dualwrite_model::config::SideId::Right,
+            ] {
+                for origin in cfg.origin_names(side) {
+                    let _ = admin
+                        .execute("SELECT pg_replication_origin_drop($1)", &[&origin])
+                        .await;
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 

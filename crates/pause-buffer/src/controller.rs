@@ -128,6 +128,24 @@ pub fn event(
     }
 }
 
+/// A COMPLETED acknowledgement of a command for one map.
+fn completed(
+    command_id: Option<&str>,
+    map: &str,
+    state: MapState,
+    message: &str,
+    at: i64,
+) -> ControlEvent {
+    event(
+        command_id,
+        Outcome::Completed,
+        Some(map),
+        Some(state),
+        message,
+        at,
+    )
+}
+
 /// The controller's view: every map's status and the command ids applied.
 pub struct Controller {
     pub statuses: BTreeMap<String, MapStatus>,
@@ -267,14 +285,7 @@ impl Controller {
                         "initial sync skipped: live sync from the moment of the run".to_owned()
                     });
                     self.push(&mut fx, id, &s, "running", now);
-                    fx.events.push(event(
-                        id,
-                        Outcome::Completed,
-                        Some(m),
-                        Some(s.state),
-                        "running",
-                        now,
-                    ));
+                    fx.events.push(completed(id, m, s.state, "running", now));
                 }
                 MapState::Resuming => {
                     let policy = cmd.resume_policy.unwrap_or_default();
@@ -303,14 +314,7 @@ impl Controller {
                         "paused: changes queue until the map is run again",
                         now,
                     );
-                    fx.events.push(event(
-                        id,
-                        Outcome::Completed,
-                        Some(m),
-                        Some(s.state),
-                        "paused",
-                        now,
-                    ));
+                    fx.events.push(completed(id, m, s.state, "paused", now));
                 }
                 MapState::NotRunning => {
                     s.paused_at = None;
@@ -322,14 +326,7 @@ impl Controller {
                         "stopped: the map writes nothing until it is run again",
                         now,
                     );
-                    fx.events.push(event(
-                        id,
-                        Outcome::Completed,
-                        Some(m),
-                        Some(s.state),
-                        "stopped",
-                        now,
-                    ));
+                    fx.events.push(completed(id, m, s.state, "stopped", now));
                 }
                 other => unreachable!("no action leads to {other}"),
             }
@@ -352,11 +349,10 @@ impl Controller {
         s.updated_at = now;
         let id = s.last_command_id.clone();
         self.push(&mut fx, id.as_deref(), &s, "caught up: running", now);
-        fx.events.push(event(
+        fx.events.push(completed(
             id.as_deref(),
-            Outcome::Completed,
-            Some(map),
-            Some(s.state),
+            map,
+            s.state,
             "caught up: running",
             now,
         ));
@@ -401,14 +397,8 @@ impl Controller {
                 "running (initialization resumed after a restart)",
                 now,
             );
-            fx.events.push(event(
-                id.as_deref(),
-                Outcome::Completed,
-                Some(&s.map),
-                Some(s.state),
-                "running",
-                now,
-            ));
+            fx.events
+                .push(completed(id.as_deref(), &s.map, s.state, "running", now));
         }
         fx
     }
