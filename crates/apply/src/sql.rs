@@ -10,7 +10,13 @@ use postgres_protocol::escape::escape_identifier;
 
 /// Bookkeeping on each target: the latest source position applied per map,
 /// record and source side.
-pub const POSITIONS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS dualwrite;
+///
+/// Sent as one simple query, so it runs as one transaction; the advisory lock
+/// serialises appliers starting at once (`CREATE … IF NOT EXISTS` alone races:
+/// two sessions can both decide to create and one fails on the catalog's
+/// unique index).
+pub const POSITIONS_DDL: &str = "SELECT pg_advisory_xact_lock(hashtext('dualwrite.ddl'));
+CREATE SCHEMA IF NOT EXISTS dualwrite;
 CREATE TABLE IF NOT EXISTS dualwrite.applied_positions (
     map         text   NOT NULL,
     record_key  text   NOT NULL,
