@@ -124,6 +124,38 @@ enum CtlCommand {
         #[command(flatten)]
         send: SendArgs,
     },
+    /// End an initialization (or a failed one) without copying: live sync
+    /// of every change since the run.
+    SkipInitialSync {
+        map: String,
+        /// Also the maps it depends on that are initializing.
+        #[arg(long)]
+        include_related: bool,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Copy pre-existing rows again (e.g. after fixing the rows that failed):
+    /// only missing and differing records are written.
+    RerunInitialSync {
+        map: String,
+        /// Also the maps it depends on, dependencies first.
+        #[arg(long)]
+        include_related: bool,
+        /// Side whose values win for records on both sides.
+        #[arg(long)]
+        conflict_master: Option<String>,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Show a map's initial sync: progress, counts and every failed row.
+    InitialSync {
+        map: String,
+        /// Run id (default: the latest).
+        #[arg(long)]
+        run: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Send changes that a skip-to-live resume set aside back through the map
     /// (all, or the given keys); changes overtaken by later ones are skipped.
     RetryCatchup {
@@ -166,7 +198,7 @@ enum CtlCommand {
         idle_secs: u64,
     },
     /// Print a topic's records as JSON lines: errors, capture:<side>, map:<map>, apply:<side>,
-    /// catchup-errors, status, events, control.
+    /// catchup-errors, initial-sync-errors, status, events, control.
     Tail {
         topic: String,
         /// Stop after this many records.
@@ -467,6 +499,49 @@ async fn run(
                     resume_policy: None,
                 };
                 send_command(config, cmd, send).await?;
+            }
+            CtlCommand::SkipInitialSync {
+                map,
+                include_related,
+                send,
+            } => {
+                let cmd = ControlCommand {
+                    id: String::new(),
+                    action: Action::SkipInitialSync,
+                    map,
+                    include_related,
+                    initial_sync: None,
+                    conflict_master: None,
+                    order: None,
+                    resume_policy: None,
+                };
+                send_command(config, cmd, send).await?;
+            }
+            CtlCommand::RerunInitialSync {
+                map,
+                include_related,
+                conflict_master,
+                send,
+            } => {
+                let cmd = ControlCommand {
+                    id: String::new(),
+                    action: Action::RerunInitialSync,
+                    map,
+                    include_related,
+                    initial_sync: None,
+                    conflict_master,
+                    order: None,
+                    resume_policy: None,
+                };
+                send_command(config, cmd, send).await?;
+            }
+            CtlCommand::InitialSync { map, run, json } => {
+                let cfg = config.clone();
+                let details = tokio::task::spawn_blocking(move || {
+                    dualwrite_ctl::initial_sync_details(&cfg, &map, run)
+                })
+                .await??;
+                dualwrite_ctl::print_initial_sync(&details, json, &mut std::io::stdout())?;
             }
             CtlCommand::Tail {
                 topic,

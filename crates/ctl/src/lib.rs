@@ -14,7 +14,7 @@ use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
     dependencies, ControlCommand, ControlEvent, MapState, MapStatus, Outcome,
 };
-use dualwrite_model::record::{ChangeRecord, ErrorRecord, MappedChange};
+use dualwrite_model::record::{ChangeRecord, ErrorRecord, InitialSyncError, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
@@ -111,12 +111,15 @@ pub fn tail(
         Some(("map", map)) => (t.map(map), render::<MappedChange>),
         Some(("apply", side)) => (t.apply(side), render::<MappedChange>),
         None if which == "catchup-errors" => (t.catchup_errors(), render::<MappedChange>),
+        None if which == "initial-sync-errors" => {
+            (t.initial_sync_errors(), render::<InitialSyncError>)
+        }
         None if which == "status" => (t.status(), render::<MapStatus>),
         None if which == "events" => (t.events(), render::<ControlEvent>),
         None if which == "control" => (t.control(), render_command),
         _ => {
             return Err(CtlError::Usage(format!(
-                "unknown topic `{which}`: use errors, capture:<side>, map:<map>, apply:<side>, catchup-errors, status, events or control"
+                "unknown topic `{which}`: use errors, capture:<side>, map:<map>, apply:<side>, catchup-errors, initial-sync-errors, status, events or control"
             )))
         }
     };
@@ -270,6 +273,102 @@ pub fn list_maps(config: &Config, json: bool, out: &mut impl Write) -> Result<()
             } else {
                 r.depends_on.join(", ")
             }
+        )?;
+    }
+    Ok(())
+}
+
+/// The initial write of a map: its progress and counts (from the status
+/// topic) and every row it could not write (from the initial sync errors
+/// topic), for the latest run or the one given.
+#[derive(Debug, serde::Serialize)]
+pub struct InitialSyncDetails {
+    pub map: String,
+    pub state: String,
+    pub run: Option<i64>,
+    /// Progress of the latest run (when `run` is that one).
+    pub progress: Option<dualwrite_model::lifecycle::InitialSync>,
+    /// The failed rows of the run, the latest record per target and key
+    /// (a chunk copied again after a crash records its failures again).
+    pub failed_rows: Vec<InitialSyncError>,
+}
+
+pub fn initial_sync_details(
+    config: &Config,
+    map: &str,
+    run: Option<i64>,
+) -> Result<InitialSyncDetails, CtlError> {
+    if config.map(map).is_none() {
+        return Err(CtlError::Usage(format!("unknown map `{map}`")));
+    }
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let status = read_statuses(config)?.remove(map);
+    let latest = status.as_ref().and_then(|s| s.initial.clone());
+    let run = run.or(latest.as_ref().map(|i| i.run));
+    let mut rows: BTreeMap<(String, String), InitialSyncError> = BTreeMap::new();
+    if let Some(run) = run {
+        for m in kafka_rt::read_to_end(&config.kafka, &t.initial_sync_errors())? {
+            if let Some(Ok(e)) = m.payload().map(avro::decode::<InitialSyncError>) {
+                if e.map == map && e.run == run {
+                    rows.insert((e.target_side.clone(), e.key.clone()), e);
+                }
+            }
+        }
+    }
+    Ok(InitialSyncDetails {
+        map: map.to_owned(),
+        state: status
+            .as_ref()
+            .map_or(MapState::NotRunning, |s| s.state)
+            .label()
+            .to_owned(),
+        run,
+        progress: latest.filter(|i| Some(i.run) == run),
+        failed_rows: rows.into_values().collect(),
+    })
+}
+
+/// Prints [`initial_sync_details`] as text or JSON.
+pub fn print_initial_sync(
+    d: &InitialSyncDetails,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(d).unwrap_or_default()
+        )?;
+        return Ok(());
+    }
+    let Some(run) = d.run else {
+        writeln!(out, "map {}: {}; no initial sync has run", d.map, d.state)?;
+        return Ok(());
+    };
+    match &d.progress {
+        Some(p) => writeln!(
+            out,
+            "map {}: {}; initial sync run {run}: {}, {}/{} rows read; {} created, {} updated, {} unchanged, {} failed",
+            d.map, d.state, p.phase, p.rows_done, p.rows_total, p.created, p.updated, p.unchanged, p.failed
+        )?,
+        None => writeln!(out, "map {}: {}; initial sync run {run}", d.map, d.state)?,
+    }
+    if d.failed_rows.is_empty() {
+        writeln!(out, "no failed rows")?;
+        return Ok(());
+    }
+    writeln!(out, "failed rows ({}):", d.failed_rows.len())?;
+    writeln!(
+        out,
+        "{:<12} {:<9} {:<30} ERROR",
+        "TARGET", "OPERATION", "KEY"
+    )?;
+    for e in &d.failed_rows {
+        writeln!(
+            out,
+            "{:<12} {:<9} {:<30} {}",
+            e.target_side, e.operation, e.key, e.message
         )?;
     }
     Ok(())

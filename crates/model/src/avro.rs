@@ -11,7 +11,7 @@ use apache_avro::Schema;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
-use crate::record::{ChangeRecord, ErrorRecord, MappedChange};
+use crate::record::{ChangeRecord, ErrorRecord, InitialSyncError, MappedChange};
 
 const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
@@ -23,6 +23,7 @@ pub const ERROR_RECORD_AVSC: &str = include_str!("../../../schemas/error_record.
 pub const CONTROL_COMMAND_AVSC: &str = include_str!("../../../schemas/control_command.avsc");
 pub const MAP_STATUS_AVSC: &str = include_str!("../../../schemas/map_status.avsc");
 pub const CONTROL_EVENT_AVSC: &str = include_str!("../../../schemas/control_event.avsc");
+pub const INITIAL_SYNC_ERROR_AVSC: &str = include_str!("../../../schemas/initial_sync_error.avsc");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AvroError {
@@ -84,6 +85,11 @@ avro_record!(ErrorRecord, "ErrorRecord", ERROR_RECORD_AVSC);
 avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
 avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC);
 avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC);
+avro_record!(
+    InitialSyncError,
+    "InitialSyncError",
+    INITIAL_SYNC_ERROR_AVSC
+);
 
 /// Encodes a record (single-object encoding).
 pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {

@@ -798,7 +798,14 @@ impl Config {
             .unwrap_or_else(|| self.default_pg_name(id));
         let mut v = vec![base.clone()];
         v.extend((0..MAX_INSTANCES).map(|i| format!("{base}_{i}")));
+        v.push(format!("{base}_init"));
         v
+    }
+
+    /// The replication origin the initial write uses on a side (last of
+    /// [`Config::origin_names`]), so its writes are not captured back.
+    pub fn initial_sync_origin(&self, id: SideId) -> String {
+        self.origin_names(id).pop().unwrap_or_default()
     }
 
     /// Qualified tables of a side that some map reads, with their key fields.

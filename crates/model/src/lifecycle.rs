@@ -14,6 +14,11 @@
 //! Initializing → Running and Resuming → Running happen by themselves (the
 //! initial write finished; the catch-up reached the end offsets taken when
 //! the resume began); any state may turn Failed with a reason.
+//!
+//! Two actions extend the reference's table for the initial write:
+//! `SkipInitialSync` (Initializing or Failed → Running: go straight to live
+//! sync) and `RerunInitialSync` (Running or Failed → Initializing: copy again
+//! after fixing data; rows that already match are not written).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -59,10 +64,16 @@ impl MapState {
     pub fn actions(self) -> &'static [Action] {
         match self {
             MapState::NotRunning => &[Action::Run],
-            MapState::Initializing | MapState::Resuming => &[],
-            MapState::Running => &[Action::Stop, Action::Pause],
+            MapState::Initializing => &[Action::SkipInitialSync],
+            MapState::Resuming => &[],
+            MapState::Running => &[Action::Stop, Action::Pause, Action::RerunInitialSync],
             MapState::Paused => &[Action::Run],
-            MapState::Failed => &[Action::Run, Action::Stop],
+            MapState::Failed => &[
+                Action::Run,
+                Action::Stop,
+                Action::SkipInitialSync,
+                Action::RerunInitialSync,
+            ],
         }
     }
 
@@ -87,10 +98,22 @@ pub enum Action {
     Pause,
     #[serde(alias = "stop")]
     Stop,
+    /// Ends an initialization (or a failed one) without copying: live sync.
+    #[serde(alias = "skip_initial_sync")]
+    SkipInitialSync,
+    /// Copies pre-existing rows again (after fixing data).
+    #[serde(alias = "rerun_initial_sync")]
+    RerunInitialSync,
 }
 
 impl Action {
-    pub const ALL: [Action; 3] = [Action::Run, Action::Pause, Action::Stop];
+    pub const ALL: [Action; 5] = [
+        Action::Run,
+        Action::Pause,
+        Action::Stop,
+        Action::SkipInitialSync,
+        Action::RerunInitialSync,
+    ];
 }
 
 impl fmt::Display for Action {
@@ -99,6 +122,8 @@ impl fmt::Display for Action {
             Action::Run => "Run",
             Action::Pause => "Pause",
             Action::Stop => "Stop",
+            Action::SkipInitialSync => "SkipInitialSync",
+            Action::RerunInitialSync => "RerunInitialSync",
         })
     }
 }
@@ -110,6 +135,8 @@ pub fn next_state(state: MapState, action: Action) -> Result<MapState, String> {
         (MapState::Paused, Action::Run) => MapState::Resuming,
         (MapState::Running, Action::Pause) => MapState::Paused,
         (MapState::Running | MapState::Failed, Action::Stop) => MapState::NotRunning,
+        (MapState::Initializing | MapState::Failed, Action::SkipInitialSync) => MapState::Running,
+        (MapState::Running | MapState::Failed, Action::RerunInitialSync) => MapState::Initializing,
         _ => {
             let available = state.actions();
             return Err(format!(
@@ -218,6 +245,145 @@ pub struct MapStatus {
     pub resume_targets: Vec<PartitionOffset>,
     pub paused_at: Option<i64>,
     pub updated_at: i64,
+    /// The latest initial write of this map (none before the first).
+    #[serde(default)]
+    pub initial: Option<InitialSync>,
+}
+
+/// Progress and result of one initial write (a run id per attempt).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitialSync {
+    /// Run id: 1 for the first initial write of the map, +1 for each rerun.
+    pub run: i64,
+    /// `waiting` (for related maps or in-flight writes), `copying`, `done`,
+    /// `skipped` or `failed`.
+    pub phase: String,
+    /// Rows on both sides to read (left + right), as counted at the snapshots.
+    pub rows_total: i64,
+    /// Rows read so far, both sides.
+    pub rows_done: i64,
+    /// Target records created, updated, left as they were (already equal, or
+    /// changed after the snapshot: live sync carries those), and failed.
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub failed: i64,
+    /// Last key copied (values in key order); the copy resumes after it.
+    pub checkpoint: Option<Vec<String>>,
+    /// The snapshots the copy read, one per (re)start after a crash; each
+    /// covers the keys after `after_key` (up to the next segment's).
+    pub segments: Vec<SnapshotSegment>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+impl InitialSync {
+    pub fn new(run: i64, now: i64) -> InitialSync {
+        InitialSync {
+            run,
+            phase: "waiting".to_owned(),
+            rows_total: 0,
+            rows_done: 0,
+            created: 0,
+            updated: 0,
+            unchanged: 0,
+            failed: 0,
+            checkpoint: None,
+            segments: Vec::new(),
+            started_at: now,
+            finished_at: None,
+        }
+    }
+
+    /// Whether the change of a record with `key` (values in key order) from
+    /// the left or right side, committed at `lsn` by transaction `xid`, is
+    /// already part of what the copy read: it is then not forwarded, so a
+    /// change older than the snapshot never overrides its result.
+    pub fn covers(&self, key: &[Option<&str>], left: bool, lsn: i64, xid: i64) -> bool {
+        if xid == 0 {
+            // Re-asserted values are read at their own time: always newer.
+            return false;
+        }
+        let Some(seg) = self
+            .segments
+            .iter()
+            .rev()
+            .find(|s| s.after_key.as_ref().is_none_or(|a| key_after(key, a)))
+        else {
+            return false;
+        };
+        let snap = if left { &seg.left } else { &seg.right };
+        snap.contains(lsn, xid)
+    }
+}
+
+/// Whether `key` sorts after `after` (byte order of each value, the order
+/// the copy reads rows in).
+fn key_after(key: &[Option<&str>], after: &[String]) -> bool {
+    let k: Vec<&[u8]> = key.iter().map(|v| v.unwrap_or("").as_bytes()).collect();
+    let a: Vec<&[u8]> = after.iter().map(|v| v.as_bytes()).collect();
+    k > a
+}
+
+/// The keys after `after_key` were read from these snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSegment {
+    pub after_key: Option<Vec<String>>,
+    pub left: SideSnapshot,
+    pub right: SideSnapshot,
+}
+
+/// A PostgreSQL snapshot (`pg_current_snapshot()`) and the WAL insert
+/// position read with it: every transaction that commits later ends after
+/// `lsn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideSnapshot {
+    pub xmin: i64,
+    pub xmax: i64,
+    pub xip: Vec<i64>,
+    pub lsn: i64,
+}
+
+impl SideSnapshot {
+    /// Parses `xmin:xmax:xip,…` (64-bit transaction ids).
+    pub fn parse(text: &str, lsn: i64) -> Option<SideSnapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<i64>>>()?,
+        };
+        Some(SideSnapshot {
+            xmin,
+            xmax,
+            xip,
+            lsn,
+        })
+    }
+
+    /// Whether a transaction that committed at `lsn` with the 32-bit id
+    /// `xid` (as logical decoding reports it) is visible in the snapshot.
+    pub fn contains(&self, lsn: i64, xid: i64) -> bool {
+        if lsn > self.lsn {
+            return false;
+        }
+        // Widen the 32-bit id to the epoch nearest the snapshot's xmax.
+        let xid32 = xid & 0xFFFF_FFFF;
+        let mut full = (self.xmax & !0xFFFF_FFFF) | xid32;
+        if full > self.xmax + (1 << 31) {
+            full -= 1 << 32;
+        } else if full + (1 << 31) < self.xmax {
+            full += 1 << 32;
+        }
+        if full < self.xmin {
+            return true;
+        }
+        full < self.xmax && !self.xip.contains(&full)
+    }
 }
 
 impl MapStatus {
@@ -237,6 +403,7 @@ impl MapStatus {
             resume_targets: Vec::new(),
             paused_at: None,
             updated_at: now,
+            initial: None,
         }
     }
 }
@@ -390,6 +557,8 @@ mod tests {
             (Paused, Run) => Some(Resuming),
             (Failed, Run) => Some(Initializing),
             (Failed, Stop) => Some(NotRunning),
+            (Initializing | Failed, SkipInitialSync) => Some(Running),
+            (Running | Failed, RerunInitialSync) => Some(Initializing),
             _ => None,
         }
     }
@@ -419,7 +588,7 @@ mod tests {
                     s = n;
                     // The automatic steps.
                     if s == MapState::Initializing || s == MapState::Resuming {
-                        prop_assert!(s.actions().is_empty());
+                        prop_assert!(s.actions().iter().all(|a| *a == Action::SkipInitialSync));
                         s = MapState::Running;
                     }
                 }
@@ -430,6 +599,57 @@ mod tests {
         fn json_commands_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_command(&bytes);
         }
+    }
+
+    #[test]
+    fn snapshots_tell_older_changes_from_newer_ones() {
+        let s = SideSnapshot::parse("100:110:103,105", 5000).unwrap();
+        assert_eq!(s.xip, [103, 105]);
+        assert!(s.contains(4000, 99), "committed before xmin");
+        assert!(s.contains(4000, 104), "between, not in progress");
+        assert!(!s.contains(4000, 103), "in progress at the snapshot");
+        assert!(!s.contains(4000, 110), "started after the snapshot");
+        assert!(!s.contains(5001, 50), "committed after the position");
+        // Ids widen to the snapshot's epoch.
+        let e = SideSnapshot::parse(&format!("{}:{}:", (3i64 << 32) + 10, (3i64 << 32) + 20), 9)
+            .unwrap();
+        assert!(e.contains(1, 15) && !e.contains(1, 25));
+        let wrap =
+            SideSnapshot::parse(&format!("{}:{}:", (3i64 << 32) + 5, (3i64 << 32) + 8), 9).unwrap();
+        assert!(wrap.contains(1, 0xFFFF_FFF0), "previous epoch");
+        assert!(SideSnapshot::parse("1:2", 0).is_none());
+
+        let mut run = InitialSync::new(1, 0);
+        let snap = |xmax: i64| SideSnapshot {
+            xmin: xmax,
+            xmax,
+            xip: vec![],
+            lsn: 100,
+        };
+        run.segments.push(SnapshotSegment {
+            after_key: None,
+            left: snap(10),
+            right: snap(10),
+        });
+        run.segments.push(SnapshotSegment {
+            after_key: Some(vec!["M".into()]),
+            left: snap(20),
+            right: snap(20),
+        });
+        assert!(run.covers(&[Some("A")], true, 50, 9));
+        assert!(
+            !run.covers(&[Some("A")], true, 50, 15),
+            "first segment's snapshot"
+        );
+        assert!(
+            run.covers(&[Some("N")], false, 50, 15),
+            "second segment's snapshot"
+        );
+        assert!(
+            !run.covers(&[Some("N")], false, 50, 0),
+            "re-asserts always pass"
+        );
+        assert!(!InitialSync::new(2, 0).covers(&[Some("A")], true, 1, 1));
     }
 
     #[test]

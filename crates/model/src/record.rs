@@ -151,6 +151,24 @@ impl ErrorRecord {
     }
 }
 
+/// A row the initial write could not write (topic `<prefix>.initial-sync-errors`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitialSyncError {
+    pub map: String,
+    pub run: i64,
+    pub source_side: String,
+    pub target_side: String,
+    pub target_entity: String,
+    /// The alternate key values, a JSON array.
+    pub key: String,
+    /// `create` or `update`.
+    pub operation: String,
+    pub sqlstate: Option<String>,
+    pub message: String,
+    /// Microseconds since the Unix epoch.
+    pub occurred_at: i64,
+}
+
 /// PostgreSQL `X/Y` LSN text to a number.
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;

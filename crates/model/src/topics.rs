@@ -54,6 +54,12 @@ impl Topics {
         format!("{}.catchup-errors", self.prefix)
     }
 
+    /// Rows the initial write of a map could not write, every one kept
+    /// ([`crate::record::InitialSyncError`]).
+    pub fn initial_sync_errors(&self) -> String {
+        format!("{}.initial-sync-errors", self.prefix)
+    }
+
     /// Consumer group of a service.
     pub fn group(&self, service: &str) -> String {
         format!("{}.{service}", self.prefix)

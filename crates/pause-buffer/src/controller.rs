@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    command_order, dependencies, next_state, Action, ControlCommand, ControlEvent, MapState,
-    MapStatus, Outcome, PartitionOffset,
+    command_order, dependencies, next_state, Action, ControlCommand, ControlEvent, InitialSync,
+    MapState, MapStatus, Outcome, PartitionOffset,
 };
 
 /// What a command does, decided before anything is written.
@@ -44,11 +44,11 @@ pub fn plan(
     }
     if cmd.action != Action::Run
         && (cmd.initial_sync.is_some()
-            || cmd.conflict_master.is_some()
-            || cmd.resume_policy.is_some())
+            || cmd.resume_policy.is_some()
+            || (cmd.conflict_master.is_some() && cmd.action != Action::RerunInitialSync))
     {
         return Err(format!(
-            "initial_sync, conflict_master and resume_policy are options of Run, not of {}",
+            "initial_sync, conflict_master and resume_policy are options of Run (conflict_master also of RerunInitialSync), not of {}",
             cmd.action
         ));
     }
@@ -146,6 +146,11 @@ fn completed(
     )
 }
 
+/// The run id of a map's next initial write.
+fn next_run(s: &MapStatus) -> i64 {
+    s.initial.as_ref().map_or(0, |i| i.run) + 1
+}
+
 /// The controller's view: every map's status and the command ids applied.
 pub struct Controller {
     pub statuses: BTreeMap<String, MapStatus>,
@@ -222,7 +227,11 @@ impl Controller {
         // Take the end offsets first: a failure here fails the command before anything changed.
         let mut ends = BTreeMap::new();
         for (m, to) in &plan.steps {
-            if matches!(to, MapState::Initializing | MapState::Resuming) {
+            // A rerun keeps the generation's start: the records after the
+            // gate's position are filtered by the new snapshot instead.
+            if matches!(to, MapState::Initializing | MapState::Resuming)
+                && cmd.action != Action::RerunInitialSync
+            {
                 match end_offsets(m) {
                     Ok(o) => {
                         ends.insert(m.clone(), o);
@@ -264,6 +273,20 @@ impl Controller {
             s.state = *to;
             let cfg = config.map(m).expect("planned maps exist");
             match to {
+                MapState::Initializing if cmd.action == Action::RerunInitialSync => {
+                    if cmd.conflict_master.is_some() {
+                        s.conflict_master = cmd.conflict_master.clone();
+                    }
+                    s.initial_sync = true;
+                    s.initial = Some(InitialSync::new(next_run(&s), now));
+                    self.push(
+                        &mut fx,
+                        id,
+                        &s,
+                        "initializing: copying pre-existing rows again (rerun)",
+                        now,
+                    );
+                }
                 MapState::Initializing => {
                     s.generation += 1;
                     s.initial_sync = cmd.initial_sync.unwrap_or(cfg.initial_sync);
@@ -275,16 +298,37 @@ impl Controller {
                     s.resume_targets.clear();
                     s.resume_policy = None;
                     s.paused_at = None;
-                    self.push(&mut fx, id, &s, "initializing", now);
-                    // The initial write of pre-existing rows is not built yet:
-                    // the map goes live from the end offsets taken above.
-                    s.state = MapState::Running;
-                    s.reason = Some(if s.initial_sync {
-                        "initial sync of pre-existing rows is not available yet: live sync from the moment of the run".to_owned()
+                    if s.initial_sync {
+                        s.initial = Some(InitialSync::new(next_run(&s), now));
+                        self.push(
+                            &mut fx,
+                            id,
+                            &s,
+                            "initializing: copying pre-existing rows",
+                            now,
+                        );
                     } else {
-                        "initial sync skipped: live sync from the moment of the run".to_owned()
-                    });
-                    self.push(&mut fx, id, &s, "running", now);
+                        self.push(&mut fx, id, &s, "initializing", now);
+                        s.state = MapState::Running;
+                        s.reason = Some(
+                            "initial sync off: live sync from the moment of the run".to_owned(),
+                        );
+                        self.push(&mut fx, id, &s, "running", now);
+                        fx.events.push(completed(id, m, s.state, "running", now));
+                    }
+                }
+                MapState::Running => {
+                    // SkipInitialSync: live sync of every change since the
+                    // run; what the copy did so far stays written.
+                    if let Some(init) = s.initial.as_mut() {
+                        init.phase = "skipped".to_owned();
+                        init.segments.clear();
+                        init.finished_at = Some(now);
+                    }
+                    s.reason = Some(
+                        "initial sync skipped: live sync of every change since the run".to_owned(),
+                    );
+                    self.push(&mut fx, id, &s, "running (initial sync skipped)", now);
                     fx.events.push(completed(id, m, s.state, "running", now));
                 }
                 MapState::Resuming => {
@@ -378,29 +422,130 @@ impl Controller {
         fx
     }
 
-    /// Maps left Initializing by a crash finish their initialization.
+    /// Maps left Initializing by a crash continue their initial write
+    /// (from its checkpoint); one without a record of it starts one.
     pub fn recover(&self, now: i64) -> Effects {
         let mut fx = Effects::default();
         for s in self
             .statuses
             .values()
-            .filter(|s| s.state == MapState::Initializing)
+            .filter(|s| s.state == MapState::Initializing && s.initial.is_none())
         {
             let mut s = s.clone();
-            s.state = MapState::Running;
+            s.initial = Some(InitialSync::new(next_run(&s), now));
             s.updated_at = now;
             let id = s.last_command_id.clone();
             self.push(
                 &mut fx,
                 id.as_deref(),
                 &s,
-                "running (initialization resumed after a restart)",
+                "initializing: copying pre-existing rows",
                 now,
             );
-            fx.events
-                .push(completed(id.as_deref(), &s.map, s.state, "running", now));
         }
         fx
+    }
+
+    /// The next initial write to do: the first Initializing map (in
+    /// configuration order) none of whose related maps is still
+    /// initializing, so parents are copied before their children.
+    pub fn next_initial_sync(&self, config: &Config) -> Option<(String, InitialSync)> {
+        let initializing = |m: &str| {
+            self.statuses
+                .get(m)
+                .is_some_and(|s| s.state == MapState::Initializing)
+        };
+        config.maps.iter().find_map(|m| {
+            let s = self.statuses.get(&m.name)?;
+            let init = s.initial.as_ref()?;
+            let ready = s.state == MapState::Initializing
+                && matches!(init.phase.as_str(), "waiting" | "copying")
+                && !dependencies(config, &m.name)
+                    .iter()
+                    .any(|d| initializing(d));
+            ready.then(|| (m.name.clone(), init.clone()))
+        })
+    }
+
+    /// Progress of the initial write `run` of `map` (a status update only).
+    pub fn initial_progress(&self, map: &str, progress: &InitialSync, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        let Some(s) = self.current_run(map, progress.run) else {
+            return fx;
+        };
+        let mut s = s.clone();
+        s.initial = Some(progress.clone());
+        s.updated_at = now;
+        fx.statuses.push(s);
+        fx
+    }
+
+    /// The initial write `run` of `map` ended: Running (with the counts),
+    /// or Failed with the reason when it could not go on.
+    pub fn initial_finished(
+        &self,
+        map: &str,
+        result: Result<InitialSync, (InitialSync, String)>,
+        now: i64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let run = match &result {
+            Ok(p) | Err((p, _)) => p.run,
+        };
+        let Some(s) = self.current_run(map, run) else {
+            return fx;
+        };
+        let mut s = s.clone();
+        let id = s.last_command_id.clone();
+        s.updated_at = now;
+        match result {
+            Ok(mut p) => {
+                p.phase = "done".to_owned();
+                p.finished_at = Some(now);
+                let summary = format!(
+                    "initial sync run {} done: {} created, {} updated, {} unchanged, {} failed",
+                    p.run, p.created, p.updated, p.unchanged, p.failed
+                );
+                let message = if p.failed > 0 {
+                    format!(
+                        "{summary}; see `dualwrite ctl initial-sync {map}`, fix the data and rerun"
+                    )
+                } else {
+                    summary
+                };
+                s.initial = Some(p);
+                s.state = MapState::Running;
+                s.reason = Some(message.clone());
+                self.push(&mut fx, id.as_deref(), &s, message.clone(), now);
+                fx.events
+                    .push(completed(id.as_deref(), map, s.state, &message, now));
+            }
+            Err((mut p, reason)) => {
+                p.phase = "failed".to_owned();
+                p.finished_at = Some(now);
+                let message = format!("initial sync run {} failed: {reason}", p.run);
+                s.initial = Some(p);
+                s.state = MapState::Failed;
+                s.reason = Some(message.clone());
+                self.push(&mut fx, id.as_deref(), &s, message.clone(), now);
+                fx.events.push(event(
+                    id.as_deref(),
+                    Outcome::Failed,
+                    Some(map),
+                    Some(s.state),
+                    message,
+                    now,
+                ));
+            }
+        }
+        fx
+    }
+
+    /// The status of `map` while its initial write `run` is the current one.
+    fn current_run(&self, map: &str, run: i64) -> Option<&MapStatus> {
+        self.statuses.get(map).filter(|s| {
+            s.state == MapState::Initializing && s.initial.as_ref().is_some_and(|i| i.run == run)
+        })
     }
 
     fn push(
@@ -448,7 +593,8 @@ mod tests {
             action,
             map: map.into(),
             include_related: false,
-            initial_sync: None,
+            // Most tests go live at once; the initial write has its own tests.
+            initial_sync: (action == Action::Run).then_some(false),
             conflict_master: None,
             order: None,
             resume_policy: None,
@@ -577,6 +723,115 @@ mod tests {
         // An operator resumes it as any paused map.
         let fx = apply(&mut c, &cfg, &cmd("resume", Action::Run, "currencies"));
         assert_eq!(fx.statuses[0].state, MapState::Resuming);
+    }
+
+    #[test]
+    fn initial_sync_runs_parents_first_and_ends_running_or_failed() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        let mut all = cmd("a", Action::Run, "customers");
+        all.include_related = true;
+        all.initial_sync = None; // the maps' default: on
+        let fx = apply(&mut c, &cfg, &all);
+        assert_eq!(
+            outcomes(&fx),
+            [
+                Outcome::Accepted,
+                Outcome::StateChanged,
+                Outcome::StateChanged,
+                Outcome::StateChanged
+            ],
+            "no map completes before its copy"
+        );
+        assert!(["customer_groups", "currencies", "customers"]
+            .iter()
+            .all(|m| c.statuses[*m].state == MapState::Initializing));
+        // Parents first: customers waits while its related maps initialize.
+        let (first, p) = c.next_initial_sync(&cfg).unwrap();
+        assert_eq!((first.as_str(), p.run), ("customer_groups", 1));
+        let mut done = p.clone();
+        done.created = 3;
+        let fx = c.initial_finished("customer_groups", Ok(done), 2);
+        c.commit(&fx, None);
+        assert_eq!(fx.events.last().unwrap().outcome, Outcome::Completed);
+        assert_eq!(fx.events.last().unwrap().command_id.as_deref(), Some("a"));
+        assert_eq!(c.statuses["customer_groups"].state, MapState::Running);
+        let (next, p) = c.next_initial_sync(&cfg).unwrap();
+        assert_eq!(next, "currencies");
+        let fx = c.initial_finished("currencies", Err((p, "table missing".into())), 3);
+        c.commit(&fx, None);
+        let s = &c.statuses["currencies"];
+        assert_eq!(s.state, MapState::Failed);
+        assert!(s.reason.as_deref().unwrap().contains("table missing"));
+        assert_eq!(c.next_initial_sync(&cfg).unwrap().0, "customers");
+
+        // A stale report (another run) changes nothing.
+        let mut stale = c.statuses["customers"].initial.clone().unwrap();
+        stale.run = 9;
+        assert!(c
+            .initial_progress("customers", &stale, 4)
+            .statuses
+            .is_empty());
+        let mut now = c.statuses["customers"].initial.clone().unwrap();
+        now.rows_done = 10;
+        let fx = c.initial_progress("customers", &now, 4);
+        assert!(fx.events.is_empty() && fx.statuses.len() == 1);
+        c.commit(&fx, None);
+
+        // Skip: straight to live sync, without the snapshot filter.
+        let fx = apply(
+            &mut c,
+            &cfg,
+            &cmd("s", Action::SkipInitialSync, "customers"),
+        );
+        assert_eq!(fx.events.last().unwrap().outcome, Outcome::Completed);
+        let s = &c.statuses["customers"];
+        assert_eq!(s.state, MapState::Running);
+        assert_eq!(s.initial.as_ref().unwrap().phase, "skipped");
+        assert!(c.next_initial_sync(&cfg).is_none());
+
+        // Rerun: Initializing again with the next run id, same generation and start.
+        let before = c.statuses["customers"].clone();
+        let mut rerun = cmd("r", Action::RerunInitialSync, "customers");
+        rerun.conflict_master = Some("fno".into());
+        apply(&mut c, &cfg, &rerun);
+        let s = &c.statuses["customers"];
+        assert_eq!(s.state, MapState::Initializing);
+        assert_eq!(s.initial.as_ref().unwrap().run, 2);
+        assert_eq!(
+            (s.generation, &s.start_offsets),
+            (before.generation, &before.start_offsets)
+        );
+        assert_eq!(s.conflict_master.as_deref(), Some("fno"));
+        // Rerun is not available while Initializing; Skip is not while Running.
+        let fx = apply(
+            &mut c,
+            &cfg,
+            &cmd("r2", Action::RerunInitialSync, "customers"),
+        );
+        assert_eq!(outcomes(&fx), [Outcome::Rejected]);
+        let fx = apply(
+            &mut c,
+            &cfg,
+            &cmd("s2", Action::SkipInitialSync, "customer_groups"),
+        );
+        assert_eq!(outcomes(&fx), [Outcome::Rejected]);
+    }
+
+    #[test]
+    fn initial_sync_off_goes_live_at_once_and_restarts_keep_copies() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        apply(&mut c, &cfg, &cmd("off", Action::Run, "currencies"));
+        assert_eq!(c.statuses["currencies"].state, MapState::Running);
+        assert!(c.statuses["currencies"].initial.is_none());
+        let mut on = cmd("on", Action::Run, "customer_groups");
+        on.initial_sync = Some(true);
+        apply(&mut c, &cfg, &on);
+        // After a restart the copy is still due, from where it was.
+        let c2 = Controller::new(&cfg, c.statuses.values().cloned().collect(), vec![], 5);
+        assert!(c2.recover(5).statuses.is_empty());
+        assert_eq!(c2.next_initial_sync(&cfg).unwrap().0, "customer_groups");
     }
 
     #[test]

@@ -257,14 +257,26 @@ impl Gate {
         .then(|| offsets(&self.status.resume_targets));
         let catchup = Topics::new(&self.config.kafka.topic_prefix).catchup_errors();
         let mut out = Output::default();
+        let initial = self
+            .status
+            .initial
+            .as_ref()
+            .filter(|i| !i.segments.is_empty());
         for m in batch {
             match crate::forward_one(
                 &self.config,
                 &self.errors,
                 m,
                 self.status.conflict_master.as_deref(),
+                initial,
             ) {
-                Ok(mut rec) => {
+                Ok(None) => {
+                    metrics()
+                        .skipped
+                        .with_label_values(&["pause-buffer", "in_initial_sync_snapshot"])
+                        .inc();
+                }
+                Ok(Some(mut rec)) => {
                     if aside_before
                         .as_ref()
                         .is_some_and(|t| t.get(&m.partition()).is_some_and(|t| m.offset() < *t))

@@ -7,6 +7,8 @@
 //! - [`gate`]: one per map; forwards while the map runs, holds the map's
 //!   offset while it is paused (changes queue in Kafka), replays the backlog
 //!   in order on resume (catch-up), then reports back.
+//! - the initial write ([`dualwrite_initial_sync`]) of maps that are
+//!   Initializing, one at a time, related maps first.
 //!
 //! Run one pause buffer per deployment: it is the only writer of the status
 //! topic. It keeps nothing on disk; everything it needs is read back from
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    parse_command, ControlEvent, MapState, MapStatus, Outcome, PartitionOffset,
+    parse_command, ControlEvent, InitialSync, MapState, MapStatus, Outcome, PartitionOffset,
 };
 use dualwrite_model::record::{ErrorRecord, MappedChange};
 use dualwrite_model::topics::Topics;
@@ -41,6 +43,7 @@ use tracing::Instrument;
 
 use crate::controller::{event, Controller, Effects};
 use crate::gate::{Gate, Report};
+use dualwrite_initial_sync as initial_sync;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PauseBufferError {
@@ -66,6 +69,12 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
         status,
         TopicSpec::new(t.events(), 1),
         TopicSpec::new(t.catchup_errors(), p),
+        {
+            // Every failed row of every initial write is kept.
+            let mut s = TopicSpec::new(t.initial_sync_errors(), 1);
+            s.config.push(("retention.ms".into(), "-1".into()));
+            s
+        },
     ];
     v.extend(
         config
@@ -78,12 +87,15 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
 
 /// Where one map-topic record goes: the target side's apply topic, same key.
 /// A conflict master chosen at run time (`master`) replaces the configured one.
+/// `None`: the change is part of what the map's initial write copied (its
+/// transaction is visible in the snapshot that covers its key): not forwarded.
 pub fn forward_one(
     config: &Config,
     errors: &ErrorSink,
     m: &OwnedMessage,
     master: Option<&str>,
-) -> Result<Outgoing, Box<ErrorRecord>> {
+    initial: Option<&InitialSync>,
+) -> Result<Option<Outgoing>, Box<ErrorRecord>> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let Some(payload) = m.payload() else {
         return Err(Box::new(errors.about(
@@ -94,17 +106,24 @@ pub fn forward_one(
     };
     match avro::decode::<MappedChange>(payload) {
         Ok(mut mc) if config.side_id(&mc.target_side).is_some() => {
+            if let Some(init) = initial {
+                let key: Vec<Option<&str>> = mc.key.iter().map(|f| f.value.as_deref()).collect();
+                let left = mc.source_side == config.sides.left.name;
+                if init.covers(&key, left, mc.source_lsn, mc.source_xid) {
+                    return Ok(None);
+                }
+            }
             let mut payload = payload.to_vec();
             if master.is_some() && mc.conflict_master.as_deref() != master {
                 mc.conflict_master = master.map(str::to_owned);
                 payload = avro::encode(&mc)
                     .map_err(|e| Box::new(errors.about(m, "encode", e.to_string())))?;
             }
-            Ok(Outgoing {
+            Ok(Some(Outgoing {
                 topic: t.apply(&mc.target_side),
                 key: kafka::key_text(m).unwrap_or_else(|| mc.kafka_key()),
                 payload,
-            })
+            }))
         }
         Ok(mc) => {
             let mut e = errors.about(
@@ -221,8 +240,12 @@ async fn run_inner(
         };
     publish_states(&ctl);
     health().set("pause-buffer:state", true);
+    let (copy_tx, mut copy_rx) = mpsc::channel::<initial_sync::Report>(16);
+    let mut copy: Option<Copying> = None;
     loop {
-        // Priority: shutdown, a gate failing, catch-up reports, errors (auto-pause), then commands.
+        schedule_copy(&ctl, &config, &producer, &mut copy, &copy_tx, &shutdown);
+        // Priority: shutdown, a gate failing, catch-up reports, initial
+        // writes, errors (auto-pause), then commands.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -235,6 +258,23 @@ async fn run_inner(
             }
             Some(Report::CaughtUp { map, targets }) = report_rx.recv() => {
                 let fx = ctl.caught_up(&map, &targets, now_micros());
+                if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
+                    break;
+                }
+                ctl.commit(&fx, None);
+                notify(&ctl, &fx, &senders);
+            }
+            Some(report) = copy_rx.recv() => {
+                let now = now_micros();
+                let fx = match report {
+                    initial_sync::Report::Progress { map, progress } => ctl.initial_progress(&map, &progress, now),
+                    initial_sync::Report::Finished { map, result } => {
+                        if copy.as_ref().is_some_and(|c| c.map == map) {
+                            copy = None;
+                        }
+                        ctl.initial_finished(&map, result, now)
+                    }
+                };
                 if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
                     break;
                 }
@@ -309,6 +349,57 @@ async fn run_inner(
     shutdown.cancel();
     while gates.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The initial write under way.
+struct Copying {
+    map: String,
+    run: i64,
+    cancel: CancellationToken,
+}
+
+/// Stops the initial write under way if its map left Initializing (skipped,
+/// or another run began), and starts the next one due, if any.
+fn schedule_copy(
+    ctl: &Controller,
+    config: &Arc<Config>,
+    producer: &Producer,
+    copy: &mut Option<Copying>,
+    reports: &mpsc::Sender<initial_sync::Report>,
+    shutdown: &CancellationToken,
+) {
+    if let Some(c) = copy.as_ref() {
+        let current = ctl.statuses.get(&c.map).is_some_and(|s| {
+            s.state == MapState::Initializing
+                && s.initial.as_ref().is_some_and(|i| {
+                    i.run == c.run && matches!(i.phase.as_str(), "waiting" | "copying")
+                })
+        });
+        if current {
+            return;
+        }
+        tracing::info!(map = %c.map, run = c.run, "initial sync no longer wanted: stopped");
+        c.cancel.cancel();
+        *copy = None;
+    }
+    let Some((map, progress)) = ctl.next_initial_sync(config) else {
+        return;
+    };
+    let cancel = shutdown.child_token();
+    let run = progress.run;
+    let job = initial_sync::Job {
+        config: config.clone(),
+        map: map.clone(),
+        progress,
+        conflict_master: ctl
+            .statuses
+            .get(&map)
+            .and_then(|s| s.conflict_master.clone()),
+        producer: producer.clone(),
+    };
+    let span = tracing::info_span!("initial_sync", map = %map, run);
+    tokio::spawn(initial_sync::run(job, reports.clone(), cancel.clone()).instrument(span));
+    *copy = Some(Copying { map, run, cancel });
 }
 
 /// Recent error times per map, for the automatic pause.

@@ -49,6 +49,9 @@ pub mod name {
     pub const COMMANDS: &str = "dualwrite_control_commands_total";
     pub const KAFKA_QUEUE: &str = "dualwrite_kafka_queue_messages";
     pub const KAFKA_RTT: &str = "dualwrite_kafka_broker_rtt_seconds";
+    pub const INITIAL_SYNC_ROWS: &str = "dualwrite_initial_sync_rows";
+    pub const INITIAL_SYNC_ROWS_DONE: &str = "dualwrite_initial_sync_rows_done";
+    pub const INITIAL_SYNC_RECORDS: &str = "dualwrite_initial_sync_records_total";
 }
 
 /// Every metric of the process.
@@ -75,6 +78,9 @@ pub struct Metrics {
     pub commands: IntCounterVec,
     pub kafka_queue: IntGaugeVec,
     pub kafka_rtt: GaugeVec,
+    pub initial_sync_rows: IntGaugeVec,
+    pub initial_sync_rows_done: IntGaugeVec,
+    pub initial_sync_records: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -143,6 +149,9 @@ impl Metrics {
             commands: counter(&r, COMMANDS, "Control commands by action and outcome.", &[ACTION, OUTCOME]),
             kafka_queue: int_gauge(&r, KAFKA_QUEUE, "Messages in a Kafka client's local queues (librdkafka msg_cnt).", &[CLIENT]),
             kafka_rtt: gauge(&r, KAFKA_RTT, "Average broker round-trip time seen by a Kafka client.", &[CLIENT]),
+            initial_sync_rows: int_gauge(&r, INITIAL_SYNC_ROWS, "Rows the current initial write of a map reads on both sides (counted at its snapshots).", &[MAP]),
+            initial_sync_rows_done: int_gauge(&r, INITIAL_SYNC_ROWS_DONE, "Rows the current initial write of a map has read so far.", &[MAP]),
+            initial_sync_records: counter(&r, INITIAL_SYNC_RECORDS, "Records handled by initial writes: created, updated, unchanged, failed.", &[MAP, OUTCOME]),
             registry: r,
         };
         m.build_info

@@ -1,0 +1,708 @@
+//! The initial write of a map: copies and reconciles the rows both sides
+//! already have, then the map goes live without losing or clobbering any
+//! change made meanwhile.
+//!
+//! # Algorithm
+//!
+//! 1. When the map is run, the pause buffer records the map topic's end
+//!    offsets (live sync of this generation starts there) and holds the map
+//!    (Initializing: nothing is forwarded; changes queue in Kafka).
+//! 2. The copy waits until the appliers have written everything already
+//!    released to them (their committed offsets reach the apply topics' end
+//!    offsets), so no older write lands after the copy.
+//! 3. On each side it opens a `REPEATABLE READ` transaction and reads its
+//!    snapshot (`pg_current_snapshot()`) and the WAL insert position with
+//!    it: a transaction is part of the copy exactly when it is visible in
+//!    that snapshot. Both are recorded on the status topic.
+//! 4. It reads both tables in key order (byte order of each key value's
+//!    text, identical on both sides) through cursors, a chunk at a time, and
+//!    merges them by alternate key: a row on one side only is created on the
+//!    other; a row on both takes the conflict master's values for fields
+//!    that sync both ways and the source's for one-way fields. Rows that
+//!    match are not written. Writes use a replication origin of their own,
+//!    so the capturers do not send them back.
+//! 5. Writes are guarded: a create does nothing if the record appeared on
+//!    the target meanwhile; an update happens only if the target still has
+//!    the values the snapshot read. A change made after the snapshot is thus
+//!    never overwritten: live sync carries it (and the conflict master
+//!    settles a record changed on both sides).
+//! 6. After each chunk the checkpoint (last key) and the counts go to the
+//!    status topic. After a crash the copy continues after the checkpoint
+//!    with new snapshots; the keys after it are covered by those.
+//! 7. When the copy ends the map turns Running: the pause buffer forwards
+//!    the changes queued since the run, except those of transactions visible
+//!    in the snapshot that covers their key: those are already part of the
+//!    copy, so a change older than the snapshot never overrides its result.
+//!
+//! A row that cannot be written (missing related record, constraint, bad
+//! value) is recorded on `<prefix>.initial-sync-errors` with the run id,
+//! side, key and error; the other rows go on.
+
+pub mod plan;
+pub mod sql;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dualwrite_model::avro;
+use dualwrite_model::config::{Config, MapConfig, SideId};
+use dualwrite_model::lifecycle::{InitialSync, SideSnapshot, SnapshotSegment};
+use dualwrite_model::record::{key_string, Field, InitialSyncError};
+use dualwrite_model::topics::Topics;
+use dualwrite_runtime::backoff::Backoff;
+use dualwrite_runtime::kafka::{self, Outgoing, Producer};
+use dualwrite_runtime::metrics::metrics;
+use dualwrite_runtime::pg;
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, Statement};
+use tokio_util::sync::CancellationToken;
+
+use crate::plan::{plan_record, Write, WriteKind};
+
+/// Keys merged and written per chunk (one transaction per side).
+pub const CHUNK: usize = 500;
+/// Rows fetched from a cursor at a time.
+const FETCH: usize = 1000;
+/// Shortest interval between two progress reports.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// What a copy tells the controller.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Progress {
+        map: String,
+        progress: InitialSync,
+    },
+    /// The copy ended; `Err` when it could not go on, with the reason.
+    Finished {
+        map: String,
+        result: Result<InitialSync, (InitialSync, String)>,
+    },
+}
+
+/// One initial write to do.
+pub struct Job {
+    pub config: Arc<Config>,
+    pub map: String,
+    /// Where it stands (a new run, or one to continue after a restart).
+    pub progress: InitialSync,
+    /// The conflict master chosen at run time (a side name), if any.
+    pub conflict_master: Option<String>,
+    pub producer: Producer,
+}
+
+enum Failure {
+    /// Worth trying again (connection lost, broker unavailable).
+    Transient(String),
+    /// The copy cannot go on (table missing, no permission…).
+    Fatal(String),
+}
+
+fn pg_failure(what: &str, e: &tokio_postgres::Error) -> Failure {
+    let msg = format!("{what}: {}", pg::describe(e));
+    if pg::is_transient(e) {
+        Failure::Transient(msg)
+    } else {
+        Failure::Fatal(msg)
+    }
+}
+
+/// A key and its rows on the left and right (`None`: no row there).
+type Pair = (Vec<String>, Option<Vec<Field>>, Option<Vec<Field>>);
+
+/// Runs the copy until it ends, is cancelled (the map left Initializing),
+/// or fails; transient failures are retried from the checkpoint.
+pub async fn run(job: Job, reports: mpsc::Sender<Report>, cancel: CancellationToken) {
+    let mut progress = job.progress.clone();
+    let mut backoff = Backoff::new("initial-sync");
+    loop {
+        match attempt(&job, &mut progress, &reports, &cancel).await {
+            Ok(true) => {
+                tracing::info!(map = %job.map, run = progress.run, created = progress.created, updated = progress.updated, unchanged = progress.unchanged, failed = progress.failed, "initial sync done");
+                let _ = reports
+                    .send(Report::Finished {
+                        map: job.map.clone(),
+                        result: Ok(progress),
+                    })
+                    .await;
+                return;
+            }
+            Ok(false) => return,
+            Err(Failure::Transient(msg)) => {
+                tracing::warn!(map = %job.map, run = progress.run, "initial sync interrupted, continuing from its checkpoint: {msg}");
+                if backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+            Err(Failure::Fatal(msg)) => {
+                tracing::error!(map = %job.map, run = progress.run, "initial sync failed: {msg}");
+                let _ = reports
+                    .send(Report::Finished {
+                        map: job.map.clone(),
+                        result: Err((progress, msg)),
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+/// One attempt from the checkpoint. `Ok(false)`: cancelled.
+async fn attempt(
+    job: &Job,
+    p: &mut InitialSync,
+    reports: &mpsc::Sender<Report>,
+    cancel: &CancellationToken,
+) -> Result<bool, Failure> {
+    let config = &job.config;
+    let Some(map) = config.map(&job.map) else {
+        return Err(Failure::Fatal(format!(
+            "map `{}` is no longer configured",
+            job.map
+        )));
+    };
+    if !appliers_drained(config, cancel).await? {
+        return Ok(false);
+    }
+    let master = job
+        .conflict_master
+        .as_deref()
+        .and_then(|m| config.side_id(m))
+        .unwrap_or_else(|| config.conflict_master(map));
+    let after = p.checkpoint.clone();
+    let mut left = SideCopy::open(config, map, SideId::Left, after.as_deref()).await?;
+    let mut right = SideCopy::open(config, map, SideId::Right, after.as_deref()).await?;
+
+    if p.segments.is_empty() && p.rows_done == 0 {
+        p.started_at = dualwrite_runtime::now_micros();
+    }
+    // The new snapshots cover every key after the checkpoint.
+    p.segments.retain(|s| match (&s.after_key, &after) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => a < b,
+    });
+    p.segments.push(SnapshotSegment {
+        after_key: after.clone(),
+        left: left.snapshot.clone(),
+        right: right.snapshot.clone(),
+    });
+    p.phase = "copying".to_owned();
+    p.rows_total = p.rows_done + left.rows + right.rows;
+    report(reports, &job.map, p).await;
+    tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?after, "initial sync: copying");
+
+    let topic = Topics::new(&config.kafka.topic_prefix).initial_sync_errors();
+    let mut last_report = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(false);
+        }
+        // Merge a chunk of keys.
+        let mut chunk: Vec<Pair> = Vec::new();
+        let mut read = 0i64;
+        let mut errors: Vec<InitialSyncError> = Vec::new();
+        while chunk.len() < CHUNK {
+            left.fill().await?;
+            right.fill().await?;
+            let order = match (left.buf.front(), right.buf.front()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(l), Some(r)) => cmp_keys(&l.0, &r.0),
+            };
+            let (l, r) = match order {
+                std::cmp::Ordering::Less => (left.buf.pop_front(), None),
+                std::cmp::Ordering::Greater => (None, right.buf.pop_front()),
+                std::cmp::Ordering::Equal => (left.buf.pop_front(), right.buf.pop_front()),
+            };
+            read += l.is_some() as i64 + r.is_some() as i64;
+            let key = l
+                .as_ref()
+                .or(r.as_ref())
+                .map(|x| x.0.clone())
+                .unwrap_or_default();
+            if key.iter().any(Option::is_none) {
+                // No key: it cannot be linked to a record on the other side.
+                let source = if l.is_some() {
+                    SideId::Left
+                } else {
+                    SideId::Right
+                };
+                count_failed(map);
+                errors.push(sync_error(
+                    config,
+                    map,
+                    p.run,
+                    source,
+                    WriteKind::Create,
+                    &key,
+                    None,
+                    "the row's alternate key is NULL: it cannot be linked to a record on the other side".to_owned(),
+                ));
+                p.failed += 1;
+                continue;
+            }
+            let key: Vec<String> = key.into_iter().map(Option::unwrap_or_default).collect();
+            chunk.push((key, l.map(|x| x.1), r.map(|x| x.1)));
+        }
+        if chunk.is_empty() && errors.is_empty() {
+            break;
+        }
+
+        // Plan the writes of the chunk.
+        let mut to_left: Vec<(usize, Write)> = Vec::new();
+        let mut to_right: Vec<(usize, Write)> = Vec::new();
+        for (i, (key, l, r)) in chunk.iter().enumerate() {
+            match plan_record(config, map, master, l.as_deref(), r.as_deref()) {
+                Ok(writes) if writes.is_empty() => p.unchanged += 1,
+                Ok(writes) => {
+                    for w in writes {
+                        match w.target {
+                            SideId::Left => to_left.push((i, w)),
+                            SideId::Right => to_right.push((i, w)),
+                        }
+                    }
+                }
+                Err(e) => {
+                    let source = if l.is_some() {
+                        SideId::Left
+                    } else {
+                        SideId::Right
+                    };
+                    let key: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
+                    errors.push(sync_error(
+                        config,
+                        map,
+                        p.run,
+                        source,
+                        WriteKind::Create,
+                        &key,
+                        None,
+                        e.to_string(),
+                    ));
+                    count_failed(map);
+                    p.failed += 1;
+                }
+            }
+        }
+        for (copy, writes) in [(&mut left, &to_left), (&mut right, &to_right)] {
+            let outcomes = copy.write(writes).await?;
+            for ((_, w), outcome) in writes.iter().zip(outcomes) {
+                let counter = match outcome {
+                    Outcome::Written => match w.kind {
+                        WriteKind::Create => {
+                            p.created += 1;
+                            "created"
+                        }
+                        WriteKind::Update => {
+                            p.updated += 1;
+                            "updated"
+                        }
+                    },
+                    Outcome::Unchanged => {
+                        p.unchanged += 1;
+                        "unchanged"
+                    }
+                    Outcome::Rejected { sqlstate, message } => {
+                        p.failed += 1;
+                        let key: Vec<Option<String>> =
+                            w.key.iter().map(|f| f.value.clone()).collect();
+                        errors.push(sync_error(
+                            config,
+                            map,
+                            p.run,
+                            w.target.other(),
+                            w.kind,
+                            &key,
+                            sqlstate,
+                            message,
+                        ));
+                        "failed"
+                    }
+                };
+                metrics()
+                    .initial_sync_records
+                    .with_label_values(&[&map.name, counter])
+                    .inc();
+            }
+        }
+        if !errors.is_empty() {
+            let records: Vec<Outgoing> = errors
+                .iter()
+                .filter_map(|e| {
+                    Some(Outgoing {
+                        topic: topic.clone(),
+                        key: e.map.clone(),
+                        payload: avro::encode(e).ok()?,
+                    })
+                })
+                .collect();
+            kafka::send_all(&job.producer, &records)
+                .await
+                .map_err(|e| {
+                    Failure::Transient(format!("cannot record the failed rows on {topic}: {e}"))
+                })?;
+        }
+        p.rows_done += read;
+        if let Some((key, _, _)) = chunk.last() {
+            p.checkpoint = Some(key.clone());
+        }
+        if last_report.elapsed() >= REPORT_EVERY {
+            report(reports, &job.map, p).await;
+            last_report = Instant::now();
+        }
+    }
+    left.finish().await?;
+    right.finish().await?;
+    p.rows_total = p.rows_done;
+    Ok(true)
+}
+
+async fn report(reports: &mpsc::Sender<Report>, map: &str, p: &InitialSync) {
+    let m = metrics();
+    m.initial_sync_rows
+        .with_label_values(&[map])
+        .set(p.rows_total);
+    m.initial_sync_rows_done
+        .with_label_values(&[map])
+        .set(p.rows_done);
+    let _ = reports
+        .send(Report::Progress {
+            map: map.to_owned(),
+            progress: p.clone(),
+        })
+        .await;
+}
+
+fn count_failed(map: &MapConfig) {
+    metrics()
+        .initial_sync_records
+        .with_label_values(&[&map.name, "failed"])
+        .inc();
+}
+
+/// Key order of the copy: byte order of each value (NULLs, never linked, last).
+fn cmp_keys(a: &[Option<String>], b: &[Option<String>]) -> std::cmp::Ordering {
+    let bytes = |k: &[Option<String>]| -> Vec<(bool, Vec<u8>)> {
+        k.iter()
+            .map(|v| (v.is_none(), v.as_deref().unwrap_or("").as_bytes().to_vec()))
+            .collect()
+    };
+    bytes(a).cmp(&bytes(b))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sync_error(
+    config: &Config,
+    map: &MapConfig,
+    run: i64,
+    source: SideId,
+    kind: WriteKind,
+    key: &[Option<String>],
+    sqlstate: Option<String>,
+    message: String,
+) -> InitialSyncError {
+    let target = source.other();
+    InitialSyncError {
+        map: map.name.clone(),
+        run,
+        source_side: config.side(source).name.clone(),
+        target_side: config.side(target).name.clone(),
+        target_entity: map.entity(target).qualified(),
+        key: key_string(key.iter().map(|v| v.as_deref())),
+        operation: kind.as_str().to_owned(),
+        sqlstate,
+        message,
+        occurred_at: dualwrite_runtime::now_micros(),
+    }
+}
+
+/// Waits until every applier has written what was released to it (its
+/// group's committed offsets reach the apply topics' current end offsets).
+async fn appliers_drained(
+    config: &Arc<Config>,
+    cancel: &CancellationToken,
+) -> Result<bool, Failure> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    for side in [&config.sides.left.name, &config.sides.right.name] {
+        let topic = t.apply(side);
+        let group = t.group(&format!("apply.{side}"));
+        let consumer = Arc::new(
+            kafka::consumer(&config.kafka, "dualwrite-initial-sync", &group)
+                .map_err(|e| Failure::Transient(format!("Kafka consumer: {e}")))?,
+        );
+        let (cfg, top) = (config.clone(), topic.clone());
+        let ends = tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top))
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))?
+            .map_err(|e| Failure::Transient(format!("end offsets of {topic}: {e}")))?;
+        loop {
+            let (cfg, top, c) = (config.clone(), topic.clone(), consumer.clone());
+            let committed = tokio::task::spawn_blocking(move || {
+                kafka::committed_positions(&cfg.kafka, &c, &top)
+            })
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))?
+            .map_err(|e| Failure::Transient(format!("committed offsets of {group}: {e}")))?;
+            if ends
+                .iter()
+                .all(|(p, _, hi)| committed.get(p).is_some_and(|c| c >= hi))
+            {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+    Ok(true)
+}
+
+enum Outcome {
+    Written,
+    /// Nothing to write after all (equal as the column types compare, or
+    /// changed on the target after the snapshot: live sync carries it).
+    Unchanged,
+    Rejected {
+        sqlstate: Option<String>,
+        message: String,
+    },
+}
+
+/// One side of a copy: a snapshot reader and a writer.
+struct SideCopy {
+    entity: String,
+    key_len: usize,
+    reader: Client,
+    writer: Client,
+    snapshot: SideSnapshot,
+    rows: i64,
+    buf: VecDeque<(Vec<Option<String>>, Vec<Field>)>,
+    exhausted: bool,
+    statements: HashMap<String, Statement>,
+}
+
+const CURSOR: &str = "dualwrite_initial_sync";
+
+impl SideCopy {
+    async fn open(
+        config: &Config,
+        map: &MapConfig,
+        side: SideId,
+        after: Option<&[String]>,
+    ) -> Result<SideCopy, Failure> {
+        let conn = &config.side(side).connection;
+        let name = &config.side(side).name;
+        let connect = |e: pg::ConnectError| {
+            let msg = format!("side `{name}`: cannot connect: {e}");
+            if e.is_transient() {
+                Failure::Transient(msg)
+            } else {
+                Failure::Fatal(msg)
+            }
+        };
+        let reader = pg::connect(conn, "dualwrite-initial-sync")
+            .await
+            .map_err(connect)?;
+        let writer = pg::connect(conn, "dualwrite-initial-sync")
+            .await
+            .map_err(connect)?;
+        let origin = config.initial_sync_origin(side);
+        pg::ensure_origin(&writer, &origin)
+            .await
+            .map_err(|e| pg_failure(&format!("side `{name}`: replication origin {origin}"), &e))?;
+        writer
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(|e| pg_failure(&format!("side `{name}`: replication origin {origin}"), &e))?;
+        let entity = map.entity(side);
+        let read = |e: tokio_postgres::Error| {
+            pg_failure(
+                &format!("side `{name}`: reading {}", entity.qualified()),
+                &e,
+            )
+        };
+        reader
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(read)?;
+        // The first statement takes the snapshot; the insert position read
+        // with it bounds every commit the snapshot can see.
+        let row = reader
+            .query_one(
+                "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
+                &[],
+            )
+            .await
+            .map_err(read)?;
+        let (snap, lsn): (String, String) = (row.get(0), row.get(1));
+        let lsn = dualwrite_model::record::parse_lsn(&lsn).unwrap_or(0) as i64;
+        let snapshot = SideSnapshot::parse(&snap, lsn).ok_or_else(|| {
+            Failure::Fatal(format!("side `{name}`: unreadable snapshot `{snap}`"))
+        })?;
+        let rows: i64 = reader
+            .query_one(&sql::count(&entity.qualified(), &entity.key, after), &[])
+            .await
+            .map_err(read)?
+            .get(0);
+        reader
+            .batch_execute(&sql::declare_cursor(
+                CURSOR,
+                &entity.qualified(),
+                &entity.key,
+                after,
+            ))
+            .await
+            .map_err(read)?;
+        Ok(SideCopy {
+            entity: entity.qualified(),
+            key_len: entity.key.len(),
+            reader,
+            writer,
+            snapshot,
+            rows,
+            buf: VecDeque::new(),
+            exhausted: false,
+            statements: HashMap::new(),
+        })
+    }
+
+    /// Fetches the next rows when the buffer is empty.
+    async fn fill(&mut self) -> Result<(), Failure> {
+        if !self.buf.is_empty() || self.exhausted {
+            return Ok(());
+        }
+        let rows = self
+            .reader
+            .query(&format!("FETCH {FETCH} FROM {CURSOR}"), &[])
+            .await
+            .map_err(|e| pg_failure("reading rows", &e))?;
+        if rows.len() < FETCH {
+            self.exhausted = true;
+        }
+        for r in rows {
+            let key: Vec<Option<String>> = (0..self.key_len).map(|i| r.get(i)).collect();
+            let json: Option<String> = r.get(self.key_len);
+            let obj: serde_json::Map<String, serde_json::Value> = json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default();
+            let fields = obj
+                .into_iter()
+                .map(|(name, v)| Field {
+                    name,
+                    value: v.as_str().map(str::to_owned),
+                })
+                .collect();
+            self.buf.push_back((key, fields));
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), Failure> {
+        self.reader
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| pg_failure("ending the snapshot", &e))
+    }
+
+    /// Writes to this side (the writes whose target it is), in one
+    /// transaction; when the side rejects one, again each under a savepoint
+    /// so that only the rejected ones fail.
+    async fn write(&mut self, writes: &[(usize, Write)]) -> Result<Vec<Outcome>, Failure> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = async {
+            self.writer.batch_execute("BEGIN").await?;
+            let mut out = Vec::with_capacity(writes.len());
+            for (_, w) in writes {
+                out.push(self.exec(w).await?);
+            }
+            Ok::<_, tokio_postgres::Error>(out)
+        }
+        .await;
+        match all {
+            Ok(out) => {
+                self.commit().await?;
+                return Ok(out);
+            }
+            Err(e) if pg::is_transient(&e) => return Err(pg_failure("writing", &e)),
+            Err(_) => self.rollback().await?,
+        }
+        // One of them was rejected: again, each under a savepoint.
+        self.writer
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| pg_failure("writing", &e))?;
+        let mut out = Vec::with_capacity(writes.len());
+        for (_, w) in writes {
+            self.writer
+                .batch_execute("SAVEPOINT w")
+                .await
+                .map_err(|e| pg_failure("writing", &e))?;
+            match self.exec(w).await {
+                Ok(o) => {
+                    self.writer
+                        .batch_execute("RELEASE SAVEPOINT w")
+                        .await
+                        .map_err(|e| pg_failure("writing", &e))?;
+                    out.push(o);
+                }
+                Err(e) if pg::is_transient(&e) => return Err(pg_failure("writing", &e)),
+                Err(e) => {
+                    self.writer
+                        .batch_execute("ROLLBACK TO SAVEPOINT w")
+                        .await
+                        .map_err(|e| pg_failure("writing", &e))?;
+                    out.push(Outcome::Rejected {
+                        sqlstate: e.code().map(|c| c.code().to_owned()),
+                        message: pg::describe(&e),
+                    });
+                }
+            }
+        }
+        self.commit().await?;
+        Ok(out)
+    }
+
+    async fn exec(&mut self, w: &Write) -> Result<Outcome, tokio_postgres::Error> {
+        let sql = sql::statement(&self.entity, w);
+        let stmt = match self.statements.get(&sql) {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.writer.prepare(&sql).await?;
+                self.statements.insert(sql, s.clone());
+                s
+            }
+        };
+        let (new, old) = sql::parameters(w);
+        let n = match w.kind {
+            WriteKind::Create => self.writer.execute(&stmt, &[&new]).await?,
+            WriteKind::Update => self.writer.execute(&stmt, &[&new, &old]).await?,
+        };
+        Ok(if n > 0 {
+            Outcome::Written
+        } else {
+            Outcome::Unchanged
+        })
+    }
+
+    async fn commit(&mut self) -> Result<(), Failure> {
+        self.writer.batch_execute("COMMIT").await.map_err(|e| {
+            // A deferred constraint fails at commit: the chunk cannot be written.
+            pg_failure("committing", &e)
+        })
+    }
+
+    async fn rollback(&mut self) -> Result<(), Failure> {
+        self.writer
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| pg_failure("rolling back", &e))
+    }
+}

@@ -1,0 +1,256 @@
+//! What the initial write does for one record (no IO): given the rows a key
+//! has on each side, the writes that make the two sides agree.
+//!
+//! - A row on one side only is created on the other, with every field that
+//!   flows that way.
+//! - A row on both sides: a field that syncs both ways takes the conflict
+//!   master's value; a one-way field takes its source's value. Only fields
+//!   whose values differ are written; a record whose fields all match is not
+//!   written at all.
+
+use dualwrite_model::config::{Config, Direction, MapConfig, SideId};
+use dualwrite_model::mapping::{map_change, MappingError};
+use dualwrite_model::record::{field, ApplyOp, ChangeOp, ChangeRecord, Field};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    Create,
+    Update,
+}
+
+impl WriteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Create => "create",
+            WriteKind::Update => "update",
+        }
+    }
+}
+
+/// One write to a target side, in the target's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub target: SideId,
+    pub kind: WriteKind,
+    pub key: Vec<Field>,
+    /// Values to write (for a create: every field that flows to the target).
+    pub new: Vec<Field>,
+    /// For an update: the target's values of the same fields at the
+    /// snapshot. The update happens only if the row still has them (a
+    /// change made after the snapshot is left to live sync).
+    pub old: Vec<Field>,
+}
+
+/// The writes for a record with rows `left` and `right` (every column as
+/// text; `None`: no row on that side).
+pub fn plan_record(
+    config: &Config,
+    map: &MapConfig,
+    master: SideId,
+    left: Option<&[Field]>,
+    right: Option<&[Field]>,
+) -> Result<Vec<Write>, MappingError> {
+    let mut out = Vec::new();
+    for (source, row, other) in [(SideId::Left, left, right), (SideId::Right, right, left)] {
+        let Some(row) = row else { continue };
+        let target = source.other();
+        let change = ChangeRecord {
+            side: config.side(source).name.clone(),
+            entity: map.entity(source).qualified(),
+            op: ChangeOp::Insert,
+            before: None,
+            after: Some(row.to_vec()),
+            commit_lsn: 0,
+            seq: 0,
+            xid: 0,
+            commit_time: 0,
+        };
+        let Some(mapped) = map_change(config, map, source, &change)?
+            .into_iter()
+            .find(|m| m.op == ApplyOp::Upsert)
+        else {
+            continue;
+        };
+        match other {
+            None => {
+                if !mapped.values.is_empty() {
+                    out.push(Write {
+                        target,
+                        kind: WriteKind::Create,
+                        key: mapped.key,
+                        new: mapped.values,
+                        old: Vec::new(),
+                    });
+                }
+            }
+            Some(current) => {
+                let mut new = Vec::new();
+                let mut old = Vec::new();
+                for f in &mapped.values {
+                    if mapped.key.iter().any(|k| k.name == f.name) {
+                        continue;
+                    }
+                    let Some(fm) = map.fields.iter().find(|m| m.name(target) == f.name) else {
+                        continue;
+                    };
+                    // A both-ways field flows from the master only.
+                    if fm.direction == Direction::Both && source != master {
+                        continue;
+                    }
+                    let now = field(current, &f.name).and_then(|c| c.value.clone());
+                    if now != f.value {
+                        new.push(f.clone());
+                        old.push(Field {
+                            name: f.name.clone(),
+                            value: now,
+                        });
+                    }
+                }
+                if !new.is_empty() {
+                    out.push(Write {
+                        target,
+                        kind: WriteKind::Update,
+                        key: mapped.key,
+                        new,
+                        old,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+[kafka]
+bootstrap_servers = "k:9092"
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = { host = "h", dbname = "a", user = "u" }
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = { host = "h", dbname = "b", user = "u" }
+[[map]]
+name = "customers"
+left = { entity = "customers", key = ["account"] }
+right = { entity = "accounts", key = ["number"] }
+field = [
+  { left = "account", right = "number" },
+  { left = "name", right = "name" },
+  { left = "credit", right = "credit", direction = "left_to_right" },
+  { left = "note", right = "note", direction = "right_to_left" },
+]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn row(kv: &[(&str, Option<&str>)]) -> Vec<Field> {
+        kv.iter().map(|(k, v)| Field::new(*k, *v)).collect()
+    }
+
+    #[test]
+    fn a_row_on_one_side_is_created_on_the_other() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let left = row(&[
+            ("account", Some("C1")),
+            ("name", Some("Ann")),
+            ("credit", Some("10")),
+            ("note", Some("x")),
+            ("other", Some("not mapped")),
+        ]);
+        let w = plan_record(&c, m, SideId::Right, Some(&left), None).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].target, w[0].kind), (SideId::Right, WriteKind::Create));
+        assert_eq!(w[0].key, row(&[("number", Some("C1"))]));
+        // The right-to-left field does not flow to the right side.
+        assert_eq!(
+            w[0].new,
+            row(&[
+                ("number", Some("C1")),
+                ("name", Some("Ann")),
+                ("credit", Some("10"))
+            ])
+        );
+    }
+
+    #[test]
+    fn rows_on_both_sides_take_the_master_and_one_way_fields() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let left = row(&[
+            ("account", Some("C1")),
+            ("name", Some("Left name")),
+            ("credit", Some("10")),
+            ("note", None),
+        ]);
+        let right = row(&[
+            ("number", Some("C1")),
+            ("name", Some("Right name")),
+            ("credit", Some("5")),
+            ("note", Some("remember")),
+        ]);
+        // Master right: name goes right → left; credit left → right; note right → left.
+        let w = plan_record(&c, m, SideId::Right, Some(&left), Some(&right)).unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        let to_right = w.iter().find(|w| w.target == SideId::Right).unwrap();
+        assert_eq!(to_right.kind, WriteKind::Update);
+        assert_eq!(to_right.new, row(&[("credit", Some("10"))]));
+        assert_eq!(to_right.old, row(&[("credit", Some("5"))]));
+        let to_left = w.iter().find(|w| w.target == SideId::Left).unwrap();
+        assert_eq!(
+            to_left.new,
+            row(&[("name", Some("Right name")), ("note", Some("remember"))])
+        );
+        assert_eq!(
+            to_left.old,
+            row(&[("name", Some("Left name")), ("note", None)])
+        );
+        // Master left: the name goes the other way.
+        let w = plan_record(&c, m, SideId::Left, Some(&left), Some(&right)).unwrap();
+        let to_right = w.iter().find(|w| w.target == SideId::Right).unwrap();
+        assert_eq!(
+            to_right.new,
+            row(&[("name", Some("Left name")), ("credit", Some("10"))])
+        );
+    }
+
+    #[test]
+    fn matching_rows_need_no_write() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let left = row(&[
+            ("account", Some("C1")),
+            ("name", Some("Same")),
+            ("credit", Some("1")),
+            ("note", Some("n")),
+        ]);
+        let right = row(&[
+            ("number", Some("C1")),
+            ("name", Some("Same")),
+            ("credit", Some("1")),
+            ("note", Some("n")),
+        ]);
+        assert!(plan_record(&c, m, SideId::Right, Some(&left), Some(&right))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_row_without_its_key_is_an_error() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let left = row(&[("account", None), ("name", Some("A")), ("credit", None)]);
+        let e = plan_record(&c, m, SideId::Right, Some(&left), None).unwrap_err();
+        assert!(e.to_string().contains("NULL"), "{e}");
+    }
+}

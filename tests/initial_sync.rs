@@ -1,0 +1,287 @@
+//! End-to-end: the initial write of pre-existing rows when maps are run,
+//! against the real broker and PostgreSQL.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{eventually, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    c.query_opt(sql, &[])
+        .await
+        .unwrap()
+        .map(|r| r.get::<_, String>(0))
+}
+
+fn details(env: &TestEnv, map: &str) -> serde_json::Value {
+    serde_json::from_str(&env.ctl(&["initial-sync", map, "--json"])).unwrap()
+}
+
+fn counts(d: &serde_json::Value) -> (i64, i64, i64, i64) {
+    let p = &d["progress"];
+    (
+        p["created"].as_i64().unwrap(),
+        p["updated"].as_i64().unwrap(),
+        p["unchanged"].as_i64().unwrap(),
+        p["failed"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_reconciles_pre_existing_rows_in_dependency_order() {
+    let mut env = TestEnv::new("initsync").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    // Rows that exist before the maps run: some on one side only (with a
+    // customer group on that side only, so parents must be copied first),
+    // some on both with different values, one the left side will reject.
+    fno.batch_execute(
+        "INSERT INTO customer_groups VALUES ('G90', 'Left-only group', 'Net30');
+         INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode, creditlimit)
+           VALUES ('C9100', 'Left only', 'G90', 'EUR', 100);
+         UPDATE customers_v3 SET organizationname = 'Left name' WHERE customeraccount = 'C0001';
+         UPDATE customers_v3 SET creditlimit = 5 WHERE customeraccount = 'C0002';
+         ALTER TABLE customers_v3 ADD CONSTRAINT no_rejects CHECK (organizationname <> 'REJECT ME');",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute(
+        "INSERT INTO msdyn_customergroups (msdyn_groupid, msdyn_description, msdyn_paymentterm) VALUES ('G91', 'Right-only group', 'Net60');
+         INSERT INTO accounts (accountnumber, name, msdyn_customergroupid, transactioncurrencycode)
+           VALUES ('C9200', 'Right only', 'G91', 'USD'), ('C9300', 'REJECT ME', 'G01', 'USD');
+         UPDATE accounts SET name = 'Right name' WHERE accountnumber = 'C0001';
+         UPDATE accounts SET creditlimit = 7 WHERE accountnumber = 'C0002';",
+    )
+    .await
+    .unwrap();
+
+    env.start_all();
+    env.wait_for_slots(2).await;
+    // Waits until every map completed: the initial writes are done.
+    env.run_all_maps();
+    assert!(
+        env.states().values().all(|s| s == "Running"),
+        "{:?}",
+        env.states()
+    );
+
+    // Rows on one side only were created on the other, parents first.
+    assert_eq!(
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C9100'"
+        )
+        .await
+        .as_deref(),
+        Some("Left only")
+    );
+    assert_eq!(
+        text(
+            &dv,
+            "SELECT msdyn_description FROM msdyn_customergroups WHERE msdyn_groupid = 'G90'"
+        )
+        .await
+        .as_deref(),
+        Some("Left-only group")
+    );
+    assert_eq!(
+        text(&fno, "SELECT organizationname || '|' || customergroupid FROM customers_v3 WHERE customeraccount = 'C9200'").await.as_deref(),
+        Some("Right only|G91")
+    );
+    // Rows on both: the master (dataverse, the default) wins the fields that
+    // sync both ways; the left-to-right credit limit comes from the left.
+    assert_eq!(
+        text(
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'C0001'"
+        )
+        .await
+        .as_deref(),
+        Some("Right name")
+    );
+    assert_eq!(
+        text(
+            &dv,
+            "SELECT creditlimit::text FROM accounts WHERE accountnumber = 'C0002'"
+        )
+        .await
+        .as_deref(),
+        Some("5.00")
+    );
+    let groups = details(&env, "customer_groups");
+    let customers = details(&env, "customers");
+    assert_eq!(groups["progress"]["phase"], "done");
+    assert!(
+        groups["progress"]["finished_at"].as_i64().unwrap()
+            <= customers["progress"]["started_at"].as_i64().unwrap(),
+        "customers copied before its customer groups finished: {groups} {customers}"
+    );
+    // Counts: 300 demo customers and 4 extra rows. C9100 and C9200 created,
+    // C0001 and C0002 updated, the rejected row failed, the rest unchanged.
+    assert_eq!(counts(&customers), (2, 2, 298, 1), "{customers}");
+    let p = &customers["progress"];
+    assert_eq!(p["rows_done"], p["rows_total"]);
+    assert_eq!(p["rows_total"].as_i64().unwrap(), 301 + 302);
+    // The failed row is recorded with its run, side, key and error.
+    let failed = customers["failed_rows"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{customers}");
+    assert_eq!(failed[0]["key"], "[\"C9300\"]");
+    assert_eq!(failed[0]["target_side"], "fno");
+    assert_eq!(failed[0]["run"], 1);
+    assert!(
+        failed[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no_rejects"),
+        "{}",
+        failed[0]
+    );
+    let text_out = env.ctl(&["initial-sync", "customers"]);
+    assert!(
+        text_out.contains("2 created, 2 updated, 298 unchanged, 1 failed")
+            && text_out.contains("C9300"),
+        "{text_out}"
+    );
+    // The initial write's own writes do not come back as changes.
+    let (code, out, _) = env.run(&["ctl", "verify", "customers"]);
+    assert_eq!(code, 1, "only the rejected row differs:\n{out}");
+    assert!(out.contains("C9300"), "{out}");
+
+    // Fix the data, rerun: only the failed row is written.
+    fno.batch_execute("ALTER TABLE customers_v3 DROP CONSTRAINT no_rejects")
+        .await
+        .unwrap();
+    env.ctl(&["rerun-initial-sync", "customers", "--timeout-secs", "60"]);
+    let again = details(&env, "customers");
+    assert_eq!(again["run"], 2);
+    assert_eq!(counts(&again), (1, 0, 302, 0), "{again}");
+    assert!(again["failed_rows"].as_array().unwrap().is_empty());
+    assert_eq!(
+        text(
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'C9300'"
+        )
+        .await
+        .as_deref(),
+        Some("REJECT ME")
+    );
+    // Live sync goes on after the rerun.
+    dv.batch_execute("UPDATE accounts SET name = 'Live again' WHERE accountnumber = 'C9300'")
+        .await
+        .unwrap();
+    eventually("live change after the rerun", WAIT, || async {
+        text(
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'C9300'",
+        )
+        .await
+        .as_deref()
+            == Some("Live again")
+    })
+    .await;
+    let (code, out, _) = env.run(&["ctl", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_during_initial_sync_survive_and_a_killed_copy_resumes() {
+    let mut env = TestEnv::new("initcrash").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    // Enough rows on each side only that the copy takes a while.
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           SELECT 'L' || lpad(i::text, 6, '0'), 'Left ' || i, 'G01', 'EUR' FROM generate_series(1, 15000) i;",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute(
+        "INSERT INTO accounts (accountnumber, name, msdyn_customergroupid, transactioncurrencycode)
+           SELECT 'R' || lpad(i::text, 6, '0'), 'Right ' || i, 'G02', 'USD' FROM generate_series(1, 15000) i;",
+    )
+    .await
+    .unwrap();
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.ctl(&["run", "customer_groups", "--initial-sync", "false"]);
+    env.ctl(&["run", "currencies", "--initial-sync", "false"]);
+    env.ctl(&["run", "customers", "--timeout-secs", "0"]);
+
+    // While it copies: kill the pause buffer (which runs the copy), change
+    // rows on both sides, before and after where the copy is, restart it.
+    eventually("the copy has started", WAIT, || async {
+        let d = details(&env, "customers");
+        d["progress"]["phase"] == "copying" && d["progress"]["rows_done"].as_i64().unwrap_or(0) > 0
+    })
+    .await;
+    let pause_buffer = 3;
+    env.service(pause_buffer).kill9();
+    fno.batch_execute(
+        "UPDATE customers_v3 SET organizationname = 'Left changed early' WHERE customeraccount = 'L000001';
+         UPDATE customers_v3 SET organizationname = 'Left changed late' WHERE customeraccount = 'L015000';
+         INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           VALUES ('N000001', 'New while copying', 'G03', 'GBP');",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute(
+        "UPDATE accounts SET name = 'Right changed late' WHERE accountnumber = 'R015000';
+         UPDATE accounts SET name = 'Demo changed' WHERE accountnumber = 'C0150';",
+    )
+    .await
+    .unwrap();
+    env.service(pause_buffer).restart();
+    eventually("customers running after the copy resumed", WAIT, || async {
+        env.states().get("customers").map(String::as_str) == Some("Running")
+    })
+    .await;
+    let d = details(&env, "customers");
+    let p = &d["progress"];
+    assert_eq!(p["phase"], "done", "{d}");
+    assert!(
+        p["segments"].as_array().unwrap().len() >= 2,
+        "the copy did not continue from a checkpoint with new snapshots: {d}"
+    );
+    assert_eq!(p["failed"], 0, "{d}");
+
+    for (db, sql, want) in [
+        (
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'L000001'",
+            "Left changed early",
+        ),
+        (
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'L015000'",
+            "Left changed late",
+        ),
+        (
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'N000001'",
+            "New while copying",
+        ),
+        (
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'R015000'",
+            "Right changed late",
+        ),
+        (
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'C0150'",
+            "Demo changed",
+        ),
+    ] {
+        eventually(&format!("{sql} = {want}"), WAIT, || async {
+            text(db, sql).await.as_deref() == Some(want)
+        })
+        .await;
+    }
+    support::all_drained(&env).await;
+    let (code, out, _) = env.run(&["ctl", "verify", "customers"]);
+    assert_eq!(code, 0, "{out}");
+    env.cleanup().await;
+}
