@@ -476,28 +476,13 @@ async fn run(
                 send,
             } => {
                 let cmd = ControlCommand {
-                    id: String::new(),
-                    action: Action::Pause,
-                    map,
                     include_related,
-                    initial_sync: None,
-                    conflict_master: None,
-                    order: None,
-                    resume_policy: None,
+                    ..ControlCommand::new(Action::Pause, map)
                 };
                 send_command(config, cmd, send).await?;
             }
             CtlCommand::Stop { map, send } => {
-                let cmd = ControlCommand {
-                    id: String::new(),
-                    action: Action::Stop,
-                    map,
-                    include_related: false,
-                    initial_sync: None,
-                    conflict_master: None,
-                    order: None,
-                    resume_policy: None,
-                };
+                let cmd = ControlCommand::new(Action::Stop, map);
                 send_command(config, cmd, send).await?;
             }
             CtlCommand::SkipInitialSync {
@@ -506,14 +491,8 @@ async fn run(
                 send,
             } => {
                 let cmd = ControlCommand {
-                    id: String::new(),
-                    action: Action::SkipInitialSync,
-                    map,
                     include_related,
-                    initial_sync: None,
-                    conflict_master: None,
-                    order: None,
-                    resume_policy: None,
+                    ..ControlCommand::new(Action::SkipInitialSync, map)
                 };
                 send_command(config, cmd, send).await?;
             }
@@ -524,14 +503,9 @@ async fn run(
                 send,
             } => {
                 let cmd = ControlCommand {
-                    id: String::new(),
-                    action: Action::RerunInitialSync,
-                    map,
                     include_related,
-                    initial_sync: None,
                     conflict_master,
-                    order: None,
-                    resume_policy: None,
+                    ..ControlCommand::new(Action::RerunInitialSync, map)
                 };
                 send_command(config, cmd, send).await?;
             }

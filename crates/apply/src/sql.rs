@@ -5,7 +5,8 @@
 //! through the column type's own input function (numeric, timestamptz, uuid,
 //! jsonb…) exactly as if it had been typed into the database.
 
-use dualwrite_model::record::{ApplyOp, Field, MappedChange};
+use dualwrite_model::record::{ApplyOp, MappedChange};
+use dualwrite_runtime::pg::fields_json as json_object;
 use postgres_protocol::escape::escape_identifier;
 
 /// Bookkeeping on each target: the latest source position applied per map,
@@ -36,11 +37,7 @@ ON CONFLICT (map, record_key, source_side) DO UPDATE
  WHERE (a.source_lsn, a.source_seq) < (EXCLUDED.source_lsn, EXCLUDED.source_seq)
 RETURNING 1";
 
-/// `schema.table` as a quoted identifier.
-pub fn table_ident(entity: &str) -> String {
-    let (schema, table) = entity.split_once('.').unwrap_or(("public", entity));
-    format!("{}.{}", escape_identifier(schema), escape_identifier(table))
-}
+pub use dualwrite_runtime::pg::table_ident;
 
 /// The statement for a change (depends only on table, op and field names);
 /// a re-assert request writes nothing.
@@ -89,20 +86,6 @@ pub fn statement(mc: &MappedChange) -> Option<String> {
 /// The parameter: a JSON object of the key and values.
 pub fn parameter(mc: &MappedChange) -> String {
     json_object(mc.key.iter().chain(&mc.values))
-}
-
-/// A JSON object of fields (a later field of the same name wins), values as strings or null.
-fn json_object<'a>(fields: impl Iterator<Item = &'a Field>) -> String {
-    let mut o = serde_json::Map::new();
-    for f in fields {
-        o.insert(
-            f.name.clone(),
-            f.value
-                .clone()
-                .map_or(serde_json::Value::Null, serde_json::Value::String),
-        );
-    }
-    serde_json::Value::Object(o).to_string()
 }
 
 /// Conflict check for a change that carries `before`: locks the target row
@@ -163,9 +146,10 @@ pub fn current_row(mc: &MappedChange) -> String {
         })
         .collect();
     format!(
-        "SELECT (SELECT json_object_agg(e.key, e.value) FROM json_each_text(row_to_json(t)) AS e)::text \
+        "SELECT {row} \
          FROM {table} AS t, json_populate_record(NULL::{table}, $1::text::json) AS r WHERE {} FOR SHARE OF t",
-        cond.join(" AND ")
+        cond.join(" AND "),
+        row = dualwrite_runtime::pg::ROW_AS_TEXT_JSON,
     )
 }
 
@@ -177,6 +161,7 @@ pub fn key_parameter(mc: &MappedChange) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dualwrite_model::record::Field;
 
     fn mc(op: ApplyOp) -> MappedChange {
         MappedChange {

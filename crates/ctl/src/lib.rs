@@ -91,7 +91,32 @@ pub fn describe_topics(config: &Config, out: &mut impl Write) -> std::io::Result
         out,
         "{}\tErrorRecord: records that could not be processed, with context",
         t.errors()
-    )
+    )?;
+    for (topic, what) in [
+        (
+            t.control(),
+            "ControlCommand (Avro or JSON): operator commands",
+        ),
+        (
+            t.status(),
+            "MapStatus (compacted): each map's state and initial sync progress",
+        ),
+        (
+            t.events(),
+            "ControlEvent: acknowledgements and state changes",
+        ),
+        (
+            t.catchup_errors(),
+            "MappedChange: changes a skip-to-live resume set aside",
+        ),
+        (
+            t.initial_sync_errors(),
+            "InitialSyncError: rows an initial sync could not write, all kept",
+        ),
+    ] {
+        writeln!(out, "{topic}\t{what}")?;
+    }
+    Ok(())
 }
 
 /// Prints the records of a topic as JSON lines, from the beginning, up to

@@ -66,8 +66,8 @@ async fn read_side(config: &Config, map: &MapConfig, side: SideId) -> Result<Row
         .map(|f| escape_identifier(f.name(side)))
         .collect();
     let sql = format!(
-        "SELECT (SELECT json_object_agg(e.key, e.value) FROM json_each_text(row_to_json(t)) AS e)::text \
-         FROM (SELECT {} FROM {}.{}) AS t",
+        "SELECT {} FROM (SELECT {} FROM {}.{}) AS t",
+        dualwrite_runtime::pg::ROW_AS_TEXT_JSON,
         cols.join(", "),
         escape_identifier(&schema),
         escape_identifier(&table)

@@ -172,6 +172,13 @@ async fn attempt(
         .and_then(|m| config.side_id(m))
         .unwrap_or_else(|| config.conflict_master(map));
     let after = p.checkpoint.clone();
+    // Every outcome's series exists from the start (at 0), so a rate or an
+    // increase sees the first failure.
+    for outcome in ["created", "updated", "unchanged", "failed"] {
+        metrics()
+            .initial_sync_records
+            .with_label_values(&[&map.name, outcome]);
+    }
     let mut left = SideCopy::open(config, map, SideId::Left, after.as_deref()).await?;
     let mut right = SideCopy::open(config, map, SideId::Right, after.as_deref()).await?;
 
@@ -358,6 +365,13 @@ async fn attempt(
     left.finish().await?;
     right.finish().await?;
     p.rows_total = p.rows_done;
+    let m = metrics();
+    m.initial_sync_rows
+        .with_label_values(&[&map.name])
+        .set(p.rows_total);
+    m.initial_sync_rows_done
+        .with_label_values(&[&map.name])
+        .set(p.rows_done);
     Ok(true)
 }
 

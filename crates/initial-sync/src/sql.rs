@@ -1,16 +1,11 @@
 //! SQL of the initial write: reading a side in key order from a snapshot,
 //! and the guarded create and update.
 
-use dualwrite_model::record::Field;
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 use crate::plan::{Write, WriteKind};
 
-/// `schema.table` as a quoted identifier.
-pub fn table_ident(entity: &str) -> String {
-    let (schema, table) = entity.split_once('.').unwrap_or(("public", entity));
-    format!("{}.{}", escape_identifier(schema), escape_identifier(table))
-}
+use dualwrite_runtime::pg::{fields_json as json_object, table_ident, ROW_AS_TEXT_JSON};
 
 /// `(k1::text COLLATE "C", …)`: the key as the copy orders it (byte order
 /// of the text of each value, the same on both sides).
@@ -54,8 +49,7 @@ pub fn declare_cursor(
 ) -> String {
     let keys = key_exprs(key);
     format!(
-        "DECLARE {} NO SCROLL CURSOR FOR SELECT {}, \
-         (SELECT json_object_agg(e.key, e.value) FROM json_each_text(row_to_json(t)) AS e)::text \
+        "DECLARE {} NO SCROLL CURSOR FOR SELECT {}, {ROW_AS_TEXT_JSON} \
          FROM {} AS t WHERE {} ORDER BY {}",
         escape_identifier(name),
         key.iter()
@@ -127,23 +121,11 @@ pub fn parameters(w: &Write) -> (String, String) {
     )
 }
 
-fn json_object<'a>(fields: impl Iterator<Item = &'a Field>) -> String {
-    let mut o = serde_json::Map::new();
-    for f in fields {
-        o.insert(
-            f.name.clone(),
-            f.value
-                .clone()
-                .map_or(serde_json::Value::Null, serde_json::Value::String),
-        );
-    }
-    serde_json::Value::Object(o).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use dualwrite_model::config::SideId;
+    use dualwrite_model::record::Field;
 
     #[test]
     fn cursor_reads_in_byte_order_after_the_checkpoint() {

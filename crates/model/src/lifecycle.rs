@@ -201,6 +201,22 @@ pub struct ControlCommand {
     pub resume_policy: Option<ResumePolicy>,
 }
 
+impl ControlCommand {
+    /// A command without options; the id is set when it is sent.
+    pub fn new(action: Action, map: impl Into<String>) -> ControlCommand {
+        ControlCommand {
+            id: String::new(),
+            action,
+            map: map.into(),
+            include_related: false,
+            initial_sync: None,
+            conflict_master: None,
+            order: None,
+            resume_policy: None,
+        }
+    }
+}
+
 /// Largest command accepted.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 

@@ -125,3 +125,30 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// `schema.table` (or `table`, in `public`) as a quoted identifier.
+pub fn table_ident(entity: &str) -> String {
+    use postgres_protocol::escape::escape_identifier;
+    let (schema, table) = entity.split_once('.').unwrap_or(("public", entity));
+    format!("{}.{}", escape_identifier(schema), escape_identifier(table))
+}
+
+/// SQL for the row `t` as a JSON object of every column's text value.
+pub const ROW_AS_TEXT_JSON: &str =
+    "(SELECT json_object_agg(e.key, e.value) FROM json_each_text(row_to_json(t)) AS e)::text";
+
+/// A JSON object of fields (a later field of the same name wins), values as
+/// strings or null: the parameter of `json_populate_record`, so each value
+/// goes through its column type's own input function.
+pub fn fields_json<'a>(fields: impl Iterator<Item = &'a dualwrite_model::record::Field>) -> String {
+    let mut o = serde_json::Map::new();
+    for f in fields {
+        o.insert(
+            f.name.clone(),
+            f.value
+                .clone()
+                .map_or(serde_json::Value::Null, serde_json::Value::String),
+        );
+    }
+    serde_json::Value::Object(o).to_string()
+}
