@@ -188,6 +188,89 @@ async fn initial_sync_reconciles_pre_existing_rows_in_dependency_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_chosen_at_run_and_initial_sync_off() {
+    let mut env = TestEnv::new("initmaster").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    fno.batch_execute(
+        "UPDATE customers_v3 SET organizationname = 'Left name' WHERE customeraccount = 'C0001';
+         INSERT INTO contacts VALUES ('P9100', 'C0001', 'Pre', 'Existing', 'pre@example.com');",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute("UPDATE accounts SET name = 'Right name' WHERE accountnumber = 'C0001'")
+        .await
+        .unwrap();
+    env.start_all();
+    env.wait_for_slots(2).await;
+    // The run names the left side master: its values win the copy.
+    env.ctl(&[
+        "run",
+        "customers",
+        "--include-related",
+        "--conflict-master",
+        "fno",
+        "--timeout-secs",
+        "60",
+    ]);
+    assert_eq!(
+        text(
+            &dv,
+            "SELECT name FROM accounts WHERE accountnumber = 'C0001'"
+        )
+        .await
+        .as_deref(),
+        Some("Left name")
+    );
+    assert_eq!(
+        text(
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'C0001'"
+        )
+        .await
+        .as_deref(),
+        Some("Left name")
+    );
+    assert_eq!(counts(&details(&env, "customers")).1, 1);
+
+    // Initial sync off: live sync of later changes only.
+    env.ctl(&[
+        "run",
+        "contacts",
+        "--initial-sync",
+        "false",
+        "--timeout-secs",
+        "60",
+    ]);
+    assert_eq!(env.states()["contacts"], "Running");
+    assert!(details(&env, "contacts")["run"].is_null());
+    fno.batch_execute(
+        "INSERT INTO contacts VALUES ('P9101', 'C0001', 'Later', 'Change', 'later@example.com')",
+    )
+    .await
+    .unwrap();
+    eventually("the later contact reaches the right side", WAIT, || async {
+        text(
+            &dv,
+            "SELECT lastname FROM contacts WHERE msdyn_contactpersonid = 'P9101'",
+        )
+        .await
+        .is_some()
+    })
+    .await;
+    assert_eq!(
+        text(
+            &dv,
+            "SELECT lastname FROM contacts WHERE msdyn_contactpersonid = 'P9100'"
+        )
+        .await,
+        None,
+        "a row that existed before a run without initial sync was copied"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_during_initial_sync_survive_and_a_killed_copy_resumes() {
     let mut env = TestEnv::new("initcrash").await;
     let fno = env.fno().await;

@@ -633,11 +633,7 @@ impl SideCopy {
         }
         let all = async {
             self.writer.batch_execute("BEGIN").await?;
-            let mut out = Vec::with_capacity(writes.len());
-            for (_, w) in writes {
-                out.push(self.exec(w).await?);
-            }
-            Ok::<_, tokio_postgres::Error>(out)
+            self.exec_all(writes).await
         }
         .await;
         match all {
@@ -684,16 +680,48 @@ impl SideCopy {
         Ok(out)
     }
 
-    async fn exec(&mut self, w: &Write) -> Result<Outcome, tokio_postgres::Error> {
-        let sql = sql::statement(&self.entity, w);
-        let stmt = match self.statements.get(&sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = self.writer.prepare(&sql).await?;
-                self.statements.insert(sql, s.clone());
-                s
+    /// The writes in one go: the creates of the same fields as one
+    /// statement over a JSON array of rows, the updates one by one.
+    async fn exec_all(
+        &mut self,
+        writes: &[(usize, Write)],
+    ) -> Result<Vec<Outcome>, tokio_postgres::Error> {
+        let mut out: Vec<Outcome> = writes.iter().map(|_| Outcome::Unchanged).collect();
+        let mut creates: HashMap<Vec<&str>, Vec<usize>> = HashMap::new();
+        for (i, (_, w)) in writes.iter().enumerate() {
+            match w.kind {
+                WriteKind::Create => creates
+                    .entry(w.new.iter().map(|f| f.name.as_str()).collect())
+                    .or_default()
+                    .push(i),
+                WriteKind::Update => out[i] = self.exec(w).await?,
             }
-        };
+        }
+        for group in creates.values() {
+            let first = &writes[group[0]].1;
+            let sql = sql::create_many(&self.entity, first);
+            let stmt = self.statement(sql).await?;
+            let rows = sql::rows_json(group.iter().map(|i| &writes[*i].1));
+            let created = self.writer.execute(&stmt, &[&rows]).await? as usize;
+            // Counted, not told apart: a row not created appeared meanwhile.
+            for i in group.iter().take(created) {
+                out[*i] = Outcome::Written;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn statement(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(&sql) {
+            return Ok(s.clone());
+        }
+        let s = self.writer.prepare(&sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn exec(&mut self, w: &Write) -> Result<Outcome, tokio_postgres::Error> {
+        let stmt = self.statement(sql::statement(&self.entity, w)).await?;
         let (new, old) = sql::parameters(w);
         let n = match w.kind {
             WriteKind::Create => self.writer.execute(&stmt, &[&new]).await?,

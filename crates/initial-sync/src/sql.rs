@@ -113,6 +113,36 @@ pub fn statement(entity: &str, w: &Write) -> String {
     }
 }
 
+/// Creates of the same fields (those of `like`) in one statement; its
+/// parameter is [`rows_json`]. Rows that appeared meanwhile are left alone.
+pub fn create_many(entity: &str, like: &Write) -> String {
+    let table = table_ident(entity);
+    let cols: Vec<String> = like
+        .new
+        .iter()
+        .map(|f| escape_identifier(&f.name))
+        .collect();
+    let keys: Vec<String> = like
+        .key
+        .iter()
+        .map(|f| escape_identifier(&f.name))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, $1::text::json) \
+         ON CONFLICT ({keys}) DO NOTHING",
+        cols = cols.join(", "),
+        keys = keys.join(", ")
+    )
+}
+
+/// The rows of creates as a JSON array of objects.
+pub fn rows_json<'a>(writes: impl Iterator<Item = &'a Write>) -> String {
+    let rows: Vec<String> = writes
+        .map(|w| json_object(w.key.iter().chain(&w.new)))
+        .collect();
+    format!("[{}]", rows.join(","))
+}
+
 /// The parameters of [`statement`]: new values and old values, each with the key.
 pub fn parameters(w: &Write) -> (String, String) {
     (
@@ -169,5 +199,17 @@ mod tests {
             ..w
         };
         assert!(statement("accounts", &create).ends_with("ON CONFLICT (\"number\") DO NOTHING"));
+        let many = create_many("accounts", &create);
+        assert!(
+            many.contains("json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json)"),
+            "{many}"
+        );
+        let mut second = create.clone();
+        second.key = vec![Field::new("number", Some("C2"))];
+        second.new = vec![Field::new("name", None::<String>)];
+        assert_eq!(
+            rows_json([&create, &second].into_iter()),
+            r#"[{"name":"New","number":"C1"},{"name":null,"number":"C2"}]"#
+        );
     }
 }
