@@ -5,7 +5,7 @@
 # Idempotent: `up` installs what is missing, starts what is not running, and
 # prints the endpoints as shell assignments.
 #
-#   scripts/stack.sh up|down|status|env
+#   scripts/stack.sh up|down|status|env|kill-kafka|kill-postgres
 #
 # Environment:
 #   DUALWRITE_STATE_DIR  where data and logs live (default /tmp/dualwrite-stack)
@@ -132,6 +132,14 @@ case "${1:-up}" in
   down)
     if [ -f "$KAFKA_DIR/tansu.pid" ]; then kill "$(cat "$KAFKA_DIR/tansu.pid")" 2>/dev/null || true; rm -f "$KAFKA_DIR/tansu.pid"; fi
     if [ -f "$PG_DATA/PG_VERSION" ]; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1 || true; fi
+    ;;
+  kill-kafka)
+    # Fault injection: the broker dies at once (`up` starts it again).
+    if [ -f "$KAFKA_DIR/tansu.pid" ]; then kill -9 "$(cat "$KAFKA_DIR/tansu.pid")" 2>/dev/null || true; rm -f "$KAFKA_DIR/tansu.pid"; fi
+    ;;
+  kill-postgres)
+    # Fault injection: immediate shutdown, crash recovery on the next start.
+    if [ -f "$PG_DATA/PG_VERSION" ]; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate stop >/dev/null 2>&1 || true; fi
     ;;
   status)
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1 && echo "postgres: running" || echo "postgres: stopped"

@@ -27,6 +27,7 @@ pub const APPLY_DV: usize = 5;
 pub const BIN: &str = env!("CARGO_BIN_EXE_dualwrite");
 
 /// Endpoints of the local stack.
+#[derive(Debug, Clone)]
 pub struct Stack {
     pub bootstrap: String,
     pub pg_url: String,
@@ -35,21 +36,91 @@ pub struct Stack {
 /// Starts the stack if needed (idempotent, serialised across processes).
 pub fn stack() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
-    STACK.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(Path::new(ROOT).join("scripts/stack.sh"))
-            .arg("up")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/stack.sh up");
-        assert!(out.status.success(), "scripts/stack.sh up failed");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-        Stack {
-            bootstrap: vars["DUALWRITE_BOOTSTRAP_SERVERS"].to_owned(),
-            pg_url: vars["DUALWRITE_PG_URL"].to_owned(),
-        }
-    })
+    STACK.get_or_init(|| stack_script("up", &[]))
+}
+
+/// Runs `scripts/stack.sh <command>` with `env`; `up` returns the endpoints.
+fn stack_script(command: &str, env: &[(&str, String)]) -> Stack {
+    let out = Command::new("bash")
+        .arg(Path::new(ROOT).join("scripts/stack.sh"))
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/stack.sh");
+    assert!(out.status.success(), "scripts/stack.sh {command} failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    Stack {
+        bootstrap: vars
+            .get("DUALWRITE_BOOTSTRAP_SERVERS")
+            .copied()
+            .unwrap_or_default()
+            .to_owned(),
+        pg_url: vars
+            .get("DUALWRITE_PG_URL")
+            .copied()
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// A stack of a test's own (its own PostgreSQL cluster and broker, on free
+/// ports, in its own folder), for faults that would disturb other tests:
+/// broker and database restarts. Stopped and removed when dropped.
+pub struct PrivateStack {
+    pub stack: Stack,
+    env: Vec<(&'static str, String)>,
+    dir: PathBuf,
+}
+
+impl PrivateStack {
+    pub fn start(name: &str) -> PrivateStack {
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let base = std::env::var_os("DUALWRITE_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "dualwrite-stack-{name}-{}",
+            rand::rng().random_range(0..1_000_000u32)
+        ));
+        let env = vec![
+            ("DUALWRITE_STATE_DIR", dir.display().to_string()),
+            ("DUALWRITE_STACK_PG_PORT", free_port().to_string()),
+            ("DUALWRITE_STACK_KAFKA_PORT", free_port().to_string()),
+        ];
+        let stack = stack_script("up", &env);
+        PrivateStack { stack, env, dir }
+    }
+
+    /// `kill -9` of the broker.
+    pub fn kill_broker(&self) {
+        stack_script("kill-kafka", &self.env);
+    }
+
+    /// Immediate shutdown of PostgreSQL (as after a crash: recovery on start).
+    pub fn kill_postgres(&self) {
+        stack_script("kill-postgres", &self.env);
+    }
+
+    /// Starts what is not running.
+    pub fn up(&self) {
+        stack_script("up", &self.env);
+    }
+}
+
+impl Drop for PrivateStack {
+    fn drop(&mut self) {
+        stack_script("down", &self.env);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("lock"));
+    }
 }
 
 pub async fn connect(url: &str) -> Client {
@@ -90,6 +161,7 @@ pub struct TestEnv {
     pub fno_db: String,
     pub dv_db: String,
     pub prefix: String,
+    pub stack: Stack,
     services: Vec<Service>,
 }
 
@@ -100,7 +172,12 @@ impl TestEnv {
 
     /// A test world whose config file ends with `extra` (TOML sections).
     pub async fn with_config(name: &str, extra: &str) -> TestEnv {
-        let s = stack();
+        TestEnv::on(stack().clone(), name, extra).await
+    }
+
+    /// A test world on the given stack.
+    pub async fn on(stack: Stack, name: &str, extra: &str) -> TestEnv {
+        let s = &stack;
         let id: String = {
             let mut r = rand::rng();
             (0..8)
@@ -168,16 +245,17 @@ impl TestEnv {
             fno_db,
             dv_db,
             prefix,
+            stack,
             services: Vec::new(),
         }
     }
 
     pub async fn fno(&self) -> Client {
-        connect(&format!("{}/{}", stack().pg_url, self.fno_db)).await
+        connect(&format!("{}/{}", self.stack.pg_url, self.fno_db)).await
     }
 
     pub async fn dv(&self) -> Client {
-        connect(&format!("{}/{}", stack().pg_url, self.dv_db)).await
+        connect(&format!("{}/{}", self.stack.pg_url, self.dv_db)).await
     }
 
     /// Starts `dualwrite <args>` as a child process with this env's config.
@@ -281,7 +359,7 @@ impl TestEnv {
 
     /// Waits until both capturers created their slots (changes from then on are captured).
     pub async fn wait_for_slots(&self, n: i64) {
-        let admin = connect(&format!("{}/postgres", stack().pg_url)).await;
+        let admin = connect(&format!("{}/postgres", self.stack.pg_url)).await;
         let dbs = [self.fno_db.clone(), self.dv_db.clone()];
         eventually(
             "replication slots created",
@@ -305,7 +383,7 @@ impl TestEnv {
         for s in &mut self.services {
             s.stop();
         }
-        let admin = connect(&format!("{}/postgres", stack().pg_url)).await;
+        let admin = connect(&format!("{}/postgres", self.stack.pg_url)).await;
         for db in [&self.fno_db, &self.dv_db] {
             let _ = admin
                 .execute(
@@ -435,7 +513,7 @@ pub fn group_lag(env: &TestEnv, group: &str, topic: &str) -> i64 {
         dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
     let marks = dualwrite_runtime::kafka::watermarks(&cfg.kafka, topic).unwrap();
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack().bootstrap)
+        .set("bootstrap.servers", &env.stack.bootstrap)
         .set("group.id", group)
         .create()
         .unwrap();

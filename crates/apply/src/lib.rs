@@ -458,7 +458,8 @@ async fn run_inner(
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
     let producer = kafka::producer(&config.kafka, &format!("dualwrite-apply-{name}"))?;
-    let errors = ErrorSink::new(producer.clone(), t.errors(), "apply");
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "apply")
+        .with_max_record_bytes(config.kafka.max_record_bytes);
     let input = t.apply(&name);
     let consumer = kafka::assigned_consumer(
         &config.kafka,

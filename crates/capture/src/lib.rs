@@ -78,7 +78,8 @@ async fn run_inner(
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
     let producer = kafka::producer(&config.kafka, &format!("dualwrite-capture-{name}"))?;
-    let errors = ErrorSink::new(producer.clone(), t.errors(), "capture");
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "capture")
+        .with_max_record_bytes(config.kafka.max_record_bytes);
     let topic = t.capture(&name);
     let slot = config.slot_name(side);
     let origins = config.origin_names(side);
@@ -217,6 +218,11 @@ async fn publish(
         r.source_side = Some(side.to_owned());
         r.source_lsn = Some(b.lsn as i64);
         r.payload = Some(b.data.into_bytes());
+        bad.push(r);
+    }
+    let (out, too_large) = errors.oversized(out);
+    for mut r in too_large {
+        r.source_side = Some(side.to_owned());
         bad.push(r);
     }
     kafka::send_all(producer, &out)

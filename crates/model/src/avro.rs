@@ -290,6 +290,27 @@ mod tests {
             prop_assert!(decode::<ChangeRecord>(&bytes[..cut]).is_err());
         }
 
+        /// Past the header check: random bodies behind each record kind's
+        /// own marker and fingerprint.
+        #[test]
+        fn any_body_behind_a_valid_header_never_panics(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            fn framed<T: AvroRecord>(body: &[u8]) -> Vec<u8> {
+                let mut v = MAGIC.to_vec();
+                v.extend_from_slice(&T::schema().fingerprint);
+                v.extend_from_slice(body);
+                v
+            }
+            use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
+            use crate::record::InitialSyncError;
+            let _ = decode::<ChangeRecord>(&framed::<ChangeRecord>(&body));
+            let _ = decode::<MappedChange>(&framed::<MappedChange>(&body));
+            let _ = decode::<ErrorRecord>(&framed::<ErrorRecord>(&body));
+            let _ = decode::<ControlCommand>(&framed::<ControlCommand>(&body));
+            let _ = decode::<ControlEvent>(&framed::<ControlEvent>(&body));
+            let _ = decode::<MapStatus>(&framed::<MapStatus>(&body));
+            let _ = decode::<InitialSyncError>(&framed::<InitialSyncError>(&body));
+        }
+
         #[test]
         fn corrupted_body_never_panics(r in arb_mapped(), pos in any::<usize>(), b in any::<u8>()) {
             let mut bytes = encode(&r).unwrap();
@@ -311,6 +332,31 @@ mod tests {
         st.paused_at = Some(5);
         st.reason = Some("r".into());
         assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
+        let mut init = InitialSync::new(3, 9);
+        init.checkpoint = Some(vec!["C1".into(), "x".into()]);
+        init.segments.push(SnapshotSegment {
+            after_key: None,
+            left: SideSnapshot::parse("5:9:6,7", 100).unwrap(),
+            right: SideSnapshot::parse("1:1:", 200).unwrap(),
+        });
+        st.initial = Some(init);
+        assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
+        let err = crate::record::InitialSyncError {
+            map: "m".into(),
+            run: 2,
+            source_side: "fno".into(),
+            target_side: "dataverse".into(),
+            target_entity: "public.accounts".into(),
+            key: "[\"C1\"]".into(),
+            operation: "create".into(),
+            sqlstate: Some("23503".into()),
+            message: "fk".into(),
+            occurred_at: 1,
+        };
+        assert_eq!(
+            decode::<crate::record::InitialSyncError>(&encode(&err).unwrap()).unwrap(),
+            err
+        );
         let ev = ControlEvent {
             command_id: Some("c".into()),
             outcome: Outcome::Rejected,

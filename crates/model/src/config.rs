@@ -62,6 +62,12 @@ pub struct KafkaConfig {
     /// Replication factor of the topics the project creates.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
+    /// Largest record (key and value) the services produce. A larger one
+    /// (a very large row) goes to the errors topic instead, with its key.
+    /// Keep it below the broker's `message.max.bytes` and the topics'
+    /// `max.message.bytes` (Kafka's defaults: about 1 MiB).
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
     /// librdkafka properties given to every client (e.g. `security.protocol`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -75,6 +81,9 @@ pub struct KafkaConfig {
 
 fn default_topic_prefix() -> String {
     "dualwrite".to_owned()
+}
+fn default_max_record_bytes() -> usize {
+    900_000
 }
 fn default_partitions() -> i32 {
     3
@@ -539,6 +548,12 @@ impl Config {
                     "`{}` is not a valid topic prefix: use letters, digits, `.`, `_` or `-`",
                     k.topic_prefix
                 ),
+            );
+        }
+        if !(10_000..=100_000_000).contains(&k.max_record_bytes) {
+            bad(
+                "kafka.max_record_bytes".into(),
+                format!("{} is out of range: 10000 to 100000000", k.max_record_bytes),
             );
         }
         if k.partitions < 1 {

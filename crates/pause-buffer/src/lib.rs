@@ -159,13 +159,20 @@ async fn run_inner(
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-pause-buffer")?;
-    let errors = ErrorSink::new(producer.clone(), t.errors(), "pause-buffer");
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "pause-buffer")
+        .with_max_record_bytes(config.kafka.max_record_bytes);
 
     // The states, read back from the status topic; applied command ids from the events.
-    let (statuses, seen) = load(&config).await?;
-    let mut ctl = Controller::new(&config, statuses, seen, now_micros());
+    let loaded = load(&config).await?;
+    let mut ctl = Controller::new(&config, loaded.statuses, loaded.seen, now_micros());
     let mut backoff = Backoff::new("pause-buffer");
-    let fx = ctl.recover(now_micros());
+    let mut fx = ctl.recover(now_micros());
+    fx.statuses.extend(
+        loaded
+            .tombstoned
+            .iter()
+            .filter_map(|m| ctl.statuses.get(m).cloned()),
+    );
     if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
         return Ok(());
     }
@@ -530,7 +537,15 @@ async fn write(
 }
 
 /// Reads the status topic (latest record per map) and the command ids of past events.
-async fn load(config: &Arc<Config>) -> Result<(Vec<MapStatus>, Vec<String>), PauseBufferError> {
+/// What the pause buffer reads back on start.
+struct Loaded {
+    statuses: Vec<MapStatus>,
+    seen: Vec<String>,
+    /// Maps whose latest status record is a tombstone from elsewhere.
+    tombstoned: Vec<String>,
+}
+
+async fn load(config: &Arc<Config>) -> Result<Loaded, PauseBufferError> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let cfg = config.clone();
     let (status, events) = tokio::task::spawn_blocking(move || {
@@ -553,18 +568,25 @@ async fn load(config: &Arc<Config>) -> Result<(Vec<MapStatus>, Vec<String>), Pau
         message: e.to_string(),
     })?;
     let mut latest: BTreeMap<String, MapStatus> = BTreeMap::new();
+    let mut tombstoned = std::collections::BTreeSet::new();
     for m in &status {
         match m.payload().map(avro::decode::<MapStatus>) {
             Some(Ok(s)) => {
+                tombstoned.remove(&s.map);
                 latest.insert(s.map.clone(), s);
             }
             Some(Err(e)) => {
                 tracing::warn!(offset = m.offset(), "unreadable status record skipped: {e}")
             }
             None => {
-                // A tombstone: the map's status was deleted.
+                // The pause buffer never deletes a status: a tombstone comes
+                // from elsewhere. The map keeps its state, written again
+                // below so that compaction does not lose it.
                 if let Some(k) = kafka::key_text(m) {
-                    latest.remove(&k);
+                    tracing::warn!(offset = m.offset(), map = %k, "a tombstone on the status topic (not written by the pause buffer): the map keeps its state");
+                    if latest.contains_key(&k) {
+                        tombstoned.insert(k);
+                    }
                 }
             }
         }
@@ -578,7 +600,11 @@ async fn load(config: &Arc<Config>) -> Result<(Vec<MapStatus>, Vec<String>), Pau
         .filter(|e| matches!(e.outcome, Outcome::Accepted | Outcome::Rejected))
         .filter_map(|e| e.command_id)
         .collect();
-    Ok((latest.into_values().collect(), seen))
+    Ok(Loaded {
+        statuses: latest.into_values().collect(),
+        seen,
+        tombstoned: tombstoned.into_iter().collect(),
+    })
 }
 
 /// Every few seconds per map: lag, backlog, catch-up estimate and pause

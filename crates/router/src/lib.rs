@@ -148,7 +148,8 @@ async fn run_inner(
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-router")?;
-    let errors = ErrorSink::new(producer.clone(), t.errors(), "router");
+    let errors = ErrorSink::new(producer.clone(), t.errors(), "router")
+        .with_max_record_bytes(config.kafka.max_record_bytes);
     let inputs = vec![
         t.capture(&config.sides.left.name),
         t.capture(&config.sides.right.name),

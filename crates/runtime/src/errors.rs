@@ -21,6 +21,7 @@ pub struct ErrorSink {
     producer: Producer,
     topic: String,
     service: &'static str,
+    max_record_bytes: usize,
 }
 
 impl ErrorSink {
@@ -29,7 +30,40 @@ impl ErrorSink {
             producer,
             topic,
             service,
+            max_record_bytes: 900_000,
         }
+    }
+
+    /// Records larger than `n` bytes are not produced (see [`ErrorSink::oversized`]);
+    /// original bytes kept in error records are cut to half of it.
+    pub fn with_max_record_bytes(mut self, n: usize) -> ErrorSink {
+        self.max_record_bytes = n;
+        self
+    }
+
+    /// Splits records into those small enough to produce and error records
+    /// for the others (`record_too_large`, with topic and key).
+    pub fn oversized(&self, records: Vec<Outgoing>) -> (Vec<Outgoing>, Vec<ErrorRecord>) {
+        let mut ok = Vec::with_capacity(records.len());
+        let mut bad = Vec::new();
+        for r in records {
+            let size = r.key.len() + r.payload.len();
+            if size <= self.max_record_bytes {
+                ok.push(r);
+                continue;
+            }
+            let mut e = self.record(
+                "record_too_large",
+                format!(
+                    "a record of {size} bytes for {} (key {}) exceeds kafka.max_record_bytes ({}): not sent; \
+                     to sync rows this large, raise it together with the broker's message.max.bytes and the topics' max.message.bytes",
+                    r.topic, r.key, self.max_record_bytes
+                ),
+            );
+            e.key = Some(r.key);
+            bad.push(e);
+        }
+        (ok, bad)
     }
 
     /// An error record about a message read from Kafka, with its position and bytes.
@@ -75,6 +109,22 @@ impl ErrorSink {
                 .errors
                 .with_label_values(&[self.service, &r.error_class])
                 .inc();
+            let cut;
+            let r = match &r.payload {
+                Some(p) if p.len() > self.max_record_bytes / 2 => {
+                    let mut c = r.clone();
+                    c.payload = Some(p[..self.max_record_bytes / 2].to_vec());
+                    c.message = format!(
+                        "{} (original bytes cut to the first {} of {})",
+                        r.message,
+                        self.max_record_bytes / 2,
+                        p.len()
+                    );
+                    cut = c;
+                    &cut
+                }
+                _ => r,
+            };
             let payload = avro::encode(r)?;
             out.push(Outgoing {
                 topic: self.topic.clone(),

@@ -144,6 +144,13 @@ pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<Producer, KafkaErr
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "120000");
+    if cfg.max_record_bytes > 900_000 {
+        // Room for the largest record the services may produce.
+        c.set(
+            "message.max.bytes",
+            (cfg.max_record_bytes + 100_000).to_string(),
+        );
+    }
     apply_overrides(&mut c, cfg, "producer.");
     c.create_with_context(DwContext)
 }

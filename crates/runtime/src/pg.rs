@@ -15,11 +15,14 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// Whether trying again later may succeed.
+    /// Whether trying again later may succeed: the server is away, starting,
+    /// shutting down, full, or the database does not accept connections for
+    /// now (`ALLOW_CONNECTIONS false` during maintenance, SQLSTATE 55000).
+    /// Wrong credentials, an unknown database or TLS setup are not.
     pub fn is_transient(&self) -> bool {
         match self {
             ConnectError::Tls(_) => false,
-            ConnectError::Pg(e) => is_transient(e),
+            ConnectError::Pg(e) => is_transient(e) || e.code().is_some_and(|c| c.code() == "55000"),
         }
     }
 }

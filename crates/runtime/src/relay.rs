@@ -70,14 +70,16 @@ pub async fn deliver(
     backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> bool {
+    let (records, mut too_large) = errors.oversized(output.records.clone());
+    too_large.extend(output.errors.iter().cloned());
     loop {
         let res = async {
-            kafka::send_all(producer, &output.records)
+            kafka::send_all(producer, &records)
                 .await
                 .map_err(|e| e.to_string())?;
-            if !output.errors.is_empty() {
+            if !too_large.is_empty() {
                 errors
-                    .publish(&output.errors)
+                    .publish(&too_large)
                     .await
                     .map_err(|e| e.to_string())?;
             }
