@@ -139,6 +139,8 @@ async fn initial_sync_reconciles_pre_existing_rows_in_dependency_order() {
         "{}",
         failed[0]
     );
+    let table = env.ctl(&["maps"]);
+    assert!(table.contains("done, 1 failed"), "{table}");
     let text_out = env.ctl(&["initial-sync", "customers"]);
     assert!(
         text_out.contains("2 created, 2 updated, 298 unchanged, 1 failed")

@@ -211,6 +211,20 @@ pub struct MapRow {
     pub depends_on: Vec<String>,
     pub reason: Option<String>,
     pub last_command_id: Option<String>,
+    /// The latest initial sync, e.g. `copying 41%` or `done, 2 failed`.
+    pub initial_sync: Option<String>,
+}
+
+/// A short summary of an initial sync for the maps table.
+fn initial_summary(i: &dualwrite_model::lifecycle::InitialSync) -> String {
+    match i.phase.as_str() {
+        "copying" if i.rows_total > 0 => format!(
+            "copying {}%",
+            (i.rows_done * 100 / i.rows_total).clamp(0, 100)
+        ),
+        "done" if i.failed > 0 => format!("done, {} failed", i.failed),
+        phase => phase.to_owned(),
+    }
 }
 
 /// The latest status of each map on the status topic.
@@ -264,6 +278,7 @@ pub fn map_rows(config: &Config) -> Result<Vec<MapRow>, CtlError> {
             depends_on: m.depends_on.clone(),
             reason: status.and_then(|s| s.reason.clone()),
             last_command_id: status.and_then(|s| s.last_command_id.clone()),
+            initial_sync: status.and_then(|s| s.initial.as_ref()).map(initial_summary),
         });
     }
     Ok(rows)
@@ -282,17 +297,18 @@ pub fn list_maps(config: &Config, json: bool, out: &mut impl Write) -> Result<()
     }
     writeln!(
         out,
-        "{:<20} {:<13} {:>4} {:>9}  DEPENDS ON",
-        "MAP", "STATE", "GEN", "BACKLOG"
+        "{:<20} {:<13} {:>4} {:>9}  {:<16} DEPENDS ON",
+        "MAP", "STATE", "GEN", "BACKLOG", "INITIAL SYNC"
     )?;
     for r in rows {
         writeln!(
             out,
-            "{:<20} {:<13} {:>4} {:>9}  {}",
+            "{:<20} {:<13} {:>4} {:>9}  {:<16} {}",
             r.map,
             r.state,
             r.generation,
             r.backlog,
+            r.initial_sync.as_deref().unwrap_or("-"),
             if r.depends_on.is_empty() {
                 "-".to_owned()
             } else {
