@@ -90,6 +90,9 @@ pub struct Job {
     /// The conflict master chosen at run time (a side name), if any.
     pub conflict_master: Option<String>,
     pub producer: Producer,
+    /// True once the map's gate holds it: nothing it forwarded is still
+    /// on the way to the appliers.
+    pub held: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 enum Failure {
@@ -163,6 +166,16 @@ async fn attempt(
             job.map
         )));
     };
+    if let Some(mut held) = job.held.clone() {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(false),
+            r = held.wait_for(|h| *h) => {
+                if r.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+    }
     if !appliers_drained(config, cancel).await? {
         return Ok(false);
     }

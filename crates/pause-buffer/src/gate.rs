@@ -54,6 +54,8 @@ pub struct Gate {
     producer: Producer,
     errors: ErrorSink,
     reports: mpsc::Sender<Report>,
+    /// True while the gate holds the map (nothing in flight to the appliers).
+    held: watch::Sender<bool>,
     /// Next offset to read, per partition.
     position: BTreeMap<i32, i64>,
     status: MapStatus,
@@ -113,6 +115,7 @@ impl Gate {
             position,
             status: status.clone(),
             reported: None,
+            held: watch::channel(false).0,
             paused: false,
             last_released: None,
             resume_started: None,
@@ -204,7 +207,15 @@ impl Gate {
             }
             _ => self.set_paused(true)?,
         }
+        // Status changes are taken between batches: when the map is held,
+        // everything the gate forwarded was delivered.
+        self.held.send_replace(!self.status.state.flows());
         Ok(())
+    }
+
+    /// Says whether the gate holds the map (see [`Gate::apply`]).
+    pub fn held(&self) -> watch::Receiver<bool> {
+        self.held.subscribe()
     }
 
     pub fn progress(&self) -> Progress {

@@ -180,6 +180,7 @@ async fn run_inner(
 
     let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
     let mut senders: BTreeMap<String, watch::Sender<MapStatus>> = BTreeMap::new();
+    let mut held: BTreeMap<String, watch::Receiver<bool>> = BTreeMap::new();
     let mut gates = JoinSet::new();
     for (map, status) in &ctl.statuses {
         let gate = Gate::start(
@@ -191,6 +192,7 @@ async fn run_inner(
             report_tx.clone(),
         )
         .await?;
+        held.insert(map.clone(), gate.held());
         let (tx, rx) = watch::channel(status.clone());
         senders.insert(map.clone(), tx);
         let sd = shutdown.clone();
@@ -250,7 +252,9 @@ async fn run_inner(
     let (copy_tx, mut copy_rx) = mpsc::channel::<initial_sync::Report>(16);
     let mut copy: Option<Copying> = None;
     loop {
-        schedule_copy(&ctl, &config, &producer, &mut copy, &copy_tx, &shutdown);
+        schedule_copy(
+            &ctl, &config, &producer, &held, &mut copy, &copy_tx, &shutdown,
+        );
         // Priority: shutdown, a gate failing, catch-up reports, initial
         // writes, errors (auto-pause), then commands.
         tokio::select! {
@@ -371,6 +375,7 @@ fn schedule_copy(
     ctl: &Controller,
     config: &Arc<Config>,
     producer: &Producer,
+    held: &BTreeMap<String, watch::Receiver<bool>>,
     copy: &mut Option<Copying>,
     reports: &mpsc::Sender<initial_sync::Report>,
     shutdown: &CancellationToken,
@@ -403,6 +408,7 @@ fn schedule_copy(
             .get(&map)
             .and_then(|s| s.conflict_master.clone()),
         producer: producer.clone(),
+        held: held.get(&map).cloned(),
     };
     let span = tracing::info_span!("initial_sync", map = %map, run);
     tokio::spawn(initial_sync::run(job, reports.clone(), cancel.clone()).instrument(span));
