@@ -274,6 +274,10 @@ impl TestEnv {
         let out = Command::new(BIN)
             .args(args)
             .env("DUALWRITE_CONFIG", &self.config)
+            // The test's configuration file is the truth (scripts/test.sh
+            // exports the shared stack's endpoints, which would override it).
+            .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
+            .env_remove("DUALWRITE_TOPIC_PREFIX")
             .output()
             .unwrap();
         (
@@ -411,7 +415,10 @@ impl TestEnv {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // DUALWRITE_TEST_KEEP=1 keeps the services' logs of passing tests too.
+        if std::env::var_os("DUALWRITE_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     /// The services' logs, for failure messages.
@@ -462,6 +469,8 @@ impl Service {
         let child = Command::new(BIN)
             .args(&self.args)
             .env("DUALWRITE_CONFIG", &self.config)
+            .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
+            .env_remove("DUALWRITE_TOPIC_PREFIX")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -508,7 +508,7 @@ async fn run_inner(
             Ok(m) => m.detach(),
             Err(e) => {
                 tracing::warn!("receive failed: {e}");
-                if a.backoff.wait(&shutdown).await {
+                if a.backoff.brief(&shutdown).await {
                     break;
                 }
                 continue;

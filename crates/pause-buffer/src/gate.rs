@@ -336,7 +336,7 @@ pub async fn run(
             Ok(m) => m.detach(),
             Err(e) => {
                 tracing::warn!(map = %gate.map, "receive failed: {e}");
-                if backoff.wait(&shutdown).await {
+                if backoff.brief(&shutdown).await {
                     break;
                 }
                 continue;

@@ -314,7 +314,7 @@ async fn run_inner(
                     Ok(m) => m.detach(),
                     Err(e) => {
                         tracing::warn!("control topic receive failed: {e}");
-                        if backoff.wait(&shutdown).await { break; }
+                        if backoff.brief(&shutdown).await { break; }
                         continue;
                     }
                 };

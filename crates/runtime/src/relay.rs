@@ -45,7 +45,7 @@ where
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!("receive failed: {e}");
-                if backoff.wait(shutdown).await {
+                if backoff.brief(shutdown).await {
                     break;
                 }
                 continue;
