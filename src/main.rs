@@ -191,6 +191,10 @@ enum CtlCommand {
         #[arg(long, default_value_t = 10)]
         examples: usize,
     },
+    /// Check maps (all, or those named) against both databases' tables:
+    /// missing tables and columns, types that cannot be converted, alternate
+    /// keys without a unique index. Exit code 1 when there are problems.
+    CheckSchema { maps: Vec<String> },
     /// Print acknowledgements and state changes as they happen.
     Watch {
         /// Stop when nothing happens for this many seconds (0: never).
@@ -378,6 +382,31 @@ async fn run(
                 );
                 for name in config.secret_env_vars() {
                     println!("{name}\tsecret named by the configuration file");
+                }
+            }
+            CtlCommand::CheckSchema { maps } => {
+                let mut problems = 0;
+                for name in if maps.is_empty() {
+                    config.maps.iter().map(|m| m.name.clone()).collect()
+                } else {
+                    maps
+                } {
+                    let map = config
+                        .map(&name)
+                        .with_context(|| format!("unknown map `{name}`"))?;
+                    let found = dualwrite_runtime::pg::schema_problems(&config, map)
+                        .await
+                        .map_err(|(_, msg)| anyhow::Error::msg(msg))?;
+                    if found.is_empty() {
+                        println!("map {name}: fits both tables");
+                    }
+                    for p in &found {
+                        println!("{p}");
+                    }
+                    problems += found.len();
+                }
+                if problems > 0 {
+                    std::process::exit(1);
                 }
             }
             CtlCommand::Verify {

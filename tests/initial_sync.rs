@@ -376,3 +376,56 @@ async fn changes_during_initial_sync_survive_and_a_killed_copy_resumes() {
     assert_eq!(code, 0, "{out}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_that_does_not_fit_the_tables_fails_the_run_naming_every_problem() {
+    let mut env = TestEnv::new("initschema").await;
+    let fno = env.fno().await;
+    fno.batch_execute(
+        "ALTER TABLE customers_v3 DROP COLUMN primaryemail;
+         ALTER TABLE customers_v3 ALTER COLUMN onhold DROP DEFAULT;
+         ALTER TABLE customers_v3 ALTER COLUMN onhold TYPE integer USING onhold::int;",
+    )
+    .await
+    .unwrap();
+    env.start_all();
+    env.wait_for_slots(2).await;
+    let (code, out, err) = env.run(&["ctl", "run", "customers", "--timeout-secs", "60"]);
+    assert_ne!(code, 0, "the run should fail:\n{out}\n{err}");
+    assert_eq!(env.states()["customers"], "Failed");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&env.ctl(&["maps", "--json"])).unwrap();
+    let reason = rows
+        .iter()
+        .find(|r| r["map"] == "customers")
+        .and_then(|r| r["reason"].as_str())
+        .unwrap()
+        .to_owned();
+    for want in [
+        "the mapping does not fit the tables",
+        "field `primaryemail`: column primaryemail does not exist in public.customers_v3",
+        "fno onhold (integer) cannot be converted to dataverse creditonhold (boolean)",
+    ] {
+        assert!(reason.contains(want), "`{want}` not in: {reason}");
+    }
+    // The same problems from the CLI, at any time.
+    let (code, out, _) = env.run(&["ctl", "check-schema", "customers"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("primaryemail") && out.contains("onhold"),
+        "{out}"
+    );
+
+    // Fixed, the map runs.
+    fno.batch_execute(
+        "ALTER TABLE customers_v3 ADD COLUMN primaryemail text;
+         ALTER TABLE customers_v3 ALTER COLUMN onhold TYPE boolean USING onhold <> 0;",
+    )
+    .await
+    .unwrap();
+    assert!(env
+        .ctl(&["check-schema", "customers"])
+        .contains("fits both tables"));
+    env.ctl(&["run", "customers", "--timeout-secs", "60"]);
+    assert_eq!(env.states()["customers"], "Running");
+    env.cleanup().await;
+}

@@ -34,6 +34,10 @@
 //!    in the snapshot that covers their key: those are already part of the
 //!    copy, so a change older than the snapshot never overrides its result.
 //!
+//! Before it copies, the map's mapping is checked against both tables
+//! (columns, types, a unique index on each alternate key): a map whose
+//! mapping does not fit turns Failed with every problem named.
+//!
 //! A row that cannot be written (missing related record, constraint, bad
 //! value) is recorded on `<prefix>.initial-sync-errors` with the run id,
 //! side, key and error; the other rows go on.
@@ -166,6 +170,23 @@ async fn attempt(
             job.map
         )));
     };
+    // The mapping must fit both tables before anything is written.
+    let problems = pg::schema_problems(config, map)
+        .await
+        .map_err(|(transient, msg)| {
+            if transient {
+                Failure::Transient(msg)
+            } else {
+                Failure::Fatal(msg)
+            }
+        })?;
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        return Err(Failure::Fatal(format!(
+            "the mapping does not fit the tables: {}",
+            list.join("; ")
+        )));
+    }
     if let Some(mut held) = job.held.clone() {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(false),

@@ -155,3 +155,82 @@ pub fn fields_json<'a>(fields: impl Iterator<Item = &'a dualwrite_model::record:
     }
     serde_json::Value::Object(o).to_string()
 }
+
+/// What the database says about a table (`schema.table`): its columns and
+/// the column sets of its unique indexes (not partial, not on
+/// expressions); `None` when there is no such table.
+pub async fn describe_table(
+    client: &Client,
+    entity: &str,
+) -> Result<Option<dualwrite_model::schema::TableInfo>, tokio_postgres::Error> {
+    let (schema, table) = entity.split_once('.').unwrap_or(("public", entity));
+    let cols = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &table],
+        )
+        .await?;
+    if cols.is_empty() {
+        return Ok(None);
+    }
+    let unique = client
+        .query(
+            "SELECT array_agg(a.attname::text)
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique
+                AND i.indpred IS NULL AND i.indexprs IS NULL
+              GROUP BY i.indexrelid",
+            &[&schema, &table],
+        )
+        .await?;
+    Ok(Some(dualwrite_model::schema::TableInfo {
+        columns: cols.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        unique: unique.iter().map(|r| r.get(0)).collect(),
+    }))
+}
+
+/// Checks a map's mapping against the tables of both sides (connecting to
+/// each); the problems found, or why the databases could not be read.
+pub async fn schema_problems(
+    config: &dualwrite_model::Config,
+    map: &dualwrite_model::config::MapConfig,
+) -> Result<Vec<dualwrite_model::schema::SchemaProblem>, (bool, String)> {
+    use dualwrite_model::config::SideId;
+    let mut tables = Vec::new();
+    for side in [SideId::Left, SideId::Right] {
+        let name = &config.side(side).name;
+        let client = connect(&config.side(side).connection, "dualwrite-schema-check")
+            .await
+            .map_err(|e| {
+                (
+                    e.is_transient(),
+                    format!("side `{name}`: cannot connect: {e}"),
+                )
+            })?;
+        let info = describe_table(&client, &map.entity(side).qualified())
+            .await
+            .map_err(|e| {
+                (
+                    is_transient(&e),
+                    format!(
+                        "side `{name}`: cannot read the table's description: {}",
+                        describe(&e)
+                    ),
+                )
+            })?;
+        tables.push(info);
+    }
+    Ok(dualwrite_model::schema::check_map(
+        config,
+        map,
+        tables[0].as_ref(),
+        tables[1].as_ref(),
+    ))
+}
