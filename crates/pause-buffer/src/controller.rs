@@ -186,16 +186,20 @@ impl Controller {
     }
 
     /// Applies a command. `end_offsets(map)` gives the map topic's current
-    /// end offsets (taken where a run starts live sync or a resume begins).
-    pub fn command<F>(
+    /// end offsets (taken where a run starts live sync or a resume begins);
+    /// `schema(map)` checks a map to be run against both databases' tables
+    /// (the problems found: the command is rejected with them).
+    pub fn command<F, S>(
         &self,
         config: &Config,
         cmd: &ControlCommand,
         now: i64,
         mut end_offsets: F,
+        mut schema: S,
     ) -> Effects
     where
         F: FnMut(&str) -> Result<Vec<PartitionOffset>, String>,
+        S: FnMut(&str) -> Result<Vec<String>, String>,
     {
         let id = Some(cmd.id.as_str());
         let mut fx = Effects::default();
@@ -224,6 +228,40 @@ impl Controller {
                 return fx;
             }
         };
+        // A map runs only if its mapping fits both tables.
+        for (m, to) in &plan.steps {
+            if *to != MapState::Initializing {
+                continue;
+            }
+            match schema(m) {
+                Ok(problems) if problems.is_empty() => {}
+                Ok(problems) => {
+                    fx.events.push(event(
+                        id,
+                        Outcome::Rejected,
+                        Some(m),
+                        None,
+                        format!(
+                            "map `{m}` does not fit its tables: {}; nothing changed",
+                            problems.join("; ")
+                        ),
+                        now,
+                    ));
+                    return fx;
+                }
+                Err(e) => {
+                    fx.events.push(event(
+                        id,
+                        Outcome::Failed,
+                        Some(m),
+                        None,
+                        format!("cannot check map `{m}` against its tables: {e}; nothing changed, send the command again"),
+                        now,
+                    ));
+                    return fx;
+                }
+            }
+        }
         // Take the end offsets first: a failure here fails the command before anything changed.
         let mut ends = BTreeMap::new();
         for (m, to) in &plan.steps {
@@ -608,8 +646,12 @@ mod tests {
         }])
     }
 
+    fn fits(_: &str) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
+
     fn apply(c: &mut Controller, cfg: &Config, command: &ControlCommand) -> Effects {
-        let fx = c.command(cfg, command, 1, ends);
+        let fx = c.command(cfg, command, 1, ends, fits);
         c.commit(&fx, Some(&command.id));
         fx
     }
@@ -832,6 +874,35 @@ mod tests {
         let c2 = Controller::new(&cfg, c.statuses.values().cloned().collect(), vec![], 5);
         assert!(c2.recover(5).statuses.is_empty());
         assert_eq!(c2.next_initial_sync(&cfg).unwrap().0, "customer_groups");
+    }
+
+    #[test]
+    fn a_map_that_does_not_fit_its_tables_is_not_run() {
+        let cfg = config();
+        let c = Controller::new(&cfg, vec![], vec![], 0);
+        let mut run = cmd("x", Action::Run, "customers");
+        run.include_related = true;
+        let fx = c.command(&cfg, &run, 1, ends, |m| {
+            Ok(if m == "currencies" {
+                vec!["column symbol does not exist".to_owned()]
+            } else {
+                vec![]
+            })
+        });
+        assert_eq!(outcomes(&fx), [Outcome::Rejected]);
+        assert!(fx.events[0]
+            .message
+            .contains("map `currencies` does not fit its tables: column symbol does not exist"));
+        assert!(fx.statuses.is_empty());
+        let fx = c.command(
+            &cfg,
+            &run,
+            1,
+            ends,
+            |_| Err("side `fno` unreachable".into()),
+        );
+        assert_eq!(outcomes(&fx), [Outcome::Failed]);
+        assert!(fx.statuses.is_empty());
     }
 
     #[test]

@@ -324,8 +324,15 @@ async fn run_inner(
                         let span = tracing::info_span!("command", id = %cmd.id, action = %cmd.action, map = %cmd.map);
                         let _g = span.enter();
                         let cfg = config.clone();
+                        let handle = tokio::runtime::Handle::current();
                         let fx = tokio::task::block_in_place(|| {
-                            ctl.command(&config, &cmd, now, |map| end_offsets(&cfg, map))
+                            ctl.command(&config, &cmd, now, |map| end_offsets(&cfg, map), |map| {
+                                let Some(mc) = cfg.map(map) else { return Ok(Vec::new()) };
+                                handle
+                                    .block_on(dualwrite_runtime::pg::schema_problems(&cfg, mc))
+                                    .map(|ps| ps.iter().map(|p| p.to_string()).collect())
+                                    .map_err(|(_, e)| e)
+                            })
                         });
                         for e in &fx.events {
                             tracing::info!(outcome = ?e.outcome, "{}", e.message);
