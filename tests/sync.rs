@@ -639,3 +639,52 @@ async fn router_and_appliers_split_partitions_across_instances() {
     assert!(echoed.is_empty(), "{echoed:?}");
     env.cleanup().await;
 }
+
+/// A side that only receives (its only changes are the applier's own
+/// writes, left out by origin) still moves its slot forward, so the slot
+/// neither holds the WAL on disk nor makes every read decode it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_side_moves_its_slot_forward() {
+    let mut env = TestEnv::new("idleslot").await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname)
+           SELECT 'I' || i, 'Idle ' || i FROM generate_series(1, 200) i",
+    )
+    .await
+    .unwrap();
+    eventually("the rows reach the right side", WAIT, || async {
+        dv.query_one(
+            "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'I%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 200
+    })
+    .await;
+    // Everything the right side has written so far is behind its slot soon.
+    let end: String = dv
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let db = env.dv_db.clone();
+    eventually("the right side's slot passes the WAL end", WAIT, || async {
+        dv.query_one(
+            "SELECT bool_and(confirmed_flush_lsn >= $1::text::pg_lsn) FROM pg_replication_slots WHERE database = $2",
+            &[&end, &db],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<bool>>(0)
+            == Some(true)
+    })
+    .await;
+    env.cleanup().await;
+}

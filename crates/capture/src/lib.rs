@@ -120,16 +120,26 @@ async fn run_inner(
         health().set(&db_ready, true);
         let peek = peek_sql(&tables, &origin_ids);
         loop {
-            // Priority: shutdown first, then the next read of the slot.
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                [&slot, &config.capture.max_batch];
+            // Priority: shutdown first, then the next read of the slot, up
+            // to the WAL's current end (so that an empty read may move the
+            // slot there).
+            let read = async {
+                let upto: String = client
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await?
+                    .get(0);
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                    [&slot, &upto, &config.capture.max_batch];
+                let rows = client.query(&peek, &params).await?;
+                Ok::<_, tokio_postgres::Error>((upto, rows))
+            };
             let rows = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                r = client.query(&peek, &params) => r,
+                r = read => r,
             };
-            let rows = match rows {
-                Ok(rows) => rows,
+            let (upto, rows) = match rows {
+                Ok(r) => r,
                 Err(e) if pg::is_transient(&e) => {
                     tracing::warn!(
                         "reading slot {slot} failed, reconnecting: {}",
@@ -158,6 +168,24 @@ async fn run_inner(
                 .collect();
             let decoded = decode(&name, &slot_rows);
             let Some(last) = decoded.last_commit else {
+                if slot_rows.is_empty() {
+                    // Nothing of ours up to `upto` (only other tables, other
+                    // databases, or the appliers' own writes): move the slot
+                    // there, or every read would decode that WAL again and
+                    // the slot would hold it on disk.
+                    if let Err(e) = client
+                        .execute(
+                            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                            &[&slot, &upto],
+                        )
+                        .await
+                    {
+                        tracing::warn!("advancing idle slot {slot} failed: {}", pg::describe(&e));
+                        if pg::is_transient(&e) {
+                            continue 'connect;
+                        }
+                    }
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(()),
@@ -253,7 +281,7 @@ fn peek_sql(tables: &[String], origin_ids: &[i64]) -> String {
         let ids: Vec<String> = origin_ids.iter().map(i64::to_string).collect();
         opts.push_str(&format!(",'filter-origins','{}'", ids.join(",")));
     }
-    format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2, {opts})")
+    format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, $2::text::pg_lsn, $3, {opts})")
 }
 
 enum Prep {

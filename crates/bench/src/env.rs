@@ -1,0 +1,506 @@
+//! The world of one measurement: fresh databases on the local PostgreSQL,
+//! a fresh topic prefix on the broker, the dualwrite services as child
+//! processes (the release binary), and the cleanup of all of it.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dualwrite_model::config::SideId;
+use dualwrite_model::Config;
+use rand::Rng;
+use tokio_postgres::{Client, NoTls};
+
+use crate::rows;
+
+/// What every measurement needs: where things are.
+pub struct Ctx {
+    /// The `dualwrite` binary (release build).
+    pub bin: PathBuf,
+    /// `postgres://user@host:port`, without a database.
+    pub pg_url: String,
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub pg_user: String,
+    pub bootstrap: String,
+    /// Where configurations and service logs go.
+    pub work: PathBuf,
+    /// `kafka.partitions` of the deployments.
+    pub partitions: i32,
+    /// Keep the logs of every run (they are kept anyway when a run fails).
+    pub keep_logs: bool,
+}
+
+impl Ctx {
+    pub fn new(
+        bin: PathBuf,
+        pg_url: String,
+        bootstrap: String,
+        work: PathBuf,
+        partitions: i32,
+        keep_logs: bool,
+    ) -> Result<Ctx> {
+        let rest = pg_url
+            .strip_prefix("postgres://")
+            .or_else(|| pg_url.strip_prefix("postgresql://"))
+            .with_context(|| format!("{pg_url}: expected postgres://user@host:port"))?
+            .trim_end_matches('/');
+        let (user, hostport) = rest
+            .split_once('@')
+            .with_context(|| format!("{pg_url}: expected postgres://user@host:port"))?;
+        if user.contains(':') {
+            bail!("{pg_url}: a password in the URL is not supported (use trust or ~/.pgpass)");
+        }
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), p.parse().context("PostgreSQL port")?),
+            None => (hostport.to_owned(), 5432),
+        };
+        std::fs::create_dir_all(&work)?;
+        Ok(Ctx {
+            bin,
+            pg_url: format!("postgres://{user}@{host}:{port}"),
+            pg_host: host,
+            pg_port: port,
+            pg_user: user.to_owned(),
+            bootstrap,
+            work,
+            partitions,
+            keep_logs,
+        })
+    }
+
+    pub async fn connect(&self, db: &str) -> Result<Client> {
+        let (client, conn) = tokio_postgres::connect(&format!("{}/{db}", self.pg_url), NoTls)
+            .await
+            .with_context(|| format!("connect to database {db}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// A libpq connection string for a database (native subscriptions).
+    pub fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user={} dbname={db}",
+            self.pg_host, self.pg_port, self.pg_user
+        )
+    }
+
+    /// A dualwrite configuration linking `left_db` and `right_db` by the
+    /// benchmark map, with the product's default settings.
+    pub fn config_text(&self, prefix: &str, left_db: &str, right_db: &str) -> String {
+        let side = |name: &str, db: &str| {
+            format!(
+                "name = \"{name}\"\nkind = \"postgres\"\n\
+                 connection = {{ host = \"{}\", port = {}, dbname = \"{db}\", user = \"{}\" }}\n",
+                self.pg_host, self.pg_port, self.pg_user
+            )
+        };
+        format!(
+            "# written by dualwrite-bench\n[kafka]\nbootstrap_servers = \"{}\"\n\
+             topic_prefix = \"{prefix}\"\npartitions = {}\nreplication_factor = 1\n\n\
+             [sides.left]\n{}\n[sides.right]\n{}\n{}",
+            self.bootstrap,
+            self.partitions,
+            side("fno", left_db),
+            side("dataverse", right_db),
+            rows::map_toml()
+        )
+    }
+}
+
+/// A short random id for database, topic and slot names.
+pub fn new_id() -> String {
+    let mut r = rand::rng();
+    (0..8)
+        .map(|_| (b'a' + r.random_range(0..26)) as char)
+        .collect()
+}
+
+/// Two fresh databases, each with the benchmark table.
+pub struct DbPair {
+    pub left: String,
+    pub right: String,
+}
+
+impl DbPair {
+    pub async fn create(ctx: &Ctx, id: &str) -> Result<DbPair> {
+        let pair = DbPair {
+            left: format!("dwb_{id}_fno"),
+            right: format!("dwb_{id}_dv"),
+        };
+        let admin = ctx.connect("postgres").await?;
+        for db in [&pair.left, &pair.right] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .with_context(|| format!("create database {db}"))?;
+            ctx.connect(db)
+                .await?
+                .batch_execute(&rows::ddl("bench_items"))
+                .await?;
+        }
+        Ok(pair)
+    }
+
+    /// Drops the replication slots of both databases and the databases.
+    pub async fn drop(&self, ctx: &Ctx) {
+        let Ok(admin) = ctx.connect("postgres").await else {
+            return;
+        };
+        for db in [&self.left, &self.right] {
+            drop_slots(&admin, db).await;
+            if let Err(e) = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await
+            {
+                eprintln!("bench: cannot drop database {db}: {e}");
+            }
+        }
+    }
+}
+
+/// Drops every replication slot of a database, waiting (a little) for
+/// their readers to let go.
+pub async fn drop_slots(admin: &Client, db: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE database = $1 AND active_pid IS NOT NULL",
+                &[&db],
+            )
+            .await;
+        let r = admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+                &[&db],
+            )
+            .await;
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                &[&db],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if left == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!("bench: replication slots of {db} not dropped: {r:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A service running as a child process.
+pub struct Service {
+    pub name: String,
+    pub log: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl Service {
+    fn start(ctx: &Ctx, config: &Path, dir: &Path, args: &[&str]) -> Result<Service> {
+        let name = args.join("-").replace("--side-", "");
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(&ctx.bin)
+            .args(args)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .env("DUALWRITE_CONFIG", config)
+            .env_remove("DUALWRITE_TOPIC_PREFIX")
+            .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
+            .env_remove("DUALWRITE_METRICS_ADDR")
+            .env_remove("DUALWRITE_INSTANCES")
+            .env_remove("DUALWRITE_INSTANCE_INDEX")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {} {}", ctx.bin.display(), args.join(" ")))?;
+        Ok(Service {
+            name,
+            log,
+            child: Mutex::new(Some(child)),
+        })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
+    /// None while it runs; its exit status once it exited.
+    fn exited(&self) -> Option<String> {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        match c.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => None,
+            Some(Ok(Some(s))) => Some(s.to_string()),
+            Some(Err(e)) => Some(e.to_string()),
+            None => Some("stopped".into()),
+        }
+    }
+
+    /// Peak resident set size so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL after 30 s).
+    fn stop(&self) {
+        let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("bench: {} did not stop within 30 s; killing it", self.name);
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// The end of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `http://ADDR` of its metrics and health endpoints, from its log.
+    fn metrics_addr(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        text.split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_owned)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The services of one deployment, in this order.
+pub const SERVICES: &[&[&str]] = &[
+    &["capture", "--side", "fno"],
+    &["capture", "--side", "dataverse"],
+    &["router"],
+    &["pause-buffer"],
+    &["apply", "--side", "fno"],
+    &["apply", "--side", "dataverse"],
+];
+
+/// A dualwrite deployment: two fresh databases, a configuration with a
+/// fresh topic prefix, and (once started) every service as its own process.
+pub struct Deployment {
+    pub dbs: DbPair,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: Arc<Config>,
+    services: Vec<Service>,
+    failed: bool,
+}
+
+impl Deployment {
+    pub async fn create(ctx: &Ctx, scenario: &str) -> Result<Deployment> {
+        let id = new_id();
+        let dbs = DbPair::create(ctx, &id).await?;
+        let prefix = format!("bench-{scenario}-{id}");
+        let dir = ctx.work.join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        let text = ctx.config_text(&prefix, &dbs.left, &dbs.right);
+        let config_path = dir.join("dualwrite.toml");
+        std::fs::write(&config_path, &text)?;
+        let config = Arc::new(Config::parse(&text).map_err(anyhow::Error::msg)?);
+        config
+            .validate()
+            .map_err(|p| anyhow::anyhow!("benchmark configuration is invalid: {p:?}"))?;
+        Ok(Deployment {
+            dbs,
+            dir,
+            config_path,
+            config,
+            services: Vec::new(),
+            failed: false,
+        })
+    }
+
+    /// Starts every service and waits until each says it is ready.
+    pub async fn start(&mut self, ctx: &Ctx) -> Result<()> {
+        for args in SERVICES {
+            let s = Service::start(ctx, &self.config_path, &self.dir, args)?;
+            self.services.push(s);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for i in 0..self.services.len() {
+            loop {
+                self.check_alive()?;
+                let s = &self.services[i];
+                if let Some(addr) = s.metrics_addr() {
+                    let ready = tokio::task::spawn_blocking(move || http_status(&addr, "/readyz"))
+                        .await
+                        .unwrap_or(0);
+                    if ready == 200 {
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    self.failed = true;
+                    bail!("{} not ready after 120 s; log:\n{}", s.name, s.log_tail(30));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// An error naming the first service that exited, with its log.
+    pub fn check_alive(&self) -> Result<()> {
+        for s in &self.services {
+            if let Some(status) = s.exited() {
+                bail!("{} exited ({status}); log:\n{}", s.name, s.log_tail(30));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the deployment failed: its logs are kept.
+    pub fn mark_failed(&mut self) {
+        self.failed = true;
+    }
+
+    pub async fn left(&self, ctx: &Ctx) -> Result<Client> {
+        ctx.connect(&self.dbs.left).await
+    }
+
+    pub async fn right(&self, ctx: &Ctx) -> Result<Client> {
+        ctx.connect(&self.dbs.right).await
+    }
+
+    /// `dualwrite ctl <args>` to completion; its stdout, or an error with its output.
+    pub async fn ctl(&self, ctx: &Ctx, args: &[&str]) -> Result<String> {
+        let out = tokio::process::Command::new(&ctx.bin)
+            .arg("ctl")
+            .args(args)
+            .env("DUALWRITE_CONFIG", &self.config_path)
+            .env_remove("DUALWRITE_TOPIC_PREFIX")
+            .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
+            .env("RUST_LOG", "warn")
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "dualwrite ctl {} failed ({}):\n{stdout}\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// The map's state and backlog (records on its topic the pause buffer
+    /// has not released), as `ctl maps` computes them.
+    pub async fn map_row(&self) -> Result<(String, i64)> {
+        let cfg = self.config.clone();
+        let rows = tokio::task::spawn_blocking(move || dualwrite_ctl::map_rows(&cfg))
+            .await?
+            .map_err(|e| anyhow::anyhow!("ctl maps: {e}"))?;
+        let r = rows
+            .into_iter()
+            .find(|r| r.map == "items")
+            .context("map items not listed")?;
+        Ok((r.state, r.backlog))
+    }
+
+    /// Stops every service; returns each one's peak resident memory (MiB),
+    /// read just before it was stopped.
+    pub fn stop(&mut self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            if let Some(kib) = s.peak_rss_kib() {
+                out.push((s.name.clone(), kib as f64 / 1024.0));
+            }
+        }
+        for s in &self.services {
+            s.stop();
+        }
+        out
+    }
+
+    /// Stops what still runs and removes what the deployment made in
+    /// PostgreSQL: slots, databases, replication origins (cluster-wide);
+    /// and its folder unless it failed or logs are kept. Its topics stay
+    /// on the broker, as the tests' do: tansu 0.6's DeleteTopics is not
+    /// safe while other clients fetch (its storage task panicked once).
+    pub async fn cleanup(mut self, ctx: &Ctx) {
+        self.stop();
+        self.dbs.drop(ctx).await;
+        if let Ok(admin) = ctx.connect("postgres").await {
+            for side in [SideId::Left, SideId::Right] {
+                for origin in self.config.origin_names(side) {
+                    let _ = admin
+                        .execute(
+                            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                            &[&origin],
+                        )
+                        .await;
+                }
+            }
+        }
+        if self.failed || ctx.keep_logs {
+            eprintln!("bench: logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Status code of a plain HTTP/1.0 GET on loopback (0 when unreachable).
+fn http_status(addr: &str, path: &str) -> u16 {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return 0;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,313 @@
+//! Tables: per scenario the median over the runs with min and max, and the
+//! ratios to the anchors (computed per run, from figures measured in the
+//! same run, then the median of those); then the services' peak memory.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::env::SERVICES;
+use crate::scenarios::RunResult;
+
+/// One figure of a scenario.
+pub struct Line {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub decimals: usize,
+}
+
+/// ours / anchor.
+pub struct Ratio {
+    pub label: &'static str,
+    pub num: &'static str,
+    pub den: &'static str,
+}
+
+/// How a scenario's results are shown.
+pub struct Spec {
+    pub title: String,
+    pub lines: Vec<Line>,
+    pub ratios: Vec<Ratio>,
+}
+
+const fn line(key: &'static str, label: &'static str, unit: &'static str, decimals: usize) -> Line {
+    Line {
+        key,
+        label,
+        unit,
+        decimals,
+    }
+}
+
+const fn ratio(label: &'static str, num: &'static str, den: &'static str) -> Ratio {
+    Ratio { label, num, den }
+}
+
+pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> Spec {
+    match scenario {
+        "initial-sync" => Spec {
+            title: format!(
+                "Initial sync: {} rows on each side (different keys), every row created on the other side",
+                thousands(rows as f64, 0)
+            ),
+            lines: vec![
+                line("ours", "dualwrite initial sync (rows created / time to Running)", "rows/s", 0),
+                line("secs", "dualwrite: `ctl run` until Running", "s", 1),
+                line("copy", "anchor: COPY into a fresh table", "rows/s", 0),
+                line("upsert", "anchor: upsert, 500-row batches (json_populate_recordset)", "rows/s", 0),
+            ],
+            ratios: vec![
+                ratio("dualwrite / COPY", "ours", "copy"),
+                ratio("dualwrite / batched upsert", "ours", "upsert"),
+            ],
+        },
+        "live-one" => Spec {
+            title: format!(
+                "Live sync, one direction: {} rows inserted on fno in transactions of 1,000",
+                thousands(live_rows as f64, 0)
+            ),
+            lines: vec![
+                line("ours", "dualwrite fno -> dataverse", "rows/s", 0),
+                line("native", "anchor: native logical replication", "rows/s", 0),
+                line("hop", "anchor: one Kafka produce+consume hop (rdkafka)", "rows/s", 0),
+                line("insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
+                line("row_bytes", "average row size (pg_column_size)", "bytes", 0),
+            ],
+            ratios: vec![
+                ratio("dualwrite / native logical replication", "ours", "native"),
+                ratio("dualwrite / Kafka hop", "ours", "hop"),
+            ],
+        },
+        "live-both" => Spec {
+            title: format!(
+                "Live sync, both directions at once: {} rows, half inserted on each side",
+                thousands(live_rows as f64, 0)
+            ),
+            lines: vec![
+                line("ours", "dualwrite, both directions (total)", "rows/s", 0),
+                line("native", "anchor: native logical replication, both directions", "rows/s", 0),
+                line("hop", "anchor: one Kafka produce+consume hop (rdkafka)", "rows/s", 0),
+                line("insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
+            ],
+            ratios: vec![
+                ratio("dualwrite / native logical replication", "ours", "native"),
+                ratio("dualwrite / Kafka hop", "ours", "hop"),
+            ],
+        },
+        "latency" => Spec {
+            title: format!(
+                "Latency, source commit to target write, at a steady {} rows/s for {secs} s",
+                thousands(rate as f64, 0)
+            ),
+            lines: vec![
+                line("p50", "dualwrite p50", "ms", 1),
+                line("p99", "dualwrite p99", "ms", 1),
+                line("max", "dualwrite max", "ms", 1),
+                line("p50_first", "dualwrite p50, first third of the rows", "ms", 1),
+                line("p50_last", "dualwrite p50, last third of the rows", "ms", 1),
+                line("native_p50", "anchor: native logical replication p50", "ms", 1),
+                line("native_p99", "anchor: native logical replication p99", "ms", 1),
+                line("native_max", "anchor: native logical replication max", "ms", 1),
+                line("hop_p50", "for reference: one Kafka produce+consume hop p50", "ms", 1),
+                line("hop_p99", "for reference: one Kafka produce+consume hop p99", "ms", 1),
+                line("achieved", "achieved source rate (dualwrite run)", "rows/s", 0),
+            ],
+            ratios: vec![
+                ratio("dualwrite p50 / native p50", "p50", "native_p50"),
+                ratio("dualwrite p99 / native p99", "p99", "native_p99"),
+                ratio("dualwrite p50 / one Kafka hop p50", "p50", "hop_p50"),
+            ],
+        },
+        "catch-up" => Spec {
+            title: format!(
+                "Catch-up: pause, queue {} changes (inserts on fno), resume",
+                thousands(rows as f64, 0)
+            ),
+            lines: vec![
+                line("insert", "load generator's insert rate", "rows/s", 0),
+                line("queue", "captured and routed to the map topic while paused", "rows/s", 0),
+                line("replay", "replay: resume until every row is on the target", "rows/s", 0),
+                line("to_running", "resume until Running (`ctl run` returns)", "s", 1),
+                line("to_applied", "resume until every row is on the target", "s", 1),
+            ],
+            ratios: vec![],
+        },
+        other => Spec {
+            title: other.to_owned(),
+            lines: vec![],
+            ratios: vec![],
+        },
+    }
+}
+
+/// `1,234,567` or `12.3`.
+pub fn thousands(v: f64, decimals: usize) -> String {
+    if !v.is_finite() {
+        return "-".to_owned();
+    }
+    let s = format!("{v:.decimals$}");
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i.to_owned(), format!(".{f}")),
+        None => (s.clone(), String::new()),
+    };
+    let (sign, digits) = match int.strip_prefix('-') {
+        Some(d) => ("-", d.to_owned()),
+        None => ("", int),
+    };
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}{frac}")
+}
+
+/// Median, min and max (None without values).
+pub fn stats(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    Some((median, v[0], v[v.len() - 1]))
+}
+
+/// The table of one scenario.
+pub fn scenario_table(spec: &Spec, runs: &[RunResult], failed: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "== {} ==", spec.title);
+    let _ = writeln!(
+        out,
+        "{} run(s){}",
+        runs.len(),
+        if failed > 0 {
+            format!(", {failed} failed (see the log above)")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<62} {:>12} {:>12} {:>12}  unit",
+        "", "median", "min", "max"
+    );
+    for l in &spec.lines {
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.values.get(l.key).copied())
+            .collect();
+        if let Some((med, min, max)) = stats(&values) {
+            let _ = writeln!(
+                out,
+                "{:<62} {:>12} {:>12} {:>12}  {}",
+                l.label,
+                thousands(med, l.decimals),
+                thousands(min, l.decimals),
+                thousands(max, l.decimals),
+                l.unit
+            );
+        }
+    }
+    for r in &spec.ratios {
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|run| Some(run.values.get(r.num)? / run.values.get(r.den)?))
+            .collect();
+        if let Some((med, min, max)) = stats(&values) {
+            let _ = writeln!(
+                out,
+                "{:<62} {:>12} {:>12} {:>12}  x (same run)",
+                format!("ratio {}", r.label),
+                format!("{med:.3}"),
+                format!("{min:.3}"),
+                format!("{max:.3}"),
+            );
+        }
+    }
+    out
+}
+
+/// Peak resident memory (VmHWM) of each service per scenario: the median
+/// over the runs, and the largest in brackets.
+pub fn memory_table(results: &BTreeMap<String, Vec<RunResult>>, order: &[String]) -> String {
+    let names: Vec<String> = SERVICES
+        .iter()
+        .map(|a| a.join("-").replace("--side-", ""))
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "== Peak resident memory of each service (VmHWM, MiB: median over runs, max in brackets) =="
+    );
+    let _ = write!(out, "{:<14}", "scenario");
+    for n in &names {
+        let _ = write!(out, " {n:>18}");
+    }
+    let _ = writeln!(out);
+    for scenario in order {
+        let Some(runs) = results.get(scenario) else {
+            continue;
+        };
+        if runs.iter().all(|r| r.rss.is_empty()) {
+            continue;
+        }
+        let _ = write!(out, "{scenario:<14}");
+        for n in &names {
+            let values: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.rss.iter().find(|(s, _)| s == n).map(|(_, v)| *v))
+                .collect();
+            let cell = match stats(&values) {
+                Some((med, _, max)) => format!("{med:.1} ({max:.1})"),
+                None => "-".to_owned(),
+            };
+            let _ = write!(out, " {cell:>18}");
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(stats(&[3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
+        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
+        assert_eq!(stats(&[]), None);
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1234567.0, 0), "1,234,567");
+        assert_eq!(thousands(999.0, 0), "999");
+        assert_eq!(thousands(1234.56, 1), "1,234.6");
+        assert_eq!(thousands(-1234.0, 0), "-1,234");
+    }
+
+    #[test]
+    fn ratios_use_the_same_run() {
+        let mut a = RunResult::default();
+        a.values.insert("ours".into(), 10.0);
+        a.values.insert("native".into(), 100.0);
+        let mut b = RunResult::default();
+        b.values.insert("ours".into(), 30.0);
+        b.values.insert("native".into(), 100.0);
+        let t = scenario_table(&spec("live-one", 1, 1, 1, 1), &[a, b], 0);
+        assert!(
+            t.contains("ratio dualwrite / native logical replication"),
+            "{t}"
+        );
+        assert!(t.contains("0.200"), "{t}");
+    }
+}

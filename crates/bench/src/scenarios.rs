@@ -1,0 +1,429 @@
+//! The scenarios. Each run builds its own world (fresh databases, topic
+//! prefix, services), measures dualwrite and the anchors one after the
+//! other on the same machine, and removes everything again.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio_postgres::Client;
+
+use crate::env::{new_id, Ctx, Deployment};
+use crate::measure::{
+    self, count, first_made, insert_rows, inserted, last_arrived, latencies, paced, wait_arrived,
+    wait_for, Latencies, Native,
+};
+use crate::rows;
+
+/// Sizes of the scenarios.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Rows per side of the initial sync, and changes queued for the catch-up.
+    pub rows: u64,
+    /// Rows of a live sync measurement.
+    pub live_rows: u64,
+    /// Seconds of the steady-rate latency measurement.
+    pub latency_secs: u64,
+    /// Rows per second of the latency measurement.
+    pub rate: u64,
+    /// Size of a Kafka anchor record, bytes.
+    pub record_bytes: usize,
+}
+
+/// What one run of a scenario measured.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RunResult {
+    /// Named figures (see `report` for their labels and units).
+    pub values: BTreeMap<String, f64>,
+    /// Peak resident memory of each service, MiB.
+    pub rss: Vec<(String, f64)>,
+}
+
+impl RunResult {
+    fn set(&mut self, key: &str, v: f64) {
+        self.values.insert(key.to_owned(), v);
+    }
+}
+
+/// Stops the deployment (reading its services' peak memory first) and
+/// removes it, whatever the outcome of the measurement.
+async fn finish(ctx: &Ctx, mut d: Deployment, r: Result<RunResult>) -> Result<RunResult> {
+    if r.is_err() {
+        d.mark_failed();
+    }
+    let rss = d.stop();
+    d.cleanup(ctx).await;
+    let mut r = r?;
+    r.rss = rss;
+    Ok(r)
+}
+
+/// Starts the services and runs the map without initial sync.
+async fn start_running(ctx: &Ctx, d: &mut Deployment) -> Result<()> {
+    d.start(ctx).await?;
+    d.ctl(
+        ctx,
+        &[
+            "run",
+            "items",
+            "--initial-sync",
+            "false",
+            "--timeout-secs",
+            "120",
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A few rows each way through the pipeline before measuring, so that
+/// connections, consumers and subscription workers are up.
+async fn warm_up(
+    left: &Client,
+    right: &Client,
+    both: bool,
+    alive: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<()> {
+    left.batch_execute(&rows::insert("Lw", 1, 10)).await?;
+    if both {
+        right.batch_execute(&rows::insert("Rw", 1, 10)).await?;
+    }
+    wait_for(
+        "warm-up rows",
+        Duration::from_secs(120),
+        Duration::from_millis(50),
+        || async {
+            alive()?;
+            Ok(count(right, "Lw").await? == 10 && (!both || count(left, "Rw").await? == 10))
+        },
+    )
+    .await
+}
+
+/// Inserts `n` rows (one direction: on the left; both: half on each side
+/// at once) and waits until all are on the other side. Returns (rows/s
+/// from the first source insert to the last target write, source insert
+/// rows/s).
+async fn live_measure(
+    left: &Client,
+    right: &Client,
+    n: u64,
+    both: bool,
+    alive: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<(f64, f64)> {
+    let (lr, rl) = if both { (n / 2, n - n / 2) } else { (n, 0) };
+    let (base_l, base_r) = (inserted(left).await?, inserted(right).await?);
+    let t = Instant::now();
+    let (a, b) = tokio::join!(insert_rows(left, "L", lr), async {
+        if rl > 0 {
+            insert_rows(right, "R", rl).await
+        } else {
+            Ok(0.0)
+        }
+    });
+    a?;
+    b?;
+    let insert_rate = n as f64 / t.elapsed().as_secs_f64();
+    let every = Duration::from_millis(250);
+    wait_arrived(right, "L", lr, base_r + (lr + rl) as i64, every, alive).await?;
+    if rl > 0 {
+        wait_arrived(left, "R", rl, base_l + (lr + rl) as i64, every, alive).await?;
+    }
+    let mut start = first_made(left, "L").await?;
+    let mut end = last_arrived(right, "L").await?;
+    if rl > 0 {
+        start = start.min(first_made(right, "R").await?);
+        end = end.max(last_arrived(left, "R").await?);
+    }
+    Ok((n as f64 / (end - start), insert_rate))
+}
+
+/// Live sync: sustained rows/s of dualwrite, native logical replication
+/// and one Kafka hop, with the same rows.
+pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
+    let n = p.live_rows;
+    let mut out = RunResult::default();
+
+    // Anchor: native logical replication between two fresh databases.
+    let native = Native::create(ctx, both).await?;
+    let r = async {
+        let left = ctx.connect(&native.dbs.left).await?;
+        let right = ctx.connect(&native.dbs.right).await?;
+        let ok = || Ok(());
+        warm_up(&left, &right, both, &ok).await?;
+        live_measure(&left, &right, n, both, &ok).await
+    }
+    .await;
+    native.cleanup(ctx).await;
+    let (native_rate, _) = r.context("native logical replication")?;
+    out.set("native", native_rate);
+    eprintln!("bench:   native logical replication: {native_rate:.0} rows/s");
+
+    // Anchor: one produce+consume hop.
+    let hop = measure::kafka_hop(ctx, n, p.record_bytes)
+        .await
+        .context("kafka hop")?;
+    out.set("hop", hop);
+    eprintln!("bench:   kafka produce+consume hop: {hop:.0} rows/s");
+
+    // dualwrite.
+    let mut d = Deployment::create(ctx, if both { "live2" } else { "live1" }).await?;
+    let r = async {
+        start_running(ctx, &mut d).await?;
+        let left = d.left(ctx).await?;
+        let right = d.right(ctx).await?;
+        let alive = || d.check_alive();
+        warm_up(&left, &right, both, &alive).await?;
+        let (rate, insert_rate) = live_measure(&left, &right, n, both, &alive).await?;
+        let mut o = out.clone();
+        o.set("ours", rate);
+        o.set("insert", insert_rate);
+        if !both {
+            let bytes: f64 = left
+                .query_one(
+                    "SELECT avg(pg_column_size(t.*))::float8 FROM bench_items t",
+                    &[],
+                )
+                .await?
+                .get(0);
+            o.set("row_bytes", bytes);
+        }
+        eprintln!("bench:   dualwrite: {rate:.0} rows/s");
+        Ok(o)
+    }
+    .await;
+    finish(ctx, d, r).await
+}
+
+/// Source-commit-to-target-commit latency at a steady rate: dualwrite and
+/// native logical replication.
+pub async fn latency(ctx: &Ctx, p: &Params) -> Result<RunResult> {
+    let mut out = RunResult::default();
+    let native = Native::create(ctx, false).await?;
+    let r = async {
+        let left = ctx.connect(&native.dbs.left).await?;
+        let right = ctx.connect(&native.dbs.right).await?;
+        let ok = || Ok(());
+        warm_up(&left, &right, false, &ok).await?;
+        steady(&left, &right, p, &ok).await
+    }
+    .await;
+    native.cleanup(ctx).await;
+    let (l, _) = r.context("native logical replication")?;
+    let (p50, p99) = (l.p50, l.p99);
+    out.set("native_p50", p50);
+    out.set("native_p99", p99);
+    out.set("native_max", l.max);
+    eprintln!("bench:   native logical replication: p50 {p50:.1} ms, p99 {p99:.1} ms");
+
+    let (hop50, hop99) = measure::kafka_hop_latency(ctx, p.rate, p.latency_secs, p.record_bytes)
+        .await
+        .context("kafka hop latency")?;
+    out.set("hop_p50", hop50);
+    out.set("hop_p99", hop99);
+    eprintln!("bench:   one Kafka hop: p50 {hop50:.1} ms, p99 {hop99:.1} ms");
+
+    let mut d = Deployment::create(ctx, "latency").await?;
+    let r = async {
+        start_running(ctx, &mut d).await?;
+        let left = d.left(ctx).await?;
+        let right = d.right(ctx).await?;
+        let alive = || d.check_alive();
+        warm_up(&left, &right, false, &alive).await?;
+        let (l, achieved) = steady(&left, &right, p, &alive).await?;
+        let (p50, p99) = (l.p50, l.p99);
+        let mut o = out.clone();
+        o.set("p50", p50);
+        o.set("p99", p99);
+        o.set("max", l.max);
+        o.set("p50_first", l.p50_first);
+        o.set("p50_last", l.p50_last);
+        o.set("achieved", achieved);
+        eprintln!("bench:   dualwrite: p50 {p50:.1} ms, p99 {p99:.1} ms");
+        Ok(o)
+    }
+    .await;
+    finish(ctx, d, r).await
+}
+
+/// Steady inserts on the left, then the latencies of those rows on the
+/// right, and the achieved source rate (rows/s).
+async fn steady(
+    left: &Client,
+    right: &Client,
+    p: &Params,
+    alive: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<(Latencies, f64)> {
+    let base = inserted(right).await?;
+    let (total, achieved) = paced(left, "T", p.rate, p.latency_secs).await?;
+    wait_arrived(
+        right,
+        "T",
+        total,
+        base + total as i64,
+        Duration::from_millis(250),
+        alive,
+    )
+    .await?;
+    Ok((latencies(right, "T").await?, achieved))
+}
+
+/// Catch-up: pause, queue `rows` changes, resume; how fast they queue,
+/// how fast they replay, and when the map is Running again.
+pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
+    let n = p.rows;
+    let mut d = Deployment::create(ctx, "catchup").await?;
+    let r = async {
+        start_running(ctx, &mut d).await?;
+        let left = d.left(ctx).await?;
+        let right = d.right(ctx).await?;
+        let alive = || d.check_alive();
+        warm_up(&left, &right, false, &alive).await?;
+        d.ctl(ctx, &["pause", "items", "--timeout-secs", "120"])
+            .await?;
+
+        let t = Instant::now();
+        let insert_secs = insert_rows(&left, "L", n).await?;
+        let d_ref = &d;
+        wait_for(
+            "changes queued on the map topic",
+            measure::patience(n),
+            Duration::from_millis(500),
+            || async move {
+                d_ref.check_alive()?;
+                let (state, backlog) = d_ref.map_row().await?;
+                if state != "Paused" {
+                    bail!("map is {state} while it should be paused");
+                }
+                Ok(backlog as u64 >= n)
+            },
+        )
+        .await?;
+        let queued_secs = t.elapsed().as_secs_f64();
+        let early = count(&right, "L").await?;
+        if early != 0 {
+            bail!("{early} rows reached the target while the map was paused");
+        }
+        eprintln!("bench:   {n} changes queued in {queued_secs:.1} s (inserted in {insert_secs:.1} s)");
+
+        let base = inserted(&right).await?;
+        let resumed_at = measure::db_now(&right).await?;
+        let t = Instant::now();
+        d.ctl(ctx, &["run", "items", "--timeout-secs", "14400"])
+            .await?;
+        let running_secs = t.elapsed().as_secs_f64();
+        wait_arrived(
+            &right,
+            "L",
+            n,
+            base + n as i64,
+            Duration::from_millis(500),
+            &alive,
+        )
+        .await?;
+        let applied_secs = last_arrived(&right, "L").await? - resumed_at;
+        let (state, backlog) = d.map_row().await?;
+        if state != "Running" {
+            bail!("map is {state} after the catch-up (backlog {backlog})");
+        }
+        let mut o = RunResult::default();
+        o.set("queue", n as f64 / queued_secs);
+        o.set("insert", n as f64 / insert_secs);
+        o.set("replay", n as f64 / applied_secs);
+        o.set("to_running", running_secs);
+        o.set("to_applied", applied_secs);
+        eprintln!(
+            "bench:   replay {:.0} rows/s; Running after {running_secs:.1} s, all rows on the target after {applied_secs:.1} s",
+            n as f64 / applied_secs
+        );
+        Ok(o)
+    }
+    .await;
+    finish(ctx, d, r).await
+}
+
+/// Initial sync of `rows` rows on each side (different keys: every row is
+/// created on the other side), beside raw COPY and batched upserts of the
+/// same rows into fresh tables of the same database server.
+pub async fn initial_sync(ctx: &Ctx, p: &Params) -> Result<RunResult> {
+    let n = p.rows;
+    let mut out = RunResult::default();
+    let mut d = Deployment::create(ctx, "initial").await?;
+    let r = async {
+        // Anchors, in a database of their own, before any service runs.
+        let anchor_db = format!("dwb_{}_anchor", new_id());
+        let admin = ctx.connect("postgres").await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {anchor_db}"))
+            .await?;
+        let anchors = async {
+            let a = ctx.connect(&anchor_db).await?;
+            a.batch_execute(&format!(
+                "{}\n{}",
+                rows::ddl("bench_copy"),
+                rows::ddl("bench_upsert")
+            ))
+            .await?;
+            let text = measure::copy_text(&a, "L", n).await?;
+            let copy_secs = measure::copy_in(&a, "bench_copy", &text).await?;
+            let batches = measure::json_batches(&a, "L", n, 500).await?;
+            let upsert_secs = measure::upsert(&a, "bench_upsert", &batches).await?;
+            Ok::<_, anyhow::Error>((text, copy_secs, upsert_secs))
+        }
+        .await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {anchor_db} WITH (FORCE)"))
+            .await?;
+        let (text, copy_secs, upsert_secs) = anchors?;
+        out.set("copy", n as f64 / copy_secs);
+        out.set("upsert", n as f64 / upsert_secs);
+        eprintln!(
+            "bench:   COPY {:.0} rows/s, upsert {:.0} rows/s",
+            n as f64 / copy_secs,
+            n as f64 / upsert_secs
+        );
+
+        // The rows dualwrite finds: L… on the left, R… on the right.
+        let left = d.left(ctx).await?;
+        let right = d.right(ctx).await?;
+        measure::copy_in(&left, "bench_items", &text).await?;
+        drop(text);
+        right.batch_execute(&rows::insert("R", 1, n)).await?;
+        left.batch_execute("ANALYZE bench_items").await?;
+        right.batch_execute("ANALYZE bench_items").await?;
+
+        d.start(ctx).await?;
+        let t = Instant::now();
+        d.ctl(ctx, &["run", "items", "--timeout-secs", "14400"])
+            .await?;
+        let secs = t.elapsed().as_secs_f64();
+        let details: serde_json::Value =
+            serde_json::from_str(&d.ctl(ctx, &["initial-sync", "items", "--json"]).await?)?;
+        let progress = &details["progress"];
+        let created = progress["created"].as_f64().unwrap_or(f64::NAN);
+        let failed = progress["failed"].as_f64().unwrap_or(f64::NAN);
+        let total_left: i64 = left
+            .query_one("SELECT count(*) FROM bench_items", &[])
+            .await?
+            .get(0);
+        let total_right: i64 = right
+            .query_one("SELECT count(*) FROM bench_items", &[])
+            .await?
+            .get(0);
+        if total_left as u64 != 2 * n || total_right as u64 != 2 * n || failed != 0.0 {
+            bail!(
+                "initial sync incomplete: left {total_left}, right {total_right} rows (want {} each), {failed} failed; progress {progress}",
+                2 * n
+            );
+        }
+        out.set("ours", created / secs);
+        out.set("secs", secs);
+        eprintln!(
+            "bench:   dualwrite: {created} rows created in {secs:.1} s: {:.0} rows/s",
+            created / secs
+        );
+        Ok(out.clone())
+    }
+    .await;
+    finish(ctx, d, r).await
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Benchmarks dualwrite (see BENCHMARKS.md): starts a fresh PostgreSQL and
+# broker of its own (scripts/stack.sh with its own state folder and ports,
+# so a developer's stack and CI's are not disturbed and every benchmark
+# starts from an empty broker), builds the release binaries, runs the
+# scenarios with their anchors, prints the tables, and stops that stack.
+#
+#   scripts/bench.sh                       # every scenario, 3 runs, 1,000,000-row initial sync and catch-up
+#   scripts/bench.sh --quick               # a small smoke run (1 run, 20,000 rows, 10 s latency)
+#   scripts/bench.sh --scenario live-one,latency --runs 5
+#   scripts/bench.sh --rows 200000 --big-runs 1
+#
+# Every other argument goes to the benchmark binary (`--help` lists them:
+# --runs, --big-runs, --rows, --live-rows, --latency-secs, --rate,
+# --scenario all|live-one|live-both|latency|catch-up|initial-sync, --json FILE, --keep-logs).
+#
+# Environment:
+#   DUALWRITE_BENCH_STATE_DIR   the benchmark stack's folder (default /tmp/dualwrite-bench-stack; wiped first)
+#   DUALWRITE_BENCH_PG_PORT     its PostgreSQL port (default 55434)
+#   DUALWRITE_BENCH_KAFKA_PORT  its broker port (default 19094)
+#   DUALWRITE_BENCH_KEEP_STACK  1: leave the stack running afterwards
+#   DUALWRITE_BENCH_OUT         where the tables are also written (default target/bench/last.txt)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+args=()
+for a in "$@"; do
+  case "$a" in
+    --quick) args+=(--runs 1 --rows 20000 --live-rows 20000 --latency-secs 10) ;;
+    *) args+=("$a") ;;
+  esac
+done
+
+cargo build --release --locked -p dualwrite -p dualwrite-bench >&2
+DUALWRITE_BENCH_COMMIT="$(git describe --always --dirty 2>/dev/null || echo unknown), built $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+export DUALWRITE_BENCH_COMMIT
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+OUT="${DUALWRITE_BENCH_OUT:-$TARGET/bench/last.txt}"
+mkdir -p "$(dirname "$OUT")"
+
+export DUALWRITE_STATE_DIR="${DUALWRITE_BENCH_STATE_DIR:-/tmp/dualwrite-bench-stack}"
+export DUALWRITE_STACK_PG_PORT="${DUALWRITE_BENCH_PG_PORT:-55434}"
+export DUALWRITE_STACK_KAFKA_PORT="${DUALWRITE_BENCH_KAFKA_PORT:-19094}"
+scripts/stack.sh down >/dev/null 2>&1 || true
+rm -rf "$DUALWRITE_STATE_DIR"
+stop_stack() {
+  if [ "${DUALWRITE_BENCH_KEEP_STACK:-0}" != 1 ]; then
+    scripts/stack.sh down || true
+    rm -rf "$DUALWRITE_STATE_DIR"
+  fi
+}
+trap stop_stack EXIT
+eval "$(scripts/stack.sh up)"
+export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
+
+"$TARGET/release/dualwrite-bench" --bin "$TARGET/release/dualwrite" "${args[@]}" | tee "$OUT"
+echo "bench: tables written to $OUT" >&2
