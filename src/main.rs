@@ -214,6 +214,20 @@ enum CtlCommand {
     },
 }
 
+/// The maps named (all when none), in that order; an unknown name is an error.
+fn selected_maps<'a>(
+    config: &'a Config,
+    names: &[String],
+) -> anyhow::Result<Vec<&'a dualwrite_model::config::MapConfig>> {
+    if names.is_empty() {
+        return Ok(config.maps.iter().collect());
+    }
+    names
+        .iter()
+        .map(|n| config.map(n).with_context(|| format!("unknown map `{n}`")))
+        .collect()
+}
+
 /// Environment variables read by the binary besides its options'
 /// (`option_env_vars`), the configuration's overrides and secrets.
 const ENV_VARS: &[(&str, &str)] = &[
@@ -386,14 +400,8 @@ async fn run(
             }
             CtlCommand::CheckSchema { maps } => {
                 let mut problems = 0;
-                for name in if maps.is_empty() {
-                    config.maps.iter().map(|m| m.name.clone()).collect()
-                } else {
-                    maps
-                } {
-                    let map = config
-                        .map(&name)
-                        .with_context(|| format!("unknown map `{name}`"))?;
+                for map in selected_maps(&config, &maps)? {
+                    let name = &map.name;
                     let found = dualwrite_runtime::pg::schema_problems(&config, map)
                         .await
                         .map_err(|(_, msg)| anyhow::Error::msg(msg))?;
@@ -416,14 +424,7 @@ async fn run(
                 examples,
             } => {
                 let mut reports = Vec::new();
-                for name in if maps.is_empty() {
-                    config.maps.iter().map(|m| m.name.clone()).collect()
-                } else {
-                    maps
-                } {
-                    let map = config
-                        .map(&name)
-                        .with_context(|| format!("unknown map `{name}`"))?;
+                for map in selected_maps(&config, &maps)? {
                     reports.push(
                         dualwrite_ctl::verify::verify_map(&config, map, one_way)
                             .await

@@ -13,16 +13,9 @@ use dualwrite_model::avro;
 use dualwrite_model::record::ErrorRecord;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use support::{eventually, TestEnv, PAUSE_BUFFER};
+use support::{eventually, text, TestEnv, PAUSE_BUFFER};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
-    c.query_opt(sql, &[])
-        .await
-        .unwrap()
-        .map(|r| r.get::<_, String>(0))
-}
 
 fn producer(env: &TestEnv) -> FutureProducer {
     ClientConfig::new()

@@ -246,16 +246,17 @@ async fn each_service_killed_at_random_moments_during_live_sync() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_killed_and_restarted_during_live_sync() {
-    let stack = PrivateStack::start("broker");
-    let mut env = TestEnv::on(stack.stack.clone(), "broker", "").await;
+/// Live sync on a stack of its own while `fault` hits it, then 3 s down
+/// and `up` again, every round.
+async fn restarted_during_live_sync(name: &str, fault: fn(&PrivateStack)) {
+    let stack = PrivateStack::start(name);
+    let mut env = TestEnv::on(stack.stack.clone(), name, "").await;
     started(&mut env).await;
     let rounds = 30 * fault_rounds();
     let writing = writers(&env, rounds);
     for _ in 0..fault_rounds() {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        stack.kill_broker();
+        fault(&stack);
         // The outage under test.
         tokio::time::sleep(Duration::from_secs(3)).await;
         stack.up();
@@ -268,24 +269,13 @@ async fn broker_killed_and_restarted_during_live_sync() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_and_restarted_during_live_sync() {
+    restarted_during_live_sync("broker", PrivateStack::kill_broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_and_restarted_during_live_sync() {
-    let stack = PrivateStack::start("postgres");
-    let mut env = TestEnv::on(stack.stack.clone(), "postgres", "").await;
-    started(&mut env).await;
-    let rounds = 30 * fault_rounds();
-    let writing = writers(&env, rounds);
-    for _ in 0..fault_rounds() {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stack.kill_postgres();
-        // The outage under test.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        stack.up();
-    }
-    for w in writing {
-        w.await.unwrap();
-    }
-    converged(&env, rounds).await;
-    env.cleanup().await;
+    restarted_during_live_sync("postgres", PrivateStack::kill_postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

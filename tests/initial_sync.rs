@@ -5,16 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{eventually, TestEnv};
+use support::{eventually, text, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
-    c.query_opt(sql, &[])
-        .await
-        .unwrap()
-        .map(|r| r.get::<_, String>(0))
-}
 
 fn details(env: &TestEnv, map: &str) -> serde_json::Value {
     serde_json::from_str(&env.ctl(&["initial-sync", map, "--json"])).unwrap()

@@ -7,16 +7,9 @@ use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use support::{eventually, stack, TestEnv};
+use support::{eventually, stack, text, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn text(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
-    c.query_opt(sql, &[])
-        .await
-        .unwrap()
-        .map(|r| r.get::<_, String>(0))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_sync_both_ways_without_echo() {

@@ -133,6 +133,14 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// The first column of the first row of `sql` as text; `None` without a row.
+pub async fn text(c: &Client, sql: &str) -> Option<String> {
+    c.query_opt(sql, &[])
+        .await
+        .unwrap()
+        .map(|r| r.get::<_, String>(0))
+}
+
 /// Waits until `check` returns true, polling every 50 ms, or panics after `timeout`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
