@@ -646,7 +646,7 @@ async fn an_idle_side_moves_its_slot_forward() {
     let dv = env.dv().await;
     fno.batch_execute(
         "INSERT INTO customers_v3 (customeraccount, organizationname)
-           SELECT 'I' || i, 'Idle ' || i FROM generate_series(1, 200) i",
+           SELECT 'I' || i, 'Idle ' || i FROM generate_series(1, 2000) i",
     )
     .await
     .unwrap();
@@ -658,7 +658,7 @@ async fn an_idle_side_moves_its_slot_forward() {
         .await
         .unwrap()
         .get::<_, i64>(0)
-            == 200
+            == 2000
     })
     .await;
     // Everything the right side has written so far is behind its slot soon.

@@ -119,27 +119,18 @@ async fn run_inner(
         tracing::info!(%slot, tables = ?tables, "capturing");
         health().set(&db_ready, true);
         let peek = peek_sql(&tables, &origin_ids);
+        let mut idle_reads = 0u32;
         loop {
-            // Priority: shutdown first, then the next read of the slot, up
-            // to the WAL's current end (so that an empty read may move the
-            // slot there).
-            let read = async {
-                let upto: String = client
-                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                    .await?
-                    .get(0);
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                    [&slot, &upto, &config.capture.max_batch];
-                let rows = client.query(&peek, &params).await?;
-                Ok::<_, tokio_postgres::Error>((upto, rows))
-            };
+            // Priority: shutdown first, then the next read of the slot.
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&slot, &config.capture.max_batch];
             let rows = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                r = read => r,
+                r = client.query(&peek, &params) => r,
             };
-            let (upto, rows) = match rows {
-                Ok(r) => r,
+            let rows = match rows {
+                Ok(rows) => rows,
                 Err(e) if pg::is_transient(&e) => {
                     tracing::warn!(
                         "reading slot {slot} failed, reconnecting: {}",
@@ -169,20 +160,14 @@ async fn run_inner(
             let decoded = decode(&name, &slot_rows);
             let Some(last) = decoded.last_commit else {
                 if slot_rows.is_empty() {
-                    // Nothing of ours up to `upto` (only other tables, other
-                    // databases, or the appliers' own writes): move the slot
-                    // there, or every read would decode that WAL again and
-                    // the slot would hold it on disk.
-                    if let Err(e) = client
-                        .execute(
-                            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                            &[&slot, &upto],
-                        )
-                        .await
-                    {
-                        tracing::warn!("advancing idle slot {slot} failed: {}", pg::describe(&e));
-                        if pg::is_transient(&e) {
-                            continue 'connect;
+                    idle_reads += 1;
+                    if idle_reads >= HEARTBEAT_EVERY_IDLE_READS {
+                        idle_reads = 0;
+                        if let Err(e) = heartbeat(&client, &slot).await {
+                            tracing::warn!("heartbeat on slot {slot} failed: {}", pg::describe(&e));
+                            if pg::is_transient(&e) {
+                                continue 'connect;
+                            }
                         }
                     }
                 }
@@ -267,6 +252,38 @@ async fn publish(
     Ok(())
 }
 
+/// Empty reads in a row after which an idle slot gets a heartbeat.
+const HEARTBEAT_EVERY_IDLE_READS: u32 = 20;
+
+/// A side whose only changes are the appliers' own writes (left out by
+/// origin) gives empty reads, and the slot, which advances only to a commit
+/// it read, would stay behind: every read would decode the same WAL again
+/// and the slot would hold it on disk. When the slot lags, a transactional
+/// logical message (`pg_logical_emit_message`, ignored by the decoder) gives
+/// the next read a commit of this database to advance to, through the same
+/// path as any other commit.
+async fn heartbeat(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let lagging: Option<bool> = client
+        .query_opt(
+            "SELECT pg_current_wal_lsn() - confirmed_flush_lsn > 65536 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    if lagging == Some(true) {
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(true, 'dualwrite', 'heartbeat')",
+                &[],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 fn peek_sql(tables: &[String], origin_ids: &[i64]) -> String {
     let add_tables = tables
         .iter()
@@ -281,7 +298,7 @@ fn peek_sql(tables: &[String], origin_ids: &[i64]) -> String {
         let ids: Vec<String> = origin_ids.iter().map(i64::to_string).collect();
         opts.push_str(&format!(",'filter-origins','{}'", ids.join(",")));
     }
-    format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, $2::text::pg_lsn, $3, {opts})")
+    format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2, {opts})")
 }
 
 enum Prep {
