@@ -125,13 +125,11 @@ async fn corrupt_and_foreign_records_on_every_topic_are_recorded_and_the_rest_fl
 
     // One error record per bad record on the data topics, with its context.
     let want = bad_records().len() * topics.len();
-    let mut errors = Vec::new();
-    eventually("an error record per bad record", WAIT, || {
-        errors = env.tail("errors");
-        let n = errors.len();
-        async move { n >= want }
-    })
-    .await;
+    let errors = env
+        .tail_until("errors", "an error record per bad record", WAIT, |r| {
+            r.len() >= want
+        })
+        .await;
     for (topic, service) in &topics {
         for (key, payload) in bad_records() {
             let e = errors
@@ -204,15 +202,12 @@ async fn very_large_rows_sync_or_are_recorded_and_the_rest_flows() {
             == Some("After the large row")
     })
     .await;
-    let mut errors = Vec::new();
-    eventually("the large row is recorded", WAIT, || {
-        errors = env.tail("errors");
-        let found = errors
-            .iter()
-            .any(|e| e["value"]["error_class"] == "record_too_large");
-        async move { found }
-    })
-    .await;
+    let errors = env
+        .tail_until("errors", "the large row is recorded", WAIT, |r| {
+            r.iter()
+                .any(|e| e["value"]["error_class"] == "record_too_large")
+        })
+        .await;
     let e = errors
         .iter()
         .map(|e| &e["value"])
@@ -277,13 +272,9 @@ async fn schema_drift_on_a_side_is_recorded_and_other_records_flow() {
             == Some("Still flowing")
     })
     .await;
-    let mut errors = Vec::new();
-    eventually("the drift is recorded", WAIT, || {
-        errors = env.tail("errors");
-        let n = errors.len();
-        async move { n >= 1 }
-    })
-    .await;
+    let errors = env
+        .tail_until("errors", "the drift is recorded", WAIT, |r| !r.is_empty())
+        .await;
     let e = &errors[0]["value"];
     assert_eq!(e["map"], "customers", "{e}");
     assert_eq!(e["error_class"], "mapping", "{e}");

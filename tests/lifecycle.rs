@@ -277,21 +277,20 @@ async fn malformed_and_unavailable_commands_are_rejected_with_reasons() {
     )
     .await;
 
-    let mut events = Vec::new();
-    eventually("every command acknowledged", WAIT, || {
-        events = env.tail("events");
-        let dup_done = events
-            .iter()
-            .filter(|e| e["key"] == "c-dup" && e["value"]["outcome"] == "COMPLETED")
-            .count()
-            == 2;
-        let n = events
-            .iter()
-            .filter(|e| e["value"]["outcome"] == "REJECTED")
-            .count();
-        async move { dup_done && n >= 8 }
-    })
-    .await;
+    let events = env
+        .tail_until("events", "every command acknowledged", WAIT, |r| {
+            let dup_done = r
+                .iter()
+                .filter(|e| e["key"] == "c-dup" && e["value"]["outcome"] == "COMPLETED")
+                .count()
+                == 2;
+            let rejected = r
+                .iter()
+                .filter(|e| e["value"]["outcome"] == "REJECTED")
+                .count();
+            dup_done && rejected >= 8
+        })
+        .await;
     for (key, _, reason) in &cases {
         let ev = events
             .iter()

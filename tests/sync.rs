@@ -277,13 +277,9 @@ async fn bad_records_go_to_the_errors_topic_and_the_rest_flows() {
     })
     .await;
 
-    let mut errors = Vec::new();
-    eventually("two error records", WAIT, || {
-        errors = env.tail("errors");
-        let n = errors.len();
-        async move { n >= 2 }
-    })
-    .await;
+    let errors = env
+        .tail_until("errors", "two error records", WAIT, |r| r.len() >= 2)
+        .await;
     let by_class = |class: &str| {
         errors
             .iter()
@@ -487,13 +483,9 @@ async fn a_child_waits_for_its_parent_for_a_bounded_time() {
     )
     .await
     .unwrap();
-    let mut errors = Vec::new();
-    eventually("the orphan is reported", WAIT, || {
-        errors = env.tail("errors");
-        let n = errors.len();
-        async move { n == 1 }
-    })
-    .await;
+    let errors = env
+        .tail_until("errors", "the orphan is reported", WAIT, |r| r.len() == 1)
+        .await;
     let e = &errors[0]["value"];
     assert_eq!(e["error_class"], "rejected_by_target");
     assert_eq!(e["key"], "[\"C9301\"]");

@@ -305,6 +305,25 @@ impl TestEnv {
             .collect()
     }
 
+    /// Reads a topic (as [`TestEnv::tail`]) until `done` holds for its
+    /// records, or panics after `timeout` naming `what`; returns them.
+    pub async fn tail_until(
+        &self,
+        which: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let mut records = Vec::new();
+        eventually(what, timeout, || {
+            records = self.tail(which);
+            let ok = done(&records);
+            async move { ok }
+        })
+        .await;
+        records
+    }
+
     /// Starts every service as its own process: both capturers, the
     /// router, the pause buffer, both appliers (indices 0 to 5, in that order).
     pub fn start_all(&mut self) {

@@ -233,10 +233,12 @@ async fn publish(
         r.payload = Some(b.data.into_bytes());
         bad.push(r);
     }
-    let (out, too_large) = errors.oversized(out);
-    for mut r in too_large {
-        r.source_side = Some(side.to_owned());
-        bad.push(r);
+    let (out, too_large): (Vec<Outgoing>, Vec<Outgoing>) =
+        out.into_iter().partition(|r| errors.fits(r));
+    for r in &too_large {
+        let mut e = errors.too_large(r);
+        e.source_side = Some(side.to_owned());
+        bad.push(e);
     }
     kafka::send_all(producer, &out)
         .await

@@ -41,29 +41,25 @@ impl ErrorSink {
         self
     }
 
-    /// Splits records into those small enough to produce and error records
-    /// for the others (`record_too_large`, with topic and key).
-    pub fn oversized(&self, records: Vec<Outgoing>) -> (Vec<Outgoing>, Vec<ErrorRecord>) {
-        let mut ok = Vec::with_capacity(records.len());
-        let mut bad = Vec::new();
-        for r in records {
-            let size = r.key.len() + r.payload.len();
-            if size <= self.max_record_bytes {
-                ok.push(r);
-                continue;
-            }
-            let mut e = self.record(
+    /// Whether a record is small enough to produce.
+    pub fn fits(&self, r: &Outgoing) -> bool {
+        r.key.len() + r.payload.len() <= self.max_record_bytes
+    }
+
+    /// The error record (`record_too_large`, with topic and key) for a
+    /// record that does not [fit](ErrorSink::fits), which is not produced.
+    pub fn too_large(&self, r: &Outgoing) -> ErrorRecord {
+        let size = r.key.len() + r.payload.len();
+        let mut e = self.record(
                 "record_too_large",
                 format!(
                     "a record of {size} bytes for {} (key {}) exceeds kafka.max_record_bytes ({}): not sent; \
                      to sync rows this large, raise it together with the broker's message.max.bytes and the topics' max.message.bytes",
-                    r.topic, r.key, self.max_record_bytes
-                ),
-            );
-            e.key = Some(r.key);
-            bad.push(e);
-        }
-        (ok, bad)
+                r.topic, r.key, self.max_record_bytes
+            ),
+        );
+        e.key = Some(r.key.clone());
+        e
     }
 
     /// An error record about a message read from Kafka, with its position and bytes.

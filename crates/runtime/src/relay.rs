@@ -4,6 +4,7 @@
 //! was acknowledged; a failed write is retried with backoff, the same batch
 //! again, so nothing is skipped.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use dualwrite_model::record::ErrorRecord;
@@ -70,16 +71,32 @@ pub async fn deliver(
     backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> bool {
-    let (records, mut too_large) = errors.oversized(output.records.clone());
-    too_large.extend(output.errors.iter().cloned());
+    // Records too large to produce become error records; the common case
+    // (all fit) sends the output as it is.
+    let (records, error_records): (Cow<[Outgoing]>, Cow<[ErrorRecord]>) =
+        if output.records.iter().all(|r| errors.fits(r)) {
+            (
+                Cow::Borrowed(&output.records),
+                Cow::Borrowed(&output.errors),
+            )
+        } else {
+            let (fit, big): (Vec<&Outgoing>, Vec<&Outgoing>) =
+                output.records.iter().partition(|r| errors.fits(r));
+            let mut errs: Vec<ErrorRecord> = big.into_iter().map(|r| errors.too_large(r)).collect();
+            errs.extend(output.errors.iter().cloned());
+            (
+                Cow::Owned(fit.into_iter().cloned().collect()),
+                Cow::Owned(errs),
+            )
+        };
     loop {
         let res = async {
             kafka::send_all(producer, &records)
                 .await
                 .map_err(|e| e.to_string())?;
-            if !too_large.is_empty() {
+            if !error_records.is_empty() {
                 errors
-                    .publish(&too_large)
+                    .publish(&error_records)
                     .await
                     .map_err(|e| e.to_string())?;
             }
