@@ -12,7 +12,7 @@
 
 pub mod sql;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,6 +193,99 @@ impl Writer {
         Ok(applied)
     }
 
+    /// Writes a run of changes of the same shape (see [`runs`]) with one
+    /// statement for each step of [`Writer::exec`]: the position guard, the
+    /// conflict check and the write, each over the whole run. The outcome
+    /// is the same as writing the changes one by one: each record occurs
+    /// once, so the steps of different changes do not see each other.
+    async fn exec_run(
+        &mut self,
+        run: &[(usize, MappedChange)],
+        emit: &mut Vec<Outgoing>,
+    ) -> Result<Vec<Applied>, tokio_postgres::Error> {
+        let [(_, first), _, ..] = run else {
+            let mut out = Vec::with_capacity(1);
+            for (_, mc) in run {
+                out.push(self.exec(mc, emit).await?);
+            }
+            return Ok(out);
+        };
+        let keys: Vec<String> = run.iter().map(|(_, mc)| mc.kafka_key()).collect();
+        let lsns: Vec<i64> = run.iter().map(|(_, mc)| mc.source_lsn).collect();
+        let seqs: Vec<i32> = run.iter().map(|(_, mc)| mc.source_seq).collect();
+        let guard = self.prepared(sql::ADVANCE_POSITIONS.to_owned()).await?;
+        let advanced: HashSet<String> = self
+            .client
+            .query(
+                &guard,
+                &[&first.map, &first.source_side, &keys, &lsns, &seqs],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut outcomes: Vec<Applied> = keys
+            .iter()
+            .map(|k| {
+                if advanced.contains(k) {
+                    Applied::Written
+                } else {
+                    Applied::Stale
+                }
+            })
+            .collect();
+        for (k, mc) in keys.iter().zip(run).filter(|(k, _)| !advanced.contains(*k)) {
+            tracing::debug!(map = %mc.1.map, key = %k, lsn = mc.1.source_lsn, "older than what the target has: skipped");
+        }
+        let live: Vec<usize> = (0..run.len())
+            .filter(|&i| outcomes[i] == Applied::Written)
+            .collect();
+        if live.is_empty() {
+            return Ok(outcomes);
+        }
+        if let Some(check) = sql::conflict_check_many(first) {
+            let stmt = self.prepared(check).await?;
+            let param = sql::conflict_parameters_many(live.iter().map(|&i| &run[i].1));
+            let mut states: Vec<Option<(bool, bool)>> = vec![None; live.len()];
+            for row in self.client.query(&stmt, &[&param]).await? {
+                let at = usize::try_from(row.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
+                if let Some(s) = states.get_mut(at) {
+                    *s = Some((row.get(1), row.get(2)));
+                }
+            }
+            for (&i, state) in live.iter().zip(states) {
+                let mc = &run[i].1;
+                if !is_conflict(mc, state) {
+                    continue;
+                }
+                let key = &keys[i];
+                if mc.conflict_master.as_deref() == Some(self.side_name()) {
+                    tracing::info!(map = %mc.map, key = %key, master = %self.side_name(), "conflict: the target is the master; it keeps its values and sends them back");
+                    self.reassert(mc, emit).await?;
+                    outcomes[i] = Applied::ConflictTargetWon;
+                } else {
+                    tracing::info!(map = %mc.map, key = %key, master = %mc.source_side, "conflict: the source is the master; its change is written and it re-asserts its values");
+                    if let Some(request) = reassert_request(&self.config, mc) {
+                        emit.push(request);
+                    }
+                    outcomes[i] = Applied::ConflictSourceWon;
+                }
+            }
+        }
+        let write: Vec<&MappedChange> = live
+            .iter()
+            .filter(|&&i| outcomes[i] != Applied::ConflictTargetWon)
+            .map(|&i| &run[i].1)
+            .collect();
+        if let (false, Some(sql)) = (write.is_empty(), sql::statement_many(first)) {
+            let stmt = self.prepared(sql).await?;
+            self.client
+                .execute(&stmt, &[&sql::parameter_many(write.into_iter())])
+                .await?;
+        }
+        Ok(outcomes)
+    }
+
     /// Sends this side's current values of the record (or its absence)
     /// back through the map, stamped with the current WAL position, so the
     /// other side converges to what the master has now.
@@ -211,9 +304,15 @@ impl Writer {
             .query_opt(&stmt, &[&sql::key_parameter(mc)])
             .await?
             .and_then(|r| r.get(0));
+        // The WAL insert position, not the write position: it moves with
+        // every record inserted, this transaction's own uncommitted writes
+        // included. Two re-asserts of a record that see different rows (the
+        // record written in between, even by this transaction) therefore
+        // get different stamps, and the later one is not taken for a replay
+        // of the earlier one by the target's position guard.
         let lsn: String = self
             .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await?
             .get(0);
         let current: Option<Vec<Field>> = row.and_then(|json| {
@@ -276,8 +375,8 @@ impl Writer {
             let mut emit = Vec::new();
             let mut outcomes = Vec::with_capacity(changes.len());
             self.client.batch_execute("BEGIN").await?;
-            for (_, mc) in changes {
-                outcomes.push(self.exec(mc, &mut emit).await?);
+            for run in runs(changes) {
+                outcomes.extend(self.exec_run(&changes[run], &mut emit).await?);
             }
             Ok::<_, tokio_postgres::Error>((emit, outcomes))
         }
@@ -346,6 +445,46 @@ impl Writer {
             .await
             .map_err(WriteError::Transient)
     }
+}
+
+/// Splits changes into runs that [`Writer::exec_run`] writes set-based:
+/// consecutive changes of the same map, source side, target table,
+/// operation and field names, in which no record occurs twice. Runs keep
+/// the changes' order, so a parent written before its child in the batch
+/// is still written first.
+fn runs(changes: &[(usize, MappedChange)]) -> Vec<std::ops::Range<usize>> {
+    fn names(a: &[Field], b: &[Field]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name)
+    }
+    fn same_shape(a: &MappedChange, b: &MappedChange) -> bool {
+        a.op == b.op
+            && a.op != ApplyOp::Reassert
+            && a.map == b.map
+            && a.source_side == b.source_side
+            && a.target_entity == b.target_entity
+            && names(&a.key, &b.key)
+            && names(&a.values, &b.values)
+            && match (&a.before, &b.before) {
+                (None, None) => true,
+                (Some(x), Some(y)) => names(x, y),
+                _ => false,
+            }
+    }
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut seen = HashSet::new();
+    for (i, (_, mc)) in changes.iter().enumerate() {
+        if i > start && (!same_shape(&changes[start].1, mc) || seen.contains(&mc.kafka_key())) {
+            out.push(start..i);
+            start = i;
+            seen.clear();
+        }
+        seen.insert(mc.kafka_key());
+    }
+    if start < changes.len() {
+        out.push(start..changes.len());
+    }
+    out
 }
 
 /// Counts a committed change in the metrics, with its latency when written.
@@ -810,4 +949,64 @@ fn rejection(
     e.target_side = Some(mc.target_side.clone());
     e.source_lsn = Some(mc.source_lsn);
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(map: &str, op: ApplyOp, key: &str, before: bool) -> (usize, MappedChange) {
+        let mc = MappedChange {
+            map: map.into(),
+            source_side: "fno".into(),
+            target_side: "dataverse".into(),
+            source_entity: "public.customers_v3".into(),
+            target_entity: format!("public.{map}"),
+            op,
+            key: vec![Field::new("k", Some(key))],
+            values: match op {
+                ApplyOp::Upsert => vec![Field::new("k", Some(key)), Field::new("v", Some("1"))],
+                _ => vec![],
+            },
+            source_lsn: 1,
+            source_seq: 0,
+            source_xid: 1,
+            commit_time: 0,
+            before: before.then(|| vec![Field::new("v", Some("0"))]),
+            existed: true,
+            conflict_master: None,
+        };
+        (0, mc)
+    }
+
+    #[test]
+    fn runs_group_consecutive_changes_of_one_shape_with_distinct_records() {
+        use ApplyOp::*;
+        let changes = vec![
+            change("a", Upsert, "1", true),
+            change("a", Upsert, "2", true),
+            change("a", Upsert, "3", true),
+            // The same record again: a new run, so the two are written in order.
+            change("a", Upsert, "2", true),
+            // Another operation, another table, no old values: new runs.
+            change("a", Delete, "4", true),
+            change("b", Delete, "5", true),
+            change("b", Delete, "6", false),
+            change("b", Delete, "7", false),
+            // Re-asserts run one by one.
+            change("b", Reassert, "8", false),
+            change("b", Reassert, "9", false),
+            change("a", Upsert, "1", true),
+        ];
+        assert_eq!(
+            runs(&changes),
+            vec![0..3, 3..4, 4..5, 5..6, 6..8, 8..9, 9..10, 10..11]
+        );
+        // A change with other value fields (e.g. an older mapping) starts a run.
+        let mut other = change("a", Upsert, "9", true);
+        other.1.values.pop();
+        let changes = vec![change("a", Upsert, "1", true), other];
+        assert_eq!(runs(&changes), vec![0..1, 1..2]);
+        assert!(runs(&[]).is_empty());
+    }
 }

@@ -39,6 +39,16 @@ RETURNING 1";
 
 pub use dualwrite_runtime::pg::table_ident;
 
+/// [`ADVANCE_POSITION`] for many records of one map and source side at once
+/// (each record at most once): `$3` keys, `$4` LSNs, `$5` sequence numbers.
+/// Returns the keys whose position advanced (their changes are to be written).
+pub const ADVANCE_POSITIONS: &str = "INSERT INTO dualwrite.applied_positions AS a (map, record_key, source_side, source_lsn, source_seq)
+SELECT $1, u.k, $2, u.l, u.s FROM unnest($3::text[], $4::int8[], $5::int4[]) AS u(k, l, s)
+ON CONFLICT (map, record_key, source_side) DO UPDATE
+   SET source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq, applied_at = now()
+ WHERE (a.source_lsn, a.source_seq) < (EXCLUDED.source_lsn, EXCLUDED.source_seq)
+RETURNING record_key";
+
 /// The statement for a change (depends only on table, op and field names);
 /// a re-assert request writes nothing.
 pub fn statement(mc: &MappedChange) -> Option<String> {
@@ -81,6 +91,34 @@ pub fn statement(mc: &MappedChange) -> Option<String> {
         }
         ApplyOp::Reassert => None,
     }
+}
+
+/// The set-based form of [`statement`] for many changes of the same shape
+/// (table, operation and field names), each record at most once: one
+/// statement over a JSON array of [`parameter`] objects.
+pub fn statement_many(mc: &MappedChange) -> Option<String> {
+    let one = statement(mc)?;
+    Some(one.replace(
+        "json_populate_record(NULL::",
+        "json_populate_recordset(NULL::",
+    ))
+}
+
+/// The parameter of [`statement_many`]: a JSON array of the changes' [`parameter`]s.
+pub fn parameter_many<'a>(changes: impl Iterator<Item = &'a MappedChange>) -> String {
+    json_array(changes.map(parameter))
+}
+
+fn json_array(items: impl Iterator<Item = String>) -> String {
+    let mut out = String::from("[");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&item);
+    }
+    out.push(']');
+    out
 }
 
 /// The parameter: a JSON object of the key and values.
@@ -131,6 +169,53 @@ pub fn conflict_parameters(mc: &MappedChange) -> (String, String) {
         json_object(before.iter().chain(&mc.key)),
         json_object(mc.values.iter().chain(&mc.key)),
     )
+}
+
+/// The set-based form of [`conflict_check`] for many changes of the same
+/// shape, each record at most once: locks the target rows and returns, for
+/// each change whose record is there, its 1-based position in the parameter
+/// and the two comparisons.
+pub fn conflict_check_many(mc: &MappedChange) -> Option<String> {
+    let before = mc.before.as_ref()?;
+    let table = table_ident(&mc.target_entity);
+    let cols: Vec<String> = before.iter().map(|f| escape_identifier(&f.name)).collect();
+    let row = |alias: &str| {
+        format!(
+            "ROW({})",
+            cols.iter()
+                .map(|c| format!("{alias}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let cond: Vec<String> = mc
+        .key
+        .iter()
+        .map(|k| {
+            let k = escape_identifier(&k.name);
+            format!("t.{k} = b.{k}")
+        })
+        .collect();
+    Some(format!(
+        "SELECT x.i, {t} IS NOT DISTINCT FROM {b}, {t} IS NOT DISTINCT FROM {a} \
+         FROM json_array_elements($1::text::json) WITH ORDINALITY AS x(j, i) \
+         CROSS JOIN LATERAL json_populate_record(NULL::{table}, x.j->'b') AS b \
+         CROSS JOIN LATERAL json_populate_record(NULL::{table}, x.j->'a') AS a \
+         JOIN {table} AS t ON {} FOR UPDATE OF t",
+        cond.join(" AND "),
+        t = row("t"),
+        b = row("b"),
+        a = row("a"),
+    ))
+}
+
+/// The parameter of [`conflict_check_many`]: per change, its
+/// [`conflict_parameters`] as `{"b": old, "a": new}`.
+pub fn conflict_parameters_many<'a>(changes: impl Iterator<Item = &'a MappedChange>) -> String {
+    json_array(changes.map(|mc| {
+        let (b, a) = conflict_parameters(mc);
+        format!("{{\"b\":{b},\"a\":{a}}}")
+    }))
 }
 
 /// The record's current row on the target, every column as text (a JSON
@@ -243,6 +328,45 @@ mod tests {
             .ends_with("WHERE t.\"accountnumber\" = r.\"accountnumber\" FOR SHARE OF t"));
         assert_eq!(key_parameter(&c), "{\"accountnumber\":\"C1\"}");
         assert_eq!(statement(&mc(ApplyOp::Reassert)), None);
+    }
+
+    #[test]
+    fn set_based_statements_take_a_json_array() {
+        let u = mc(ApplyOp::Upsert);
+        assert_eq!(
+            statement_many(&u).unwrap(),
+            statement(&u)
+                .unwrap()
+                .replace("json_populate_record(", "json_populate_recordset(")
+        );
+        assert!(statement_many(&mc(ApplyOp::Delete)).unwrap().contains(
+            "USING json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json) AS r"
+        ));
+        assert_eq!(statement_many(&mc(ApplyOp::Reassert)), None);
+        let mut other = mc(ApplyOp::Upsert);
+        other.key = vec![Field::new("accountnumber", Some("C2"))];
+        other.values[0] = Field::new("accountnumber", Some("C2"));
+        let p: serde_json::Value =
+            serde_json::from_str(&parameter_many([&u, &other].into_iter())).unwrap();
+        assert_eq!(p[0]["accountnumber"], "C1");
+        assert_eq!(p[1]["accountnumber"], "C2");
+        assert_eq!(parameter_many(std::iter::empty()), "[]");
+
+        assert_eq!(conflict_check_many(&u), None);
+        let mut c = u.clone();
+        c.before = Some(vec![Field::new("name", Some("Old"))]);
+        let sql = conflict_check_many(&c).unwrap();
+        assert!(
+            sql.starts_with("SELECT x.i, ROW(t.\"name\") IS NOT DISTINCT FROM ROW(b.\"name\")"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("JOIN \"public\".\"accounts\" AS t ON t.\"accountnumber\" = b.\"accountnumber\" FOR UPDATE OF t"), "{sql}");
+        let p: serde_json::Value =
+            serde_json::from_str(&conflict_parameters_many([&c].into_iter())).unwrap();
+        assert_eq!(p[0]["b"]["name"], "Old");
+        assert_eq!(p[0]["b"]["accountnumber"], "C1");
+        assert_eq!(p[0]["a"]["name"], "O'Brien \"Ltd\"");
+        assert!(ADVANCE_POSITIONS.contains("unnest($3::text[], $4::int8[], $5::int4[])"));
     }
 
     #[test]
