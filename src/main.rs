@@ -208,7 +208,8 @@ enum CtlCommand {
         /// Stop after this many records.
         #[arg(long, default_value_t = 100)]
         max: usize,
-        /// Stop when nothing arrives for this many seconds.
+        /// After the records the topic held at the start, stop when nothing
+        /// new arrives for this many seconds.
         #[arg(long, default_value_t = 3)]
         idle_secs: u64,
     },
@@ -581,6 +582,16 @@ async fn send_command(
     } else {
         Duration::from_secs(send.timeout_secs)
     };
+    // The pause buffer creates the control and events topics too; a command
+    // sent before it first started (or while it starts) does not fail on
+    // a topic that is not there yet.
+    let t = dualwrite_model::topics::Topics::new(&config.kafka.topic_prefix);
+    let (control, events) = (t.control(), t.events());
+    let own: Vec<TopicSpec> = dualwrite_pause_buffer::topics(&config)
+        .into_iter()
+        .filter(|s| s.name == control || s.name == events)
+        .collect();
+    kafka::ensure_topics(&config.kafka, &own).await?;
     let result = tokio::task::spawn_blocking(move || {
         dualwrite_ctl::send_command(&config, &cmd, wait, &mut std::io::stdout())
     })

@@ -120,7 +120,8 @@ pub fn describe_topics(config: &Config, out: &mut impl Write) -> std::io::Result
 }
 
 /// Prints the records of a topic as JSON lines, from the beginning, up to
-/// `max` records or until nothing arrives for `idle`.
+/// `max` records: every record the topic held at the start (however long
+/// the broker takes), then new ones until nothing arrives for `idle`.
 /// `which` is `errors`, `capture:<side>`, `map:<map>` or `apply:<side>`.
 pub fn tail(
     config: &Config,
@@ -162,13 +163,41 @@ pub fn tail(
     if tpl.count() == 0 {
         return Err(CtlError::Usage(format!("topic {topic} does not exist")));
     }
+    // What the topic holds now is always printed (however slow the first
+    // fetch); after that, new records until nothing arrives for `idle`.
+    let mut pending: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in tpl.elements() {
+        let (lo, hi) = consumer.fetch_watermarks(&topic, p.partition(), Duration::from_secs(10))?;
+        if hi > lo {
+            pending.insert(p.partition(), hi);
+        }
+    }
     consumer.assign(&tpl)?;
+    let catch_up_deadline = Instant::now() + Duration::from_secs(60);
     let mut n = 0;
     while n < max {
-        match consumer.poll(idle) {
-            None => break,
+        let wait = if pending.is_empty() {
+            idle
+        } else {
+            catch_up_deadline.saturating_duration_since(Instant::now())
+        };
+        match consumer.poll(wait) {
+            None if pending.is_empty() => break,
+            None => {
+                eprintln!(
+                    "warning: {topic}: stopped before the end the topic had at the start (partitions {:?} not reached within 60 s)",
+                    pending.keys().collect::<Vec<_>>()
+                );
+                break;
+            }
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
+                if pending
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    pending.remove(&m.partition());
+                }
                 let body = m.payload().map(printer).unwrap_or_else(|| "null".into());
                 writeln!(
                     out,
@@ -213,6 +242,10 @@ pub struct MapRow {
     pub last_command_id: Option<String>,
     /// The latest initial sync, e.g. `copying 41%` or `done, 2 failed`.
     pub initial_sync: Option<String>,
+    /// The mapping version the map runs with (recorded by its run).
+    pub mapping_version: Option<String>,
+    /// The mapping version of the configuration file read by this command.
+    pub configured_version: String,
 }
 
 /// A short summary of an initial sync for the maps table.
@@ -279,6 +312,8 @@ pub fn map_rows(config: &Config) -> Result<Vec<MapRow>, CtlError> {
             reason: status.and_then(|s| s.reason.clone()),
             last_command_id: status.and_then(|s| s.last_command_id.clone()),
             initial_sync: status.and_then(|s| s.initial.as_ref()).map(initial_summary),
+            mapping_version: status.and_then(|s| s.mapping_version.clone()),
+            configured_version: m.version.clone(),
         });
     }
     Ok(rows)
@@ -297,18 +332,25 @@ pub fn list_maps(config: &Config, json: bool, out: &mut impl Write) -> Result<()
     }
     writeln!(
         out,
-        "{:<20} {:<13} {:>4} {:>9}  {:<16} DEPENDS ON",
-        "MAP", "STATE", "GEN", "BACKLOG", "INITIAL SYNC"
+        "{:<20} {:<13} {:>4} {:>9}  {:<16} {:<12}  DEPENDS ON",
+        "MAP", "STATE", "GEN", "BACKLOG", "INITIAL SYNC", "VERSION"
     )?;
     for r in rows {
+        // The running version; `running→configured` when the file has another.
+        let version = match &r.mapping_version {
+            None => "-".to_owned(),
+            Some(v) if *v == r.configured_version => v.clone(),
+            Some(v) => format!("{v}→{}", r.configured_version),
+        };
         writeln!(
             out,
-            "{:<20} {:<13} {:>4} {:>9}  {:<16} {}",
+            "{:<20} {:<13} {:>4} {:>9}  {:<16} {:<12}  {}",
             r.map,
             r.state,
             r.generation,
             r.backlog,
             r.initial_sync.as_deref().unwrap_or("-"),
+            version,
             if r.depends_on.is_empty() {
                 "-".to_owned()
             } else {

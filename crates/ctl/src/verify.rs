@@ -5,11 +5,15 @@
 //! `--one-way`, also the one-way fields: a side's local edit of a field the
 //! other side owns is not synced back, so those may legitimately differ
 //! until the owner changes the record). Values are compared as text, read with `row_to_json`
-//! in UTC. Each map's tables are read whole, one side at a time.
+//! in UTC, after the field's transforms (a left value is compared, as the
+//! field maps it, with the right one). Each map's tables are read whole, one side at a time. Only
+//! records in the map's scope (filters, companies) are compared.
 
 use std::collections::BTreeMap;
 
 use dualwrite_model::config::{Config, Direction, MapConfig, SideId};
+use dualwrite_model::filter;
+use dualwrite_model::record::Field;
 use dualwrite_runtime::pg;
 use postgres_protocol::escape::escape_identifier;
 use serde::Serialize;
@@ -60,11 +64,19 @@ async fn read_side(config: &Config, map: &MapConfig, side: SideId) -> Result<Row
         .split_once('.')
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
         .unwrap_or_default();
-    let cols: Vec<String> = map
+    let mut cols: Vec<String> = map
         .fields
         .iter()
+        .filter(|f| f.has_column(side))
         .map(|f| escape_identifier(f.name(side)))
         .collect();
+    // The columns the map's scope reads (filter, company field).
+    for c in filter::scope_columns(map, side) {
+        let c = escape_identifier(&c);
+        if !cols.contains(&c) {
+            cols.push(c);
+        }
+    }
     let sql = format!(
         "SELECT {} FROM (SELECT {} FROM {}.{}) AS t",
         dualwrite_runtime::pg::ROW_AS_TEXT_JSON,
@@ -99,7 +111,28 @@ async fn read_side(config: &Config, map: &MapConfig, side: SideId) -> Result<Row
     Ok(out)
 }
 
-/// Compares one map's two sides.
+/// Removes the rows outside the scope of `map` on `side` (filter,
+/// companies); returns their keys. A row whose scope cannot be evaluated
+/// is kept (and so reported if it differs).
+fn out_of_scope(map: &MapConfig, side: SideId, rows: &mut Rows) -> Vec<String> {
+    if !filter::is_scoped(map, side) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    rows.retain(|key, row| {
+        let fields: Vec<Field> = row
+            .iter()
+            .map(|(n, v)| Field::new(n.clone(), v.clone()))
+            .collect();
+        let keep = !matches!(filter::matches(map, side, &fields), Ok(Some(false)));
+        if !keep {
+            out.push(key.clone());
+        }
+        keep
+    });
+    out
+}
+
 /// Compares one map's two sides: the fields that sync both ways, and with
 /// `one_way` also the fields that sync in one direction.
 pub async fn verify_map(
@@ -107,8 +140,21 @@ pub async fn verify_map(
     map: &MapConfig,
     one_way: bool,
 ) -> Result<MapReport, String> {
-    let left = read_side(config, map, SideId::Left).await?;
-    let right = read_side(config, map, SideId::Right).await?;
+    let mut left = read_side(config, map, SideId::Left).await?;
+    let mut right = read_side(config, map, SideId::Right).await?;
+    // Only records in the map's scope count: a record in scope on one side
+    // with a row outside the scope on the other is left out (a copy kept
+    // after it left the scope, or not yet synced into it).
+    let (left_out, right_out) = (
+        out_of_scope(map, SideId::Left, &mut left),
+        out_of_scope(map, SideId::Right, &mut right),
+    );
+    for k in &left_out {
+        right.remove(k);
+    }
+    for k in &right_out {
+        left.remove(k);
+    }
     let mut report = MapReport {
         map: map.name.clone(),
         left_rows: left.len(),
@@ -129,7 +175,8 @@ pub async fn verify_map(
                 l.get(&f.left).cloned().flatten(),
                 r.get(&f.right).cloned().flatten(),
             );
-            if lv != rv {
+            // Compared after the field's transform (value map, conversion…).
+            if !f.values_agree(lv.as_deref(), rv.as_deref()) {
                 report.differing.push(Difference {
                     key: key.clone(),
                     left_field: f.left.clone(),

@@ -7,6 +7,9 @@
 //!   master's value; a one-way field takes its source's value. Only fields
 //!   whose values differ are written; a record whose fields all match is not
 //!   written at all.
+//! - Values are compared and written as the field's transforms (value map,
+//!   default, constant, conversion) make them for the target: each row is
+//!   mapped through [`map_change`], like a live change.
 
 use dualwrite_model::config::{Config, Direction, MapConfig, SideId};
 use dualwrite_model::mapping::{map_change, MappingError};
@@ -98,7 +101,9 @@ pub fn plan_record(
                         continue;
                     }
                     let now = field(current, &f.name).and_then(|c| c.value.clone());
-                    if now != f.value {
+                    // Compared after the field's transform (a value-mapped
+                    // code that maps to the target's value is unchanged).
+                    if !fm.same_on(target, f.value.as_deref(), now.as_deref()) {
                         new.push(f.clone());
                         old.push(Field {
                             name: f.name.clone(),
@@ -252,5 +257,113 @@ field = [
         let left = row(&[("account", None), ("name", Some("A")), ("credit", None)]);
         let e = plan_record(&c, m, SideId::Right, Some(&left), None).unwrap_err();
         assert!(e.to_string().contains("NULL"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod transform_tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+[kafka]
+bootstrap_servers = "k:9092"
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = { host = "h", dbname = "a", user = "u" }
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = { host = "h", dbname = "b", user = "u" }
+[[map]]
+name = "customers"
+left = { entity = "customers", key = ["account"] }
+right = { entity = "accounts", key = ["number"] }
+field = [
+  { left = "account", right = "number" },
+  { left = "status", right = "statecode", value_map = { Active = 0, Closed = 1 } },
+  { left = "amount", right = "amount", convert = { left = "integer", right = "numeric" } },
+  { right = "source", constant = "fno" },
+]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn row(kv: &[(&str, Option<&str>)]) -> Vec<Field> {
+        kv.iter().map(|(k, v)| Field::new(*k, *v)).collect()
+    }
+
+    #[test]
+    fn a_create_writes_transformed_values() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let left = row(&[
+            ("account", Some("C1")),
+            ("status", Some("Closed")),
+            ("amount", Some("5")),
+        ]);
+        let w = plan_record(&c, m, SideId::Right, Some(&left), None).unwrap();
+        assert_eq!(
+            w[0].new,
+            row(&[
+                ("number", Some("C1")),
+                ("statecode", Some("1")),
+                ("amount", Some("5")),
+                ("source", Some("fno"))
+            ])
+        );
+        let right = row(&[
+            ("number", Some("C2")),
+            ("statecode", Some("0")),
+            ("amount", Some("7.00")),
+            ("source", Some("x")),
+        ]);
+        let w = plan_record(&c, m, SideId::Right, None, Some(&right)).unwrap();
+        assert_eq!(
+            w[0].new,
+            row(&[
+                ("account", Some("C2")),
+                ("status", Some("Active")),
+                ("amount", Some("7"))
+            ])
+        );
+    }
+
+    #[test]
+    fn values_that_map_to_each_other_are_unchanged() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let left = row(&[
+            ("account", Some("C1")),
+            ("status", Some("Active")),
+            ("amount", Some("5")),
+        ]);
+        let right = row(&[
+            ("number", Some("C1")),
+            ("statecode", Some("0")),
+            ("amount", Some("5.00")),
+            ("source", Some("fno")),
+        ]);
+        for master in [SideId::Left, SideId::Right] {
+            let w = plan_record(&c, m, master, Some(&left), Some(&right)).unwrap();
+            assert!(w.is_empty(), "{w:?}");
+        }
+        // A code that maps to another value is written, as the target's value.
+        let mut other = right.clone();
+        other[1].value = Some("1".into());
+        let w = plan_record(&c, m, SideId::Left, Some(&left), Some(&other)).unwrap();
+        assert_eq!(w[0].new, row(&[("statecode", Some("0"))]));
+        assert_eq!(w[0].old, row(&[("statecode", Some("1"))]));
+        // A value that cannot be mapped is an error naming the field.
+        let mut bad = left.clone();
+        bad[1].value = Some("Pending".into());
+        let e = plan_record(&c, m, SideId::Left, Some(&bad), Some(&right)).unwrap_err();
+        assert!(
+            e.to_string().contains("field `status` → `statecode`"),
+            "{e}"
+        );
     }
 }

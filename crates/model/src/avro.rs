@@ -24,6 +24,8 @@ pub const CONTROL_COMMAND_AVSC: &str = include_str!("../../../schemas/control_co
 pub const MAP_STATUS_AVSC: &str = include_str!("../../../schemas/map_status.avsc");
 pub const CONTROL_EVENT_AVSC: &str = include_str!("../../../schemas/control_event.avsc");
 pub const INITIAL_SYNC_ERROR_AVSC: &str = include_str!("../../../schemas/initial_sync_error.avsc");
+/// Earlier versions of the schemas, still read (resolved to the current one).
+pub const MAP_STATUS_V1_AVSC: &str = include_str!("../../../schemas/legacy/map_status.v1.avsc");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AvroError {
@@ -47,6 +49,11 @@ pub enum AvroError {
 pub trait AvroRecord: Serialize + DeserializeOwned {
     const KIND: &'static str;
     fn schema() -> &'static Compiled;
+    /// Earlier schemas of this kind that messages may still be written
+    /// with (e.g. records of a compacted topic): read with schema resolution.
+    fn legacy() -> &'static [Compiled] {
+        &[]
+    }
 }
 
 /// A parsed schema and its fingerprint.
@@ -83,7 +90,17 @@ avro_record!(ChangeRecord, "ChangeRecord", CHANGE_RECORD_AVSC);
 avro_record!(MappedChange, "MappedChange", MAPPED_CHANGE_AVSC);
 avro_record!(ErrorRecord, "ErrorRecord", ERROR_RECORD_AVSC);
 avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
-avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC);
+impl AvroRecord for MapStatus {
+    const KIND: &'static str = "MapStatus";
+    fn schema() -> &'static Compiled {
+        static S: OnceLock<Compiled> = OnceLock::new();
+        S.get_or_init(|| compile(MAP_STATUS_AVSC))
+    }
+    fn legacy() -> &'static [Compiled] {
+        static L: OnceLock<Vec<Compiled>> = OnceLock::new();
+        L.get_or_init(|| vec![compile(MAP_STATUS_V1_AVSC)])
+    }
+}
 avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC);
 avro_record!(
     InitialSyncError,
@@ -117,19 +134,30 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
     if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
         return Err(AvroError::NoMarker);
     }
-    if bytes[2..HEADER_LEN] != c.fingerprint {
+    let writer = if bytes[2..HEADER_LEN] == c.fingerprint {
+        None
+    } else if let Some(old) = T::legacy()
+        .iter()
+        .find(|l| l.fingerprint[..] == bytes[2..HEADER_LEN])
+    {
+        Some(&old.schema)
+    } else {
         return Err(AvroError::WrongSchema {
             kind: T::KIND,
             expected: hex(&c.fingerprint),
             found: hex(&bytes[2..HEADER_LEN]),
         });
-    }
+    };
     let err = |e: apache_avro::Error| AvroError::Decode {
         kind: T::KIND,
         message: e.to_string(),
     };
     let mut body = &bytes[HEADER_LEN..];
-    let value = apache_avro::from_avro_datum(&c.schema, &mut body, None).map_err(err)?;
+    let value = match writer {
+        None => apache_avro::from_avro_datum(&c.schema, &mut body, None),
+        Some(w) => apache_avro::from_avro_datum(w, &mut body, Some(&c.schema)),
+    }
+    .map_err(err)?;
     if !body.is_empty() {
         return Err(AvroError::Decode {
             kind: T::KIND,
@@ -381,6 +409,32 @@ mod tests {
             decode::<ControlCommand>(&encode(&cmd).unwrap()).unwrap(),
             cmd
         );
+    }
+
+    /// A status record written before `mapping_version` existed still
+    /// reads, without a version.
+    #[test]
+    fn older_status_records_still_decode() {
+        use crate::lifecycle::*;
+        let old = &MapStatus::legacy()[0];
+        let mut st = MapStatus::initial("customers", 7);
+        st.state = MapState::Paused;
+        st.initial = Some(InitialSync::new(2, 3));
+        let value = apache_avro::to_value(&st).unwrap();
+        let apache_avro::types::Value::Record(mut fields) = value else {
+            panic!("a record")
+        };
+        fields.retain(|(n, _)| n != "mapping_version");
+        let value = apache_avro::types::Value::Record(fields)
+            .resolve(&old.schema)
+            .unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&old.fingerprint);
+        bytes.extend(apache_avro::to_avro_datum(&old.schema, value).unwrap());
+        assert_eq!(decode::<MapStatus>(&bytes).unwrap(), st);
+        st.mapping_version = Some("a820a787357b".into());
+        assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
+        assert_ne!(old.fingerprint, MapStatus::schema().fingerprint);
     }
 
     #[test]

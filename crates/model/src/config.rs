@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
+use crate::transform::{Convert, PerSide, TextValue, Transform, Unmapped};
+
 /// The demo configuration (`deploy/demo/dualwrite.toml`), also used by tests.
 pub const DEMO_CONFIG: &str = include_str!("../../../deploy/demo/dualwrite.toml");
 
@@ -216,6 +218,30 @@ pub struct MapConfig {
     /// Overrides `[pause_buffer.auto_pause]` for this map.
     #[serde(default)]
     pub auto_pause: Option<AutoPause>,
+    /// Company (legal entity) scoping: only records whose `company_field`
+    /// (set on each side's entity) holds one of these companies sync
+    /// (compared case-insensitively). Empty: every company.
+    #[serde(default)]
+    pub companies: Vec<String>,
+    /// What a record that stops matching its side's scope (filter or
+    /// companies) does to the other side: `keep` it (default) or `delete` it.
+    #[serde(default)]
+    pub on_filter_exit: FilterExit,
+    /// Fingerprint of the map's mapping (see [`crate::version`]), set by [`Config::parse`].
+    #[serde(skip)]
+    pub version: String,
+}
+
+/// What happens on the other side when a record stops matching the scope
+/// (filter or companies) of its side (see [`crate::filter`]).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterExit {
+    /// The other side keeps its copy, which no longer receives changes.
+    #[default]
+    Keep,
+    /// The other side's copy is deleted.
+    Delete,
 }
 
 fn default_true() -> bool {
@@ -230,6 +256,14 @@ pub struct EntityRef {
     pub entity: String,
     /// The alternate key fields that identify a record across both sides.
     pub key: Vec<String>,
+    /// Only records for which this CEL expression over the side's columns
+    /// is true sync from this side (see [`crate::filter`]).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// The column holding the company (legal entity) of a record, for the
+    /// map's `companies` scoping (e.g. `dataareaid`).
+    #[serde(default)]
+    pub company_field: Option<String>,
 }
 
 impl EntityRef {
@@ -248,13 +282,67 @@ pub fn qualify(entity: &str) -> String {
     }
 }
 
+/// One field mapping: a column on each side, the direction it syncs in and
+/// its transforms (see [`crate::transform`]). A field with a `constant`
+/// names the target column only (the other name is empty) and syncs
+/// towards it (its direction defaults accordingly).
 #[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawFieldMapping")]
 pub struct FieldMapping {
     pub left: String,
     pub right: String,
-    #[serde(default)]
     pub direction: Direction,
+    pub transform: Transform,
+}
+
+/// A `[[map.field]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFieldMapping {
+    #[serde(default)]
+    left: Option<String>,
+    #[serde(default)]
+    right: Option<String>,
+    #[serde(default)]
+    direction: Option<Direction>,
+    #[serde(default)]
+    value_map: Option<BTreeMap<String, TextValue>>,
+    #[serde(default)]
+    unmapped: Option<Unmapped>,
+    #[serde(default)]
+    default: Option<PerSide>,
+    #[serde(default)]
+    constant: Option<TextValue>,
+    #[serde(default)]
+    convert: Option<Convert>,
+}
+
+impl From<RawFieldMapping> for FieldMapping {
+    fn from(r: RawFieldMapping) -> FieldMapping {
+        let (left, right) = (r.left.unwrap_or_default(), r.right.unwrap_or_default());
+        // A constant flows towards the only column it names.
+        let direction =
+            r.direction
+                .unwrap_or(match (&r.constant, left.is_empty(), right.is_empty()) {
+                    (Some(_), true, false) => Direction::LeftToRight,
+                    (Some(_), false, true) => Direction::RightToLeft,
+                    _ => Direction::Both,
+                });
+        FieldMapping {
+            left,
+            right,
+            direction,
+            transform: Transform {
+                value_map: r
+                    .value_map
+                    .map(|m| m.into_iter().map(|(k, v)| (k, v.0)).collect()),
+                unmapped: r.unmapped,
+                default: r.default,
+                constant: r.constant.map(|c| c.0),
+                convert: r.convert,
+            },
+        }
+    }
 }
 
 /// Capturer settings.
@@ -491,7 +579,10 @@ impl Config {
 
     /// Parses TOML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        crate::version::stamp(&mut config, text);
+        Ok(config)
     }
 
     /// Kafka client properties from `DUALWRITE_KAFKA_<NAME>` environment
@@ -661,20 +752,30 @@ impl Config {
             let mut left_seen = HashMap::new();
             let mut right_seen = HashMap::new();
             for (j, f) in map.fields.iter().enumerate() {
-                if let Some(prev) = left_seen.insert(f.left.as_str(), j) {
-                    bad(
-                        format!("{at}: field[{j}].left"),
-                        format!("`{}` is already mapped by field[{prev}]", f.left),
-                    );
+                if !f.left.is_empty() {
+                    if let Some(prev) = left_seen.insert(f.left.as_str(), j) {
+                        bad(
+                            format!("{at}: field[{j}].left"),
+                            format!("`{}` is already mapped by field[{prev}]", f.left),
+                        );
+                    }
                 }
-                if let Some(prev) = right_seen.insert(f.right.as_str(), j) {
-                    bad(
-                        format!("{at}: field[{j}].right"),
-                        format!("`{}` is already mapped by field[{prev}]", f.right),
-                    );
+                if !f.right.is_empty() {
+                    if let Some(prev) = right_seen.insert(f.right.as_str(), j) {
+                        bad(
+                            format!("{at}: field[{j}].right"),
+                            format!("`{}` is already mapped by field[{prev}]", f.right),
+                        );
+                    }
+                }
+                for (what, message) in f.problems(map) {
+                    bad(format!("{at}: field[{j}].{what}"), message);
                 }
             }
             for (field, message) in map.key_problems() {
+                bad(format!("{at}: {field}"), message);
+            }
+            for (field, message) in crate::filter::problems(map) {
                 bad(format!("{at}: {field}"), message);
             }
             if let Some(m) = &map.conflict_master {
@@ -1158,5 +1259,145 @@ field = [
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("bad.toml"), "{err}");
         assert!(err.contains("map \"customers\": conflict_master"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod transform_config_tests {
+    use super::*;
+
+    fn problems_of(fields: &str) -> Vec<Problem> {
+        let text = format!(
+            r#"
+[kafka]
+bootstrap_servers = "k:9092"
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = {{ host = "h", dbname = "a", user = "u" }}
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = {{ host = "h", dbname = "b", user = "u" }}
+[[map]]
+name = "customers"
+left = {{ entity = "customers_v3", key = ["account"] }}
+right = {{ entity = "accounts", key = ["number"] }}
+field = [
+  {{ left = "account", right = "number" }},
+  {fields}
+]
+"#
+        );
+        match Config::parse(&text).unwrap().validate() {
+            Ok(()) => Vec::new(),
+            Err(p) => p,
+        }
+    }
+
+    fn one(fields: &str) -> Problem {
+        let p = problems_of(fields);
+        assert_eq!(p.len(), 1, "{p:?}");
+        p.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn transforms_parse_and_validate() {
+        assert_eq!(
+            problems_of(
+                r#"{ left = "status", right = "statecode", value_map = { Active = 0, "On hold" = "2", Closed = 1 }, unmapped = { right = "9", left = "Closed" } },
+  { left = "onhold", right = "creditonhold", convert = { left = "bool", right = "int" } },
+  { left = "note", right = "description", default = "n/a" },
+  { left = "origin", constant = "crm" },"#
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_value_map_that_does_not_invert_is_named() {
+        let p = one(
+            r#"{ left = "status", right = "statecode", value_map = { Active = "0", Open = "0" } },"#,
+        );
+        assert_eq!(p.location, "map \"customers\": field[1].value_map");
+        assert!(
+            p.message
+                .contains("right value `0` is mapped from both `Active` and `Open`"),
+            "{p:?}"
+        );
+        // One way, left to right, it need not invert.
+        assert!(problems_of(
+            r#"{ left = "status", right = "statecode", direction = "left_to_right", value_map = { Active = "0", Open = "0" } },"#
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn an_unknown_conversion_type_is_named() {
+        let p =
+            one(r#"{ left = "a", right = "b", convert = { left = "text", right = "money" } },"#);
+        assert_eq!(p.location, "map \"customers\": field[1].convert");
+        assert!(
+            p.message.contains("right type `money` is not one of"),
+            "{p:?}"
+        );
+        let p = one(
+            r#"{ left = "a", right = "b", convert = { left = "uuid", right = "date" }, direction = "left_to_right" },"#,
+        );
+        assert!(
+            p.message.contains("no conversion from uuid to date"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn constants_name_their_target_only() {
+        let p = one(r#"{ left = "a", right = "b", constant = "x" },"#);
+        assert_eq!(p.location, "map \"customers\": field[1].constant");
+        let p = one(r#"{ right = "b", constant = "x", direction = "both" },"#);
+        assert_eq!(p.location, "map \"customers\": field[1].direction");
+        let p = one(r#"{ right = "b" },"#);
+        assert_eq!(p.location, "map \"customers\": field[1].left");
+        assert!(p.message.contains("`left` is required"), "{p:?}");
+        let p = one(r#"{ right = "b", constant = "x", default = "y" },"#);
+        assert_eq!(p.location, "map \"customers\": field[1].constant");
+    }
+
+    #[test]
+    fn key_fields_take_no_transform() {
+        let text = r#"{ left = "x", right = "y" },"#;
+        assert!(problems_of(text).is_empty());
+        let p = problems_of("").len();
+        assert_eq!(p, 0);
+        let c = Config::parse(
+            &DEMO_CONFIG.replace(
+                "{ left = \"customeraccount\", right = \"accountnumber\" }",
+                "{ left = \"customeraccount\", right = \"accountnumber\", convert = { left = \"text\", right = \"text\" } }",
+            ),
+        )
+        .unwrap();
+        let p = c.validate().unwrap_err();
+        assert!(
+            p.iter().any(|p| p
+                .message
+                .contains("key field `customeraccount` ↔ `accountnumber` cannot have a transform")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn transform_syntax_errors_are_parse_errors() {
+        let text = DEMO_CONFIG.replace(
+            "{ left = \"customeraccount\", right = \"accountnumber\" }",
+            "{ left = \"customeraccount\", right = \"accountnumber\", unmapped = \"ignore\" }",
+        );
+        assert!(Config::parse(&text).is_err());
+        let text = DEMO_CONFIG.replace(
+            "{ left = \"customeraccount\", right = \"accountnumber\" }",
+            "{ left = \"customeraccount\", right = \"accountnumber\", valuemap = {} }",
+        );
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.contains("valuemap"), "{e}");
     }
 }

@@ -6,14 +6,20 @@
 //! - [`lifecycle`]: map states, control commands, status and events.
 //! - [`mapping`]: field mapping and key translation of a change for a map.
 //! - [`topics`]: topic names.
+//! - [`transform`]: per-field transforms (value maps, defaults, constants, type conversions).
 //! - [`schema`]: a mapping checked against the tables of both databases.
+//! - [`filter`]: per-side record filters and company scoping of a map.
+//! - [`version`]: the fingerprint (mapping version) of a map's configuration.
 
 pub mod avro;
 pub mod config;
+pub mod filter;
 pub mod lifecycle;
 pub mod mapping;
 pub mod record;
 pub mod schema;
 pub mod topics;
+pub mod transform;
+pub mod version;
 
 pub use config::{Config, ConfigError};

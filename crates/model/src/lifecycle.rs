@@ -264,6 +264,10 @@ pub struct MapStatus {
     /// The latest initial write of this map (none before the first).
     #[serde(default)]
     pub initial: Option<InitialSync>,
+    /// The mapping version ([`crate::version`]) the map runs with, recorded
+    /// when it is run; `None` before the first run (and in older records).
+    #[serde(default)]
+    pub mapping_version: Option<String>,
 }
 
 /// Progress and result of one initial write (a run id per attempt).
@@ -420,6 +424,7 @@ impl MapStatus {
             paused_at: None,
             updated_at: now,
             initial: None,
+            mapping_version: None,
         }
     }
 }

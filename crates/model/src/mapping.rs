@@ -2,6 +2,7 @@
 //! into the changes a map writes to the other side.
 
 use crate::config::{Config, Direction, MapConfig, SideId};
+use crate::filter::{self, Scope};
 use crate::record::{field, ApplyOp, ChangeOp, ChangeRecord, Field, MappedChange};
 
 /// Why a change could not be mapped. The record goes to the errors topic.
@@ -25,6 +26,24 @@ pub enum MappingError {
         map: String,
         entity: String,
         field: String,
+    },
+    /// The scope (filter, companies) of a side could not be evaluated;
+    /// `message` names the scope and the entity.
+    #[error("map `{map}`: the {side} scope cannot be evaluated on record {key}: {message}")]
+    Filter {
+        map: String,
+        side: String,
+        key: String,
+        message: String,
+    },
+    #[error("map `{map}`: field `{field}` → `{target_field}` on {entity}: {failure}")]
+    Transform {
+        map: String,
+        entity: String,
+        /// The source column.
+        field: String,
+        target_field: String,
+        failure: Box<crate::transform::TransformFailure>,
     },
     #[error("map `{map}`: a {op:?} on {entity} carries no {which} values")]
     MissingImage {
@@ -50,7 +69,25 @@ pub fn maps_for<'a>(
 
 /// Maps one change from `source` through `map`. An update that changes the
 /// alternate key becomes a delete of the old key and an upsert of the new one.
+/// A change outside the map's scope on `source` (filter, companies) maps to
+/// nothing, or to an upsert or delete as it enters or leaves the scope
+/// (see [`crate::filter`]).
 pub fn map_change(
+    config: &Config,
+    map: &MapConfig,
+    source: SideId,
+    change: &ChangeRecord,
+) -> Result<Vec<MappedChange>, MappingError> {
+    match filter::decide(map, source, change)? {
+        Scope::Pass => map_unscoped(config, map, source, change),
+        Scope::Skip => Ok(Vec::new()),
+        Scope::Enter => map_unscoped(config, map, source, &filter::as_insert(change)),
+        Scope::Exit => map_unscoped(config, map, source, &filter::as_delete(change)),
+    }
+}
+
+/// [`map_change`] without the map's scope.
+fn map_unscoped(
     config: &Config,
     map: &MapConfig,
     source: SideId,
@@ -91,18 +128,21 @@ pub fn map_change(
         which,
     };
 
-    // The fields that sync both ways, in target names, as `image` has them.
+    // The fields that sync both ways, in target names and values, as
+    // `image` has them. A value that does not transform is left out (the
+    // conflict check then ignores that field).
     let both_ways = |image: &[Field]| -> Option<Vec<Field>> {
-        map.fields
-            .iter()
-            .filter(|f| f.direction == Direction::Both)
-            .map(|f| {
-                field(image, f.name(source)).map(|v| Field {
+        let mut out = Vec::new();
+        for f in map.fields.iter().filter(|f| f.direction == Direction::Both) {
+            let v = field(image, f.name(source))?;
+            if let Ok(value) = f.map_value(source, v.value.as_deref()) {
+                out.push(Field {
                     name: f.name(target).to_owned(),
-                    value: v.value.clone(),
-                })
-            })
-            .collect()
+                    value,
+                });
+            }
+        }
+        Some(out)
     };
     let master = config.side(config.conflict_master(map)).name.clone();
     let base = |op: ApplyOp, key: Vec<Field>, values: Vec<Field>| MappedChange {
@@ -146,6 +186,14 @@ pub fn map_change(
                 .filter(|f| f.direction.carries_from(source))
             {
                 let src = f.name(source);
+                if !f.has_column(source) {
+                    // A constant: nothing to read on the source.
+                    values.push(Field {
+                        name: f.name(target).to_owned(),
+                        value: f.map_value(source, None).unwrap_or_default(),
+                    });
+                    continue;
+                }
                 // An update leaves out unchanged TOASTed values; the old row
                 // (replica identity FULL) still has them.
                 let unchanged = || match change.op {
@@ -159,9 +207,18 @@ pub fn map_change(
                         field: src.to_owned(),
                     }
                 })?;
+                let value = f.map_value(source, v.value.as_deref()).map_err(|failure| {
+                    MappingError::Transform {
+                        map: map.name.clone(),
+                        entity: change.entity.clone(),
+                        field: src.to_owned(),
+                        target_field: f.name(target).to_owned(),
+                        failure: Box::new(failure),
+                    }
+                })?;
                 values.push(Field {
                     name: f.name(target).to_owned(),
-                    value: v.value.clone(),
+                    value,
                 });
             }
             let mut out = Vec::with_capacity(2);
@@ -413,5 +470,251 @@ field = [
             0
         );
         assert_eq!(maps_for(&c, SideId::Right, "public.accounts").count(), 1);
+    }
+}
+
+#[cfg(test)]
+mod transform_tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+[kafka]
+bootstrap_servers = "k:9092"
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = { host = "h", dbname = "a", user = "u" }
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = { host = "h", dbname = "b", user = "u" }
+[[map]]
+name = "customers"
+left = { entity = "customers_v3", key = ["customeraccount"] }
+right = { entity = "accounts", key = ["accountnumber"] }
+field = [
+  { left = "customeraccount", right = "accountnumber" },
+  { left = "status", right = "statecode", value_map = { Active = 0, Closed = 1 } },
+  { left = "onhold", right = "creditonhold", convert = { left = "boolean", right = "integer" } },
+  { left = "note", right = "description", default = { right = "(none)" }, direction = "left_to_right" },
+  { right = "msdyn_source", constant = "fno" },
+]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn f(n: &str, v: Option<&str>) -> Field {
+        Field::new(n, v)
+    }
+
+    fn change(
+        side: SideId,
+        op: ChangeOp,
+        before: Option<Vec<Field>>,
+        after: Option<Vec<Field>>,
+    ) -> ChangeRecord {
+        let (side, entity) = match side {
+            SideId::Left => ("fno", "public.customers_v3"),
+            SideId::Right => ("dataverse", "public.accounts"),
+        };
+        ChangeRecord {
+            side: side.into(),
+            entity: entity.into(),
+            op,
+            before,
+            after,
+            commit_lsn: 1,
+            seq: 0,
+            xid: 1,
+            commit_time: 1,
+        }
+    }
+
+    fn left_row(status: &str, onhold: &str, note: Option<&str>) -> Vec<Field> {
+        vec![
+            f("customeraccount", Some("C1")),
+            f("status", Some(status)),
+            f("onhold", Some(onhold)),
+            f("note", note),
+        ]
+    }
+
+    #[test]
+    fn the_configuration_validates() {
+        let c = config();
+        c.validate().unwrap();
+        let src = &c.maps[0].fields[4];
+        assert_eq!(
+            (src.left.as_str(), src.direction),
+            ("", Direction::LeftToRight)
+        );
+    }
+
+    #[test]
+    fn left_to_right_applies_value_map_convert_default_and_constant() {
+        let c = config();
+        let out = map_change(
+            &c,
+            &c.maps[0],
+            SideId::Left,
+            &change(
+                SideId::Left,
+                ChangeOp::Insert,
+                None,
+                Some(left_row("Closed", "true", None)),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            out[0].values,
+            vec![
+                f("accountnumber", Some("C1")),
+                f("statecode", Some("1")),
+                f("creditonhold", Some("1")),
+                f("description", Some("(none)")),
+                f("msdyn_source", Some("fno")),
+            ]
+        );
+        // The old values for the conflict check are the target's too.
+        assert_eq!(
+            out[0].before,
+            Some(vec![
+                f("accountnumber", Some("C1")),
+                f("statecode", Some("1")),
+                f("creditonhold", Some("1")),
+            ])
+        );
+    }
+
+    #[test]
+    fn right_to_left_inverts_the_value_map_and_converts_back() {
+        let c = config();
+        let row = vec![
+            f("accountnumber", Some("C1")),
+            f("statecode", Some("0")),
+            f("creditonhold", Some("0")),
+            f("description", Some("not synced back")),
+            f("msdyn_source", Some("fno")),
+        ];
+        let mut old = row.clone();
+        old[1].value = Some("1".into());
+        let out = map_change(
+            &c,
+            &c.maps[0],
+            SideId::Right,
+            &change(SideId::Right, ChangeOp::Update, Some(old), Some(row)),
+        )
+        .unwrap();
+        assert_eq!(
+            out[0].values,
+            vec![
+                f("customeraccount", Some("C1")),
+                f("status", Some("Active")),
+                f("onhold", Some("false")),
+            ]
+        );
+        assert_eq!(
+            out[0].before,
+            Some(vec![
+                f("customeraccount", Some("C1")),
+                f("status", Some("Closed")),
+                f("onhold", Some("false")),
+            ])
+        );
+    }
+
+    #[test]
+    fn an_unmapped_value_is_an_error_naming_map_field_and_value() {
+        let c = config();
+        let e = map_change(
+            &c,
+            &c.maps[0],
+            SideId::Left,
+            &change(
+                SideId::Left,
+                ChangeOp::Insert,
+                None,
+                Some(left_row("Pending", "true", None)),
+            ),
+        )
+        .unwrap_err();
+        assert!(matches!(e, MappingError::Transform { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "map `customers`: field `status` → `statecode` on public.customers_v3: value `Pending` has no entry in value_map (left values: Active, Closed); add it, or set `unmapped`"
+        );
+        let e = map_change(
+            &c,
+            &c.maps[0],
+            SideId::Left,
+            &change(
+                SideId::Left,
+                ChangeOp::Insert,
+                None,
+                Some(left_row("Active", "maybe", None)),
+            ),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("field `onhold` → `creditonhold` on public.customers_v3: value `maybe` is not a boolean"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_old_value_that_does_not_transform_is_left_out_of_the_conflict_check() {
+        // The record held an unmapped value (its change failed); fixing it must go through.
+        let c = config();
+        let out = map_change(
+            &c,
+            &c.maps[0],
+            SideId::Left,
+            &change(
+                SideId::Left,
+                ChangeOp::Update,
+                Some(left_row("Pending", "true", None)),
+                Some(left_row("Active", "true", None)),
+            ),
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].values.contains(&f("statecode", Some("0"))));
+        assert_eq!(
+            out[0].before,
+            Some(vec![
+                f("accountnumber", Some("C1")),
+                f("creditonhold", Some("1")),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_delete_maps_old_values() {
+        let c = config();
+        let out = map_change(
+            &c,
+            &c.maps[0],
+            SideId::Left,
+            &change(
+                SideId::Left,
+                ChangeOp::Delete,
+                Some(left_row("Active", "f", Some("n"))),
+                None,
+            ),
+        )
+        .unwrap();
+        assert_eq!(out[0].key, vec![f("accountnumber", Some("C1"))]);
+        assert_eq!(
+            out[0].before,
+            Some(vec![
+                f("accountnumber", Some("C1")),
+                f("statecode", Some("0")),
+                f("creditonhold", Some("0")),
+            ])
+        );
     }
 }

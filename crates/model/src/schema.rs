@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::config::{Config, MapConfig, SideId};
+use crate::transform::{convert, ColumnType, Unmapped};
 
 /// What a side's database says about a table.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -89,7 +90,21 @@ pub fn check_map(
             ));
             continue;
         };
-        for f in &map.fields {
+        for col in crate::filter::scope_columns(map, side) {
+            if !t.columns.contains_key(&col) {
+                out.push(problem(
+                    side,
+                    Some(&col),
+                    format!("column {col} (read by the map's scope) does not exist in {entity}"),
+                    format!(
+                        "add the column, or correct `{}.filter` / `{}.company_field`",
+                        side.as_str(),
+                        side.as_str()
+                    ),
+                ));
+            }
+        }
+        for f in map.fields.iter().filter(|f| f.has_column(side)) {
             let col = f.name(side);
             if !t.columns.contains_key(col) {
                 out.push(problem(
@@ -128,14 +143,86 @@ pub fn check_map(
     }
     if let (Some(l), Some(r)) = (left, right) {
         for f in &map.fields {
-            let (Some(lt), Some(rt)) = (l.columns.get(&f.left), r.columns.get(&f.right)) else {
-                continue;
+            let column_type = |s: SideId| match s {
+                SideId::Left => l.columns.get(&f.left),
+                SideId::Right => r.columns.get(&f.right),
             };
-            for (from_side, from, to, to_side) in [
-                (SideId::Left, lt, rt, SideId::Right),
-                (SideId::Right, rt, lt, SideId::Left),
-            ] {
-                if f.direction.carries_from(from_side) && !convertible(from, to) {
+            let tr = &f.transform;
+            // A declared conversion must name the columns' actual types.
+            if let Some(c) = &tr.convert {
+                for (side, written) in [(SideId::Left, &c.left), (SideId::Right, &c.right)] {
+                    let (Some(actual), Some(declared)) = (column_type(side), c.get(side)) else {
+                        continue;
+                    };
+                    if ColumnType::of_column(actual) != Some(declared) {
+                        out.push(problem(
+                            side,
+                            Some(f.name(side)),
+                            format!(
+                                "convert declares the {side} column `{written}` but {} {} is {actual}",
+                                side_name(side),
+                                f.name(side)
+                            ),
+                            format!(
+                                "set `convert.{side}` to the column's type ({}), or change the column",
+                                ColumnType::of_column(actual)
+                                    .map(|t| t.as_str())
+                                    .unwrap_or("a type convert does not handle: remove the conversion")
+                            ),
+                        ));
+                    }
+                }
+            }
+            for from_side in [SideId::Left, SideId::Right] {
+                let to_side = from_side.other();
+                if !f.direction.carries_from(from_side) {
+                    continue;
+                }
+                let Some(to) = column_type(to_side) else {
+                    continue;
+                };
+                // Values the configuration writes into the target as they are.
+                let mut literals: Vec<(&str, &str)> = Vec::new();
+                if let Some(v) = &tr.constant {
+                    literals.push(("constant", v));
+                }
+                if let Some(v) = tr.default.as_ref().and_then(|d| d.get(to_side)) {
+                    literals.push(("default", v));
+                }
+                if let Some(Unmapped::Default(d)) = &tr.unmapped {
+                    if let Some(v) = d.get(to_side) {
+                        literals.push(("unmapped", v));
+                    }
+                }
+                if let Some(table) = &tr.value_map {
+                    for (lv, rv) in table {
+                        literals.push(("value_map", if to_side == SideId::Left { lv } else { rv }));
+                    }
+                }
+                for (what, v) in literals {
+                    if let Some(ty) = ColumnType::of_column(to) {
+                        if let Err(reason) = convert(v, ColumnType::Text, ty) {
+                            out.push(problem(
+                                to_side,
+                                Some(f.name(to_side)),
+                                format!(
+                                    "{what} value `{v}` written to {} {} ({to}) {reason}",
+                                    side_name(to_side),
+                                    f.name(to_side)
+                                ),
+                                format!("correct the field's `{what}`"),
+                            ));
+                        }
+                    }
+                }
+                // Without a transform that produces the target's values,
+                // the source's text must suit the target column.
+                let produces_target_values =
+                    tr.constant.is_some() || tr.value_map.is_some() || tr.convert.is_some();
+                let Some(from) = column_type(from_side) else {
+                    continue;
+                };
+                if !produces_target_values && !convertible(from, to) {
                     out.push(problem(
                         to_side,
                         Some(f.name(to_side)),
@@ -146,7 +233,7 @@ pub fn check_map(
                             side_name(to_side),
                             f.name(to_side)
                         ),
-                        "change a column's type, or sync the field one way only".to_owned(),
+                        "change a column's type, declare the conversion (`convert = { left = \"<type>\", right = \"<type>\" }`) or a `value_map`, or sync the field one way only".to_owned(),
                     ));
                 }
             }
@@ -261,5 +348,149 @@ mod tests {
         assert!(convertible("jsonb", "json"));
         assert!(!convertible("point", "box"));
         assert!(convertible("point", "point"));
+    }
+}
+
+#[cfg(test)]
+mod transform_tests {
+    use super::*;
+
+    fn config(fields: &str) -> Config {
+        Config::parse(&format!(
+            r#"
+[kafka]
+bootstrap_servers = "k:9092"
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = {{ host = "h", dbname = "a", user = "u" }}
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = {{ host = "h", dbname = "b", user = "u" }}
+[[map]]
+name = "customers"
+left = {{ entity = "customers", key = ["account"] }}
+right = {{ entity = "accounts", key = ["number"] }}
+field = [
+  {{ left = "account", right = "number" }},
+  {fields}
+]
+"#
+        ))
+        .unwrap()
+    }
+
+    fn tables() -> (TableInfo, TableInfo) {
+        let t = |cols: &[(&str, &str)], key: &str| TableInfo {
+            columns: cols
+                .iter()
+                .map(|(c, t)| (c.to_string(), t.to_string()))
+                .collect(),
+            unique: vec![vec![key.to_owned()]],
+        };
+        (
+            t(
+                &[
+                    ("account", "text"),
+                    ("status", "text"),
+                    ("onhold", "boolean"),
+                    ("amount", "numeric(10,2)"),
+                ],
+                "account",
+            ),
+            t(
+                &[
+                    ("number", "text"),
+                    ("statecode", "integer"),
+                    ("creditonhold", "smallint"),
+                    ("msdyn_source", "text"),
+                    ("amount", "integer"),
+                ],
+                "number",
+            ),
+        )
+    }
+
+    fn check(fields: &str) -> Vec<String> {
+        let c = config(fields);
+        c.validate().unwrap();
+        let (l, r) = tables();
+        check_map(&c, &c.maps[0], Some(&l), Some(&r))
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn transforms_that_fit_the_columns_pass() {
+        let p = check(
+            r#"{ left = "status", right = "statecode", value_map = { Active = 0, Closed = 1 } },
+  { left = "onhold", right = "creditonhold", convert = { left = "boolean", right = "integer" } },
+  { right = "msdyn_source", constant = "fno" },
+  { left = "amount", right = "amount", convert = { left = "numeric", right = "integer" }, default = 0 },"#,
+        );
+        assert_eq!(p, Vec::<String>::new());
+    }
+
+    #[test]
+    fn without_a_conversion_the_family_rule_applies() {
+        let p = check(r#"{ left = "onhold", right = "creditonhold" },"#);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].contains(
+                "fno onhold (boolean) cannot be converted to dataverse creditonhold (smallint)"
+            ),
+            "{p:#?}"
+        );
+        assert!(p[0].contains("declare the conversion"), "{p:#?}");
+        let p = check(r#"{ left = "status", right = "statecode", direction = "left_to_right" },"#);
+        assert_eq!(p.len(), 1, "{p:#?}");
+    }
+
+    #[test]
+    fn a_declared_type_must_match_the_column() {
+        let p = check(
+            r#"{ left = "status", right = "creditonhold", convert = { left = "integer", right = "integer" } },"#,
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(
+            p[0],
+            "map `customers`, side `fno`, field `status`: convert declares the left column `integer` but fno status is text (fix: set `convert.left` to the column's type (text), or change the column)"
+        );
+    }
+
+    #[test]
+    fn literal_values_must_suit_the_target_column() {
+        let p = check(
+            r#"{ left = "status", right = "statecode", value_map = { Active = "zero", Closed = "1" } },"#,
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].starts_with("map `customers`, side `dataverse`, field `statecode`: value_map value `zero` written to dataverse statecode (integer) is not an integer"),
+            "{p:#?}"
+        );
+        let p = check(
+            r#"{ left = "onhold", right = "creditonhold", convert = { left = "boolean", right = "integer" }, default = { right = "no" } },"#,
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].contains("default value `no`"), "{p:#?}");
+    }
+
+    #[test]
+    fn a_constant_needs_its_target_column_only() {
+        let c = config(r#"{ right = "msdyn_missing", constant = "fno" },"#);
+        let (l, r) = tables();
+        let p: Vec<String> = check_map(&c, &c.maps[0], Some(&l), Some(&r))
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains(
+                "side `dataverse`, field `msdyn_missing`: column msdyn_missing does not exist"
+            ),
+            "{p:#?}"
+        );
     }
 }

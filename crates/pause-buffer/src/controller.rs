@@ -310,6 +310,10 @@ impl Controller {
             s.reason = None;
             s.state = *to;
             let cfg = config.map(m).expect("planned maps exist");
+            // A run (or going live from a failure) adopts the configured mapping.
+            if matches!(to, MapState::Initializing | MapState::Running) {
+                s.mapping_version = Some(cfg.version.clone());
+            }
             match to {
                 MapState::Initializing if cmd.action == Action::RerunInitialSync => {
                     if cmd.conflict_master.is_some() {
@@ -482,6 +486,57 @@ impl Controller {
             );
         }
         fx
+    }
+
+    /// At start: a map that runs (Initializing, Running, Paused, Resuming)
+    /// with another mapping version than the configured one had its mapping
+    /// edited while it ran. It turns Failed, so that nothing is applied
+    /// with a mapping the operator did not run: its changes are held until
+    /// it is stopped and run again (or run again), which adopts the new
+    /// version. A status without a version (written by an older release)
+    /// adopts the configured one. Takes the statuses of `fx` (e.g. from
+    /// [`Controller::recover`]) as the latest, and adds to it.
+    pub fn check_versions(&self, config: &Config, now: i64, fx: &mut Effects) {
+        for m in &config.maps {
+            let latest = fx
+                .statuses
+                .iter()
+                .rev()
+                .find(|s| s.map == m.name)
+                .or_else(|| self.statuses.get(&m.name));
+            let Some(s) = latest else { continue };
+            if matches!(s.state, MapState::NotRunning | MapState::Failed) {
+                continue;
+            }
+            let mut s = s.clone();
+            match s.mapping_version.clone() {
+                None => {
+                    s.mapping_version = Some(m.version.clone());
+                    fx.statuses.push(s);
+                }
+                Some(v) if v != m.version => {
+                    let reason = format!(
+                        "mapping edited while the map was {} (version {v} → {}): its changes are held; stop the map, then run it to adopt {}",
+                        s.state, m.version, m.version
+                    );
+                    tracing::warn!(map = %m.name, running = %v, configured = %m.version, "{reason}");
+                    s.state = MapState::Failed;
+                    s.reason = Some(reason.clone());
+                    s.last_action = Some("mapping-version-check".to_owned());
+                    s.updated_at = now;
+                    fx.statuses.push(s.clone());
+                    fx.events.push(event(
+                        None,
+                        Outcome::Failed,
+                        Some(&m.name),
+                        Some(s.state),
+                        reason,
+                        now,
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     /// The next initial write to do: the first Initializing map (in
@@ -915,5 +970,99 @@ mod tests {
         let c2 = Controller::new(&cfg, written, vec!["x".to_owned()], 5);
         assert_eq!(c2.statuses["currencies"].state, MapState::Paused);
         assert!(c2.seen.contains("x") && c2.seen.contains("y"));
+    }
+
+    #[test]
+    fn a_mapping_edited_while_running_holds_the_map_until_it_is_run_again() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        apply(&mut c, &cfg, &cmd("a", Action::Run, "currencies"));
+        apply(&mut c, &cfg, &cmd("b", Action::Run, "customer_groups"));
+        apply(&mut c, &cfg, &cmd("c", Action::Pause, "customer_groups"));
+        let v1 = cfg.map("currencies").unwrap().version.clone();
+        assert_eq!(
+            c.statuses["currencies"].mapping_version.as_deref(),
+            Some(v1.as_str())
+        );
+
+        // Restart with the same file: nothing changes.
+        let written: Vec<MapStatus> = c.statuses.values().cloned().collect();
+        let same = Controller::new(&cfg, written.clone(), vec![], 5);
+        let mut fx = same.recover(5);
+        same.check_versions(&cfg, 5, &mut fx);
+        assert!(fx.statuses.is_empty() && fx.events.is_empty());
+
+        // Restart with both maps' mappings edited: both fail, with the versions in the reason.
+        let edited = Config::parse(
+            &dualwrite_model::config::DEMO_CONFIG
+                .replace("{ left = \"symbol\", right = \"currencysymbol\" },", "")
+                .replace(
+                    "{ left = \"paymenttermid\", right = \"msdyn_paymentterm\" },",
+                    "",
+                ),
+        )
+        .unwrap();
+        let v2 = edited.map("currencies").unwrap().version.clone();
+        assert_ne!(v1, v2);
+        assert_eq!(
+            edited.map("customers").unwrap().version,
+            cfg.map("customers").unwrap().version
+        );
+        let mut c2 = Controller::new(&edited, written, vec![], 6);
+        let mut fx = c2.recover(6);
+        c2.check_versions(&edited, 6, &mut fx);
+        assert_eq!(fx.statuses.len(), 2);
+        assert_eq!(outcomes(&fx), [Outcome::Failed, Outcome::Failed]);
+        c2.commit(&fx, None);
+        let st = &c2.statuses["currencies"];
+        assert_eq!(st.state, MapState::Failed);
+        assert!(!st.state.flows());
+        let reason = st.reason.as_deref().unwrap();
+        assert!(reason.contains(&format!("version {v1} → {v2}")), "{reason}");
+        assert!(reason.contains("stop the map, then run it"), "{reason}");
+        assert_eq!(st.mapping_version.as_deref(), Some(v1.as_str()));
+        assert_eq!(c2.statuses["customer_groups"].state, MapState::Failed);
+
+        // Stop, then run: the new version is adopted.
+        let fx = c2.command(
+            &edited,
+            &cmd("d", Action::Stop, "currencies"),
+            7,
+            ends,
+            fits,
+        );
+        c2.commit(&fx, Some("d"));
+        assert_eq!(c2.statuses["currencies"].state, MapState::NotRunning);
+        let fx = c2.command(&edited, &cmd("e", Action::Run, "currencies"), 8, ends, fits);
+        c2.commit(&fx, Some("e"));
+        let st = &c2.statuses["currencies"];
+        assert_eq!(st.state, MapState::Running);
+        assert_eq!(st.mapping_version.as_deref(), Some(v2.as_str()));
+        // A later restart with the edited file leaves it running.
+        let mut fx = Effects::default();
+        c2.check_versions(&edited, 9, &mut fx);
+        assert!(
+            fx.statuses.iter().all(|s| s.map != "currencies"),
+            "{:?}",
+            fx.statuses
+        );
+    }
+
+    #[test]
+    fn a_status_without_a_version_adopts_the_configured_one() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        apply(&mut c, &cfg, &cmd("a", Action::Run, "currencies"));
+        let mut old = c.statuses["currencies"].clone();
+        old.mapping_version = None;
+        let c2 = Controller::new(&cfg, vec![old], vec![], 1);
+        let mut fx = Effects::default();
+        c2.check_versions(&cfg, 1, &mut fx);
+        assert_eq!(fx.statuses.len(), 1);
+        assert_eq!(fx.statuses[0].state, MapState::Running);
+        assert_eq!(
+            fx.statuses[0].mapping_version.as_deref(),
+            Some(cfg.map("currencies").unwrap().version.as_str())
+        );
     }
 }

@@ -167,6 +167,7 @@ async fn run_inner(
     let mut ctl = Controller::new(&config, loaded.statuses, loaded.seen, now_micros());
     let mut backoff = Backoff::new("pause-buffer");
     let mut fx = ctl.recover(now_micros());
+    ctl.check_versions(&config, now_micros(), &mut fx);
     fx.statuses.extend(
         loaded
             .tombstoned

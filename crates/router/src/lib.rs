@@ -83,6 +83,13 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
             any = true;
             match map_change(config, map, side, &change) {
                 Ok(mapped) => {
+                    if mapped.is_empty() {
+                        // Outside the map's scope (filter, companies).
+                        metrics()
+                            .skipped
+                            .with_label_values(&["router", "out_of_scope"])
+                            .inc();
+                    }
                     for mc in mapped {
                         metrics()
                             .routed
