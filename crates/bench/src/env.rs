@@ -32,6 +32,8 @@ pub struct Ctx {
     pub partitions: i32,
     /// Keep the logs of every run (they are kept anyway when a run fails).
     pub keep_logs: bool,
+    /// TOML appended to every deployment's configuration (settings to try).
+    pub config_extra: String,
 }
 
 impl Ctx {
@@ -42,6 +44,7 @@ impl Ctx {
         work: PathBuf,
         partitions: i32,
         keep_logs: bool,
+        config_extra: String,
     ) -> Result<Ctx> {
         let rest = pg_url
             .strip_prefix("postgres://")
@@ -69,6 +72,7 @@ impl Ctx {
             work,
             partitions,
             keep_logs,
+            config_extra,
         })
     }
 
@@ -103,12 +107,13 @@ impl Ctx {
         format!(
             "# written by dualwrite-bench\n[kafka]\nbootstrap_servers = \"{}\"\n\
              topic_prefix = \"{prefix}\"\npartitions = {}\nreplication_factor = 1\n\n\
-             [sides.left]\n{}\n[sides.right]\n{}\n{}",
+             [sides.left]\n{}\n[sides.right]\n{}\n{}\n{}\n",
             self.bootstrap,
             self.partitions,
             side("fno", left_db),
             side("dataverse", right_db),
-            rows::map_toml()
+            rows::map_toml(),
+            self.config_extra,
         )
     }
 }

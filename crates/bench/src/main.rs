@@ -115,6 +115,11 @@ struct Args {
     /// Where configurations and service logs go.
     #[arg(long, default_value = "/tmp/dualwrite-bench")]
     work_dir: PathBuf,
+    /// TOML appended to every deployment's configuration, to measure other
+    /// settings, e.g. `[capture]\npoll_interval_ms = 10` or
+    /// `[kafka.properties]\n"consumer.fetch.wait.max.ms" = "10"`.
+    #[arg(long)]
+    config_extra: Option<String>,
     /// Keep every run's service logs (a failed run's are always kept).
     #[arg(long)]
     keep_logs: bool,
@@ -163,6 +168,7 @@ async fn run(args: Args) -> Result<bool> {
         args.work_dir.clone(),
         args.partitions,
         args.keep_logs,
+        args.config_extra.clone().unwrap_or_default(),
     )?;
     let params = Params {
         rows: args.rows,
