@@ -130,36 +130,52 @@ pub fn parameter(mc: &MappedChange) -> String {
 /// and says whether its fields that sync both ways equal the source's old
 /// values ($1) and the change's new values ($2). No row: the record is absent.
 pub fn conflict_check(mc: &MappedChange) -> Option<String> {
-    let before = mc.before.as_ref()?;
-    let table = table_ident(&mc.target_entity);
-    let cols: Vec<String> = before.iter().map(|f| escape_identifier(&f.name)).collect();
-    let row = |alias: &str| {
-        format!(
-            "ROW({})",
-            cols.iter()
-                .map(|c| format!("{alias}.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let cond: Vec<String> = mc
-        .key
-        .iter()
-        .map(|k| {
-            let k = escape_identifier(&k.name);
-            format!("t.{k} = b.{k}")
-        })
-        .collect();
+    let c = ConflictParts::of(mc)?;
     Some(format!(
         "SELECT {t} IS NOT DISTINCT FROM {b}, {t} IS NOT DISTINCT FROM {a} \
          FROM {table} AS t, json_populate_record(NULL::{table}, $1::text::json) AS b, \
          json_populate_record(NULL::{table}, $2::text::json) AS a \
-         WHERE {} FOR UPDATE OF t",
-        cond.join(" AND "),
-        t = row("t"),
-        b = row("b"),
-        a = row("a"),
+         WHERE {cond} FOR UPDATE OF t",
+        t = c.row("t"),
+        b = c.row("b"),
+        a = c.row("a"),
+        table = c.table,
+        cond = c.key_match,
     ))
+}
+
+/// What both conflict checks are made of: the target table, the fields
+/// that sync both ways, and the key match of the target row `t` with the
+/// old values `b`.
+struct ConflictParts {
+    table: String,
+    cols: Vec<String>,
+    key_match: String,
+}
+
+impl ConflictParts {
+    fn of(mc: &MappedChange) -> Option<ConflictParts> {
+        let before = mc.before.as_ref()?;
+        let key_match: Vec<String> = mc
+            .key
+            .iter()
+            .map(|k| {
+                let k = escape_identifier(&k.name);
+                format!("t.{k} = b.{k}")
+            })
+            .collect();
+        Some(ConflictParts {
+            table: table_ident(&mc.target_entity),
+            cols: before.iter().map(|f| escape_identifier(&f.name)).collect(),
+            key_match: key_match.join(" AND "),
+        })
+    }
+
+    /// `ROW(alias.c1, alias.c2, …)` of the fields that sync both ways.
+    fn row(&self, alias: &str) -> String {
+        let cols: Vec<String> = self.cols.iter().map(|c| format!("{alias}.{c}")).collect();
+        format!("ROW({})", cols.join(", "))
+    }
 }
 
 /// Parameters of [`conflict_check`]: the old values and the new values, each with the key.
@@ -176,36 +192,18 @@ pub fn conflict_parameters(mc: &MappedChange) -> (String, String) {
 /// each change whose record is there, its 1-based position in the parameter
 /// and the two comparisons.
 pub fn conflict_check_many(mc: &MappedChange) -> Option<String> {
-    let before = mc.before.as_ref()?;
-    let table = table_ident(&mc.target_entity);
-    let cols: Vec<String> = before.iter().map(|f| escape_identifier(&f.name)).collect();
-    let row = |alias: &str| {
-        format!(
-            "ROW({})",
-            cols.iter()
-                .map(|c| format!("{alias}.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let cond: Vec<String> = mc
-        .key
-        .iter()
-        .map(|k| {
-            let k = escape_identifier(&k.name);
-            format!("t.{k} = b.{k}")
-        })
-        .collect();
+    let c = ConflictParts::of(mc)?;
     Some(format!(
         "SELECT x.i, {t} IS NOT DISTINCT FROM {b}, {t} IS NOT DISTINCT FROM {a} \
          FROM json_array_elements($1::text::json) WITH ORDINALITY AS x(j, i) \
          CROSS JOIN LATERAL json_populate_record(NULL::{table}, x.j->'b') AS b \
          CROSS JOIN LATERAL json_populate_record(NULL::{table}, x.j->'a') AS a \
-         JOIN {table} AS t ON {} FOR UPDATE OF t",
-        cond.join(" AND "),
-        t = row("t"),
-        b = row("b"),
-        a = row("a"),
+         JOIN {table} AS t ON {cond} FOR UPDATE OF t",
+        t = c.row("t"),
+        b = c.row("b"),
+        a = c.row("a"),
+        table = c.table,
+        cond = c.key_match,
     ))
 }
 
