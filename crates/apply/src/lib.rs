@@ -474,12 +474,13 @@ fn runs(changes: &[(usize, MappedChange)]) -> Vec<std::ops::Range<usize>> {
     let mut start = 0;
     let mut seen = HashSet::new();
     for (i, (_, mc)) in changes.iter().enumerate() {
-        if i > start && (!same_shape(&changes[start].1, mc) || seen.contains(&mc.kafka_key())) {
+        let key = mc.kafka_key();
+        if i > start && (!same_shape(&changes[start].1, mc) || seen.contains(&key)) {
             out.push(start..i);
             start = i;
             seen.clear();
         }
-        seen.insert(mc.kafka_key());
+        seen.insert(key);
     }
     if start < changes.len() {
         out.push(start..changes.len());

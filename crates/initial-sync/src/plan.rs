@@ -129,20 +129,13 @@ pub fn plan_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dualwrite_model::config::TEST_SIDES;
 
     fn config() -> Config {
         Config::parse(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = { host = "h", dbname = "a", user = "u" }
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = { host = "h", dbname = "b", user = "u" }
+            &[
+                TEST_SIDES,
+                r#"
 [[map]]
 name = "customers"
 left = { entity = "customers", key = ["account"] }
@@ -154,6 +147,8 @@ field = [
   { left = "note", right = "note", direction = "right_to_left" },
 ]
 "#,
+            ]
+            .concat(),
         )
         .unwrap()
     }
@@ -263,20 +258,13 @@ field = [
 #[cfg(test)]
 mod transform_tests {
     use super::*;
+    use dualwrite_model::config::TEST_SIDES;
 
     fn config() -> Config {
         Config::parse(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = { host = "h", dbname = "a", user = "u" }
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = { host = "h", dbname = "b", user = "u" }
+            &[
+                TEST_SIDES,
+                r#"
 [[map]]
 name = "customers"
 left = { entity = "customers", key = ["account"] }
@@ -288,6 +276,8 @@ field = [
   { right = "source", constant = "fno" },
 ]
 "#,
+            ]
+            .concat(),
         )
         .unwrap()
     }

@@ -173,6 +173,23 @@ fn default_pg_port() -> u16 {
     5432
 }
 
+/// The `[kafka]` and `[sides]` sections of a minimal configuration (two
+/// PostgreSQL sides, `fno` and `dataverse`), for unit tests here and in
+/// other crates: append `[[map]]` sections and [`Config::parse`] it.
+#[doc(hidden)]
+pub const TEST_SIDES: &str = r#"
+[kafka]
+bootstrap_servers = "k:9092"
+[sides.left]
+name = "fno"
+kind = "postgres"
+connection = { host = "h", dbname = "a", user = "u" }
+[sides.right]
+name = "dataverse"
+kind = "postgres"
+connection = { host = "h", dbname = "b", user = "u" }
+"#;
+
 /// Direction in which a field (or a map) syncs.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -1269,18 +1286,7 @@ mod transform_config_tests {
 
     fn problems_of(fields: &str) -> Vec<Problem> {
         let text = format!(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = {{ host = "h", dbname = "a", user = "u" }}
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = {{ host = "h", dbname = "b", user = "u" }}
-[[map]]
+            r#"{TEST_SIDES}[[map]]
 name = "customers"
 left = {{ entity = "customers_v3", key = ["account"] }}
 right = {{ entity = "accounts", key = ["number"] }}

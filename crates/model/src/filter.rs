@@ -345,22 +345,11 @@ pub fn as_delete(change: &ChangeRecord) -> ChangeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, TEST_SIDES};
 
     fn config(extra_left: &str, extra_right: &str, map_extra: &str) -> Config {
         let text = format!(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = {{ host = "h", dbname = "a", user = "u" }}
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = {{ host = "h", dbname = "b", user = "u" }}
-[[map]]
+            r#"{TEST_SIDES}[[map]]
 name = "customers"
 left = {{ entity = "custtable", key = ["dataareaid", "accountnum"]{extra_left} }}
 right = {{ entity = "accounts", key = ["company", "accountnumber"]{extra_right} }}
@@ -622,18 +611,7 @@ field = [
     fn bad_settings_are_problems() {
         let text = |left: &str, extra: &str| {
             format!(
-                r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = {{ host = "h", dbname = "a", user = "u" }}
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = {{ host = "h", dbname = "b", user = "u" }}
-[[map]]
+                r#"{TEST_SIDES}[[map]]
 name = "m"
 left = {{ entity = "a", key = ["k"]{left} }}
 right = {{ entity = "b", key = ["k"] }}

@@ -250,20 +250,13 @@ fn map_unscoped(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TEST_SIDES;
 
     fn config() -> Config {
         Config::parse(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = { host = "h", dbname = "a", user = "u" }
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = { host = "h", dbname = "b", user = "u" }
+            &[
+                TEST_SIDES,
+                r#"
 [[map]]
 name = "customers"
 left = { entity = "customers_v3", key = ["customeraccount"] }
@@ -275,6 +268,8 @@ field = [
   { left = "phone", right = "telephone1", direction = "right_to_left" },
 ]
 "#,
+            ]
+            .concat(),
         )
         .unwrap()
     }
@@ -476,20 +471,10 @@ field = [
 #[cfg(test)]
 mod transform_tests {
     use super::*;
+    use crate::config::TEST_SIDES;
 
     fn config() -> Config {
-        Config::parse(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = { host = "h", dbname = "a", user = "u" }
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = { host = "h", dbname = "b", user = "u" }
+        Config::parse(&[TEST_SIDES, r#"
 [[map]]
 name = "customers"
 left = { entity = "customers_v3", key = ["customeraccount"] }
@@ -501,8 +486,7 @@ field = [
   { left = "note", right = "description", default = { right = "(none)" }, direction = "left_to_right" },
   { right = "msdyn_source", constant = "fno" },
 ]
-"#,
-        )
+"#].concat())
         .unwrap()
     }
 

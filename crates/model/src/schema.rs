@@ -354,21 +354,11 @@ mod tests {
 #[cfg(test)]
 mod transform_tests {
     use super::*;
+    use crate::config::TEST_SIDES;
 
     fn config(fields: &str) -> Config {
         Config::parse(&format!(
-            r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = {{ host = "h", dbname = "a", user = "u" }}
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = {{ host = "h", dbname = "b", user = "u" }}
-[[map]]
+            r#"{TEST_SIDES}[[map]]
 name = "customers"
 left = {{ entity = "customers", key = ["account"] }}
 right = {{ entity = "accounts", key = ["number"] }}

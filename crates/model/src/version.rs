@@ -79,19 +79,9 @@ fn canonical(v: &toml::Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
+    use crate::config::{Config, TEST_SIDES};
 
     const BASE: &str = r#"
-[kafka]
-bootstrap_servers = "k:9092"
-[sides.left]
-name = "fno"
-kind = "postgres"
-connection = { host = "h", dbname = "a", user = "u" }
-[sides.right]
-name = "dataverse"
-kind = "postgres"
-connection = { host = "h", dbname = "b", user = "u" }
 [[map]]
 name = "groups"
 left = { entity = "g", key = ["id"] }
@@ -108,8 +98,8 @@ field = [
 ]
 "#;
 
-    fn versions(text: &str) -> Vec<String> {
-        Config::parse(text)
+    fn versions(maps: &str) -> Vec<String> {
+        Config::parse(&[TEST_SIDES, maps].concat())
             .unwrap()
             .maps
             .iter()
