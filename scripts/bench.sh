@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks dualwrite (see BENCHMARKS.md): starts a fresh PostgreSQL and
-# broker of its own (scripts/stack.sh with its own state folder and ports,
+# Apache Kafka broker of its own (scripts/stack.sh with its own state folder and ports,
 # so a developer's stack and CI's are not disturbed and every benchmark
 # starts from an empty broker), builds the release binaries, runs the
 # scenarios with their anchors, prints the tables, and stops that stack.
@@ -18,6 +18,8 @@
 #   DUALWRITE_BENCH_STATE_DIR   the benchmark stack's folder (default /tmp/dualwrite-bench-stack; wiped first)
 #   DUALWRITE_BENCH_PG_PORT     its PostgreSQL port (default 55434)
 #   DUALWRITE_BENCH_KAFKA_PORT  its broker port (default 19094)
+#   DUALWRITE_BENCH_KAFKA_CONTROLLER_PORT  its KRaft controller port (default the broker port + 1000)
+#   DUALWRITE_BENCH_KAFKA_PROPERTIES broker settings to try (as DUALWRITE_STACK_KAFKA_PROPERTIES)
 #   DUALWRITE_BENCH_KEEP_STACK  1: leave the stack running afterwards
 #   DUALWRITE_BENCH_OUT         where the tables are also written (default target/bench/last.txt)
 set -euo pipefail
@@ -25,14 +27,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 args=()
+help=0
 for a in "$@"; do
   case "$a" in
     --quick) args+=(--runs 1 --rows 20000 --live-rows 20000 --latency-secs 10) ;;
+    -h|--help) help=1 ;;
     *) args+=("$a") ;;
   esac
 done
 
 cargo build --release --locked -p dualwrite -p dualwrite-bench >&2
+if [ "$help" = 1 ]; then
+  # This script's own usage, then the benchmark binary's options; no stack.
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+  echo
+  exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/dualwrite-bench" --help
+fi
 DUALWRITE_BENCH_COMMIT="$(git describe --always --dirty 2>/dev/null || echo unknown), built $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 export DUALWRITE_BENCH_COMMIT
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -42,6 +52,8 @@ mkdir -p "$(dirname "$OUT")"
 export DUALWRITE_STATE_DIR="${DUALWRITE_BENCH_STATE_DIR:-/tmp/dualwrite-bench-stack}"
 export DUALWRITE_STACK_PG_PORT="${DUALWRITE_BENCH_PG_PORT:-55434}"
 export DUALWRITE_STACK_KAFKA_PORT="${DUALWRITE_BENCH_KAFKA_PORT:-19094}"
+export DUALWRITE_STACK_KAFKA_CONTROLLER_PORT="${DUALWRITE_BENCH_KAFKA_CONTROLLER_PORT:-$((DUALWRITE_STACK_KAFKA_PORT + 1000))}"
+export DUALWRITE_STACK_KAFKA_PROPERTIES="${DUALWRITE_BENCH_KAFKA_PROPERTIES:-}"
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$DUALWRITE_STATE_DIR"
 stop_stack() {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo sync, from a fresh machine:
-#   1. installs and starts the local stack (PostgreSQL 15 + wal2json, the tansu broker),
+#   1. installs and starts the local stack (PostgreSQL 15 + wal2json, Apache Kafka
+#      fetched from Maven Central; needs Java 17+ and Maven),
 #   2. builds dualwrite,
 #   3. creates the two demo databases with a few hundred rows each,
 #   4. runs every service (one process, in the background),
@@ -26,15 +27,16 @@ if [ "${1:-}" = "stop" ]; then stop_demo; exit 0; fi
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "Starting the local stack (first run installs PostgreSQL packages and builds the broker: ~10 min)"
+STARTED=$SECONDS
+step "Starting the local stack (the first run installs PostgreSQL packages and fetches Apache Kafka, ~1 min)"
 eval "$(scripts/stack.sh up)"
 PG="$DUALWRITE_PG_URL"
 psql_fno() { psql -X -q -v ON_ERROR_STOP=1 "$PG/dualwrite_fno" "$@"; }
 psql_dv() { psql -X -q -v ON_ERROR_STOP=1 "$PG/dualwrite_dataverse" "$@"; }
 
-step "Building dualwrite"
+step "Building dualwrite (the first build takes a few minutes)"
 cargo build --quiet --bin dualwrite
-BIN="$ROOT/target/debug/dualwrite"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/dualwrite"
 
 step "Creating the demo databases (fno: finance-and-operations-like; dataverse: Dataverse-like)"
 stop_demo
@@ -47,12 +49,16 @@ psql_fno -f deploy/demo/fno.sql
 psql_dv -f deploy/demo/dataverse.sql
 echo "customers_v3 rows: $(psql_fno -At -c 'SELECT count(*) FROM customers_v3'), accounts rows: $(psql_dv -At -c 'SELECT count(*) FROM accounts')"
 
+# The demo configuration, pointed at this stack's PostgreSQL port
+# (DUALWRITE_STACK_PG_PORT; the file says 55432, the default).
+CONFIG="$DEMO/dualwrite.toml"
+sed "s/port = 55432/port = ${PG##*:}/" deploy/demo/dualwrite.toml >"$CONFIG"
 # A fresh topic prefix per demo run, so that old demo records are never replayed.
 export DUALWRITE_TOPIC_PREFIX="demo-$(date +%s)"
 export DUALWRITE_BOOTSTRAP_SERVERS
 step "Running every service in one process (log: $DEMO/dualwrite.log, topics: $DUALWRITE_TOPIC_PREFIX.*)"
 METRICS_ADDR="${DUALWRITE_METRICS_ADDR:-127.0.0.1:9464}"
-nohup "$BIN" --config deploy/demo/dualwrite.toml --metrics-addr "$METRICS_ADDR" run >"$DEMO/dualwrite.log" 2>&1 &
+nohup "$BIN" --config "$CONFIG" --metrics-addr "$METRICS_ADDR" run >"$DEMO/dualwrite.log" 2>&1 &
 echo $! >"$PIDFILE"
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
@@ -74,7 +80,7 @@ slots_ready() {
   [ "$(psql -X -At "$PG/postgres" -c "SELECT count(*) FROM pg_replication_slots WHERE database IN ('dualwrite_fno','dualwrite_dataverse')")" = 2 ]
 }
 wait_for 120 "both capturers to create their replication slots" slots_ready
-CTL=("$BIN" --config deploy/demo/dualwrite.toml ctl)
+CTL=("$BIN" --config "$CONFIG" ctl)
 
 step "Run the maps: contacts with its related maps (customers, customer groups, currencies), dependencies first"
 "${CTL[@]}" run contacts --include-related
@@ -121,7 +127,7 @@ show_arrival "account C9001 deleted on dataverse" gone
 
 cat <<MSG
 
-The demo sync is running (pid $(cat "$PIDFILE"), log $DEMO/dualwrite.log, topics $DUALWRITE_TOPIC_PREFIX.*;
+Demo done in $((SECONDS - STARTED)) s. The demo sync is running (pid $(cat "$PIDFILE"), log $DEMO/dualwrite.log, topics $DUALWRITE_TOPIC_PREFIX.*;
 export DUALWRITE_TOPIC_PREFIX=$DUALWRITE_TOPIC_PREFIX for the commands below).
 Try it yourself:
   psql $PG/dualwrite_fno -c "UPDATE customers_v3 SET primaryemail = 'new@example.com' WHERE customeraccount = 'C0001'"
@@ -130,10 +136,10 @@ Metrics (Prometheus text format) and health:
   curl http://$METRICS_ADDR/metrics      curl http://$METRICS_ADDR/readyz      curl http://$METRICS_ADDR/healthz
   (a Prometheus scrape config, alert rules and a Grafana dashboard are in deploy/prometheus and deploy/grafana)
 Operate the maps:
-  $BIN -c deploy/demo/dualwrite.toml ctl maps            (and: ctl pause|run|stop MAP, ctl watch)
+  $BIN -c $CONFIG ctl maps            (and: ctl pause|run|stop MAP, ctl watch)
 Inspect the topics:
-  $BIN -c deploy/demo/dualwrite.toml ctl tail map:customers
-  $BIN -c deploy/demo/dualwrite.toml ctl tail errors
+  $BIN -c $CONFIG ctl tail map:customers
+  $BIN -c $CONFIG ctl tail errors
 Stop it:
   scripts/demo.sh stop        (and scripts/stack.sh down to stop PostgreSQL and the broker)
 MSG

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: starts the local stack it needs (PostgreSQL 15
-# with wal2json, the tansu broker), checks the deployment files against the
-# binary, then runs the unit and end-to-end tests.
+# with wal2json, Apache Kafka in KRaft mode; see scripts/stack.sh), checks the
+# deployment files against the binary, then runs the unit and end-to-end
+# tests. Tests that kill the broker or PostgreSQL start stacks of their own.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

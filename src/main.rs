@@ -191,6 +191,22 @@ enum CtlCommand {
         #[arg(long, default_value_t = 10)]
         examples: usize,
     },
+    /// Re-assert the conflict master's values of records that differ between
+    /// the sides (those given, or every one a full comparison finds), through
+    /// the pipeline: written only where the other side still has what was
+    /// read, so a newer change is never overwritten. Waits for the sides to
+    /// agree; exit code 1 when some still differ.
+    Repair {
+        map: String,
+        /// A record's key as `ctl verify` prints it (a JSON array), repeatable.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// How long to wait for the repaired records to agree.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check maps (all, or those named) against both databases' tables:
     /// missing tables and columns, types that cannot be converted, alternate
     /// keys without a unique index. Exit code 1 when there are problems.
@@ -462,6 +478,37 @@ async fn run(
                 }
                 if reports.iter().any(|r| !r.is_equal()) {
                     anyhow::bail!("the sides differ");
+                }
+            }
+            CtlCommand::Repair {
+                map,
+                keys,
+                wait_secs,
+                json,
+            } => {
+                let m = config
+                    .map(&map)
+                    .ok_or_else(|| anyhow::anyhow!("unknown map `{map}`"))?;
+                let wait = std::time::Duration::from_secs(wait_secs);
+                let r = dualwrite_ctl::repair::repair(&config, m, &keys, wait)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!(
+                        "map {}: {} record(s) repaired of {} sent; {} already equal",
+                        r.map,
+                        r.repaired.len(),
+                        r.sent.len(),
+                        r.equal
+                    );
+                    for k in r.sent.iter().filter(|k| !r.repaired.contains(k)) {
+                        println!("  still differs: {k} (a write of it may be on its way: run again once settled)");
+                    }
+                }
+                if r.repaired.len() < r.sent.len() {
+                    anyhow::bail!("some records still differ");
                 }
             }
             CtlCommand::Watch { idle_secs } => {

@@ -17,8 +17,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{
-    all_drained, connect, eventually, PrivateStack, TestEnv, APPLY_DV, APPLY_FNO, CAPTURE_DV,
-    CAPTURE_FNO, PAUSE_BUFFER, ROUTER,
+    all_drained, backlog, connect, eventually, PrivateStack, TestEnv, APPLY_DV, APPLY_FNO,
+    CAPTURE_DV, CAPTURE_FNO, PAUSE_BUFFER, ROUTER,
 };
 use tokio::task::JoinHandle;
 
@@ -311,15 +311,6 @@ async fn one_side_unreachable_for_a_while() {
     }
     converged(&env, rounds).await;
     env.cleanup().await;
-}
-
-/// Backlog of a map's topic (records not yet released), from `ctl maps`.
-fn backlog(env: &TestEnv, map: &str) -> i64 {
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&env.ctl(&["maps", "--json"])).unwrap();
-    rows.iter()
-        .find(|r| r["map"] == map)
-        .and_then(|r| r["backlog"].as_i64())
-        .unwrap_or(0)
 }
 
 /// Pauses customers, lets the writers queue changes, checks nothing

@@ -132,6 +132,13 @@ async fn metrics_move_with_the_records_and_pass_promtool() {
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
     let (ok, out) = promtool(&["check", "rules", rules], None);
     assert!(ok, "{out}");
+    // The alerts fire on what they watch (promtool's rule unit tests).
+    let tests = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/prometheus/alerts_test.yml"
+    );
+    let (ok, out) = promtool(&["test", "rules", tests], None);
+    assert!(ok, "{out}");
     let (ok, out) = promtool(
         &[
             "check",

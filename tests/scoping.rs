@@ -315,3 +315,62 @@ async fn editing_a_running_map_holds_it_until_it_is_run_again() {
     .await;
     env.cleanup().await;
 }
+
+/// A record that leaves its side's scope, is edited there while out of it
+/// and comes back carries its current values to the other side, whichever
+/// side is the conflict master (issue: the master's stale copy used to be
+/// re-asserted over the newer values, reverting them on their own side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_re_entering_its_scope_keeps_its_newer_values() {
+    for (exit, master) in [
+        ("keep", "dataverse"),
+        ("delete", "dataverse"),
+        ("keep", "fno"),
+    ] {
+        let mut env = setup(
+            &format!("reentry-{exit}-{master}"),
+            &map(
+                ", filter = \"name == null || !name.startsWith('hold')\"",
+                "",
+                &format!("on_filter_exit = \"{exit}\"\nconflict_master = \"{master}\""),
+            ),
+            "('usmf', 'A1', 'one'), ('usmf', 'A2', 'two')",
+            "",
+        )
+        .await;
+        env.start_all();
+        env.wait_for_slots(2).await;
+        run_map(&env, "company_accounts");
+        let fno = env.fno().await;
+        // Edited on the master side first, so the master has a change of its own.
+        if master == "dataverse" {
+            env.dv()
+                .await
+                .batch_execute(
+                    "UPDATE companyaccounts SET name = 'one b' WHERE accountnumber = 'A1'",
+                )
+                .await
+                .unwrap();
+            eventually("the master's edit syncs", WAIT, || async {
+                left(&env).await == "usmf/A1=one b;usmf/A2=two"
+            })
+            .await;
+        }
+        // Out of scope, edited while out, back in scope.
+        for name in ["hold x", "hold y", "three"] {
+            fno.batch_execute(&format!(
+                "UPDATE custtable SET name = '{name}' WHERE accountnum = 'A1'"
+            ))
+            .await
+            .unwrap();
+        }
+        let want = "usmf/A1=three;usmf/A2=two";
+        eventually(
+            &format!("re-entry carries the newer values ({exit}, master {master})"),
+            WAIT,
+            || async { left(&env).await == want && right(&env).await == want },
+        )
+        .await;
+        env.cleanup().await;
+    }
+}

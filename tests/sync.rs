@@ -135,6 +135,18 @@ async fn changes_sync_both_ways_without_echo() {
     })
     .await;
     let captured = env.tail("capture:dataverse");
+    // The appliers' writes come back only as reports of what they wrote,
+    // never as changes of the side.
+    let (reports, captured): (Vec<_>, Vec<_>) = captured
+        .into_iter()
+        .partition(|r| r["value"]["op"] == "APPLIED");
+    assert!(
+        !reports.is_empty()
+            && reports
+                .iter()
+                .all(|r| r["value"]["after"].is_null() && r["value"]["applied"].is_object()),
+        "the applier's writes on the right are reported, without their rows: {reports:?}"
+    );
     let mut keys: Vec<String> = captured
         .iter()
         .map(|r| {

@@ -76,12 +76,20 @@ pub struct PrivateStack {
 
 impl PrivateStack {
     pub fn start(name: &str) -> PrivateStack {
-        let free_port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
+        PrivateStack::start_with(name, "")
+    }
+
+    /// A private stack whose broker also takes `kafka_properties`
+    /// (`name=value` settings separated by spaces, e.g. a short offsets
+    /// retention).
+    pub fn start_with(name: &str, kafka_properties: &str) -> PrivateStack {
+        // Below Linux's ephemeral range (32768 and up), so that no outgoing
+        // connection takes the port between now and the servers' start.
+        let free_port = || loop {
+            let port = rand::rng().random_range(21_000..32_000u16);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
         };
         let base = std::env::var_os("DUALWRITE_STATE_DIR")
             .map(PathBuf::from)
@@ -94,6 +102,14 @@ impl PrivateStack {
             ("DUALWRITE_STATE_DIR", dir.display().to_string()),
             ("DUALWRITE_STACK_PG_PORT", free_port().to_string()),
             ("DUALWRITE_STACK_KAFKA_PORT", free_port().to_string()),
+            (
+                "DUALWRITE_STACK_KAFKA_CONTROLLER_PORT",
+                free_port().to_string(),
+            ),
+            (
+                "DUALWRITE_STACK_KAFKA_PROPERTIES",
+                kafka_properties.to_owned(),
+            ),
         ];
         let stack = stack_script("up", &env);
         PrivateStack { stack, env, dir }
@@ -388,7 +404,10 @@ impl TestEnv {
             .collect()
     }
 
-    /// Waits until both capturers created their slots (changes from then on are captured).
+    /// Waits until both capturers created their slots (changes from then on
+    /// are captured). A slot is listed while it is being created, until the
+    /// transactions running then have ended (seconds on a busy cluster);
+    /// it has a confirmed position once created.
     pub async fn wait_for_slots(&self, n: i64) {
         let admin = connect(&format!("{}/postgres", self.stack.pg_url)).await;
         let dbs = [self.fno_db.clone(), self.dv_db.clone()];
@@ -398,7 +417,8 @@ impl TestEnv {
             || async {
                 let row = admin
                     .query_one(
-                        "SELECT count(*) FROM pg_replication_slots WHERE database = ANY($1)",
+                        "SELECT count(*) FROM pg_replication_slots
+                          WHERE database = ANY($1) AND confirmed_flush_lsn IS NOT NULL",
                         &[&dbs.as_slice()],
                     )
                     .await
@@ -409,10 +429,18 @@ impl TestEnv {
         .await;
     }
 
-    /// Stops the services, drops the slots and the databases.
+    /// Stops the services, deletes the topics, drops the slots and the databases.
     pub async fn cleanup(mut self) {
         for s in &mut self.services {
             s.stop();
+        }
+        // Fewer partitions for the shared broker to keep (a failed test keeps
+        // its topics, like its logs).
+        if let Ok(cfg) = dualwrite_model::Config::parse(
+            &std::fs::read_to_string(&self.config).unwrap_or_default(),
+        ) {
+            let prefix = format!("{}.", self.prefix);
+            let _ = dualwrite_runtime::kafka::delete_topics_with_prefix(&cfg.kafka, &prefix).await;
         }
         let admin = connect(&format!("{}/postgres", self.stack.pg_url)).await;
         for db in [&self.fno_db, &self.dv_db] {
@@ -446,6 +474,30 @@ impl TestEnv {
         if std::env::var_os("DUALWRITE_TEST_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+
+    /// SIGTERM to the services `indices` at once, then waits until each
+    /// exited (as [`Service::stop`]).
+    pub fn stop_many(&mut self, indices: &[usize]) {
+        for &i in indices {
+            self.services[i].terminate();
+        }
+        for &i in indices {
+            self.services[i].stop();
+        }
+    }
+
+    /// The last `lines` lines of each service's log, for failure messages.
+    pub fn logs_tail(&self, lines: usize) -> String {
+        self.services
+            .iter()
+            .map(|s| {
+                let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                format!("--- {} (last {lines} lines) ---\n{tail}\n", s.name)
+            })
+            .collect()
     }
 
     /// The services' logs, for failure messages.
@@ -514,6 +566,13 @@ impl Service {
         }
     }
 
+    /// SIGTERM, without waiting.
+    pub fn terminate(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+        }
+    }
+
     /// SIGTERM, then wait for it to exit (SIGKILL after 20 s).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -533,6 +592,16 @@ impl Service {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
+
+    /// The process's peak resident set size so far (`VmHWM` of
+    /// `/proc/<pid>/status`), in bytes; `None` when it is not running.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
 }
 
 impl Drop for Service {
@@ -543,6 +612,21 @@ impl Drop for Service {
 
 /// Records of `topic` that consumer group `group` has not committed yet.
 pub fn group_lag(env: &TestEnv, group: &str, topic: &str) -> i64 {
+    let cfg =
+        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+    let marks = dualwrite_runtime::kafka::watermarks(&cfg.kafka, topic)
+        .unwrap_or_else(|e| panic!("watermarks of {topic}: {e}"));
+    let committed = dualwrite_runtime::kafka::group_positions(&cfg.kafka, group, topic)
+        .unwrap_or_else(|e| panic!("offsets of group {group} on {topic}: {e}"));
+    marks
+        .iter()
+        .map(|(p, lo, hi)| hi - committed.get(p).copied().unwrap_or(*lo))
+        .sum()
+}
+
+/// The offsets consumer group `group` committed on each partition of
+/// `topic` (`None`: nothing committed, or the broker dropped it).
+pub fn committed(env: &TestEnv, group: &str, topic: &str) -> Vec<(i32, Option<i64>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let cfg =
@@ -557,19 +641,48 @@ pub fn group_lag(env: &TestEnv, group: &str, topic: &str) -> i64 {
     for (p, _, _) in &marks {
         tpl.add_partition(topic, *p);
     }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
+    let got = dualwrite_runtime::kafka::retry::blocking("committed offsets", || {
+        consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))
+    })
+    .unwrap();
     marks
         .iter()
-        .map(|(p, lo, hi)| {
-            let c = match committed.find_partition(topic, *p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => *lo,
+        .map(|(p, _, _)| {
+            let o = match got.find_partition(topic, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
             };
-            hi - c
+            (*p, o)
         })
-        .sum()
+        .collect()
+}
+
+/// Commits `offsets` (partition, next offset) of `topic` for consumer
+/// group `group`, once, as a consumer that never joins the group.
+pub fn commit_once(env: &TestEnv, group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.stack.bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+            .unwrap();
+    }
+    dualwrite_runtime::kafka::retry::blocking("commit", || consumer.commit(&tpl, CommitMode::Sync))
+        .unwrap();
+}
+
+/// Records of `map`'s topic not yet released by the pause buffer, from `ctl maps`.
+pub fn backlog(env: &TestEnv, map: &str) -> i64 {
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&env.ctl(&["maps", "--json"])).unwrap();
+    rows.iter()
+        .find(|r| r["map"] == map)
+        .and_then(|r| r["backlog"].as_i64())
+        .unwrap_or(0)
 }
 
 /// Waits until every record on the way to `side` was applied: the pause

@@ -1,40 +1,43 @@
-//! Applier: reads `<prefix>.apply.<side>` and writes each change to that
-//! side's database, an upsert or a delete by alternate key, a batch per
-//! transaction. Offsets are stored only after the transaction committed.
+//! Applier: reads `<prefix>.apply.<side>`, the resolver's decisions for
+//! that side, and writes each to the side's database, an upsert or a
+//! delete by alternate key, a batch per transaction, only where the target
+//! is still in the state the resolver expected (see [`writer`]). Offsets
+//! are stored only after the transaction committed.
 //!
-//! A change the database rejects for its data (constraint, bad value,
+//! A write the database rejects for its data (constraint, bad value,
 //! missing column) goes to the errors topic with its context, and the rest
 //! of the batch is still written. Connection loss, deadlocks and the like are
 //! retried with backoff, the same batch again.
 //!
 //! Writes run under the side's replication origin, so that side's capturer
-//! leaves them out: a synced change never echoes back.
+//! leaves their rows out (a synced change never echoes back) and passes on
+//! only the reports of what was written.
 
 pub mod sql;
+pub mod writer;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dualwrite_model::authorise::{authorise_write, Refused, UNAUTHORISED_TARGET};
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
-use dualwrite_model::mapping::map_change;
-use dualwrite_model::record::{
-    parse_lsn, ApplyOp, ChangeOp, ChangeRecord, ErrorRecord, Field, MappedChange,
-};
+use dualwrite_model::record::{ApplyWrite, ErrorRecord, WriteOp};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
 use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
-use dualwrite_runtime::kafka::{self, KafkaConsumer, Outgoing, Producer, Shard, TopicSpec};
+use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer, Shard, TopicSpec};
 use dualwrite_runtime::metrics::{direction, metrics};
 use dualwrite_runtime::pg;
 use dualwrite_runtime::relay::{deliver, Output};
-use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::writer::{Rejected, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -51,518 +54,6 @@ pub fn topics(config: &Config, side: SideId) -> Vec<TopicSpec> {
         TopicSpec::new(t.apply(&config.side(side).name), config.kafka.partitions),
         TopicSpec::new(t.errors(), config.kafka.partitions),
     ]
-}
-
-/// A connection to the target with its prepared statements.
-struct Writer {
-    client: Client,
-    statements: HashMap<String, Statement>,
-    config: Arc<Config>,
-    side: SideId,
-}
-
-/// A change that the target rejected.
-struct Rejected {
-    index: usize,
-    error: tokio_postgres::Error,
-}
-
-enum WriteError {
-    /// Worth retrying the whole batch (after reconnecting).
-    Transient(tokio_postgres::Error),
-    /// The records a conflict sends back could not be produced: retry the batch.
-    Emit(KafkaError),
-}
-
-/// What writing one change did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Applied {
-    Written,
-    /// The target already has a later (or the same) change from this source.
-    Stale,
-    /// Both sides changed the record; the source is the conflict master:
-    /// written, and the master is asked to re-assert its current values.
-    ConflictSourceWon,
-    /// Both sides changed the record; the target is the conflict master:
-    /// not written, and the target's current values are sent back.
-    ConflictTargetWon,
-    /// A re-assert request answered with the current values.
-    Reasserted,
-}
-
-impl Writer {
-    async fn connect(
-        config: &Arc<Config>,
-        side: SideId,
-        shard: Shard,
-    ) -> Result<Writer, pg::ConnectError> {
-        let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
-        // One session holds an origin at a time: each instance has its own.
-        let origins = config.origin_names(side);
-        let origin = if shard.count > 1 {
-            origins[1 + shard.index as usize].clone()
-        } else {
-            origins[0].clone()
-        };
-        pg::ensure_origin(&client, &origin).await?;
-        client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await?;
-        client.batch_execute(sql::POSITIONS_DDL).await?;
-        Ok(Writer {
-            client,
-            statements: HashMap::new(),
-            config: config.clone(),
-            side,
-        })
-    }
-
-    fn side_name(&self) -> &str {
-        &self.config.side(self.side).name
-    }
-
-    async fn prepared(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(&sql) {
-            return Ok(s.clone());
-        }
-        let s = self.client.prepare(&sql).await?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
-    }
-
-    /// Writes one change, unless
-    /// - the target already has this record from a later (or the same)
-    ///   source position of the same side: a redelivered or replayed change
-    ///   never regresses a record;
-    /// - the record changed on the target too (its fields that sync both
-    ///   ways match neither the source's old nor its new values) and the
-    ///   target is the conflict master.
-    ///
-    /// Records to send back because of a conflict are added to `emit`.
-    async fn exec(
-        &mut self,
-        mc: &MappedChange,
-        emit: &mut Vec<Outgoing>,
-    ) -> Result<Applied, tokio_postgres::Error> {
-        let key = mc.kafka_key();
-        if mc.op == ApplyOp::Reassert {
-            self.reassert(mc, emit).await?;
-            return Ok(Applied::Reasserted);
-        }
-        let guard = self.prepared(sql::ADVANCE_POSITION.to_owned()).await?;
-        let advanced = self
-            .client
-            .query_opt(
-                &guard,
-                &[
-                    &mc.map,
-                    &key,
-                    &mc.source_side,
-                    &mc.source_lsn,
-                    &mc.source_seq,
-                ],
-            )
-            .await?;
-        if advanced.is_none() {
-            tracing::debug!(map = %mc.map, key = %key, lsn = mc.source_lsn, "older than what the target has: skipped");
-            return Ok(Applied::Stale);
-        }
-        let mut applied = Applied::Written;
-        if let Some(check) = sql::conflict_check(mc) {
-            let stmt = self.prepared(check).await?;
-            let (before, after) = sql::conflict_parameters(mc);
-            let row = self.client.query_opt(&stmt, &[&before, &after]).await?;
-            let state = row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1)));
-            if is_conflict(mc, state) {
-                if mc.conflict_master.as_deref() == Some(self.side_name()) {
-                    tracing::info!(map = %mc.map, key = %key, master = %self.side_name(), "conflict: the target is the master; it keeps its values and sends them back");
-                    self.reassert(mc, emit).await?;
-                    return Ok(Applied::ConflictTargetWon);
-                }
-                tracing::info!(map = %mc.map, key = %key, master = %mc.source_side, "conflict: the source is the master; its change is written and it re-asserts its values");
-                if let Some(request) = reassert_request(&self.config, mc) {
-                    emit.push(request);
-                }
-                applied = Applied::ConflictSourceWon;
-            }
-        }
-        if let Some(sql) = sql::statement(mc) {
-            let stmt = self.prepared(sql).await?;
-            self.client.execute(&stmt, &[&sql::parameter(mc)]).await?;
-        }
-        Ok(applied)
-    }
-
-    /// Writes a run of changes of the same shape (see [`runs`]) with one
-    /// statement for each step of [`Writer::exec`]: the position guard, the
-    /// conflict check and the write, each over the whole run. The outcome
-    /// is the same as writing the changes one by one: each record occurs
-    /// once, so the steps of different changes do not see each other.
-    async fn exec_run(
-        &mut self,
-        run: &[(usize, MappedChange)],
-        emit: &mut Vec<Outgoing>,
-    ) -> Result<Vec<Applied>, tokio_postgres::Error> {
-        let [(_, first), _, ..] = run else {
-            let mut out = Vec::with_capacity(1);
-            for (_, mc) in run {
-                out.push(self.exec(mc, emit).await?);
-            }
-            return Ok(out);
-        };
-        let keys: Vec<String> = run.iter().map(|(_, mc)| mc.kafka_key()).collect();
-        let lsns: Vec<i64> = run.iter().map(|(_, mc)| mc.source_lsn).collect();
-        let seqs: Vec<i32> = run.iter().map(|(_, mc)| mc.source_seq).collect();
-        let guard = self.prepared(sql::ADVANCE_POSITIONS.to_owned()).await?;
-        let advanced: HashSet<String> = self
-            .client
-            .query(
-                &guard,
-                &[&first.map, &first.source_side, &keys, &lsns, &seqs],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let mut outcomes: Vec<Applied> = keys
-            .iter()
-            .map(|k| {
-                if advanced.contains(k) {
-                    Applied::Written
-                } else {
-                    Applied::Stale
-                }
-            })
-            .collect();
-        for (k, mc) in keys.iter().zip(run).filter(|(k, _)| !advanced.contains(*k)) {
-            tracing::debug!(map = %mc.1.map, key = %k, lsn = mc.1.source_lsn, "older than what the target has: skipped");
-        }
-        let live: Vec<usize> = (0..run.len())
-            .filter(|&i| outcomes[i] == Applied::Written)
-            .collect();
-        if live.is_empty() {
-            return Ok(outcomes);
-        }
-        if let Some(check) = sql::conflict_check_many(first) {
-            let stmt = self.prepared(check).await?;
-            let param = sql::conflict_parameters_many(live.iter().map(|&i| &run[i].1));
-            let mut states: Vec<Option<(bool, bool)>> = vec![None; live.len()];
-            for row in self.client.query(&stmt, &[&param]).await? {
-                let at = usize::try_from(row.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
-                if let Some(s) = states.get_mut(at) {
-                    *s = Some((row.get(1), row.get(2)));
-                }
-            }
-            for (&i, state) in live.iter().zip(states) {
-                let mc = &run[i].1;
-                if !is_conflict(mc, state) {
-                    continue;
-                }
-                let key = &keys[i];
-                if mc.conflict_master.as_deref() == Some(self.side_name()) {
-                    tracing::info!(map = %mc.map, key = %key, master = %self.side_name(), "conflict: the target is the master; it keeps its values and sends them back");
-                    self.reassert(mc, emit).await?;
-                    outcomes[i] = Applied::ConflictTargetWon;
-                } else {
-                    tracing::info!(map = %mc.map, key = %key, master = %mc.source_side, "conflict: the source is the master; its change is written and it re-asserts its values");
-                    if let Some(request) = reassert_request(&self.config, mc) {
-                        emit.push(request);
-                    }
-                    outcomes[i] = Applied::ConflictSourceWon;
-                }
-            }
-        }
-        let write: Vec<&MappedChange> = live
-            .iter()
-            .filter(|&&i| outcomes[i] != Applied::ConflictTargetWon)
-            .map(|&i| &run[i].1)
-            .collect();
-        if let (false, Some(sql)) = (write.is_empty(), sql::statement_many(first)) {
-            let stmt = self.prepared(sql).await?;
-            self.client
-                .execute(&stmt, &[&sql::parameter_many(write.into_iter())])
-                .await?;
-        }
-        Ok(outcomes)
-    }
-
-    /// Sends this side's current values of the record (or its absence)
-    /// back through the map, stamped with the current WAL position, so the
-    /// other side converges to what the master has now.
-    async fn reassert(
-        &mut self,
-        mc: &MappedChange,
-        emit: &mut Vec<Outgoing>,
-    ) -> Result<(), tokio_postgres::Error> {
-        let config = self.config.clone();
-        let Some(map) = config.map(&mc.map) else {
-            return Ok(());
-        };
-        let stmt = self.prepared(sql::current_row(mc)).await?;
-        let row: Option<String> = self
-            .client
-            .query_opt(&stmt, &[&sql::key_parameter(mc)])
-            .await?
-            .and_then(|r| r.get(0));
-        // The WAL insert position, not the write position: it moves with
-        // every record inserted, this transaction's own uncommitted writes
-        // included. Two re-asserts of a record that see different rows (the
-        // record written in between, even by this transaction) therefore
-        // get different stamps, and the later one is not taken for a replay
-        // of the earlier one by the target's position guard.
-        let lsn: String = self
-            .client
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await?
-            .get(0);
-        let current: Option<Vec<Field>> = row.and_then(|json| {
-            let obj: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(&json).ok()?;
-            Some(
-                obj.into_iter()
-                    .map(|(name, v)| Field {
-                        name,
-                        value: v.as_str().map(str::to_owned),
-                    })
-                    .collect(),
-            )
-        });
-        let change = ChangeRecord {
-            side: self.side_name().to_owned(),
-            entity: map.entity(self.side).qualified(),
-            op: if current.is_some() {
-                ChangeOp::Update
-            } else {
-                ChangeOp::Delete
-            },
-            before: Some(current.clone().unwrap_or_else(|| mc.key.clone())),
-            after: current,
-            commit_lsn: parse_lsn(&lsn).unwrap_or(0) as i64,
-            seq: 0,
-            xid: 0,
-            commit_time: dualwrite_runtime::now_micros(),
-        };
-        let topic = Topics::new(&self.config.kafka.topic_prefix).map(&map.name);
-        match map_change(&config, map, self.side, &change) {
-            Ok(changes) => {
-                for c in changes {
-                    match avro::encode(&c) {
-                        Ok(payload) => emit.push(Outgoing {
-                            topic: topic.clone(),
-                            key: c.kafka_key(),
-                            payload,
-                        }),
-                        Err(e) => {
-                            tracing::error!(map = %map.name, "cannot encode a re-asserted record: {e}")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(map = %map.name, "cannot re-assert the record: {e}"),
-        }
-        Ok(())
-    }
-
-    /// Writes the changes in one transaction; if the target rejects one,
-    /// writes them one transaction each so that only the rejected ones fail.
-    /// Records a conflict sends back are produced before the commit.
-    async fn write(
-        &mut self,
-        changes: &[(usize, MappedChange)],
-        producer: &Producer,
-    ) -> Result<Vec<Rejected>, WriteError> {
-        let all_at_once = async {
-            let mut emit = Vec::new();
-            let mut outcomes = Vec::with_capacity(changes.len());
-            self.client.batch_execute("BEGIN").await?;
-            for run in runs(changes) {
-                outcomes.extend(self.exec_run(&changes[run], &mut emit).await?);
-            }
-            Ok::<_, tokio_postgres::Error>((emit, outcomes))
-        }
-        .await;
-        match all_at_once {
-            Ok((emit, outcomes)) => {
-                self.commit_with(producer, &emit).await?;
-                for ((_, mc), applied) in changes.iter().zip(outcomes) {
-                    record_applied(mc, applied);
-                }
-                return Ok(Vec::new());
-            }
-            Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
-            Err(_) => {
-                self.client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(WriteError::Transient)?;
-            }
-        }
-        let mut rejected = Vec::new();
-        for (index, mc) in changes {
-            let one = async {
-                let mut emit = Vec::new();
-                self.client.batch_execute("BEGIN").await?;
-                let applied = self.exec(mc, &mut emit).await?;
-                Ok::<_, tokio_postgres::Error>((emit, applied))
-            }
-            .await;
-            match one {
-                Ok((emit, applied)) => {
-                    self.commit_with(producer, &emit).await?;
-                    record_applied(mc, applied);
-                }
-                Err(e) if pg::is_transient(&e) => return Err(WriteError::Transient(e)),
-                Err(error) => {
-                    self.client
-                        .batch_execute("ROLLBACK")
-                        .await
-                        .map_err(WriteError::Transient)?;
-                    rejected.push(Rejected {
-                        index: *index,
-                        error,
-                    });
-                }
-            }
-        }
-        Ok(rejected)
-    }
-
-    /// Produces `emit` (acknowledged), then commits; rolls back if producing failed.
-    async fn commit_with(
-        &mut self,
-        producer: &Producer,
-        emit: &[Outgoing],
-    ) -> Result<(), WriteError> {
-        if let Err(e) = kafka::send_all(producer, emit).await {
-            self.client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(WriteError::Transient)?;
-            return Err(WriteError::Emit(e));
-        }
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(WriteError::Transient)
-    }
-}
-
-/// Splits changes into runs that [`Writer::exec_run`] writes set-based:
-/// consecutive changes of the same map, source side, target table,
-/// operation and field names, in which no record occurs twice. Runs keep
-/// the changes' order, so a parent written before its child in the batch
-/// is still written first.
-fn runs(changes: &[(usize, MappedChange)]) -> Vec<std::ops::Range<usize>> {
-    fn names(a: &[Field], b: &[Field]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name)
-    }
-    fn same_shape(a: &MappedChange, b: &MappedChange) -> bool {
-        a.op == b.op
-            && a.op != ApplyOp::Reassert
-            && a.map == b.map
-            && a.source_side == b.source_side
-            && a.target_entity == b.target_entity
-            && names(&a.key, &b.key)
-            && names(&a.values, &b.values)
-            && match (&a.before, &b.before) {
-                (None, None) => true,
-                (Some(x), Some(y)) => names(x, y),
-                _ => false,
-            }
-    }
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut seen = HashSet::new();
-    for (i, (_, mc)) in changes.iter().enumerate() {
-        let key = mc.kafka_key();
-        if i > start && (!same_shape(&changes[start].1, mc) || seen.contains(&key)) {
-            out.push(start..i);
-            start = i;
-            seen.clear();
-        }
-        seen.insert(key);
-    }
-    if start < changes.len() {
-        out.push(start..changes.len());
-    }
-    out
-}
-
-/// Counts a committed change in the metrics, with its latency when written.
-fn record_applied(mc: &MappedChange, applied: Applied) {
-    let outcome = match applied {
-        Applied::Written => "written",
-        Applied::Stale => "stale",
-        Applied::ConflictSourceWon => "conflict_source_won",
-        Applied::ConflictTargetWon => "conflict_target_won",
-        Applied::Reasserted => "reasserted",
-    };
-    let m = metrics();
-    let dir = direction(&mc.source_side, &mc.target_side);
-    m.applied.with_label_values(&[&mc.map, &dir, outcome]).inc();
-    if matches!(applied, Applied::Written | Applied::ConflictSourceWon) && mc.commit_time > 0 {
-        let seconds = (dualwrite_runtime::now_micros() - mc.commit_time).max(0) as f64 / 1e6;
-        m.latency
-            .with_label_values(&[&mc.map, &dir])
-            .observe(seconds);
-    }
-}
-
-/// A request to the master (the source of `mc`) to re-assert its values of the record.
-fn reassert_request(config: &Config, mc: &MappedChange) -> Option<Outgoing> {
-    let map = config.map(&mc.map)?;
-    let master = config.side_id(&mc.source_side)?;
-    let key: Vec<Field> = map
-        .entity(master)
-        .key
-        .iter()
-        .zip(&mc.key)
-        .map(|(name, f)| Field {
-            name: name.clone(),
-            value: f.value.clone(),
-        })
-        .collect();
-    let request = MappedChange {
-        map: mc.map.clone(),
-        source_side: mc.target_side.clone(),
-        target_side: mc.source_side.clone(),
-        source_entity: mc.target_entity.clone(),
-        target_entity: mc.source_entity.clone(),
-        op: ApplyOp::Reassert,
-        key,
-        values: Vec::new(),
-        source_lsn: 0,
-        source_seq: 0,
-        source_xid: 0,
-        commit_time: dualwrite_runtime::now_micros(),
-        before: None,
-        existed: true,
-        conflict_master: mc.conflict_master.clone(),
-    };
-    let payload = avro::encode(&request).ok()?;
-    Some(Outgoing {
-        topic: Topics::new(&config.kafka.topic_prefix).map(&mc.map),
-        key: request.kafka_key(),
-        payload,
-    })
-}
-
-/// Whether the target's state (`None`: no row; else whether its fields that
-/// sync both ways equal the source's old values, and its new values) shows a
-/// change made on the target that the source did not know of.
-fn is_conflict(mc: &MappedChange, target: Option<(bool, bool)>) -> bool {
-    match (mc.existed, mc.op, target) {
-        (_, ApplyOp::Reassert, _) => false,
-        // New on the source: a conflict if the target has the record otherwise.
-        (false, _, Some((_, same_as_new))) => !same_as_new,
-        (false, _, None) => false,
-        // Deleted on the source: a conflict if the target changed it meanwhile.
-        (true, ApplyOp::Delete, Some((same_as_old, _))) => !same_as_old,
-        (true, ApplyOp::Delete, None) => false,
-        // Updated on the source: a conflict if the target changed or deleted it.
-        (true, ApplyOp::Upsert, Some((same_as_old, same_as_new))) => !same_as_old && !same_as_new,
-        (true, ApplyOp::Upsert, None) => true,
-    }
 }
 
 /// Runs the applier of `side` (this instance's share of the partitions)
@@ -599,7 +90,8 @@ async fn run_inner(
     kafka::ensure_topics(&config.kafka, &topics(&config, side)).await?;
     let producer = kafka::producer(&config.kafka, &format!("dualwrite-apply-{name}"))?;
     let errors = ErrorSink::new(producer.clone(), t.errors(), "apply")
-        .with_max_record_bytes(config.kafka.max_record_bytes);
+        .with_max_record_bytes(config.kafka.max_record_bytes)
+        .with_settings(config.errors);
     let input = t.apply(&name);
     let consumer = kafka::assigned_consumer(
         &config.kafka,
@@ -617,11 +109,13 @@ async fn run_inner(
         side,
         name,
         errors: errors.clone(),
-        producer: producer.clone(),
         writer: None,
         backoff: Backoff::new("apply"),
         parked: BTreeMap::new(),
         next: BTreeMap::new(),
+        stored: kafka::assigned_positions(&consumer)?
+            .remove(&input)
+            .unwrap_or_default(),
         parent_wait: Duration::from_secs(config.apply.parent_wait_secs),
         shard,
     };
@@ -630,11 +124,17 @@ async fn run_inner(
         return Ok(());
     }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Renewed while nothing comes, so the broker never expires them.
+    let mut keepalive = tokio::time::interval(kafka::KEEPALIVE);
     loop {
         // Priority: shutdown, then records, then retries of parked changes.
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = keepalive.tick() => {
+                kafka::keep_offsets_alive(&consumer, &input, &a.stored);
+                continue;
+            }
             m = consumer.recv() => m,
             _ = tick.tick(), if !a.parked.is_empty() => {
                 let Some(bad) = a.retry_parked(&shutdown).await? else { break };
@@ -672,7 +172,7 @@ async fn run_inner(
 /// A change waiting for its parent record (a foreign key the target has not got yet).
 struct Parked {
     message: OwnedMessage,
-    change: MappedChange,
+    change: ApplyWrite,
     since: tokio::time::Instant,
 }
 
@@ -682,13 +182,14 @@ struct Applier {
     side: SideId,
     name: String,
     errors: ErrorSink,
-    producer: Producer,
     writer: Option<Writer>,
     backoff: Backoff,
     /// Changes waiting for a parent, per record (map and key), in order.
     parked: BTreeMap<String, VecDeque<Parked>>,
     /// Per partition: the offset after the last message handled.
     next: BTreeMap<i32, i64>,
+    /// Per partition: the offsets stored to be committed (renewed while idle).
+    stored: BTreeMap<i32, i64>,
     parent_wait: Duration,
     shard: Shard,
 }
@@ -702,7 +203,7 @@ impl Applier {
     /// None when shutdown came first.
     async fn write(
         &mut self,
-        changes: &[(usize, MappedChange)],
+        changes: &[(usize, ApplyWrite)],
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<Rejected>>, ApplyError> {
         loop {
@@ -729,10 +230,9 @@ impl Applier {
                     }
                 },
             };
-            let failure = match w.write(changes, &self.producer).await {
+            let failure = match w.write(changes).await {
                 Ok(r) => return Ok(Some(r)),
-                Err(WriteError::Transient(e)) => pg::describe(&e),
-                Err(WriteError::Emit(e)) => format!("cannot send conflict records: {e}"),
+                Err(e) => pg::describe(&e),
             };
             tracing::warn!("writing to {} failed, retrying: {failure}", self.name);
             health().set(&format!("apply.{}:database", self.name), false);
@@ -749,7 +249,7 @@ impl Applier {
         batch: Vec<OwnedMessage>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<ErrorRecord>>, ApplyError> {
-        let (changes, mut bad) = decode_batch(&self.errors, &batch);
+        let (changes, mut bad) = decode_batch(&self.config, self.side, &self.errors, &batch);
         // A record with a parked change waits behind it, in order.
         let mut now = Vec::with_capacity(changes.len());
         for (i, mc) in changes {
@@ -792,12 +292,8 @@ impl Applier {
                         since: tokio::time::Instant::now(),
                     });
             } else {
-                bad.push(rejection(
-                    &self.errors,
-                    &batch[i],
-                    &mc,
-                    &pg::describe(&error),
-                ));
+                let message = row_error(&self.config, &mc, &error);
+                bad.push(rejection(&self.errors, &batch[i], &mc, &message));
             }
         }
         for m in &batch {
@@ -841,7 +337,7 @@ impl Applier {
                     }
                     Some(r) => {
                         let p = q.pop_front().expect("head exists");
-                        let mut message = pg::describe(&r.error);
+                        let mut message = row_error(&self.config, &p.change, &r.error);
                         if is_missing_parent(&r.error) {
                             message = format!(
                                 "missing related record after waiting {} s: {message}",
@@ -887,25 +383,43 @@ impl Applier {
             }
         }
         kafka::store_positions(consumer, topic, &safe)?;
+        self.stored.extend(safe);
         Ok(true)
     }
 }
 
+/// Why the target rejected a write, without the row's values (logs and
+/// the errors topic carry keys and names only); the database's full text,
+/// with values, is logged at DEBUG when `errors.log_values` is set.
+fn row_error(config: &Config, w: &ApplyWrite, e: &tokio_postgres::Error) -> String {
+    if config.errors.log_values {
+        tracing::debug!(map = %w.map, key = %w.kafka_key(), "rejected row: {}", pg::describe(e));
+    }
+    pg::describe_redacted(e)
+}
+
 /// A record's identity across the apply topic: map and alternate key.
-fn record_key(mc: &MappedChange) -> String {
+fn record_key(mc: &ApplyWrite) -> String {
     format!("{}/{}", mc.map, mc.kafka_key())
 }
 
-/// Decodes a batch: the changes (with their message index) and error records for the rest.
+/// Decodes a batch: the changes (with their message index) that the
+/// configuration lets this side's applier write, and error records for
+/// the rest.
 fn decode_batch(
+    config: &Config,
+    side: SideId,
     errors: &ErrorSink,
     batch: &[OwnedMessage],
-) -> (Vec<(usize, MappedChange)>, Vec<ErrorRecord>) {
+) -> (Vec<(usize, ApplyWrite)>, Vec<ErrorRecord>) {
     let mut changes = Vec::with_capacity(batch.len());
     let mut bad = Vec::new();
     for (i, m) in batch.iter().enumerate() {
-        match m.payload().map(avro::decode::<MappedChange>) {
-            Some(Ok(mc)) => changes.push((i, mc)),
+        match m.payload().map(avro::decode::<ApplyWrite>) {
+            Some(Ok(mc)) => match authorise_write(config, side, &mc) {
+                Ok(_) => changes.push((i, mc)),
+                Err(r) => bad.push(unauthorised(config, errors, m, &mc, &r)),
+            },
             Some(Err(e)) => {
                 bad.push(errors.about(m, "malformed_record", format!("apply record: {e}")))
             }
@@ -915,12 +429,32 @@ fn decode_batch(
     (changes, bad)
 }
 
-fn rejection(
+/// The error record of a write the configuration does not allow (nothing is written).
+fn unauthorised(
+    config: &Config,
     errors: &ErrorSink,
     m: &OwnedMessage,
-    mc: &MappedChange,
-    message: &str,
+    w: &ApplyWrite,
+    r: &Refused,
 ) -> ErrorRecord {
+    let mut e = errors.about(
+        m,
+        UNAUTHORISED_TARGET,
+        format!(
+            "apply record for map `{}` at {}:{}:{}: {r}; nothing was written",
+            w.map,
+            m.topic(),
+            m.partition(),
+            m.offset()
+        ),
+    );
+    // Named only when configured, so that a forged name counts nowhere.
+    e.map = config.map(&w.map).map(|c| c.name.clone());
+    e.target_side = Some(w.target_side.clone());
+    e
+}
+
+fn rejection(errors: &ErrorSink, m: &OwnedMessage, mc: &ApplyWrite, message: &str) -> ErrorRecord {
     metrics()
         .applied
         .with_label_values(&[
@@ -936,9 +470,8 @@ fn rejection(
             "map `{}`: {} of {} {} on {} rejected: {message}",
             mc.map,
             match mc.op {
-                dualwrite_model::record::ApplyOp::Upsert => "upsert",
-                dualwrite_model::record::ApplyOp::Delete => "delete",
-                dualwrite_model::record::ApplyOp::Reassert => "re-assert",
+                WriteOp::Upsert => "upsert",
+                WriteOp::Delete => "delete",
             },
             mc.target_entity,
             mc.kafka_key(),
@@ -950,64 +483,4 @@ fn rejection(
     e.target_side = Some(mc.target_side.clone());
     e.source_lsn = Some(mc.source_lsn);
     e
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn change(map: &str, op: ApplyOp, key: &str, before: bool) -> (usize, MappedChange) {
-        let mc = MappedChange {
-            map: map.into(),
-            source_side: "fno".into(),
-            target_side: "dataverse".into(),
-            source_entity: "public.customers_v3".into(),
-            target_entity: format!("public.{map}"),
-            op,
-            key: vec![Field::new("k", Some(key))],
-            values: match op {
-                ApplyOp::Upsert => vec![Field::new("k", Some(key)), Field::new("v", Some("1"))],
-                _ => vec![],
-            },
-            source_lsn: 1,
-            source_seq: 0,
-            source_xid: 1,
-            commit_time: 0,
-            before: before.then(|| vec![Field::new("v", Some("0"))]),
-            existed: true,
-            conflict_master: None,
-        };
-        (0, mc)
-    }
-
-    #[test]
-    fn runs_group_consecutive_changes_of_one_shape_with_distinct_records() {
-        use ApplyOp::*;
-        let changes = vec![
-            change("a", Upsert, "1", true),
-            change("a", Upsert, "2", true),
-            change("a", Upsert, "3", true),
-            // The same record again: a new run, so the two are written in order.
-            change("a", Upsert, "2", true),
-            // Another operation, another table, no old values: new runs.
-            change("a", Delete, "4", true),
-            change("b", Delete, "5", true),
-            change("b", Delete, "6", false),
-            change("b", Delete, "7", false),
-            // Re-asserts run one by one.
-            change("b", Reassert, "8", false),
-            change("b", Reassert, "9", false),
-            change("a", Upsert, "1", true),
-        ];
-        assert_eq!(
-            runs(&changes),
-            vec![0..3, 3..4, 4..5, 5..6, 6..8, 8..9, 9..10, 10..11]
-        );
-        // A change with other value fields (e.g. an older mapping) starts a run.
-        let mut other = change("a", Upsert, "9", true);
-        other.1.values.pop();
-        let changes = vec![change("a", Upsert, "1", true), other];
-        assert_eq!(runs(&changes), vec![0..1, 1..2]);
-        assert!(runs(&[]).is_empty());
-    }
 }

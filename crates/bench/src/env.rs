@@ -465,13 +465,18 @@ impl Deployment {
         out
     }
 
-    /// Stops what still runs and removes what the deployment made in
-    /// PostgreSQL: slots, databases, replication origins (cluster-wide);
-    /// and its folder unless it failed or logs are kept. Its topics stay
-    /// on the broker, as the tests' do: tansu 0.6's DeleteTopics is not
-    /// safe while other clients fetch (its storage task panicked once).
+    /// Stops what still runs and removes what the deployment made: its
+    /// topics, and in PostgreSQL its slots, databases and replication
+    /// origins (cluster-wide); and its folder unless it failed or logs are
+    /// kept.
     pub async fn cleanup(mut self, ctx: &Ctx) {
         self.stop();
+        let prefix = format!("{}.", self.config.kafka.topic_prefix);
+        if let Err(e) =
+            dualwrite_runtime::kafka::delete_topics_with_prefix(&self.config.kafka, &prefix).await
+        {
+            eprintln!("bench: the topics {prefix}* were not deleted: {e}");
+        }
         self.dbs.drop(ctx).await;
         if let Ok(admin) = ctx.connect("postgres").await {
             for side in [SideId::Left, SideId::Right] {

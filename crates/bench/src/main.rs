@@ -81,7 +81,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:55432"
     )]
     pg_url: String,
-    /// The Kafka-protocol broker.
+    /// The Kafka broker (scripts/bench.sh starts an Apache Kafka of its own).
     #[arg(
         long,
         env = "DUALWRITE_BOOTSTRAP_SERVERS",

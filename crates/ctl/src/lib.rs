@@ -1,6 +1,8 @@
 //! Operator CLI (`dualwrite ctl …`). It talks only to Kafka, but for
 //! [`verify`], which reads both sides' databases.
 
+pub mod repair;
+pub mod touch;
 pub mod verify;
 
 use std::io::Write;
@@ -14,17 +16,16 @@ use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
     dependencies, ControlCommand, ControlEvent, MapState, MapStatus, Outcome,
 };
-use dualwrite_model::record::{ChangeRecord, ErrorRecord, InitialSyncError, MappedChange};
+use dualwrite_model::record::{
+    ApplyWrite, ChangeRecord, ErrorRecord, InitialSyncError, MappedChange, ResolverState,
+};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::Message;
-use dualwrite_runtime::kafka::rdkafka::producer::{
-    BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
-};
 use dualwrite_runtime::kafka::rdkafka::{Offset, TopicPartitionList};
 use dualwrite_runtime::kafka::{self as kafka_rt};
-use dualwrite_runtime::kafka::{client_config, DwContext};
+use dualwrite_runtime::kafka::{client_config, DwContext, Outgoing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -68,22 +69,28 @@ pub fn describe_topics(config: &Config, out: &mut impl Write) -> std::io::Result
     for side in [&config.sides.left.name, &config.sides.right.name] {
         writeln!(
             out,
-            "{}\tChangeRecord: committed changes captured on {side}",
+            "{}\tChangeRecord: committed writes captured on {side}, and its applier's reports of its writes",
             t.capture(side)
         )?;
     }
     for m in &config.maps {
         writeln!(
             out,
-            "{}\tMappedChange: map {}, both directions, keyed by alternate key",
+            "{}\tMappedChange: map {}, both sides' writes and reports, keyed by alternate key",
             t.map(&m.name),
+            m.name
+        )?;
+        writeln!(
+            out,
+            "{}\tResolverState (compacted): the resolver's state of each record of map {}",
+            t.resolver(&m.name),
             m.name
         )?;
     }
     for side in [&config.sides.left.name, &config.sides.right.name] {
         writeln!(
             out,
-            "{}\tMappedChange: released by the pause buffer, applied to {side}",
+            "{}\tApplyWrite: the resolver's decisions for {side}, written by its applier",
             t.apply(side)
         )?;
     }
@@ -135,7 +142,8 @@ pub fn tail(
         None if which == "errors" => (t.errors(), render::<ErrorRecord>),
         Some(("capture", side)) => (t.capture(side), render::<ChangeRecord>),
         Some(("map", map)) => (t.map(map), render::<MappedChange>),
-        Some(("apply", side)) => (t.apply(side), render::<MappedChange>),
+        Some(("apply", side)) => (t.apply(side), render::<ApplyWrite>),
+        Some(("resolver", map)) => (t.resolver(map), render::<ResolverState>),
         None if which == "catchup-errors" => (t.catchup_errors(), render::<MappedChange>),
         None if which == "initial-sync-errors" => {
             (t.initial_sync_errors(), render::<InitialSyncError>)
@@ -149,27 +157,24 @@ pub fn tail(
             )))
         }
     };
+    let marks = match kafka_rt::watermarks(&config.kafka, &topic) {
+        Err(e) if kafka_rt::retry::classify(&e) == kafka_rt::retry::Retry::UnknownTopic => {
+            return Err(CtlError::Usage(format!("topic {topic} does not exist")))
+        }
+        other => other?,
+    };
     let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
         .set("group.id", "dualwrite-ctl")
         .set("enable.auto.commit", "false")
         .create_with_context(DwContext)?;
-    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
-    for tm in md.topics() {
-        for p in tm.partitions() {
-            tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    if tpl.count() == 0 {
-        return Err(CtlError::Usage(format!("topic {topic} does not exist")));
-    }
     // What the topic holds now is always printed (however slow the first
     // fetch); after that, new records until nothing arrives for `idle`.
     let mut pending: BTreeMap<i32, i64> = BTreeMap::new();
-    for p in tpl.elements() {
-        let (lo, hi) = consumer.fetch_watermarks(&topic, p.partition(), Duration::from_secs(10))?;
+    for (p, lo, hi) in marks {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
         if hi > lo {
-            pending.insert(p.partition(), hi);
+            pending.insert(p, hi);
         }
     }
     consumer.assign(&tpl)?;
@@ -190,6 +195,8 @@ pub fn tail(
                 );
                 break;
             }
+            // The client finds a moved leader by itself.
+            Some(Err(e)) if kafka_rt::retry::classify(&e) != kafka_rt::retry::Retry::No => {}
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
                 if pending
@@ -281,24 +288,11 @@ pub fn map_rows(config: &Config) -> Result<Vec<MapRow>, CtlError> {
         let status = statuses.get(&m.name);
         let topic = t.map(&m.name);
         let marks = kafka_rt::watermarks(&config.kafka, &topic)?;
-        let group: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
-            .set("group.id", t.group(&format!("pause-buffer.{}", m.name)))
-            .set("enable.auto.commit", "false")
-            .create_with_context(DwContext)?;
-        let mut tpl = TopicPartitionList::new();
-        for (p, _, _) in &marks {
-            tpl.add_partition(&topic, *p);
-        }
-        let committed = group.committed_offsets(tpl, Duration::from_secs(10))?;
+        let group = t.group(&format!("pause-buffer.{}", m.name));
+        let positions = kafka_rt::group_positions(&config.kafka, &group, &topic)?;
         let backlog = marks
             .iter()
-            .map(|(p, lo, hi)| {
-                let pos = match committed.find_partition(&topic, *p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => *lo,
-                };
-                (hi - pos).max(0)
-            })
+            .map(|(p, lo, hi)| (hi - positions.get(p).copied().unwrap_or(*lo)).max(0))
             .sum();
         rows.push(MapRow {
             map: m.name.clone(),
@@ -504,14 +498,19 @@ pub fn send_command(
     }
     let start = kafka_rt::watermarks(&config.kafka, &t.events())?;
     let payload = avro::encode(cmd).map_err(|e| CtlError::Usage(e.to_string()))?;
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        client_config(&config.kafka, "dualwrite-ctl")
-            .set("acks", "all")
-            .create()?;
-    producer
-        .send(BaseRecord::to(&t.control()).key(&cmd.id).payload(&payload))
-        .map_err(|(e, _)| e)?;
-    producer.flush(Duration::from_secs(30))?;
+    let signature = sign_command(config, &payload)?;
+    let record = Outgoing {
+        topic: t.control(),
+        key: cmd.id.clone(),
+        payload,
+    };
+    kafka_rt::produce_blocking_with_headers(
+        &config.kafka,
+        "dualwrite-ctl",
+        &[record],
+        &signature,
+        Duration::from_secs(30),
+    )?;
     writeln!(out, "sent {} {} (id {})", cmd.action, cmd.map, cmd.id)?;
     if wait.is_zero() {
         return Ok(CommandResult::Pending);
@@ -523,7 +522,11 @@ pub fn send_command(
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let m = m?;
+        let m = match m {
+            Ok(m) => m,
+            Err(e) if kafka_rt::retry::classify(&e) != kafka_rt::retry::Retry::No => continue,
+            Err(e) => return Err(e.into()),
+        };
         let Some(Ok(ev)) = m.payload().map(avro::decode::<ControlEvent>) else {
             continue;
         };
@@ -554,10 +557,24 @@ pub fn send_command(
                     }
                 }
             },
-            Outcome::StateChanged => {}
+            Outcome::StateChanged | Outcome::Drift => {}
         }
     }
     Ok(CommandResult::Pending)
+}
+
+/// The signature header of a command (none without `control.signing_keys`),
+/// made with the first key.
+fn sign_command(config: &Config, payload: &[u8]) -> Result<Vec<(&'static str, String)>, CtlError> {
+    let key = config.control.signing_key().map_err(CtlError::Usage)?;
+    Ok(key
+        .map(|k| {
+            let now = dualwrite_runtime::now_micros() / 1_000_000;
+            let value = dualwrite_model::signing::sign(k.expose().as_bytes(), now, payload);
+            (dualwrite_model::signing::HEADER, value)
+        })
+        .into_iter()
+        .collect())
 }
 
 /// Prints events as they happen, for `max` or until nothing arrives for `idle` (zero: forever).
@@ -573,7 +590,11 @@ pub fn watch(config: &Config, idle: Duration, out: &mut impl Write) -> Result<()
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let m = m?;
+        let m = match m {
+            Ok(m) => m,
+            Err(e) if kafka_rt::retry::classify(&e) != kafka_rt::retry::Retry::No => continue,
+            Err(e) => return Err(e.into()),
+        };
         last = Instant::now();
         if let Some(Ok(ev)) = m.payload().map(avro::decode::<ControlEvent>) {
             writeln!(
@@ -597,14 +618,15 @@ fn outcome_label(o: Outcome) -> &'static str {
         Outcome::Completed => "COMPLETED",
         Outcome::Failed => "FAILED",
         Outcome::StateChanged => "STATE_CHANGED",
+        Outcome::Drift => "DRIFT",
     }
 }
 
 /// Sends the changes a skip-to-live resume set aside for `map` (all, or
-/// those whose key is in `keys`) back through the map's topic. The applier
-/// skips any that a later change of the same record has overtaken, so a
-/// retry never regresses a record and may be repeated. Returns how many
-/// were sent.
+/// those whose key is in `keys`) back through the map's topic. The
+/// resolver skips any that a later write of the same side has overtaken
+/// (their positions are behind), so a retry never regresses a record and
+/// may be repeated. Returns how many were sent.
 pub fn retry_catchup(
     config: &Config,
     map: &str,
@@ -641,30 +663,20 @@ pub fn retry_catchup(
 
 /// Produces the records (topic, key, payload) and waits until all are acknowledged.
 fn republish(config: &Config, records: &[(String, String, Vec<u8>)]) -> Result<(), CtlError> {
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        client_config(&config.kafka, "dualwrite-ctl")
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .create()?;
-    for (topic, key, payload) in records {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    KafkaError::MessageProduction(
-                        dualwrite_runtime::kafka::rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(60))?;
+    let records: Vec<Outgoing> = records
+        .iter()
+        .map(|(topic, key, payload)| Outgoing {
+            topic: topic.clone(),
+            key: key.clone(),
+            payload: payload.clone(),
+        })
+        .collect();
+    kafka_rt::produce_blocking(
+        &config.kafka,
+        "dualwrite-ctl",
+        &records,
+        Duration::from_secs(60),
+    )?;
     Ok(())
 }
 
@@ -678,9 +690,11 @@ pub struct ErrorFilter {
 }
 
 /// Sends the records behind error records (matching `filter`) back to the
-/// topic they were read from, once the cause is fixed. Records whose change
-/// a later one has overtaken are skipped by the applier, so a retry never
-/// regresses a record. Returns (sent, not retryable).
+/// topic they were read from, once the cause is fixed. A write retried on
+/// an apply topic is made only if the target has no later write and is
+/// still in the state it expected; a captured change retried is skipped by
+/// the resolver when a later write of its side overtook it; so a retry
+/// never regresses a record. Returns (sent, not retryable).
 pub fn retry_errors(
     config: &Config,
     filter: &ErrorFilter,
@@ -688,7 +702,8 @@ pub fn retry_errors(
 ) -> Result<(usize, usize), CtlError> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let mut records = Vec::new();
-    let mut not_retryable = 0;
+    let mut touches = BTreeSet::new();
+    let (mut not_retryable, mut refused) = (0, 0);
     for m in kafka_rt::read_to_end(&config.kafka, &t.errors())? {
         let Some(Ok(e)) = m.payload().map(avro::decode::<ErrorRecord>) else {
             continue;
@@ -703,20 +718,89 @@ pub fn retry_errors(
         {
             continue;
         }
-        match (e.topic, e.payload) {
-            (Some(topic), Some(payload)) => {
-                records.push((topic, e.key.unwrap_or_default(), payload))
+        // A change too large to capture: brought back by touching its row.
+        match touch::touch_of(config, &e) {
+            Some(Ok(row)) => {
+                touches.insert(row);
+                continue;
             }
+            Some(Err(why)) => {
+                writeln!(out, "not retried: error record at {here}: {why}")?;
+                refused += 1;
+                continue;
+            }
+            None => {}
+        }
+        match (e.topic, e.payload) {
+            (Some(topic), Some(payload)) => match retry_destination(config, &topic, &payload) {
+                Ok(()) => records.push((topic, e.key.unwrap_or_default(), payload)),
+                Err(why) => {
+                    writeln!(out, "not retried: error record at {here}: {why}")?;
+                    refused += 1;
+                }
+            },
             _ => not_retryable += 1,
         }
     }
     republish(config, &records)?;
     writeln!(
         out,
-        "sent {} record(s) back to the topics they came from; {not_retryable} matching error(s) carry no record to retry",
+        "sent {} record(s) back to the topics they came from; {not_retryable} matching error(s) carry no record to retry; {refused} refused",
         records.len()
     )?;
-    Ok((records.len(), not_retryable))
+    let touched = touch::retry(config, &touches, out)?;
+    Ok((records.len() + touched, not_retryable + refused))
+}
+
+/// Whether the record `payload` may be sent back to `topic`: only to the
+/// topic a service reads it from, as the configuration names it (a side's
+/// capture topic, a configured map's topic, a side's apply topic), and only
+/// a record of that topic's kind for that side or map. Never the control
+/// topic, the status or events topics, or a topic outside the prefix: an
+/// error record names its topic itself, and anyone who may write the
+/// errors topic could name any.
+pub fn retry_destination(config: &Config, topic: &str, payload: &[u8]) -> Result<(), String> {
+    use dualwrite_model::config::SideId;
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let refuse = |why: String| Err(format!("topic `{topic}`: {why}"));
+    for side in [SideId::Left, SideId::Right] {
+        let name = &config.side(side).name;
+        if topic == t.capture(name) {
+            return match avro::decode::<ChangeRecord>(payload) {
+                Ok(c) if &c.side == name => Ok(()),
+                Ok(c) => refuse(format!(
+                    "the record is a change of side `{}`, not `{name}`",
+                    c.side
+                )),
+                Err(e) => refuse(format!("the record is not a captured change: {e}")),
+            };
+        }
+        if topic == t.apply(name) {
+            return match avro::decode::<ApplyWrite>(payload) {
+                Ok(w) => dualwrite_model::authorise::authorise_write(config, side, &w)
+                    .map(|_| ())
+                    .or_else(|r| refuse(r.to_string())),
+                Err(e) => refuse(format!("the record is not an apply record: {e}")),
+            };
+        }
+    }
+    if let Some(map) = config.maps.iter().find(|m| topic == t.map(&m.name)) {
+        return match avro::decode::<MappedChange>(payload) {
+            Ok(mc) if mc.map == map.name => Ok(()),
+            Ok(mc) => refuse(format!(
+                "the record is of map `{}`, not `{}`",
+                mc.map, map.name
+            )),
+            Err(e) => refuse(format!("the record is not a mapped change: {e}")),
+        };
+    }
+    if topic == t.control() {
+        return refuse("records are never retried to the control topic".to_owned());
+    }
+    refuse(format!(
+        "not a topic records are retried to (the capture, map and apply topics of prefix `{}`)",
+        config.kafka.topic_prefix
+    ))
 }
 
 /// A consumer of the events topic from the given end offsets on.
@@ -735,4 +819,84 @@ fn events_from(
     }
     consumer.assign(&tpl)?;
     Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dualwrite_model::record::{ApplyOp, ChangeOp, ErrorRecord};
+
+    fn config() -> Config {
+        Config::parse(dualwrite_model::config::DEMO_CONFIG).unwrap()
+    }
+
+    fn mapped(map: &str) -> Vec<u8> {
+        avro::encode(&MappedChange {
+            map: map.into(),
+            source_side: "fno".into(),
+            target_side: "dataverse".into(),
+            source_entity: "public.customers_v3".into(),
+            target_entity: "public.accounts".into(),
+            op: ApplyOp::Delete,
+            key: vec![],
+            values: vec![],
+            source_lsn: 0,
+            source_seq: 0,
+            source_xid: 0,
+            commit_time: 0,
+            before: None,
+            existed: true,
+            conflict_master: None,
+            own: vec![],
+            version: 0,
+            repair: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn records_are_retried_only_to_the_topic_that_reads_them() {
+        let c = config();
+        let p = &c.kafka.topic_prefix;
+        let map = c.maps[0].name.clone();
+        assert_eq!(
+            retry_destination(&c, &format!("{p}.map.{map}"), &mapped(&map)),
+            Ok(())
+        );
+        let change = avro::encode(&ChangeRecord {
+            side: "fno".into(),
+            entity: "public.x".into(),
+            op: ChangeOp::Insert,
+            before: None,
+            after: None,
+            commit_lsn: 0,
+            seq: 0,
+            xid: 0,
+            applied: None,
+            commit_time: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            retry_destination(&c, &format!("{p}.capture.fno"), &change),
+            Ok(())
+        );
+        let e = retry_destination(&c, &format!("{p}.capture.dataverse"), &change).unwrap_err();
+        assert!(e.contains("not `dataverse`"), "{e}");
+        // The control topic, whatever the record, and topics outside the pipeline.
+        let e = retry_destination(&c, &format!("{p}.control"), &mapped(&map)).unwrap_err();
+        assert!(e.contains("never retried to the control topic"), "{e}");
+        for other in [format!("{p}.status"), "elsewhere.map.x".to_owned()] {
+            let e = retry_destination(&c, &other, &mapped(&map)).unwrap_err();
+            assert!(e.contains("not a topic records are retried to"), "{e}");
+        }
+        // A record of another kind or map.
+        let foreign = avro::encode(&ErrorRecord::new("x", "y", "z", 0)).unwrap();
+        let e = retry_destination(&c, &format!("{p}.map.{map}"), &foreign).unwrap_err();
+        assert!(e.contains("not a mapped change"), "{e}");
+        let other = c.maps[1].name.clone();
+        let e = retry_destination(&c, &format!("{p}.map.{map}"), &mapped(&other)).unwrap_err();
+        assert!(e.contains(&format!("of map `{other}`")), "{e}");
+        let e = retry_destination(&c, &format!("{p}.apply.fno"), &foreign).unwrap_err();
+        assert!(e.contains("not an apply record"), "{e}");
+    }
 }

@@ -49,6 +49,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dualwrite_model::authorise::{
+    authorise_columns, authorise_target, Refused, UNAUTHORISED_TARGET,
+};
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, MapConfig, SideId};
 use dualwrite_model::lifecycle::{InitialSync, SideSnapshot, SnapshotSegment};
@@ -301,6 +304,25 @@ async fn attempt(
                 Ok(writes) if writes.is_empty() => p.unchanged += 1,
                 Ok(writes) => {
                     for w in writes {
+                        if let Err(r) = authorised(map, &w) {
+                            let key: Vec<Option<String>> =
+                                w.key.iter().map(|f| f.value.clone()).collect();
+                            let message =
+                                format!("{UNAUTHORISED_TARGET}: {r}; nothing was written");
+                            errors.push(sync_error(
+                                config,
+                                map,
+                                p.run,
+                                w.target.other(),
+                                w.kind,
+                                &key,
+                                None,
+                                message,
+                            ));
+                            count_failed(map);
+                            p.failed += 1;
+                            continue;
+                        }
                         match w.target {
                             SideId::Left => to_left.push((i, w)),
                             SideId::Right => to_right.push((i, w)),
@@ -425,6 +447,17 @@ async fn report(reports: &mpsc::Sender<Report>, map: &str, p: &InitialSync) {
         .await;
 }
 
+/// A planned write targets only the map's entity and the columns the map
+/// writes into that side (it is planned from the configuration: this
+/// guards against a planning bug ever writing anything else).
+fn authorised(map: &MapConfig, w: &Write) -> Result<(), Refused> {
+    authorise_target(map, w.target, &map.entity(w.target).qualified())?;
+    for (how, fields) in [("key", &w.key), ("written", &w.new), ("compared", &w.old)] {
+        authorise_columns(map, w.target, how, fields)?;
+    }
+    Ok(())
+}
+
 fn count_failed(map: &MapConfig) {
     metrics()
         .initial_sync_records
@@ -454,6 +487,11 @@ fn sync_error(
     message: String,
 ) -> InitialSyncError {
     let target = source.other();
+    let message = if config.errors.include_payload {
+        message
+    } else {
+        dualwrite_model::transform::redact_values(&message)
+    };
     InitialSyncError {
         map: map.name.clone(),
         run,
@@ -703,9 +741,10 @@ impl SideCopy {
                         .batch_execute("ROLLBACK TO SAVEPOINT w")
                         .await
                         .map_err(|e| pg_failure("writing", &e))?;
+                    // Without the row's values (see pg::describe_redacted).
                     out.push(Outcome::Rejected {
                         sqlstate: e.code().map(|c| c.code().to_owned()),
-                        message: pg::describe(&e),
+                        message: pg::describe_redacted(&e),
                     });
                 }
             }
@@ -780,5 +819,42 @@ impl SideCopy {
             .batch_execute("ROLLBACK")
             .await
             .map_err(|e| pg_failure("rolling back", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dualwrite_model::config::TEST_SIDES;
+
+    #[test]
+    fn planned_writes_are_authorised_and_others_are_not() {
+        let config = Config::parse(&format!(
+            r#"{TEST_SIDES}
+[[map]]
+name = "customers"
+left = {{ entity = "customers", key = ["account"] }}
+right = {{ entity = "accounts", key = ["number"] }}
+field = [
+  {{ left = "account", right = "number" }},
+  {{ left = "name", right = "name" }},
+  {{ left = "credit", right = "credit", direction = "left_to_right" }},
+]
+"#
+        ))
+        .unwrap();
+        let map = &config.maps[0];
+        let row = |kv: &[(&str, &str)]| -> Vec<Field> {
+            kv.iter().map(|(k, v)| Field::new(*k, Some(*v))).collect()
+        };
+        let left = row(&[("account", "A"), ("name", "n"), ("credit", "5")]);
+        let right = row(&[("number", "A"), ("name", "m"), ("credit", "1")]);
+        let writes = plan_record(&config, map, SideId::Right, Some(&left), Some(&right)).unwrap();
+        assert!(!writes.is_empty());
+        assert!(writes.iter().all(|w| authorised(map, w).is_ok()));
+        let mut w = writes[0].clone();
+        w.new.push(Field::new("is_admin", Some("t")));
+        let e = authorised(map, &w).unwrap_err().to_string();
+        assert!(e.contains("column `is_admin`"), "{e}");
     }
 }

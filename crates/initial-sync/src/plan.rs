@@ -67,6 +67,7 @@ pub fn plan_record(
             seq: 0,
             xid: 0,
             commit_time: 0,
+            applied: None,
         };
         let Some(mapped) = map_change(config, map, source, &change)?
             .into_iter()

@@ -11,7 +11,9 @@ use apache_avro::Schema;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
-use crate::record::{ChangeRecord, ErrorRecord, InitialSyncError, MappedChange};
+use crate::record::{
+    ApplyWrite, ChangeRecord, ErrorRecord, InitialSyncError, MappedChange, ResolverState,
+};
 
 const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
@@ -24,8 +26,16 @@ pub const CONTROL_COMMAND_AVSC: &str = include_str!("../../../schemas/control_co
 pub const MAP_STATUS_AVSC: &str = include_str!("../../../schemas/map_status.avsc");
 pub const CONTROL_EVENT_AVSC: &str = include_str!("../../../schemas/control_event.avsc");
 pub const INITIAL_SYNC_ERROR_AVSC: &str = include_str!("../../../schemas/initial_sync_error.avsc");
+pub const APPLY_WRITE_AVSC: &str = include_str!("../../../schemas/apply_write.avsc");
+pub const RESOLVER_STATE_AVSC: &str = include_str!("../../../schemas/resolver_state.avsc");
 /// Earlier versions of the schemas, still read (resolved to the current one).
 pub const MAP_STATUS_V1_AVSC: &str = include_str!("../../../schemas/legacy/map_status.v1.avsc");
+pub const CHANGE_RECORD_V1_AVSC: &str =
+    include_str!("../../../schemas/legacy/change_record.v1.avsc");
+pub const MAPPED_CHANGE_V1_AVSC: &str =
+    include_str!("../../../schemas/legacy/mapped_change.v1.avsc");
+pub const CONTROL_EVENT_V1_AVSC: &str =
+    include_str!("../../../schemas/legacy/control_event.v1.avsc");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AvroError {
@@ -84,24 +94,29 @@ macro_rules! avro_record {
             }
         }
     };
+    ($ty:ty, $kind:literal, $src:expr, legacy $old:expr) => {
+        impl AvroRecord for $ty {
+            const KIND: &'static str = $kind;
+            fn schema() -> &'static Compiled {
+                static S: OnceLock<Compiled> = OnceLock::new();
+                S.get_or_init(|| compile($src))
+            }
+            fn legacy() -> &'static [Compiled] {
+                static L: OnceLock<Vec<Compiled>> = OnceLock::new();
+                L.get_or_init(|| vec![compile($old)])
+            }
+        }
+    };
 }
 
-avro_record!(ChangeRecord, "ChangeRecord", CHANGE_RECORD_AVSC);
-avro_record!(MappedChange, "MappedChange", MAPPED_CHANGE_AVSC);
+avro_record!(ChangeRecord, "ChangeRecord", CHANGE_RECORD_AVSC, legacy CHANGE_RECORD_V1_AVSC);
+avro_record!(MappedChange, "MappedChange", MAPPED_CHANGE_AVSC, legacy MAPPED_CHANGE_V1_AVSC);
+avro_record!(ApplyWrite, "ApplyWrite", APPLY_WRITE_AVSC);
+avro_record!(ResolverState, "ResolverState", RESOLVER_STATE_AVSC);
 avro_record!(ErrorRecord, "ErrorRecord", ERROR_RECORD_AVSC);
 avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
-impl AvroRecord for MapStatus {
-    const KIND: &'static str = "MapStatus";
-    fn schema() -> &'static Compiled {
-        static S: OnceLock<Compiled> = OnceLock::new();
-        S.get_or_init(|| compile(MAP_STATUS_AVSC))
-    }
-    fn legacy() -> &'static [Compiled] {
-        static L: OnceLock<Vec<Compiled>> = OnceLock::new();
-        L.get_or_init(|| vec![compile(MAP_STATUS_V1_AVSC)])
-    }
-}
-avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC);
+avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC, legacy MAP_STATUS_V1_AVSC);
+avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC, legacy CONTROL_EVENT_V1_AVSC);
 avro_record!(
     InitialSyncError,
     "InitialSyncError",
@@ -192,7 +207,8 @@ mod tests {
             prop_oneof![
                 Just(ChangeOp::Insert),
                 Just(ChangeOp::Update),
-                Just(ChangeOp::Delete)
+                Just(ChangeOp::Delete),
+                Just(ChangeOp::Applied)
             ],
             prop::option::of(arb_fields()),
             prop::option::of(arb_fields()),
@@ -213,6 +229,11 @@ mod tests {
                         seq,
                         xid,
                         commit_time,
+                        applied: (op == ChangeOp::Applied).then(|| Applied {
+                            map: "customers".into(),
+                            version: commit_lsn,
+                            written: seq % 2 == 0,
+                        }),
                     }
                 },
             )
@@ -226,7 +247,11 @@ mod tests {
                 prop::option::of("[a-z]{1,8}"),
             ),
             "[a-z_]{1,10}",
-            prop_oneof![Just(ApplyOp::Upsert), Just(ApplyOp::Delete)],
+            prop_oneof![
+                Just(ApplyOp::Upsert),
+                Just(ApplyOp::Delete),
+                Just(ApplyOp::Applied)
+            ],
             arb_fields(),
             arb_fields(),
             any::<i64>(),
@@ -257,11 +282,14 @@ mod tests {
                         target_entity: "public.accounts".into(),
                         op,
                         key,
-                        values,
                         source_lsn,
                         source_seq,
                         source_xid,
                         commit_time,
+                        own: values.clone(),
+                        version: source_lsn,
+                        repair: None,
+                        values,
                     }
                 },
             )

@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::transform::{Convert, PerSide, TextValue, Transform, Unmapped};
 
@@ -48,6 +48,10 @@ pub struct Config {
     pub apply: ApplySettings,
     #[serde(default)]
     pub pause_buffer: PauseBufferSettings,
+    #[serde(default)]
+    pub control: ControlSettings,
+    #[serde(default)]
+    pub errors: ErrorSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,7 +109,8 @@ pub struct Sides {
 }
 
 /// Which of the two sides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SideId {
     Left,
     Right,
@@ -164,9 +169,61 @@ pub struct PgConnection {
     pub user: String,
     #[serde(default)]
     pub password: Option<Secret>,
-    /// `disable` (default), `prefer` or `require`.
+    /// As libpq: `disable` (default), `prefer`, `require` (encrypt, no
+    /// verification), `verify-ca` (the server's certificate chains to
+    /// `sslrootcert`) or `verify-full` (and names `host`).
     #[serde(default)]
     pub sslmode: Option<String>,
+    /// CA certificates (PEM file) for `verify-ca` and `verify-full`, or
+    /// `system` for the system's trust store.
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+    /// Client certificate (PEM file), for certificate authentication; with `sslkey`.
+    #[serde(default)]
+    pub sslcert: Option<PathBuf>,
+    /// The client certificate's private key (PEM file).
+    #[serde(default)]
+    pub sslkey: Option<PathBuf>,
+}
+
+/// The `sslmode` values, as libpq names them.
+pub const SSL_MODES: &[&str] = &["disable", "prefer", "require", "verify-ca", "verify-full"];
+
+impl PgConnection {
+    /// Problems of the TLS settings, as (setting, message).
+    pub fn tls_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mode = self.sslmode.as_deref().unwrap_or("disable");
+        if !SSL_MODES.contains(&mode) {
+            out.push((
+                "sslmode",
+                format!("`{mode}` is not one of {}", SSL_MODES.join(", ")),
+            ));
+        }
+        let verifies = mode.starts_with("verify-");
+        if verifies && self.sslrootcert.is_none() {
+            out.push((
+                "sslrootcert",
+                format!("sslmode `{mode}` needs the CA certificates to verify the server with: a PEM file, or \"system\""),
+            ));
+        }
+        if self.sslrootcert.is_some() && !verifies {
+            out.push((
+                "sslrootcert",
+                format!("is used only by sslmode verify-ca or verify-full, not `{mode}`: set sslmode = \"verify-full\""),
+            ));
+        }
+        if self.sslcert.is_some() != self.sslkey.is_some() {
+            out.push(("sslcert", "sslcert and sslkey go together".to_owned()));
+        }
+        if self.sslcert.is_some() && mode == "disable" {
+            out.push((
+                "sslcert",
+                "a client certificate needs TLS: set sslmode".to_owned(),
+            ));
+        }
+        out
+    }
 }
 
 fn default_pg_port() -> u16 {
@@ -362,6 +419,19 @@ impl From<RawFieldMapping> for FieldMapping {
     }
 }
 
+/// The columns of one captured entity that the maps of a side read
+/// ([`Config::read_columns`]): the capturer leaves the others out of the
+/// rows it publishes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadColumns {
+    /// The alternate key and the scope's columns (filter, company): what
+    /// the old row of a change must carry.
+    pub identity: BTreeSet<String>,
+    /// Every column some map reads: `identity` and the columns of the
+    /// mapped fields on the side, whichever way they sync.
+    pub all: BTreeSet<String>,
+}
+
 /// Capturer settings.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -369,7 +439,9 @@ pub struct CaptureSettings {
     /// How long the capturer waits before polling again when nothing changed.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
-    /// Most changes read from the slot at once (whole transactions are always read).
+    /// Most changes read from the slot at once (whole transactions are
+    /// always read), and most records published at once: a larger read is
+    /// published in chunks as it streams.
     #[serde(default = "default_capture_batch")]
     pub max_batch: i32,
 }
@@ -442,6 +514,55 @@ pub struct PauseBufferSettings {
     /// window (maps may override it).
     #[serde(default)]
     pub auto_pause: AutoPause,
+    /// The drift detector: compares each running map's two sides.
+    #[serde(default)]
+    pub drift: DriftSettings,
+}
+
+/// The drift detector compares both sides of every running map every
+/// `interval_secs`, reading `chunk_rows` rows of each side at a time and
+/// at most `rows_per_second` rows per side (0: no limit). A difference is
+/// reported only when it is still there, unchanged, `confirm_secs` later
+/// and the resolver has no write of the record on its way (set it above
+/// the map's usual lag).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSettings {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_drift_interval")]
+    pub interval_secs: u64,
+    #[serde(default = "default_drift_confirm")]
+    pub confirm_secs: u64,
+    #[serde(default = "default_drift_chunk")]
+    pub chunk_rows: u32,
+    #[serde(default = "default_drift_rate")]
+    pub rows_per_second: u32,
+}
+
+fn default_drift_interval() -> u64 {
+    300
+}
+fn default_drift_confirm() -> u64 {
+    30
+}
+fn default_drift_chunk() -> u32 {
+    1000
+}
+fn default_drift_rate() -> u32 {
+    10_000
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        DriftSettings {
+            enabled: true,
+            interval_secs: default_drift_interval(),
+            confirm_secs: default_drift_confirm(),
+            chunk_rows: default_drift_chunk(),
+            rows_per_second: default_drift_rate(),
+        }
+    }
 }
 
 /// Automatic pause on errors: `errors` error records of a map within
@@ -480,6 +601,138 @@ impl Default for PauseBufferSettings {
             map_topic_retention_ms: default_retention_ms(),
             backlog_warn_ratio: default_warn_ratio(),
             auto_pause: AutoPause::default(),
+            drift: DriftSettings::default(),
+        }
+    }
+}
+
+/// Control commands (`[control]`): an optional shared-secret signature.
+/// With `signing_keys` set, the pause buffer takes only commands signed
+/// (HMAC-SHA256, see [`crate::signing`]) with one of them, at most
+/// `max_age_secs` old; `dualwrite ctl` signs with the first. Two keys
+/// allow a rotation: add the new one first, move every operator, then
+/// drop the old one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    /// At most two keys, each `{ env = "VAR" }` or `{ file = "/path" }`,
+    /// read when used (only the pause buffer and `ctl` need them).
+    #[serde(default)]
+    pub signing_keys: Vec<KeySource>,
+    /// Oldest signature accepted, seconds (a replayed command is refused after it).
+    #[serde(default = "default_signature_age")]
+    pub max_age_secs: u64,
+}
+
+fn default_signature_age() -> u64 {
+    900
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        ControlSettings {
+            signing_keys: Vec::new(),
+            max_age_secs: default_signature_age(),
+        }
+    }
+}
+
+impl ControlSettings {
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.signing_keys.len() > 2 {
+            out.push((
+                "signing_keys",
+                "at most two keys (the current one and the one being retired)".to_owned(),
+            ));
+        }
+        if self.max_age_secs == 0 {
+            out.push(("max_age_secs", "must be at least 1".to_owned()));
+        }
+        out
+    }
+
+    /// Every signing key's value (the pause buffer checks with each), or
+    /// why one cannot be read.
+    pub fn keys(&self) -> Result<Vec<Secret>, String> {
+        (0..self.signing_keys.len()).map(|i| self.key(i)).collect()
+    }
+
+    /// The key commands are signed with (the first), if any: `ctl` needs
+    /// only this one.
+    pub fn signing_key(&self) -> Result<Option<Secret>, String> {
+        (!self.signing_keys.is_empty())
+            .then(|| self.key(0))
+            .transpose()
+    }
+
+    fn key(&self, i: usize) -> Result<Secret, String> {
+        let s = self.signing_keys[i]
+            .read()
+            .map_err(|e| format!("control.signing_keys[{i}]: {e}"))?;
+        if s.expose().len() < 32 {
+            return Err(format!(
+                "control.signing_keys[{i}]: a key must be at least 32 bytes (e.g. `openssl rand -hex 32`)"
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// What error records and logs may carry (`[errors]`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorSettings {
+    /// Keep the original record's bytes on the errors topic (default true;
+    /// false keeps row values off it, and `ctl retry-errors` then has
+    /// nothing to resend).
+    #[serde(default = "default_true")]
+    pub include_payload: bool,
+    /// Log rejected rows' values (the database's detail) at DEBUG
+    /// (default false: logs carry keys, names and SQLSTATEs only).
+    #[serde(default)]
+    pub log_values: bool,
+}
+
+impl Default for ErrorSettings {
+    fn default() -> Self {
+        ErrorSettings {
+            include_payload: true,
+            log_values: false,
+        }
+    }
+}
+
+/// Where a secret is read from, when it is used rather than when the file
+/// is loaded: `{ env = "VAR" }` or `{ file = "/path" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "SecretSource")]
+pub enum KeySource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl TryFrom<SecretSource> for KeySource {
+    type Error = String;
+    fn try_from(s: SecretSource) -> Result<KeySource, String> {
+        match (s.env, s.file) {
+            (Some(v), None) => Ok(KeySource::Env(v)),
+            (None, Some(p)) => Ok(KeySource::File(p)),
+            _ => Err("give exactly one of `env = \"VAR\"` or `file = \"/path\"`".to_owned()),
+        }
+    }
+}
+
+impl KeySource {
+    /// Reads the secret now.
+    pub fn read(&self) -> Result<Secret, String> {
+        match self {
+            KeySource::Env(var) => std::env::var(var)
+                .map(|v| Secret(SecretString::from(v), Some(var.clone())))
+                .map_err(|_| format!("environment variable `{var}` is not set (or not UTF-8)")),
+            KeySource::File(path) => std::fs::read_to_string(path)
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map_err(|e| format!("cannot read file `{}`: {e}", path.display())),
         }
     }
 }
@@ -692,13 +945,8 @@ impl Config {
                     format!("`{}` must be lowercase letters, digits or `_`", side.name),
                 );
             }
-            if let Some(mode) = &side.connection.sslmode {
-                if !["disable", "prefer", "require"].contains(&mode.as_str()) {
-                    bad(
-                        format!("sides.{id}.connection.sslmode"),
-                        format!("`{mode}` is not one of disable, prefer, require"),
-                    );
-                }
+            for (setting, message) in side.connection.tls_problems() {
+                bad(format!("sides.{id}.connection.{setting}"), message);
             }
         }
         if self.sides.left.name == self.sides.right.name {
@@ -710,6 +958,30 @@ impl Config {
                 ),
             );
         }
+        // The capture topic is partitioned by an entity's alternate key, so
+        // that a record's writes and the applier's reports about it share a
+        // partition: every map of an entity must link it by the same key.
+        for id in [SideId::Left, SideId::Right] {
+            let mut keys: BTreeMap<String, (&str, &[String])> = BTreeMap::new();
+            for m in &self.maps {
+                let e = m.entity(id);
+                match keys.get(&e.qualified()) {
+                    Some((other, k)) if *k != e.key.as_slice() => bad(
+                        format!("map {}.{id}.key", m.name),
+                        format!(
+                            "{} is linked by [{}] here and by [{}] in map {other}: every map of an entity must use the same key",
+                            e.qualified(),
+                            e.key.join(", "),
+                            k.join(", ")
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        keys.insert(e.qualified(), (&m.name, &e.key));
+                    }
+                }
+            }
+        }
         if self.apply.max_batch == 0 {
             bad("apply.max_batch".into(), "must be at least 1".into());
         }
@@ -717,6 +989,13 @@ impl Config {
             bad(
                 "pause_buffer.backlog_warn_ratio".into(),
                 "must be between 0 and 1".into(),
+            );
+        }
+        let d = &self.pause_buffer.drift;
+        if d.interval_secs == 0 || d.chunk_rows == 0 {
+            bad(
+                "pause_buffer.drift".into(),
+                "interval_secs and chunk_rows must be at least 1".into(),
             );
         }
         if self.pause_buffer.map_topic_retention_ms < 1 {
@@ -727,6 +1006,9 @@ impl Config {
         }
         if self.capture.max_batch < 1 {
             bad("capture.max_batch".into(), "must be at least 1".into());
+        }
+        for (setting, message) in self.control.problems() {
+            bad(format!("control.{setting}"), message);
         }
 
         let mut seen = BTreeSet::new();
@@ -746,6 +1028,16 @@ impl Config {
                     bad(
                         format!("{at}: {side}.entity"),
                         format!("`{}` is not `table` or `schema.table`", e.entity),
+                    );
+                }
+                if crate::authorise::is_bookkeeping(&e.entity) {
+                    bad(
+                        format!("{at}: {side}.entity"),
+                        format!(
+                            "`{}` is in the `{}` schema, which holds the appliers' bookkeeping and is never a target",
+                            e.entity,
+                            crate::authorise::BOOKKEEPING_SCHEMA
+                        ),
                     );
                 }
                 if e.key.is_empty() {
@@ -954,6 +1246,24 @@ impl Config {
         out
     }
 
+    /// Per captured entity of a side, the columns its maps read: all that
+    /// the capturer publishes of a row (see [`ReadColumns`]).
+    pub fn read_columns(&self, id: SideId) -> BTreeMap<String, ReadColumns> {
+        let mut out: BTreeMap<String, ReadColumns> = BTreeMap::new();
+        for m in &self.maps {
+            let e = m.entity(id);
+            let r = out.entry(e.qualified()).or_default();
+            r.identity.extend(e.key.iter().cloned());
+            r.identity.extend(crate::filter::scope_columns(m, id));
+            let mapped = m.fields.iter().filter(|f| f.has_column(id));
+            r.all.extend(mapped.map(|f| f.name(id).to_owned()));
+        }
+        for r in out.values_mut() {
+            r.all.extend(r.identity.iter().cloned());
+        }
+        out
+    }
+
     /// Environment variables this configuration reads secrets from.
     pub fn secret_env_vars(&self) -> Vec<String> {
         let mut out: Vec<String> = [&self.sides.left, &self.sides.right]
@@ -1103,6 +1413,85 @@ field = [
     }
 
     #[test]
+    fn security_settings_are_checked() {
+        let text = GOOD
+            .replace(
+                "dbname = \"fno\", user = \"postgres\" }",
+                "dbname = \"fno\", user = \"postgres\", sslmode = \"verify-full\" }",
+            )
+            .replace(
+                "dbname = \"dv\", user = \"postgres\" }",
+                "dbname = \"dv\", user = \"postgres\", sslmode = \"require\", sslrootcert = \"/ca.pem\", sslcert = \"/c.pem\" }",
+            )
+            .replace("entity = \"accounts\"", "entity = \"dualwrite.record_versions\"")
+            + "[control]\nsigning_keys = [{ env = \"A\" }, { env = \"B\" }, { file = \"/c\" }]\n";
+        let found: Vec<String> = problems(&text)
+            .iter()
+            .map(|p| format!("{}: {}", p.location, p.message))
+            .collect();
+        let has = |s: &str| found.iter().any(|f| f.contains(s));
+        assert!(has("sides.left.connection.sslrootcert: sslmode `verify-full` needs the CA certificates"), "{found:#?}");
+        assert!(has("sides.right.connection.sslrootcert: is used only by sslmode verify-ca or verify-full"), "{found:#?}");
+        assert!(
+            has("sides.right.connection.sslcert: sslcert and sslkey go together"),
+            "{found:#?}"
+        );
+        assert!(
+            has("right.entity: `dualwrite.record_versions` is in the `dualwrite` schema"),
+            "{found:#?}"
+        );
+        assert!(has("control.signing_keys: at most two keys"), "{found:#?}");
+        assert_eq!(found.len(), 5, "{found:#?}");
+        let e = problems(&GOOD.replace(
+            "user = \"postgres\" }",
+            "user = \"postgres\", sslmode = \"verify\" }",
+        ));
+        assert!(
+            e[0].message
+                .contains("not one of disable, prefer, require, verify-ca, verify-full"),
+            "{e:?}"
+        );
+        // Keys are read when used, and must be long enough.
+        let c = Config::parse(
+            &(GOOD.to_owned() + "[control]\nsigning_keys = [{ env = \"DW_TEST_UNSET_KEY\" }]\n"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c
+            .control
+            .keys()
+            .unwrap_err()
+            .contains("`DW_TEST_UNSET_KEY` is not set"));
+        assert!(c.errors.include_payload && !c.errors.log_values);
+        // ctl reads only the first key; a short key is refused.
+        let dir = std::env::temp_dir().join(format!("dw-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, short) = (dir.join("good"), dir.join("short"));
+        std::fs::write(&good, "k".repeat(64) + "\n").unwrap();
+        std::fs::write(&short, "short").unwrap();
+        let with = |keys: &str| {
+            Config::parse(&format!("{GOOD}[control]\nsigning_keys = [{keys}]\n")).unwrap()
+        };
+        let c = with(&format!(
+            "{{ file = \"{}\" }}, {{ env = \"DW_TEST_UNSET_KEY\" }}",
+            good.display()
+        ));
+        assert_eq!(
+            c.control.signing_key().unwrap().unwrap().expose(),
+            "k".repeat(64)
+        );
+        assert!(c.control.keys().is_err());
+        let c = with(&format!("{{ file = \"{}\" }}", short.display()));
+        assert!(c
+            .control
+            .signing_key()
+            .unwrap_err()
+            .contains("at least 32 bytes"));
+        assert!(with("").control.signing_key().unwrap().is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn good_config_validates() {
         let c = Config::parse(GOOD).unwrap();
         c.validate().unwrap();
@@ -1118,6 +1507,44 @@ field = [
     }
 
     #[test]
+    fn read_columns_are_keys_scope_and_mapped_fields_of_every_map() {
+        let c = Config::parse(&format!(
+            r#"{TEST_SIDES}
+[[map]]
+name = "a"
+companies = ["dat"]
+left = {{ entity = "custtable", key = ["accountnum"], company_field = "dataareaid", filter = "blocked == 'f'" }}
+right = {{ entity = "accounts", key = ["accountnumber"], company_field = "company" }}
+field = [
+  {{ left = "accountnum", right = "accountnumber" }},
+  {{ left = "name", right = "name", direction = "right_to_left" }},
+  {{ right = "source", constant = "fno" }},
+]
+[[map]]
+name = "b"
+left = {{ entity = "custtable", key = ["accountnum"] }}
+right = {{ entity = "others", key = ["code"] }}
+field = [{{ left = "accountnum", right = "code" }}, {{ left = "phone", right = "tel" }}]
+"#
+        ))
+        .unwrap();
+        let left = c.read_columns(SideId::Left);
+        let t = &left["public.custtable"];
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(t.identity, set(&["accountnum", "blocked", "dataareaid"]));
+        assert_eq!(
+            t.all,
+            set(&["accountnum", "blocked", "dataareaid", "name", "phone"])
+        );
+        let right = c.read_columns(SideId::Right);
+        assert_eq!(
+            right["public.accounts"].all,
+            set(&["accountnumber", "company", "name", "source"])
+        );
+        assert_eq!(right["public.others"].all, set(&["code", "tel"]));
+    }
+
+    #[test]
     fn unmapped_key_names_map_and_field() {
         let text = GOOD.replace(
             "{ left = \"customeraccount\", right = \"accountnumber\" },",
@@ -1127,6 +1554,25 @@ field = [
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].location, "map \"customers\": left.key");
         assert!(p[0].message.contains("customeraccount"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn an_entity_linked_by_two_keys_is_rejected() {
+        let text = format!(
+            "{GOOD}\n[[map]]\nname = \"groups_by_name\"\nleft = {{ entity = \"customer_groups\", key = [\"description\"] }}\nright = {{ entity = \"other_groups\", key = [\"name\"] }}\nfield = [ {{ left = \"description\", right = \"name\" }} ]\n"
+        );
+        let p = problems(&text);
+        let p: Vec<&Problem> = p
+            .iter()
+            .filter(|p| p.location.ends_with(".left.key"))
+            .collect();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].location, "map groups_by_name.left.key");
+        assert!(
+            p[0].message.contains("in map customer_groups"),
+            "{}",
+            p[0].message
+        );
     }
 
     #[test]

@@ -266,6 +266,8 @@ pub fn decide(
         return Ok(Scope::Pass);
     }
     match change.op {
+        // An applier's report is about a write the resolver decided.
+        ChangeOp::Applied => Ok(Scope::Pass),
         ChangeOp::Insert => {
             let Some(after) = change.after.as_deref() else {
                 return Ok(Scope::Pass); // mapping reports the missing image
@@ -393,6 +395,7 @@ field = [
             seq: 0,
             xid: 1,
             commit_time: 1,
+            applied: None,
         }
     }
 

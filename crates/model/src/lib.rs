@@ -10,7 +10,10 @@
 //! - [`schema`]: a mapping checked against the tables of both databases.
 //! - [`filter`]: per-side record filters and company scoping of a map.
 //! - [`version`]: the fingerprint (mapping version) of a map's configuration.
+//! - [`authorise`]: what a side's writer may write (the configured map's entity and columns).
+//! - [`signing`]: signatures of control commands (HMAC-SHA256).
 
+pub mod authorise;
 pub mod avro;
 pub mod config;
 pub mod filter;
@@ -18,6 +21,7 @@ pub mod lifecycle;
 pub mod mapping;
 pub mod record;
 pub mod schema;
+pub mod signing;
 pub mod topics;
 pub mod transform;
 pub mod version;

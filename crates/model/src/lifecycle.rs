@@ -437,6 +437,8 @@ pub enum Outcome {
     Completed,
     Failed,
     StateChanged,
+    /// The drift detector found records that differ between the sides.
+    Drift,
 }
 
 /// An acknowledgement or a state change (topic `<prefix>.events`).

@@ -1,7 +1,7 @@
 //! Field mapping and key translation: turns a change captured on one side
 //! into the changes a map writes to the other side.
 
-use crate::config::{Config, Direction, MapConfig, SideId};
+use crate::config::{Config, MapConfig, SideId};
 use crate::filter::{self, Scope};
 use crate::record::{field, ApplyOp, ChangeOp, ChangeRecord, Field, MappedChange};
 
@@ -128,49 +128,20 @@ fn map_unscoped(
         which,
     };
 
-    // The fields that sync both ways, in target names and values, as
-    // `image` has them. A value that does not transform is left out (the
-    // conflict check then ignores that field).
-    let both_ways = |image: &[Field]| -> Option<Vec<Field>> {
-        let mut out = Vec::new();
-        for f in map.fields.iter().filter(|f| f.direction == Direction::Both) {
-            let v = field(image, f.name(source))?;
-            if let Ok(value) = f.map_value(source, v.value.as_deref()) {
-                out.push(Field {
-                    name: f.name(target).to_owned(),
-                    value,
-                });
-            }
-        }
-        Some(out)
-    };
     let master = config.side(config.conflict_master(map)).name.clone();
     let base = |op: ApplyOp, key: Vec<Field>, values: Vec<Field>| MappedChange {
-        map: map.name.clone(),
-        source_side: config.side(source).name.clone(),
-        target_side: config.side(target).name.clone(),
-        source_entity: src_ent.qualified(),
-        target_entity: dst_ent.qualified(),
-        op,
-        key,
-        values,
-        source_lsn: change.commit_lsn,
-        source_seq: change.seq,
-        source_xid: change.xid,
-        commit_time: change.commit_time,
-        before: None,
-        existed: true,
         conflict_master: Some(master.clone()),
+        ..mapped(config, map, source, change, op, key, values)
     };
 
     match change.op {
+        ChangeOp::Applied => Ok(Vec::new()),
         ChangeOp::Delete => {
             let before = change
                 .before
                 .as_deref()
                 .ok_or_else(|| missing_image("old"))?;
-            let mut mc = base(ApplyOp::Delete, key_of(before, "old")?, Vec::new());
-            mc.before = both_ways(before);
+            let mc = base(ApplyOp::Delete, key_of(before, "old")?, Vec::new());
             Ok(vec![mc])
         }
         ChangeOp::Insert | ChangeOp::Update => {
@@ -223,27 +194,135 @@ fn map_unscoped(
             }
             let mut out = Vec::with_capacity(2);
             let mut upsert = base(ApplyOp::Upsert, key, values);
+            upsert.own = own_values(map, source, change, after);
             match (change.op, change.before.as_deref()) {
-                // The old identity carries the old key only when the source sent it.
+                // The old identity carries the old key only when the source
+                // sent it (the capturer splits key changes already).
                 (ChangeOp::Update, Some(before)) => match key_of(before, "old") {
                     Ok(old_key) if old_key != upsert.key => {
-                        let mut delete = base(ApplyOp::Delete, old_key, Vec::new());
-                        delete.before = both_ways(before);
-                        out.push(delete);
+                        out.push(base(ApplyOp::Delete, old_key, Vec::new()));
                         upsert.existed = false;
-                        upsert.before = both_ways(after);
                     }
-                    _ => upsert.before = both_ways(before),
+                    _ => {}
                 },
                 (ChangeOp::Update, None) => {}
-                _ => {
-                    upsert.existed = false;
-                    upsert.before = both_ways(after);
-                }
+                _ => upsert.existed = false,
             }
             out.push(upsert);
             Ok(out)
         }
+    }
+}
+
+/// The names, on `side`, of the columns the other side writes into it:
+/// the fields that flow into `side` and have a column there.
+pub fn into_columns(map: &MapConfig, side: SideId) -> impl Iterator<Item = &str> + '_ {
+    map.fields
+        .iter()
+        .filter(move |f| f.direction.carries_from(side.other()) && f.has_column(side))
+        .map(move |f| f.name(side))
+}
+
+/// The names, on `side`, of the fields that flow only into it (owned by
+/// the other side).
+pub fn one_way_into(map: &MapConfig, side: SideId) -> Vec<String> {
+    map.fields
+        .iter()
+        .filter(|f| f.direction.carries_from(side.other()) && !f.direction.carries_from(side))
+        .filter(|f| f.has_column(side))
+        .map(|f| f.name(side).to_owned())
+        .collect()
+}
+
+/// `source`'s own values, as `after` (an update's unchanged TOASTed values
+/// from the old row), of the columns the other side writes into it.
+fn own_values(
+    map: &MapConfig,
+    source: SideId,
+    change: &ChangeRecord,
+    after: &[Field],
+) -> Vec<Field> {
+    let mut names: Vec<&str> = map.entity(source).key.iter().map(String::as_str).collect();
+    for n in into_columns(map, source) {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+        .into_iter()
+        .filter_map(|n| {
+            field(after, n)
+                .or_else(|| change.before.as_deref().and_then(|b| field(b, n)))
+                .cloned()
+        })
+        .collect()
+}
+
+/// An applier's report ([`ChangeOp::Applied`]) as the event of `map` it
+/// is: the record's key (the map's key values) and the version. `None`
+/// when the report is about another map or carries no key.
+pub fn map_applied(
+    config: &Config,
+    map: &MapConfig,
+    source: SideId,
+    change: &ChangeRecord,
+) -> Option<MappedChange> {
+    let applied = change.applied.as_ref().filter(|a| a.map == map.name)?;
+    let ids = change.before.as_deref()?;
+    let target = source.other();
+    let key = map
+        .entity(source)
+        .key
+        .iter()
+        .zip(&map.entity(target).key)
+        .map(|(s, t)| {
+            Some(Field {
+                name: t.clone(),
+                value: field(ids, s)?.value.clone(),
+            })
+        })
+        .collect::<Option<Vec<Field>>>()?;
+    let op = if applied.written {
+        ApplyOp::Applied
+    } else {
+        ApplyOp::Superseded
+    };
+    let mut mc = mapped(config, map, source, change, op, key, Vec::new());
+    mc.version = applied.version;
+    Some(mc)
+}
+
+/// A [`MappedChange`] of `change` through `map`, with no conflict master,
+/// own values or report.
+fn mapped(
+    config: &Config,
+    map: &MapConfig,
+    source: SideId,
+    change: &ChangeRecord,
+    op: ApplyOp,
+    key: Vec<Field>,
+    values: Vec<Field>,
+) -> MappedChange {
+    let target = source.other();
+    MappedChange {
+        map: map.name.clone(),
+        source_side: config.side(source).name.clone(),
+        target_side: config.side(target).name.clone(),
+        source_entity: map.entity(source).qualified(),
+        target_entity: map.entity(target).qualified(),
+        op,
+        key,
+        values,
+        source_lsn: change.commit_lsn,
+        source_seq: change.seq,
+        source_xid: change.xid,
+        commit_time: change.commit_time,
+        before: None,
+        existed: true,
+        conflict_master: None,
+        own: Vec::new(),
+        version: 0,
+        repair: None,
     }
 }
 
@@ -289,6 +368,7 @@ field = [
             seq: 2,
             xid: 7,
             commit_time: 1,
+            applied: None,
         }
     }
 
@@ -329,16 +409,47 @@ field = [
         assert_eq!(mc.target_side, "dataverse");
         assert_eq!((mc.source_lsn, mc.source_seq), (100, 2));
         assert_eq!(mc.kafka_key(), "[\"C1\"]");
-        // An insert expects the record absent; conflicts compare only fields that sync both ways.
+        // An insert: the record was not there before.
         assert!(!mc.existed);
-        assert_eq!(
-            mc.before,
-            Some(vec![
-                f("accountnumber", Some("C1")),
-                f("name", Some("Contoso"))
-            ])
-        );
         assert_eq!(mc.conflict_master.as_deref(), Some("dataverse"));
+        // The source's own values of what the other side writes into it:
+        // the key, the both-way fields and the right-to-left field.
+        assert_eq!(
+            mc.own,
+            vec![
+                f("customeraccount", Some("C1")),
+                f("name", Some("Contoso")),
+                f("phone", None),
+            ]
+        );
+        assert_eq!(one_way_into(m, SideId::Left), vec!["phone".to_owned()]);
+        assert_eq!(
+            one_way_into(m, SideId::Right),
+            vec!["creditlimit".to_owned()]
+        );
+    }
+
+    #[test]
+    fn an_appliers_report_becomes_its_maps_event() {
+        let c = config();
+        let m = &c.maps[0];
+        let mut report = change(
+            ChangeOp::Applied,
+            Some(vec![f("customeraccount", Some("C1"))]),
+            None,
+        );
+        report.applied = Some(crate::record::Applied {
+            map: "customers".into(),
+            version: 77,
+            written: true,
+        });
+        let mc = map_applied(&c, m, SideId::Left, &report).unwrap();
+        assert_eq!((mc.op, mc.version), (ApplyOp::Applied, 77));
+        assert_eq!(mc.kafka_key(), "[\"C1\"]");
+        assert_eq!(mc.source_side, "fno");
+        assert_eq!((mc.source_lsn, mc.source_seq), (100, 2));
+        report.applied.as_mut().unwrap().map = "other".into();
+        assert_eq!(map_applied(&c, m, SideId::Left, &report), None);
     }
 
     #[test]
@@ -382,13 +493,6 @@ field = [
         assert_eq!(out[0].key, vec![f("accountnumber", Some("C9"))]);
         assert!(out[0].values.is_empty());
         assert!(out[0].existed);
-        assert_eq!(
-            out[0].before,
-            Some(vec![
-                f("accountnumber", Some("C9")),
-                f("name", Some("Contoso"))
-            ])
-        );
     }
 
     #[test]
@@ -471,7 +575,7 @@ field = [
 #[cfg(test)]
 mod transform_tests {
     use super::*;
-    use crate::config::TEST_SIDES;
+    use crate::config::{Direction, TEST_SIDES};
 
     fn config() -> Config {
         Config::parse(&[TEST_SIDES, r#"
@@ -514,6 +618,7 @@ field = [
             seq: 0,
             xid: 1,
             commit_time: 1,
+            applied: None,
         }
     }
 
@@ -562,15 +667,6 @@ field = [
                 f("msdyn_source", Some("fno")),
             ]
         );
-        // The old values for the conflict check are the target's too.
-        assert_eq!(
-            out[0].before,
-            Some(vec![
-                f("accountnumber", Some("C1")),
-                f("statecode", Some("1")),
-                f("creditonhold", Some("1")),
-            ])
-        );
     }
 
     #[test]
@@ -599,14 +695,6 @@ field = [
                 f("status", Some("Active")),
                 f("onhold", Some("false")),
             ]
-        );
-        assert_eq!(
-            out[0].before,
-            Some(vec![
-                f("customeraccount", Some("C1")),
-                f("status", Some("Closed")),
-                f("onhold", Some("false")),
-            ])
         );
     }
 
@@ -650,7 +738,7 @@ field = [
     }
 
     #[test]
-    fn an_old_value_that_does_not_transform_is_left_out_of_the_conflict_check() {
+    fn an_update_from_a_value_that_does_not_transform_still_maps() {
         // The record held an unmapped value (its change failed); fixing it must go through.
         let c = config();
         let out = map_change(
@@ -667,17 +755,10 @@ field = [
         .unwrap();
         assert_eq!(out.len(), 1);
         assert!(out[0].values.contains(&f("statecode", Some("0"))));
-        assert_eq!(
-            out[0].before,
-            Some(vec![
-                f("accountnumber", Some("C1")),
-                f("creditonhold", Some("1")),
-            ])
-        );
     }
 
     #[test]
-    fn a_delete_maps_old_values() {
+    fn a_delete_maps_its_key_from_old_values() {
         let c = config();
         let out = map_change(
             &c,
@@ -692,13 +773,5 @@ field = [
         )
         .unwrap();
         assert_eq!(out[0].key, vec![f("accountnumber", Some("C1"))]);
-        assert_eq!(
-            out[0].before,
-            Some(vec![
-                f("accountnumber", Some("C1")),
-                f("statecode", Some("0")),
-                f("creditonhold", Some("0")),
-            ])
-        );
     }
 }

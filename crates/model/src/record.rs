@@ -29,24 +29,47 @@ pub enum ChangeOp {
     Insert,
     Update,
     Delete,
+    /// The side's applier committed a write of the resolver (see [`Applied`]).
+    Applied,
 }
 
-/// A committed change of one row on one side (topic `<prefix>.capture.<side>`).
+/// Which write of the resolver an applier handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub map: String,
+    pub version: i64,
+    /// False: not made, the side not being in the expected state (superseded).
+    #[serde(default = "yes")]
+    pub written: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A committed write of one row on one side (topic `<prefix>.capture.<side>`):
+/// made on the side itself, or the side's applier reporting a committed
+/// write ([`ChangeOp::Applied`]; `before` then holds the alternate key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeRecord {
     pub side: String,
     /// `schema.table`.
     pub entity: String,
     pub op: ChangeOp,
-    /// Old values of the row identity (update, delete).
+    /// Old values (update, delete), of the columns the side's maps read
+    /// only: the alternate key and scope columns and, for an update, the
+    /// read columns `after` leaves out (unchanged TOASTed values).
     pub before: Option<Vec<Field>>,
-    /// New values (insert, update).
+    /// New values (insert, update) of the columns the side's maps read.
     pub after: Option<Vec<Field>>,
     /// End LSN of the commit record of the source transaction.
     pub commit_lsn: i64,
     /// Position of the change within its transaction.
     pub seq: i32,
     pub xid: i64,
+    /// [`ChangeOp::Applied`] only.
+    #[serde(default)]
+    pub applied: Option<Applied>,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time: i64,
 }
@@ -56,13 +79,20 @@ pub struct ChangeRecord {
 pub enum ApplyOp {
     Upsert,
     Delete,
-    /// Asks the target, the conflict master, to send its current values of
-    /// the record back through the map.
+    /// From earlier versions (a request to re-assert); ignored.
     Reassert,
+    /// The source side's applier committed the write of `version`.
+    Applied,
+    /// An operator's repair (see [`Repair`]).
+    Repair,
+    /// The source side's applier did not make the write of `version`: the
+    /// side was not in the state the resolver expected.
+    Superseded,
 }
 
-/// A change mapped for one map and direction, in the target's names
-/// (topics `<prefix>.map.<map>` and `<prefix>.apply.<side>`).
+/// One event of a record for the resolver (topic `<prefix>.map.<map>`):
+/// a write of the source side mapped into the target's names, the source
+/// side's applier reporting a committed write, or a repair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappedChange {
     pub map: String,
@@ -88,6 +118,145 @@ pub struct MappedChange {
     pub existed: bool,
     /// Side whose values win a conflict.
     pub conflict_master: Option<String>,
+    /// Upsert: the source side's own values (its names) of the columns the
+    /// other side writes into it, as it has them after the write.
+    #[serde(default)]
+    pub own: Vec<Field>,
+    /// [`ApplyOp::Applied`]: the version of the committed write.
+    #[serde(default)]
+    pub version: i64,
+    /// [`ApplyOp::Repair`] only.
+    #[serde(default)]
+    pub repair: Option<Repair>,
+}
+
+/// Both sides' rows as read by `ctl repair`, to re-assert the conflict
+/// master's row on the other side through the resolver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repair {
+    pub observed: Vec<Observed>,
+    /// The master's row mapped into the other side's names.
+    pub master_values: Vec<Field>,
+}
+
+/// One side's row as read by a repair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    pub side: String,
+    /// The side's WAL position when read.
+    pub lsn: i64,
+    pub present: bool,
+    /// Its values of the columns the other side writes into it (its names).
+    pub own: Vec<Field>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum WriteOp {
+    Upsert,
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExpectKind {
+    Nothing,
+    Applied,
+    Row,
+}
+
+/// The state a target must be in for a write to be made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expectation {
+    pub kind: ExpectKind,
+    /// [`ExpectKind::Applied`]: the applier's write that is the row's last.
+    pub version: i64,
+    /// [`ExpectKind::Row`]: whether the row is there, and its values.
+    pub present: bool,
+    pub values: Vec<Field>,
+}
+
+/// A decision of the resolver for one side (topic `<prefix>.apply.<side>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyWrite {
+    pub map: String,
+    /// The side of the event that led to the decision.
+    pub source_side: String,
+    pub target_side: String,
+    pub target_entity: String,
+    /// Alternate key, target names.
+    pub key: Vec<Field>,
+    pub version: i64,
+    pub op: WriteOp,
+    /// Upsert: the columns to write, target names.
+    pub values: Vec<Field>,
+    pub expect: Expectation,
+    /// Position of the event that led to the decision (error reports).
+    pub source_lsn: i64,
+    /// Commit time of that event if it is a write of the other side, else 0.
+    pub commit_time: i64,
+}
+
+impl ApplyWrite {
+    /// The Kafka key, as [`MappedChange::kafka_key`].
+    pub fn kafka_key(&self) -> String {
+        key_string(self.key.iter().map(|f| f.value.as_deref()))
+    }
+}
+
+/// The resolver's state of one record (topic `<prefix>.resolver.<map>`,
+/// compacted); see `crates/resolve` for the meaning of each part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolverState {
+    pub map: String,
+    pub generation: i64,
+    pub run: i64,
+    pub agreed: Option<AgreedState>,
+    pub left: SideStateRecord,
+    pub right: SideStateRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgreedState {
+    pub present: bool,
+    pub into_left: Vec<Field>,
+    pub into_right: Vec<Field>,
+    pub both: i64,
+    pub both_from: Option<String>,
+    pub one_way_left: i64,
+    pub one_way_right: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideStateRecord {
+    pub lsn: Option<i64>,
+    pub seq: i32,
+    pub known: Known,
+    pub holds: HoldsRecord,
+    pub pending: Vec<PendingRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Known {
+    pub kind: ExpectKind,
+    pub version: i64,
+    pub present: bool,
+    pub values: Vec<Field>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldsRecord {
+    pub present: Option<bool>,
+    pub both: Option<i64>,
+    pub one_way: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRecord {
+    pub version: i64,
+    pub expect: Known,
+    pub holds: HoldsRecord,
+    pub overtaken: bool,
 }
 
 impl MappedChange {

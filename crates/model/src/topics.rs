@@ -28,6 +28,12 @@ impl Topics {
         format!("{}.apply.{side}", self.prefix)
     }
 
+    /// The resolver's state of each record of a map, compacted
+    /// ([`crate::record::ResolverState`]).
+    pub fn resolver(&self, map: &str) -> String {
+        format!("{}.resolver.{map}", self.prefix)
+    }
+
     /// Records that could not be processed, with context ([`crate::record::ErrorRecord`]).
     pub fn errors(&self) -> String {
         format!("{}.errors", self.prefix)

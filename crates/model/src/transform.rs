@@ -260,6 +260,31 @@ impl fmt::Display for TransformFailure {
     }
 }
 
+/// `message` with every row value shown as ``value `…` `` (the form a
+/// [`TransformFailure`] takes) replaced by ``value `…` ``: for logs and
+/// records that must not carry row values.
+pub fn redact_values(message: &str) -> String {
+    const MARK: &str = "value `";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        // The last candidate end: a value holding a backtick is hidden
+        // whole (more is hidden rather than less).
+        let Some(end) = after
+            .rfind("` ")
+            .or_else(|| after.ends_with('`').then(|| after.len() - 1))
+        else {
+            break;
+        };
+        out.push_str(&rest[..at + MARK.len()]);
+        out.push('…');
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn shorten(value: &str) -> String {
     if value.chars().count() <= 100 {
         value.to_owned()
@@ -876,6 +901,22 @@ fn parse_json(s: &str) -> Result<serde_json::Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_values_are_redacted_from_messages() {
+        assert_eq!(
+            redact_values(
+                "map `p`: field `s` → `t` on public.p: value `Ann` has no entry; set `unmapped`"
+            ),
+            "map `p`: field `s` → `t` on public.p: value `…` has no entry; set `unmapped`"
+        );
+        assert_eq!(
+            redact_values("value `a` b` is not a boolean"),
+            "value `…` is not a boolean"
+        );
+        assert_eq!(redact_values("ends with value `x`"), "ends with value `…`");
+        assert_eq!(redact_values("no values here"), "no values here");
+    }
     use ColumnType as T;
 
     fn ok(v: &str, from: T, to: T) -> String {

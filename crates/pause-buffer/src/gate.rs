@@ -11,6 +11,11 @@
 //!   the backlog goes to the catch-up errors topic instead, with discard it
 //!   is skipped.
 //!
+//! While records flow, each goes through the map's resolver
+//! ([`crate::resolving`]): the gate decides, once per event and in the map
+//! topic's order, what each side of the record should hold, and releases
+//! those decisions as writes to the appliers' topics.
+//!
 //! The gate assigns the map topic's partitions itself (no consumer-group
 //! rebalances), in a group of its own that only keeps the committed offsets;
 //! on every start it takes its state from the status topic, so a pause holds
@@ -21,8 +26,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dualwrite_model::config::Config;
+use dualwrite_model::avro;
+use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::lifecycle::{MapState, MapStatus, PartitionOffset, ResumePolicy};
+use dualwrite_model::record::MappedChange;
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
@@ -35,6 +42,8 @@ use dualwrite_runtime::metrics::metrics;
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::resolving::Resolving;
 
 /// A gate's report to the controller.
 #[derive(Debug, Clone)]
@@ -65,6 +74,15 @@ pub struct Gate {
     last_released: Option<i64>,
     /// When the current resume began, and records replayed since.
     resume_started: Option<(std::time::Instant, i64)>,
+    /// Shared with the drift detector, which asks whether a record is settled.
+    resolving: Arc<std::sync::Mutex<Resolving>>,
+    /// Writes the resolver's states (larger records than the pipeline's).
+    changelog: Producer,
+    /// The positions last stored to be committed: up to where the saved
+    /// states include every event (renewed while the map is idle).
+    stored: BTreeMap<i32, i64>,
+    /// When the states were last saved (with the positions).
+    saved_at: tokio::time::Instant,
 }
 
 /// A gate's progress, for the metrics.
@@ -104,6 +122,17 @@ impl Gate {
             tokio::task::spawn_blocking(move || kafka::committed_positions(&cfg.kafka, &c, &top))
                 .await
                 .map_err(|_| KafkaError::Canceled)??;
+        let (cfg, m, generation, run) = (
+            config.clone(),
+            map.clone(),
+            status.generation,
+            initial_run(&status),
+        );
+        let resolving =
+            tokio::task::spawn_blocking(move || Resolving::load(&cfg, &m, generation, run))
+                .await
+                .map_err(|_| KafkaError::Canceled)??;
+        let changelog = crate::resolving::changelog_producer(&config)?;
         let mut gate = Gate {
             config,
             map,
@@ -119,8 +148,13 @@ impl Gate {
             paused: false,
             last_released: None,
             resume_started: None,
+            resolving: Arc::new(std::sync::Mutex::new(resolving)),
+            changelog,
+            stored: BTreeMap::new(),
+            saved_at: tokio::time::Instant::now(),
         };
         gate.reassign()?;
+        gate.stored = gate.position.clone();
         gate.apply(status).await?;
         Ok(gate)
     }
@@ -165,6 +199,7 @@ impl Gate {
         if moved {
             self.reassign()?;
             self.store_positions()?;
+            self.stored = self.position.clone();
         }
         Ok(moved)
     }
@@ -179,7 +214,16 @@ impl Gate {
 
     /// Takes a new status from the controller.
     async fn apply(&mut self, status: MapStatus) -> Result<(), KafkaError> {
+        // What was decided is saved first: a state change may move positions.
+        if self.position != self.stored {
+            let mut backoff = Backoff::new("pause-buffer");
+            if !self.save(&mut backoff, &CancellationToken::new()).await? {
+                return Ok(());
+            }
+        }
         self.status = status;
+        self.resolver()
+            .align(self.status.generation, initial_run(&self.status));
         // A generation never reads records from before its run.
         let start = offsets(&self.status.start_offsets);
         self.advance_to(&start)?;
@@ -211,6 +255,89 @@ impl Gate {
         // everything the gate forwarded was delivered.
         self.held.send_replace(!self.status.state.flows());
         Ok(())
+    }
+
+    /// The map's resolver (poisoning is not possible: no code panics while holding it).
+    fn resolver(&self) -> std::sync::MutexGuard<'_, Resolving> {
+        self.resolving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves the states changed since the last save to the changelog
+    /// (retrying until acknowledged), then stores the positions read so far:
+    /// a restart reads the states back and the events after those
+    /// positions again, and decides again exactly what it decided. False
+    /// if shutdown came first.
+    async fn save(
+        &mut self,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, KafkaError> {
+        let states = self.resolver().changelog();
+        loop {
+            match kafka::send_all(&self.changelog, &states).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(map = %self.map, "saving resolver states failed, retrying: {e}")
+                }
+            }
+            if backoff.wait(shutdown).await {
+                return Ok(false);
+            }
+        }
+        if self.position != self.stored {
+            self.store_positions()?;
+            self.stored = self.position.clone();
+        }
+        self.saved_at = tokio::time::Instant::now();
+        Ok(true)
+    }
+
+    /// Whether states are due to be saved: every `SAVE_EVERY`, and at once
+    /// when many records changed.
+    fn save_due(&self) -> bool {
+        self.position != self.stored
+            && (self.saved_at.elapsed() >= SAVE_EVERY
+                || self.resolver().changed() >= SAVE_AT_CHANGED)
+    }
+
+    /// Folds a batch and releases its writes (acknowledged before the
+    /// states that sent them are saved); false on shutdown.
+    async fn release(
+        &mut self,
+        batch: &[OwnedMessage],
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, KafkaError> {
+        let output = self.route(batch);
+        if !deliver(&self.producer, &self.errors, &output, backoff, shutdown).await {
+            return Ok(false);
+        }
+        backoff.reset();
+        metrics()
+            .forwarded
+            .with_label_values(&[&self.map])
+            .inc_by(output.records.len() as u64);
+        if let Some((_, n)) = self.resume_started.as_mut() {
+            *n += batch.len() as i64;
+        }
+        self.last_released = batch
+            .last()
+            .and_then(|m| m.timestamp().to_millis())
+            .map(|ms| ms * 1000);
+        for m in batch {
+            let e = self.position.entry(m.partition()).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        if self.save_due() && !self.save(backoff, shutdown).await? {
+            return Ok(false);
+        }
+        self.report_if_caught_up().await;
+        Ok(true)
+    }
+
+    /// The map's resolver, to share.
+    pub fn resolving(&self) -> Arc<std::sync::Mutex<Resolving>> {
+        self.resolving.clone()
     }
 
     /// Says whether the gate holds the map (see [`Gate::apply`]).
@@ -259,48 +386,122 @@ impl Gate {
             .await;
     }
 
-    /// Where each record of a batch goes: the target side's apply topic,
-    /// or, for records queued before a skip-to-live resume, the catch-up
-    /// errors topic.
-    fn route(&self, batch: &[OwnedMessage]) -> Output {
+    /// What a batch releases: the resolver's writes for the appliers'
+    /// topics, or, for records queued before a skip-to-live resume, the
+    /// records themselves on the catch-up errors topic.
+    fn route(&mut self, batch: &[OwnedMessage]) -> Output {
         let aside_before = (self.status.state == MapState::Resuming
             && self.status.resume_policy.as_deref() == Some("skip_to_live"))
         .then(|| offsets(&self.status.resume_targets));
         let catchup = Topics::new(&self.config.kafka.topic_prefix).catchup_errors();
         let mut out = Output::default();
-        let initial = self
-            .status
-            .initial
-            .as_ref()
-            .filter(|i| !i.segments.is_empty());
         for m in batch {
-            match crate::forward_one(
-                &self.config,
-                &self.errors,
-                m,
-                self.status.conflict_master.as_deref(),
-                initial,
-            ) {
-                Ok(None) => {
-                    metrics()
-                        .skipped
-                        .with_label_values(&["pause-buffer", "in_initial_sync_snapshot"])
-                        .inc();
-                }
-                Ok(Some(mut rec)) => {
-                    if aside_before
-                        .as_ref()
-                        .is_some_and(|t| t.get(&m.partition()).is_some_and(|t| m.offset() < *t))
-                    {
-                        rec.topic = catchup.clone();
-                    }
-                    out.records.push(rec);
-                }
+            let aside = aside_before
+                .as_ref()
+                .is_some_and(|t| t.get(&m.partition()).is_some_and(|t| m.offset() < *t));
+            match self.decode(m) {
+                Ok(None) => {}
+                // Changes are set aside; the appliers' reports are not changes.
+                Ok(Some(mc)) if aside && !is_report(&mc) => out.records.push(kafka::Outgoing {
+                    topic: catchup.clone(),
+                    key: kafka::key_text(m).unwrap_or_default(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                }),
+                Ok(Some(mc)) => self.resolve(m, &mc, &mut out),
                 Err(e) => out.errors.push(*e),
             }
         }
         out
     }
+
+    /// A map topic record, unless it is part of what the map's initial
+    /// write copied, or a report of a write of an earlier generation.
+    fn decode(
+        &self,
+        m: &OwnedMessage,
+    ) -> Result<Option<MappedChange>, Box<dualwrite_model::record::ErrorRecord>> {
+        let payload = m.payload().ok_or_else(|| {
+            Box::new(
+                self.errors
+                    .about(m, "malformed_record", "empty map record (no value)"),
+            )
+        })?;
+        let mc = avro::decode::<MappedChange>(payload).map_err(|e| {
+            Box::new(
+                self.errors
+                    .about(m, "malformed_record", format!("map record: {e}")),
+            )
+        })?;
+        if let Some(init) = self
+            .status
+            .initial
+            .as_ref()
+            .filter(|i| !i.segments.is_empty())
+        {
+            let key: Vec<Option<&str>> = mc.key.iter().map(|f| f.value.as_deref()).collect();
+            let left = mc.source_side == self.config.sides.left.name;
+            if init.covers(&key, left, mc.source_lsn, mc.source_xid) {
+                metrics()
+                    .skipped
+                    .with_label_values(&["pause-buffer", "in_initial_sync_snapshot"])
+                    .inc();
+                return Ok(None);
+            }
+        }
+        let first = dualwrite_resolve::records::version(self.status.generation, 0);
+        if is_report(&mc) && (mc.version as u64) < first {
+            return Ok(None);
+        }
+        Ok(Some(mc))
+    }
+
+    /// Folds a record into the resolver; its writes go to `out`.
+    fn resolve(&mut self, m: &OwnedMessage, mc: &MappedChange, out: &mut Output) {
+        let key = kafka::key_text(m).unwrap_or_else(|| mc.kafka_key());
+        let master = self.master();
+        let folded = self
+            .resolver()
+            .fold(&self.config, master, m.offset(), &key, mc);
+        match folded {
+            Ok(writes) => out.records.extend(writes),
+            Err(message) => {
+                let mut e = self.errors.about(m, "resolve", message);
+                e.map = Some(self.map.clone());
+                out.errors.push(e);
+            }
+        }
+    }
+
+    /// The side whose writes win concurrent writes: the run's choice, else the configured one.
+    fn master(&self) -> SideId {
+        self.status
+            .conflict_master
+            .as_deref()
+            .and_then(|s| self.config.side_id(s))
+            .or_else(|| {
+                self.config
+                    .map(&self.map)
+                    .map(|m| self.config.conflict_master(m))
+            })
+            .unwrap_or(SideId::Right)
+    }
+}
+
+/// Whether a map record is an applier's report (of a write made or not).
+fn is_report(mc: &MappedChange) -> bool {
+    use dualwrite_model::record::ApplyOp;
+    matches!(mc.op, ApplyOp::Applied | ApplyOp::Superseded)
+}
+
+/// How often the resolver's states are saved (with the positions that
+/// go with them) while records flow.
+const SAVE_EVERY: Duration = Duration::from_millis(500);
+/// Records changed that make a save due at once.
+const SAVE_AT_CHANGED: usize = 10_000;
+
+/// The initial-sync run a status is at (0: none yet).
+fn initial_run(status: &MapStatus) -> i64 {
+    status.initial.as_ref().map_or(0, |i| i.run)
 }
 
 /// Runs a gate until shutdown, taking status changes from `status_rx`.
@@ -312,6 +513,7 @@ pub async fn run(
     let mut backoff = Backoff::new("pause-buffer");
     let consumer = gate.consumer.clone();
     let mut guard = tokio::time::interval(Duration::from_secs(5));
+    let mut saving = tokio::time::interval(SAVE_EVERY);
     loop {
         let flowing = gate.status.state.flows();
         // Priority: shutdown, then state changes, then records.
@@ -326,8 +528,15 @@ pub async fn run(
                 gate.apply(st).await?;
                 continue;
             }
+            _ = saving.tick(), if gate.save_due() => {
+                if !gate.save(&mut backoff, &shutdown).await? {
+                    break;
+                }
+                continue;
+            }
             m = consumer.recv(), if flowing => m,
             _ = guard.tick() => {
+                kafka::keep_offsets_alive(&consumer, &gate.topic, &gate.stored);
                 crate::map_gauges(&gate.config, &gate.map, &gate.progress()).await;
                 continue;
             }
@@ -343,37 +552,13 @@ pub async fn run(
             }
         };
         let batch = kafka::recv_more(&consumer, first, 1000, Duration::from_millis(5)).await;
-        let output = gate.route(&batch);
-        if !deliver(
-            &gate.producer,
-            &gate.errors,
-            &output,
-            &mut backoff,
-            &shutdown,
-        )
-        .await
-        {
+        if !gate.release(&batch, &mut backoff, &shutdown).await? {
             break;
         }
-        backoff.reset();
-        kafka::store_offsets(&consumer, &batch)?;
-        let released = output.records.len() as u64;
-        metrics()
-            .forwarded
-            .with_label_values(&[&gate.map])
-            .inc_by(released);
-        if let Some((_, n)) = gate.resume_started.as_mut() {
-            *n += batch.len() as i64;
-        }
-        gate.last_released = batch
-            .last()
-            .and_then(|m| m.timestamp().to_millis())
-            .map(|ms| ms * 1000);
-        for m in &batch {
-            let e = gate.position.entry(m.partition()).or_insert(0);
-            *e = (*e).max(m.offset() + 1);
-        }
-        gate.report_if_caught_up().await;
+    }
+    if gate.position != gate.stored {
+        let mut backoff = Backoff::new("pause-buffer");
+        gate.save(&mut backoff, &CancellationToken::new()).await?;
     }
     kafka::commit_now(&consumer);
     Ok(())

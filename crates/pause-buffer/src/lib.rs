@@ -15,7 +15,9 @@
 //! Kafka on start, so it may be killed at any moment.
 
 pub mod controller;
+pub mod drift;
 pub mod gate;
+pub mod resolving;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,9 +25,9 @@ use std::sync::Arc;
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    parse_command, ControlEvent, InitialSync, MapState, MapStatus, Outcome, PartitionOffset,
+    parse_command, ControlEvent, MapState, MapStatus, Outcome, PartitionOffset,
 };
-use dualwrite_model::record::{ErrorRecord, MappedChange};
+use dualwrite_model::record::ErrorRecord;
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::errors::ErrorSink;
@@ -51,6 +53,8 @@ pub enum PauseBufferError {
     Kafka(#[from] KafkaError),
     #[error("cannot read {topic}: {message}")]
     Load { topic: String, message: String },
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Topics the pause buffer reads and writes.
@@ -82,67 +86,13 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
             .iter()
             .map(|m| TopicSpec::new(t.map(&m.name), p)),
     );
+    v.extend(
+        config
+            .maps
+            .iter()
+            .map(|m| resolving::changelog_topic(config, &m.name)),
+    );
     v
-}
-
-/// Where one map-topic record goes: the target side's apply topic, same key.
-/// A conflict master chosen at run time (`master`) replaces the configured one.
-/// `None`: the change is part of what the map's initial write copied (its
-/// transaction is visible in the snapshot that covers its key): not forwarded.
-pub fn forward_one(
-    config: &Config,
-    errors: &ErrorSink,
-    m: &OwnedMessage,
-    master: Option<&str>,
-    initial: Option<&InitialSync>,
-) -> Result<Option<Outgoing>, Box<ErrorRecord>> {
-    let t = Topics::new(&config.kafka.topic_prefix);
-    let Some(payload) = m.payload() else {
-        return Err(Box::new(errors.about(
-            m,
-            "malformed_record",
-            "empty map record (no value)",
-        )));
-    };
-    match avro::decode::<MappedChange>(payload) {
-        Ok(mut mc) if config.side_id(&mc.target_side).is_some() => {
-            if let Some(init) = initial {
-                let key: Vec<Option<&str>> = mc.key.iter().map(|f| f.value.as_deref()).collect();
-                let left = mc.source_side == config.sides.left.name;
-                if init.covers(&key, left, mc.source_lsn, mc.source_xid) {
-                    return Ok(None);
-                }
-            }
-            let mut payload = payload.to_vec();
-            if master.is_some() && mc.conflict_master.as_deref() != master {
-                mc.conflict_master = master.map(str::to_owned);
-                payload = avro::encode(&mc)
-                    .map_err(|e| Box::new(errors.about(m, "encode", e.to_string())))?;
-            }
-            Ok(Some(Outgoing {
-                topic: t.apply(&mc.target_side),
-                key: kafka::key_text(m).unwrap_or_else(|| mc.kafka_key()),
-                payload,
-            }))
-        }
-        Ok(mc) => {
-            let mut e = errors.about(
-                m,
-                "unknown_side",
-                format!(
-                    "map record for side `{}`, which is not configured",
-                    mc.target_side
-                ),
-            );
-            e.map = Some(mc.map);
-            Err(Box::new(e))
-        }
-        Err(e) => Err(Box::new(errors.about(
-            m,
-            "malformed_record",
-            format!("map record: {e}"),
-        ))),
-    }
 }
 
 /// Runs the pause buffer until `shutdown` is cancelled.
@@ -157,10 +107,13 @@ async fn run_inner(
     shutdown: CancellationToken,
 ) -> Result<(), PauseBufferError> {
     let t = Topics::new(&config.kafka.topic_prefix);
+    // Read now: a key that cannot be read stops the start, never opens the door.
+    let signing = Signing::load(&config)?;
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-pause-buffer")?;
     let errors = ErrorSink::new(producer.clone(), t.errors(), "pause-buffer")
-        .with_max_record_bytes(config.kafka.max_record_bytes);
+        .with_max_record_bytes(config.kafka.max_record_bytes)
+        .with_settings(config.errors);
 
     // The states, read back from the status topic; applied command ids from the events.
     let loaded = load(&config).await?;
@@ -183,6 +136,7 @@ async fn run_inner(
     let mut senders: BTreeMap<String, watch::Sender<MapStatus>> = BTreeMap::new();
     let mut held: BTreeMap<String, watch::Receiver<bool>> = BTreeMap::new();
     let mut gates = JoinSet::new();
+    let mut watched = BTreeMap::new();
     for (map, status) in &ctl.statuses {
         let gate = Gate::start(
             config.clone(),
@@ -195,6 +149,13 @@ async fn run_inner(
         .await?;
         held.insert(map.clone(), gate.held());
         let (tx, rx) = watch::channel(status.clone());
+        watched.insert(
+            map.clone(),
+            drift::Watched {
+                status: tx.subscribe(),
+                resolver: gate.resolving(),
+            },
+        );
         senders.insert(map.clone(), tx);
         let sd = shutdown.clone();
         let span = tracing::info_span!("gate", map = %map);
@@ -218,7 +179,14 @@ async fn run_inner(
                 message: e.to_string(),
             })??;
     kafka::assign_at(&control, &t.control(), &positions)?;
+    // Renewed while no command comes, so the broker never expires them.
+    let mut control_at = positions.clone();
+    let mut keepalive = tokio::time::interval(kafka::KEEPALIVE);
     tracing::info!(topic = %t.control(), "taking commands");
+    if config.pause_buffer.drift.enabled {
+        let (cfg, p, sd) = (config.clone(), producer.clone(), shutdown.clone());
+        tokio::spawn(drift::run(cfg, watched, p, sd).instrument(tracing::info_span!("drift")));
+    }
 
     // Error records, from now on, counted per map for the automatic pause.
     let error_feed = kafka::consumer(
@@ -310,6 +278,7 @@ async fn run_inner(
                     notify(&ctl, &fx, &senders);
                 }
             }
+            _ = keepalive.tick() => kafka::keep_offsets_alive(&control, &t.control(), &control_at),
             m = control.recv() => {
                 let m = match m {
                     Ok(m) => m.detach(),
@@ -320,7 +289,11 @@ async fn run_inner(
                     }
                 };
                 let now = now_micros();
-                let (fx, id) = match m.payload().map(parse_command) {
+                let read = match signing.check(&m) {
+                    Ok(()) => m.payload().map(parse_command),
+                    Err(reason) => Some(Err(reason)),
+                };
+                let (fx, id) = match read {
                     Some(Ok(cmd)) => {
                         let span = tracing::info_span!("command", id = %cmd.id, action = %cmd.action, map = %cmd.map);
                         let _g = span.enter();
@@ -343,7 +316,7 @@ async fn run_inner(
                             Outcome::Rejected => "rejected",
                             Outcome::Completed => "duplicate",
                             Outcome::Failed => "failed",
-                            Outcome::StateChanged => "changed",
+                            Outcome::StateChanged | Outcome::Drift => "changed",
                         });
                         metrics()
                             .commands
@@ -361,6 +334,7 @@ async fn run_inner(
                 notify(&ctl, &fx, &senders);
                 backoff.reset();
                 kafka::store_offsets(&control, std::slice::from_ref(&m))?;
+                control_at.insert(m.partition(), m.offset() + 1);
             }
         }
     }
@@ -495,6 +469,43 @@ fn unreadable(m: &OwnedMessage, reason: String, now: i64) -> Effects {
             format!("command at {at} rejected: {reason}"),
             now,
         )],
+    }
+}
+
+/// The control commands' signing keys, when configured (see
+/// [`dualwrite_model::signing`]).
+struct Signing {
+    keys: Vec<dualwrite_model::config::Secret>,
+    max_age_secs: u64,
+}
+
+impl Signing {
+    fn load(config: &Config) -> Result<Signing, PauseBufferError> {
+        let keys = config.control.keys().map_err(PauseBufferError::Setup)?;
+        if keys.is_empty() {
+            tracing::warn!("control commands are not signed (no control.signing_keys): anyone who may write the control topic can run, pause and stop maps");
+        }
+        Ok(Signing {
+            keys,
+            max_age_secs: config.control.max_age_secs,
+        })
+    }
+
+    /// Whether the command may be read; `Err` says why it is refused.
+    fn check(&self, m: &OwnedMessage) -> Result<(), String> {
+        use dualwrite_runtime::kafka::rdkafka::message::Headers;
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let header = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == dualwrite_model::signing::HEADER)
+                .and_then(|h| h.value)
+        });
+        let keys: Vec<&[u8]> = self.keys.iter().map(|k| k.expose().as_bytes()).collect();
+        let payload = m.payload().unwrap_or_default();
+        let now = now_micros() / 1_000_000;
+        dualwrite_model::signing::verify(&keys, header, payload, now, self.max_age_secs)
     }
 }
 

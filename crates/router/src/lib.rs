@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
-use dualwrite_model::mapping::{map_change, maps_for};
-use dualwrite_model::record::{ChangeRecord, MappedChange};
+use dualwrite_model::mapping::{map_applied, map_change, maps_for};
+use dualwrite_model::record::{ChangeOp, ChangeRecord, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::errors::ErrorSink;
 use dualwrite_runtime::health::health;
@@ -81,6 +81,20 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
         let mut any = false;
         for map in maps_for(config, side, &change.entity) {
             any = true;
+            if change.op == ChangeOp::Applied {
+                // An applier's report goes to its map, keyed like the record.
+                if let Some(mc) = map_applied(config, map, side, &change) {
+                    match avro::encode::<MappedChange>(&mc) {
+                        Ok(payload) => r.records.push(Outgoing {
+                            topic: t.map(&map.name),
+                            key: mc.kafka_key(),
+                            payload,
+                        }),
+                        Err(e) => r.errors.push(errors.about(m, "encode", e.to_string())),
+                    }
+                }
+                continue;
+            }
             match map_change(config, map, side, &change) {
                 Ok(mapped) => {
                     if mapped.is_empty() {
@@ -156,7 +170,8 @@ async fn run_inner(
     kafka::ensure_topics(&config.kafka, &topics(&config)).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-router")?;
     let errors = ErrorSink::new(producer.clone(), t.errors(), "router")
-        .with_max_record_bytes(config.kafka.max_record_bytes);
+        .with_max_record_bytes(config.kafka.max_record_bytes)
+        .with_settings(config.errors);
     let inputs = vec![
         t.capture(&config.sides.left.name),
         t.capture(&config.sides.right.name),

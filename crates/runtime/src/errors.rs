@@ -2,7 +2,9 @@
 //! their context and original bytes, and the pipeline keeps flowing.
 
 use dualwrite_model::avro;
+use dualwrite_model::config::ErrorSettings;
 use dualwrite_model::record::ErrorRecord;
+use dualwrite_model::transform::redact_values;
 use rdkafka::message::{Message, OwnedMessage};
 
 use crate::kafka::{send_all, Outgoing, Producer};
@@ -22,6 +24,7 @@ pub struct ErrorSink {
     topic: String,
     service: &'static str,
     max_record_bytes: usize,
+    settings: ErrorSettings,
 }
 
 impl ErrorSink {
@@ -31,7 +34,16 @@ impl ErrorSink {
             topic,
             service,
             max_record_bytes: 900_000,
+            settings: ErrorSettings::default(),
         }
+    }
+
+    /// What records and logs may carry (`[errors]`): without
+    /// `include_payload`, records keep neither the original bytes nor row
+    /// values in their message.
+    pub fn with_settings(mut self, settings: ErrorSettings) -> ErrorSink {
+        self.settings = settings;
+        self
     }
 
     /// Records larger than `n` bytes are not produced (see [`ErrorSink::oversized`]);
@@ -88,19 +100,38 @@ impl ErrorSink {
         ErrorRecord::new(self.service, error_class, message, crate::now_micros())
     }
 
+    /// Logs a record (at WARN with keys and names only, never row values)
+    /// and returns it as it may be published (`include_payload = false`:
+    /// without the original bytes nor values in its message).
+    fn prepare<'a>(&self, r: &'a ErrorRecord) -> std::borrow::Cow<'a, ErrorRecord> {
+        tracing::warn!(
+            service = self.service,
+            class = %r.error_class,
+            map = r.map.as_deref().unwrap_or("-"),
+            topic = r.topic.as_deref().unwrap_or("-"),
+            offset = r.offset.unwrap_or(-1),
+            key = r.key.as_deref().unwrap_or("-"),
+            "{}",
+            redact_values(&r.message)
+        );
+        if self.settings.log_values {
+            tracing::debug!(class = %r.error_class, "with values: {}", r.message);
+        }
+        if self.settings.include_payload {
+            return std::borrow::Cow::Borrowed(r);
+        }
+        let mut c = r.clone();
+        c.payload = None;
+        c.message = redact_values(&c.message);
+        std::borrow::Cow::Owned(c)
+    }
+
     /// Publishes the records and waits for the broker's acknowledgement.
     pub async fn publish(&self, records: &[ErrorRecord]) -> Result<(), SinkError> {
         let mut out = Vec::with_capacity(records.len());
         for r in records {
-            tracing::warn!(
-                service = self.service,
-                class = %r.error_class,
-                map = r.map.as_deref().unwrap_or("-"),
-                topic = r.topic.as_deref().unwrap_or("-"),
-                offset = r.offset.unwrap_or(-1),
-                "{}",
-                r.message
-            );
+            let prepared = self.prepare(r);
+            let r: &ErrorRecord = &prepared;
             crate::metrics::metrics()
                 .errors
                 .with_label_values(&[self.service, &r.error_class])

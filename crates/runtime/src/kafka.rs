@@ -1,18 +1,25 @@
 //! Kafka clients: one shared client context that routes librdkafka's logs
 //! into `tracing`, producers and consumers configured for at-least-once
-//! delivery, idempotent topic setup, and batch helpers.
+//! delivery, idempotent topic setup, and batch helpers. Calls that a real
+//! broker answers with transient errors (leaders being elected, a
+//! coordinator loading, a restart) are retried with a deadline ([`retry`]).
 
-use std::collections::HashMap;
+pub mod retry;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dualwrite_model::config::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{DeliveryResult, Message, OwnedMessage};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub use rdkafka;
@@ -89,6 +96,10 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("client.id", client_id)
         .set("statistics.interval.ms", "5000")
+        // TLS checks that the broker's certificate names the broker (as
+        // librdkafka does by default; said here so that it stays so).
+        // `ssl.endpoint.identification.algorithm = "none"` turns it off.
+        .set("ssl.endpoint.identification.algorithm", "https")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &cfg.properties {
         // `producer.X` / `consumer.X` apply to that kind of client only.
@@ -169,14 +180,11 @@ pub fn consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // Bounds each hop's latency on brokers that do not answer a fetch as
-        // soon as data arrives; Apache Kafka answers early anyway.
-        .set("fetch.wait.max.ms", "50")
-        // A killed member's partitions move to the others within seconds.
+        // The broker answers a fetch as soon as a record arrives; this only
+        // bounds how long an idle fetch waits (librdkafka's default).
+        .set("fetch.wait.max.ms", "500")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "3000")
-        // Also bounds how long a rebalance waits for a member that died
-        // without leaving (some brokers wait for this rather than the session).
         .set("max.poll.interval.ms", "30000");
     apply_overrides(&mut c, cfg, "consumer.");
     c.create_with_context(DwContext)
@@ -211,13 +219,40 @@ impl TopicSpec {
 }
 
 /// Creates the topics that do not exist yet and waits until the cluster's
-/// metadata shows every one of them with its partitions. Idempotent.
+/// metadata shows every partition of each with a leader, so that reads and
+/// writes right after it succeed. Idempotent.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), KafkaError> {
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DwContext> =
-        client_config(cfg, "dualwrite-admin").create_with_context(DwContext)?;
+    let admin: Arc<AdminClient<DwContext>> =
+        Arc::new(client_config(cfg, "dualwrite-admin").create_with_context(DwContext)?);
+    retry::retrying("create topics", || create_missing(&admin, cfg, topics)).await?;
+    let deadline = Instant::now() + retry::DEADLINE;
+    let mut waiting: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+    loop {
+        let (a, names) = (admin.clone(), waiting.clone());
+        waiting = tokio::task::spawn_blocking(move || without_leaders(&a, &names))
+            .await
+            .map_err(|_| KafkaError::Canceled)?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let after = retry::DEADLINE;
+            tracing::error!(topics = ?waiting, "partitions without a leader after {after:?}");
+            return Err(KafkaError::AdminOp(RDKafkaErrorCode::LeaderNotAvailable));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One try at creating the topics; those that exist already are fine.
+async fn create_missing(
+    admin: &AdminClient<DwContext>,
+    cfg: &KafkaConfig,
+    topics: &[TopicSpec],
+) -> Result<(), KafkaError> {
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -238,38 +273,75 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
             Ok(name) => tracing::info!(topic = %name, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code))
-                    .inspect_err(|_| tracing::error!(topic = %name, "cannot create topic: {code}"))
+                let e = KafkaError::AdminOp(code);
+                if retry::classify(&e) == retry::Retry::No {
+                    tracing::error!(topic = %name, "cannot create topic: {code}");
+                }
+                return Err(e);
             }
         }
     }
-    let want: HashMap<String, i32> = topics
-        .iter()
-        .map(|t| (t.name.clone(), t.partitions))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let md = admin.inner().fetch_metadata(None, Duration::from_secs(5))?;
-        let missing: Vec<&String> = want
-            .iter()
-            .filter(|(name, _)| {
-                !md.topics().iter().any(|t| {
-                    t.name() == name.as_str() && t.error().is_none() && !t.partitions().is_empty()
-                })
-            })
-            .map(|(n, _)| n)
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
+    Ok(())
+}
+
+/// The topics among `names` that the metadata does not show yet with a
+/// leader for every partition (all of them when the metadata cannot be
+/// read; blocking).
+fn without_leaders(admin: &AdminClient<DwContext>, names: &[String]) -> Vec<String> {
+    let ready = |name: &str| match admin
+        .inner()
+        .fetch_metadata(Some(name), Duration::from_secs(5))
+    {
+        Ok(md) => md.topics().iter().any(|t| {
+            t.name() == name
+                && t.error().is_none()
+                && !t.partitions().is_empty()
+                && t.partitions()
+                    .iter()
+                    .all(|p| p.error().is_none() && p.leader() >= 0)
+        }),
+        Err(e) => {
+            tracing::debug!(topic = name, "metadata: {e}");
+            false
         }
-        if Instant::now() > deadline {
-            tracing::error!(?missing, "topics not visible in metadata after 30 s");
-            return Err(KafkaError::AdminOp(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    names.iter().filter(|n| !ready(n)).cloned().collect()
+}
+
+/// Deletes every topic whose name starts with `prefix` (e.g. a retired
+/// deployment's `<topic_prefix>.`); returns how many there were.
+pub async fn delete_topics_with_prefix(
+    cfg: &KafkaConfig,
+    prefix: &str,
+) -> Result<usize, KafkaError> {
+    let admin: Arc<AdminClient<DwContext>> =
+        Arc::new(client_config(cfg, "dualwrite-admin").create_with_context(DwContext)?);
+    let (a, p) = (admin.clone(), prefix.to_owned());
+    let names: Vec<String> = tokio::task::spawn_blocking(move || {
+        retry::blocking("list topics", || {
+            let md = a.inner().fetch_metadata(None, Duration::from_secs(10))?;
+            Ok(md
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|n| n.starts_with(&p))
+                .collect())
+        })
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)??;
+    if names.is_empty() {
+        return Ok(0);
     }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&refs, &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(names.len())
 }
 
 /// A record to produce.
@@ -311,15 +383,88 @@ pub async fn send_all(producer: &Producer, records: &[Outgoing]) -> Result<(), K
     Ok(())
 }
 
-/// Receives up to `max` messages: waits for the first, then takes what
-/// arrives within `linger`.
-pub async fn recv_batch(
-    consumer: &KafkaConsumer,
-    max: usize,
-    linger: Duration,
-) -> Result<Vec<OwnedMessage>, KafkaError> {
-    let first = consumer.recv().await?.detach();
-    Ok(recv_more(consumer, first, max, linger).await)
+/// Produces every record and waits until the broker acknowledged all of
+/// them, or `timeout` passed (blocking: for the operator commands). Every
+/// delivery report is checked: a record the broker did not take fails the
+/// call.
+pub fn produce_blocking(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    records: &[Outgoing],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    produce_blocking_with_headers(cfg, client_id, records, &[], timeout)
+}
+
+/// As [`produce_blocking`], with a header `(name, value)` on the record of
+/// the same index (e.g. a control command's signature).
+pub fn produce_blocking_with_headers(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    records: &[Outgoing],
+    headers: &[(&str, String)],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let producer: BaseProducer<DeliveryCheck> = client_config(cfg, client_id)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .create_with_context(DeliveryCheck::default())?;
+    for (i, r) in records.iter().enumerate() {
+        let mut rec = BaseRecord::to(&r.topic).key(&r.key).payload(&r.payload);
+        if let Some((key, value)) = headers.get(i) {
+            rec = rec.headers(OwnedHeaders::new().insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            }));
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    producer.flush(timeout)?;
+    let failed = producer.context().failed.lock().map(|mut f| f.take());
+    match failed {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A producer context that keeps the first failed delivery.
+#[derive(Default)]
+struct DeliveryCheck {
+    failed: Mutex<Option<KafkaError>>,
+}
+
+impl ClientContext for DeliveryCheck {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        DwContext.log(level, fac, log_message)
+    }
+    fn stats(&self, stats: rdkafka::Statistics) {
+        DwContext.stats(stats)
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        DwContext.error(error, reason)
+    }
+}
+
+impl ProducerContext for DeliveryCheck {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            if let Ok(mut f) = self.failed.lock() {
+                f.get_or_insert_with(|| e.clone());
+            }
+        }
+    }
 }
 
 /// Given the first message of a batch, takes up to `max - 1` more that
@@ -350,8 +495,17 @@ pub async fn recv_more(
 /// Low and high watermarks of every partition of a topic (blocking: call
 /// from a blocking task).
 pub fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
-    let consumer: rdkafka::consumer::BaseConsumer<DwContext> =
+    let consumer: BaseConsumer<DwContext> =
         client_config(cfg, "dualwrite-watermarks").create_with_context(DwContext)?;
+    retry::blocking(&format!("watermarks of {topic}"), || {
+        watermarks_once(&consumer, topic)
+    })
+}
+
+fn watermarks_once(
+    consumer: &BaseConsumer<DwContext>,
+    topic: &str,
+) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut out = Vec::new();
     for t in md.topics() {
@@ -374,13 +528,39 @@ pub fn committed_positions(
     cfg: &KafkaConfig,
     consumer: &KafkaConsumer,
     topic: &str,
-) -> Result<std::collections::BTreeMap<i32, i64>, KafkaError> {
-    let marks = watermarks(cfg, topic)?;
+) -> Result<BTreeMap<i32, i64>, KafkaError> {
+    positions_of(consumer, &watermarks(cfg, topic)?, topic)
+}
+
+/// Where consumer group `group` left off on each partition of `topic`, as
+/// [`committed_positions`], without a consumer of the group at hand
+/// (blocking).
+pub fn group_positions(
+    cfg: &KafkaConfig,
+    group: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, KafkaError> {
+    let consumer: BaseConsumer<DwContext> = client_config(cfg, "dualwrite-offsets")
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create_with_context(DwContext)?;
+    positions_of(&consumer, &watermarks(cfg, topic)?, topic)
+}
+
+/// The committed offsets of a consumer's group on `topic` (the low
+/// watermark where it has none), retrying while the coordinator moves.
+fn positions_of<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    marks: &[(i32, i64, i64)],
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, KafkaError> {
     let mut tpl = TopicPartitionList::new();
-    for (p, _, _) in &marks {
+    for (p, _, _) in marks {
         tpl.add_partition(topic, *p);
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    let committed = retry::blocking(&format!("committed offsets on {topic}"), || {
+        consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))
+    })?;
     Ok(marks
         .iter()
         .map(|(p, lo, _)| {
@@ -391,6 +571,38 @@ pub fn committed_positions(
             (*p, c.max(*lo))
         })
         .collect())
+}
+
+/// How often consumers that hold offsets renew them
+/// ([`keep_offsets_alive`]): far within the broker's
+/// `offsets.retention.minutes` (at least one minute).
+pub const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Commits `positions` (the next offsets to read of `topic`'s partitions)
+/// again, unchanged, in the background. A commit renews the offsets'
+/// expiry: the broker drops the committed offsets of a group without
+/// members `offsets.retention.minutes` (7 days by default) after their last
+/// commit, and librdkafka's automatic commit sends only offsets that moved,
+/// so a consumer that assigns its partitions itself and holds them (a
+/// paused map) or has nothing to read would lose its place. Call it
+/// periodically (well within the retention) with exactly the offsets
+/// stored so far.
+pub fn keep_offsets_alive(consumer: &KafkaConsumer, topic: &str, positions: &BTreeMap<i32, i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in positions {
+        if tpl
+            .add_partition_offset(topic, *p, Offset::Offset(*o))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        tracing::warn!(%topic, "renewing the committed offsets failed: {e}");
+    }
 }
 
 /// A consumer that reads every partition of `topics` from where `group`
@@ -404,8 +616,8 @@ pub async fn assigned_consumer(
     group: &str,
     topics: &[String],
     shard: Shard,
-) -> Result<std::sync::Arc<KafkaConsumer>, KafkaError> {
-    let consumer = std::sync::Arc::new(consumer(cfg, client_id, group)?);
+) -> Result<Arc<KafkaConsumer>, KafkaError> {
+    let consumer = Arc::new(consumer(cfg, client_id, group)?);
     let (c, k, t) = (consumer.clone(), cfg.clone(), topics.to_vec());
     let tpl = tokio::task::spawn_blocking(move || {
         let mut tpl = TopicPartitionList::new();
@@ -468,7 +680,7 @@ impl std::fmt::Display for Shard {
 pub fn assign_at(
     consumer: &KafkaConsumer,
     topic: &str,
-    positions: &std::collections::BTreeMap<i32, i64>,
+    positions: &BTreeMap<i32, i64>,
 ) -> Result<(), KafkaError> {
     let mut tpl = TopicPartitionList::new();
     for (p, o) in positions {
@@ -477,16 +689,32 @@ pub fn assign_at(
     consumer.assign(&tpl)
 }
 
+/// The offsets a consumer's partitions were assigned at (by
+/// [`assigned_consumer`] or [`assign_at`]), per topic: where a consumer
+/// that has stored nothing yet holds its partitions.
+pub fn assigned_positions(
+    consumer: &KafkaConsumer,
+) -> Result<BTreeMap<String, BTreeMap<i32, i64>>, KafkaError> {
+    let mut out: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
+    for e in consumer.assignment()?.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            out.entry(e.topic().to_owned())
+                .or_default()
+                .insert(e.partition(), o);
+        }
+    }
+    Ok(out)
+}
+
 /// Every message of a topic from the beginning up to its end at the time of
 /// the call (blocking: call from a blocking task).
 pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, KafkaError> {
     let marks = watermarks(cfg, topic)?;
-    let consumer: rdkafka::consumer::BaseConsumer<DwContext> =
-        client_config(cfg, "dualwrite-reader")
-            .set("group.id", "dualwrite-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create_with_context(DwContext)?;
+    let consumer: BaseConsumer<DwContext> = client_config(cfg, "dualwrite-reader")
+        .set("group.id", "dualwrite-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create_with_context(DwContext)?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining: HashMap<i32, i64> = HashMap::new();
     for (p, lo, hi) in &marks {
@@ -500,7 +728,7 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, 
         return Ok(out);
     }
     consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + retry::DEADLINE;
     while !remaining.is_empty() {
         if Instant::now() > deadline {
             return Err(KafkaError::MessageConsumption(
@@ -514,6 +742,10 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, 
                 remaining.retain(|p, hi| {
                     !matches!(pos.find_partition(topic, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *hi)
                 });
+            }
+            // The client finds the new leader by itself; wait for it.
+            Some(Err(e)) if retry::classify(&e) != retry::Retry::No => {
+                tracing::debug!(%topic, "reading: {e}; retrying")
             }
             Some(Err(e)) => return Err(e),
             Some(Ok(m)) => {
@@ -559,7 +791,7 @@ pub fn store_offsets(
 pub fn store_positions(
     consumer: &KafkaConsumer,
     topic: &str,
-    next: &std::collections::BTreeMap<i32, i64>,
+    next: &BTreeMap<i32, i64>,
 ) -> Result<(), KafkaError> {
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {

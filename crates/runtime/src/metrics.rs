@@ -52,6 +52,10 @@ pub mod name {
     pub const INITIAL_SYNC_ROWS: &str = "dualwrite_initial_sync_rows";
     pub const INITIAL_SYNC_ROWS_DONE: &str = "dualwrite_initial_sync_rows_done";
     pub const INITIAL_SYNC_RECORDS: &str = "dualwrite_initial_sync_records_total";
+    pub const DECISIONS: &str = "dualwrite_resolver_writes_total";
+    pub const RESOLVER_RECORDS: &str = "dualwrite_resolver_records";
+    pub const DRIFT_RECORDS: &str = "dualwrite_drift_records";
+    pub const DRIFT_CHECKED: &str = "dualwrite_drift_rows_checked_total";
 }
 
 /// Every metric of the process.
@@ -81,6 +85,10 @@ pub struct Metrics {
     pub initial_sync_rows: IntGaugeVec,
     pub initial_sync_rows_done: IntGaugeVec,
     pub initial_sync_records: IntCounterVec,
+    pub decisions: IntCounterVec,
+    pub resolver_records: IntGaugeVec,
+    pub drift_records: IntGaugeVec,
+    pub drift_checked: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -133,7 +141,7 @@ impl Metrics {
             applied: counter(
                 &r,
                 APPLIED,
-                "Changes handled by an applier: written, stale, conflict_source_won, conflict_target_won, rejected, waiting_for_parent.",
+                "Writes handled by an applier: written, stale (a redelivery), superseded (the side changed since the decision: its newer write is resolved in its turn), rejected, waiting_for_parent.",
                 &[MAP, DIRECTION, OUTCOME],
             ),
             errors: counter(&r, ERRORS, "Records written to the errors topic.", &[SERVICE, CLASS]),
@@ -152,6 +160,10 @@ impl Metrics {
             initial_sync_rows: int_gauge(&r, INITIAL_SYNC_ROWS, "Rows the current initial write of a map reads on both sides (counted at its snapshots).", &[MAP]),
             initial_sync_rows_done: int_gauge(&r, INITIAL_SYNC_ROWS_DONE, "Rows the current initial write of a map has read so far.", &[MAP]),
             initial_sync_records: counter(&r, INITIAL_SYNC_RECORDS, "Records handled by initial writes: created, updated, unchanged, failed.", &[MAP, OUTCOME]),
+            decisions: counter(&r, DECISIONS, "Writes the resolver sent to a side's applier.", &[MAP, SIDE]),
+            resolver_records: int_gauge(&r, RESOLVER_RECORDS, "Records whose state the resolver of a map holds.", &[MAP]),
+            drift_records: int_gauge(&r, DRIFT_RECORDS, "Records of a running map found different on the two sides by the drift detector's last complete pass (confirmed, settled).", &[MAP]),
+            drift_checked: counter(&r, DRIFT_CHECKED, "Rows the drift detector compared, per side.", &[MAP, SIDE]),
             registry: r,
         };
         m.build_info

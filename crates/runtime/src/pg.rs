@@ -1,7 +1,8 @@
 //! PostgreSQL connections of a side.
 
 use dualwrite_model::config::PgConnection;
-use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use openssl::error::ErrorStack;
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Client;
@@ -10,6 +11,12 @@ use tokio_postgres::Client;
 pub enum ConnectError {
     #[error("TLS setup for PostgreSQL failed: {0}")]
     Tls(#[from] openssl::error::ErrorStack),
+    #[error("TLS setup for PostgreSQL: cannot use {what} `{path}`: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        source: openssl::error::ErrorStack,
+    },
     #[error("{}", describe(.0))]
     Pg(#[from] tokio_postgres::Error),
 }
@@ -21,7 +28,7 @@ impl ConnectError {
     /// Wrong credentials, an unknown database or TLS setup are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnectError::Tls(_) => false,
+            ConnectError::Tls(_) | ConnectError::TlsFile { .. } => false,
             ConnectError::Pg(e) => is_transient(e) || e.code().is_some_and(|c| c.code() == "55000"),
         }
     }
@@ -41,11 +48,12 @@ pub async fn connect(conn: &PgConnection, application_name: &str) -> Result<Clie
         cfg.password(pw.expose());
     }
     let mode = match conn.sslmode.as_deref() {
-        Some("require") => SslMode::Require,
+        Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
         Some("prefer") => SslMode::Prefer,
         _ => SslMode::Disable,
     };
     cfg.ssl_mode(mode);
+    warn_unverified(conn);
     let (client, connection) = if mode == SslMode::Disable {
         let (c, conn) = cfg.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
@@ -55,10 +63,7 @@ pub async fn connect(conn: &PgConnection, application_name: &str) -> Result<Clie
         });
         return Ok(c);
     } else {
-        let mut builder = SslConnector::builder(SslMethod::tls())?;
-        // sslmode=require encrypts without verifying the server, as libpq does.
-        builder.set_verify(SslVerifyMode::NONE);
-        cfg.connect(MakeTlsConnector::new(builder.build())).await?
+        cfg.connect(tls_connector(conn)?).await?
     };
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -66,6 +71,82 @@ pub async fn connect(conn: &PgConnection, application_name: &str) -> Result<Clie
         }
     });
     Ok(client)
+}
+
+/// The TLS client of a connection, as libpq's `sslmode`: `prefer` and
+/// `require` encrypt without verifying the server; `verify-ca` checks that
+/// its certificate chains to `sslrootcert`; `verify-full` also that it
+/// names the host connected to. A client certificate is sent when set.
+fn tls_connector(conn: &PgConnection) -> Result<MakeTlsConnector, ConnectError> {
+    fn file(what: &'static str, path: &str) -> impl FnOnce(ErrorStack) -> ConnectError {
+        let path = path.to_owned();
+        move |source| ConnectError::TlsFile { what, path, source }
+    }
+    let mode = conn.sslmode.as_deref().unwrap_or("disable");
+    let verify = mode.starts_with("verify-");
+    let mut b = SslConnector::builder(SslMethod::tls())?;
+    if verify {
+        match conn.sslrootcert.as_deref() {
+            Some("system") | None => b.set_default_verify_paths()?,
+            Some(path) => b
+                .set_ca_file(path)
+                .map_err(file("the CA certificates (sslrootcert)", path))?,
+        }
+        b.set_verify(SslVerifyMode::PEER);
+    } else {
+        b.set_verify(SslVerifyMode::NONE);
+    }
+    if let (Some(cert), Some(key)) = (&conn.sslcert, &conn.sslkey) {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        b.set_certificate_chain_file(&cert)
+            .map_err(file("the client certificate (sslcert)", &cert))?;
+        b.set_private_key_file(&key, SslFiletype::PEM)
+            .map_err(file("the client key (sslkey)", &key))?;
+        b.check_private_key().map_err(file(
+            "the client key (sslkey), which does not match sslcert,",
+            &key,
+        ))?;
+    }
+    let mut c = MakeTlsConnector::new(b.build());
+    // The host name is checked by default; verify-ca checks the chain only.
+    let full = mode == "verify-full";
+    c.set_callback(move |config, _host| {
+        config.set_verify_hostname(full);
+        Ok(())
+    });
+    Ok(c)
+}
+
+/// Warns once per host when a connection to another machine does not
+/// verify the server (anyone on the path could pose as it).
+fn warn_unverified(conn: &PgConnection) {
+    use std::sync::Mutex;
+    static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mode = conn.sslmode.as_deref().unwrap_or("disable");
+    if mode.starts_with("verify-") || is_local(&conn.host) {
+        return;
+    }
+    let Ok(mut warned) = WARNED.lock() else {
+        return;
+    };
+    if warned.contains(&conn.host) {
+        return;
+    }
+    warned.push(conn.host.clone());
+    tracing::warn!(
+        host = %conn.host,
+        sslmode = mode,
+        "the connection to PostgreSQL on another host does not verify the server: set sslmode = \"verify-full\" with sslrootcert"
+    );
+}
+
+/// A loopback address, `localhost` or a Unix socket folder.
+pub fn is_local(host: &str) -> bool {
+    host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether an error is worth retrying (connection lost, server shutting
@@ -125,8 +206,80 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        None => with_causes(e),
     }
+}
+
+/// An error's text followed by its causes' (e.g. why a TLS handshake
+/// failed: the certificate's verification and its reason).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
+/// A row's rejection for logs and error records, without the row's
+/// values: the server's message and SQLSTATE with the table, column and
+/// constraint it names, but not its detail (`Failing row contains (…)`,
+/// `Key (…)=(…)`), and for data exceptions (class 22, whose messages quote
+/// the value: `invalid input syntax for type integer: "x"`) every quoted
+/// text that is not one of those names replaced by `"…"`. The full text is
+/// [`describe`].
+pub fn describe_redacted(e: &tokio_postgres::Error) -> String {
+    let Some(db) = e.as_db_error() else {
+        return e.to_string();
+    };
+    let names: Vec<&str> = [
+        db.schema(),
+        db.table(),
+        db.column(),
+        db.constraint(),
+        db.datatype(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let code = db.code().code();
+    let message = if code.starts_with("22") {
+        redact_quoted(db.message(), &names)
+    } else {
+        db.message().to_owned()
+    };
+    let mut s = format!("{message} (SQLSTATE {code})");
+    let parts: Vec<String> = [
+        ("table", db.table()),
+        ("column", db.column()),
+        ("constraint", db.constraint()),
+    ]
+    .into_iter()
+    .filter_map(|(what, v)| v.map(|v| format!("{what} {v}")))
+    .collect();
+    if !parts.is_empty() {
+        s.push_str(&format!(" [{}]", parts.join(", ")));
+    }
+    s
+}
+
+/// `text` with each `"…"`-quoted part that is not one of `keep` replaced by `"…"`.
+fn redact_quoted(text: &str, keep: &[&str]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut parts = text.split('"');
+    out.push_str(parts.next().unwrap_or_default());
+    let mut inside = true;
+    for part in parts {
+        out.push('"');
+        if inside && !keep.contains(&part) {
+            out.push('…');
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out
 }
 
 /// `schema.table` (or `table`, in `public`) as a quoted identifier.
@@ -233,4 +386,38 @@ pub async fn schema_problems(
         tables[0].as_ref(),
         tables[1].as_ref(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_redacted_and_names_kept() {
+        assert_eq!(
+            redact_quoted(
+                r#"invalid input syntax for type integer: "Ann O'Neil""#,
+                &[]
+            ),
+            r#"invalid input syntax for type integer: "…""#
+        );
+        assert_eq!(
+            redact_quoted(r#"value "x" for column "age" and "y""#, &["age"]),
+            r#"value "…" for column "age" and "…""#
+        );
+        assert_eq!(
+            redact_quoted("numeric field overflow", &[]),
+            "numeric field overflow"
+        );
+    }
+
+    #[test]
+    fn loopback_hosts_are_local() {
+        for h in ["127.0.0.1", "::1", "localhost", "/var/run/postgresql"] {
+            assert!(is_local(h), "{h}");
+        }
+        for h in ["db1", "10.0.0.5", "db.example.com"] {
+            assert!(!is_local(h), "{h}");
+        }
+    }
 }

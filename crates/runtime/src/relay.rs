@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dualwrite_model::record::ErrorRecord;
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -23,7 +23,10 @@ pub struct Output {
     pub errors: Vec<ErrorRecord>,
 }
 
-/// Runs the loop until `shutdown` is cancelled, then commits the stored offsets.
+/// Runs the loop until `shutdown` is cancelled, then commits the stored
+/// offsets. Meanwhile it renews the committed offsets every
+/// [`kafka::KEEPALIVE`], so that an input without new records keeps its
+/// place (see [`kafka::keep_offsets_alive`]).
 pub async fn relay<F>(
     consumer: &KafkaConsumer,
     producer: &Producer,
@@ -35,15 +38,24 @@ where
     F: FnMut(&[OwnedMessage]) -> Output,
 {
     let mut backoff = Backoff::new(errors.service());
+    let mut held = kafka::assigned_positions(consumer)?;
+    let mut keepalive = tokio::time::interval(kafka::KEEPALIVE);
     loop {
-        // Priority: shutdown first, then the next batch.
-        let batch = tokio::select! {
+        // Priority: shutdown first, then renewing offsets, then the next
+        // batch (whose first `recv` is cancel-safe; the rest is taken outside).
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            b = kafka::recv_batch(consumer, 1000, Duration::from_millis(5)) => b,
+            _ = keepalive.tick() => {
+                for (topic, positions) in &held {
+                    kafka::keep_offsets_alive(consumer, topic, positions);
+                }
+                continue;
+            }
+            m = consumer.recv() => m,
         };
-        let batch = match batch {
-            Ok(b) => b,
+        let first = match first {
+            Ok(m) => m.detach(),
             Err(e) => {
                 tracing::warn!("receive failed: {e}");
                 if backoff.brief(shutdown).await {
@@ -52,12 +64,18 @@ where
                 continue;
             }
         };
+        let batch = kafka::recv_more(consumer, first, 1000, Duration::from_millis(5)).await;
         let output = process(&batch);
         if !deliver(producer, errors, &output, &mut backoff, shutdown).await {
             break;
         }
         backoff.reset();
         kafka::store_offsets(consumer, &batch)?;
+        for m in &batch {
+            let next = held.entry(m.topic().to_owned()).or_default();
+            let e = next.entry(m.partition()).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
     }
     kafka::commit_now(consumer);
     Ok(())

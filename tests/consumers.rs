@@ -1,0 +1,410 @@
+//! Consumers on a real Apache Kafka broker: the offsets a paused map holds
+//! outlive the broker's offsets retention, and the router and the appliers
+//! change their number of instances under load without losing a change.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{
+    all_drained, backlog, commit_once, committed, drained, eventually, PrivateStack, TestEnv,
+    PAUSE_BUFFER,
+};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The broker drops a member-less group's offsets one minute (the least
+/// it allows) after their last commit, and looks every second.
+const SHORT_RETENTION: &str =
+    "offsets.retention.minutes=1 offsets.retention.check.interval.ms=1000";
+
+/// Creates customers `<tag>001` … on the left side, one transaction.
+async fn insert(fno: &Client, tag: &str, n: usize) {
+    fno.batch_execute(&format!(
+        "INSERT INTO customers_v3 (customeraccount, organizationname)
+         SELECT '{tag}' || lpad(i::text, 3, '0'), '{tag} ' || i FROM generate_series(1, {n}) i"
+    ))
+    .await
+    .unwrap();
+}
+
+/// Waits until the right side has the `n` customers `<tag>…`.
+async fn arrived(dv: &Client, tag: &str, n: i64) {
+    let sql = format!("SELECT count(*) FROM accounts WHERE accountnumber LIKE '{tag}%'");
+    eventually(&format!("{n} {tag} accounts arrived"), WAIT, || async {
+        dv.query_one(sql.as_str(), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == n
+    })
+    .await;
+}
+
+/// How many upserts of map `customers` each key got on an apply topic.
+fn upserts_per_key(records: &[serde_json::Value]) -> BTreeMap<String, usize> {
+    let mut n = BTreeMap::new();
+    for r in records {
+        if r["value"]["map"] == "customers" && r["value"]["op"] == "UPSERT" {
+            *n.entry(r["key"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+    }
+    n
+}
+
+/// The offsets `group` has committed on `topic` (partition, offset);
+/// panics when it has none.
+fn held_offsets(env: &TestEnv, group: &str, topic: &str) -> Vec<(i32, i64)> {
+    let all = committed(env, group, topic);
+    let held: Vec<(i32, i64)> = all.iter().filter_map(|(p, o)| Some((*p, (*o)?))).collect();
+    assert!(
+        !held.is_empty(),
+        "{group} committed nothing on {topic}: {all:?}"
+    );
+    held
+}
+
+/// Panics unless `group` still has exactly the offsets `held` on `topic`.
+fn still_held(env: &TestEnv, group: &str, topic: &str, held: &[(i32, i64)]) {
+    let now = committed(env, group, topic);
+    for (p, o) in held {
+        assert!(
+            now.contains(&(*p, Some(*o))),
+            "{group}'s offsets on {topic} were dropped or moved: {held:?} -> {now:?}"
+        );
+    }
+}
+
+/// Kafka drops the committed offsets of a group without members
+/// `offsets.retention.minutes` after their last commit, and the pause
+/// buffer's gates hold their partitions without joining a group. A map
+/// paused for longer must still resume from exactly where it stopped:
+/// nothing queued lost, nothing from before the pause sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_paused_past_the_offsets_retention_resumes_where_it_stopped() {
+    let stack = PrivateStack::start_with("retention", SHORT_RETENTION);
+    let mut env = TestEnv::on(stack.stack.clone(), "retention", "").await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let (fno, dv) = (env.fno().await, env.dv().await);
+    insert(&fno, "P", 10).await;
+    arrived(&dv, "P", 10).await;
+    drained(&env, "customers", "dataverse").await;
+
+    env.ctl(&["pause", "customers", "--timeout-secs", "60"]);
+    insert(&fno, "Q", 10).await;
+    eventually("the changes queue on the paused map", WAIT, || async {
+        backlog(&env, "customers") >= 10
+    })
+    .await;
+    let (group, topic) = (
+        format!("{}.pause-buffer.customers", env.prefix),
+        format!("{}.map.customers", env.prefix),
+    );
+    let held = held_offsets(&env, &group, &topic);
+    let queued = backlog(&env, "customers");
+    // The router has nothing to read meanwhile either.
+    let router = (
+        format!("{}.router", env.prefix),
+        format!("{}.capture.fno", env.prefix),
+    );
+    let router_held = held_offsets(&env, &router.0, &router.1);
+
+    // A witness group commits once, now, after the gate's last move, and
+    // never again: when the broker has dropped its offsets, it has dropped
+    // any offsets not renewed since.
+    let witness = format!("{}.witness", env.prefix);
+    commit_once(&env, &witness, &topic, &held);
+    eventually(
+        "the broker drops the witness group's offsets",
+        Duration::from_secs(180),
+        || {
+            let gone = committed(&env, &witness, &topic)
+                .iter()
+                .all(|(_, o)| o.is_none());
+            async move { gone }
+        },
+    )
+    .await;
+    still_held(&env, &group, &topic, &held);
+    still_held(&env, &router.0, &router.1, &router_held);
+
+    env.service(PAUSE_BUFFER).stop();
+    env.service(PAUSE_BUFFER).restart();
+    assert_eq!(env.states()["customers"], "Paused");
+    assert_eq!(backlog(&env, "customers"), queued);
+    env.ctl(&["run", "customers", "--timeout-secs", "60"]);
+    arrived(&dv, "Q", 10).await;
+    drained(&env, "customers", "dataverse").await;
+    let upserts = upserts_per_key(&env.tail("apply:dataverse"));
+    for tag in ["P", "Q"] {
+        for i in 1..=10 {
+            let key = format!("[\"{tag}{i:03}\"]");
+            assert_eq!(
+                upserts.get(&key),
+                Some(&1),
+                "{key} not released exactly once: {upserts:?}"
+            );
+        }
+    }
+    env.cleanup().await;
+}
+
+/// One side's table as the load writes it.
+#[derive(Clone, Copy)]
+struct Table {
+    tag: &'static str,
+    table: &'static str,
+    key: &'static str,
+    name: &'static str,
+}
+
+const LEFT: Table = Table {
+    tag: "L",
+    table: "customers_v3",
+    key: "customeraccount",
+    name: "organizationname",
+};
+const RIGHT: Table = Table {
+    tag: "M",
+    table: "accounts",
+    key: "accountnumber",
+    name: "name",
+};
+/// Records every tick of the load updates one of.
+const HOT: u64 = 20;
+
+fn now_micros() -> i64 {
+    dualwrite_runtime::now_micros()
+}
+
+/// The load on one side until `stop`: every 10 ms one transaction that
+/// creates a record named with its write time (µs) and updates one of the
+/// side's hot records with the tick. Returns the ticks written.
+fn load(c: Client, t: Table, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut tick = 0;
+        while !stop.load(Ordering::Relaxed) {
+            tick += 1;
+            c.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO {tb} ({k}, {n}) VALUES ('{tag}{tick:06}',
+                   (extract(epoch from clock_timestamp()) * 1000000)::bigint::text);
+                 UPDATE {tb} SET {n} = '{tick}' WHERE {k} = '{tag}H{h:02}';
+                 COMMIT;",
+                tb = t.table,
+                k = t.key,
+                n = t.name,
+                tag = t.tag,
+                h = tick % HOT
+            ))
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tick
+    })
+}
+
+/// When each record of the load arrived on the other side: (written µs,
+/// arrived µs), polled every 100 ms until `stop`.
+fn arrivals(
+    c: Client,
+    from: Table,
+    to: Table,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Vec<(i64, i64)>> {
+    let sql = format!(
+        "SELECT {k}, {n} FROM {tb} WHERE {k} LIKE '{tag}0%'",
+        k = to.key,
+        n = to.name,
+        tb = to.table,
+        tag = from.tag
+    );
+    tokio::spawn(async move {
+        let (mut seen, mut out) = (HashSet::new(), Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            let now = now_micros();
+            for r in c.query(sql.as_str(), &[]).await.unwrap() {
+                let key: String = r.get(0);
+                let written: Option<String> = r.get(1);
+                if let Some(w) = written.and_then(|w| w.parse::<i64>().ok()) {
+                    if seen.insert(key) {
+                        out.push((w, now));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        out
+    })
+}
+
+/// The router's and both appliers' instances for `n` shards.
+fn spawn_shards(env: &mut TestEnv, n: u32) -> Vec<usize> {
+    let count = n.to_string();
+    let mut started = Vec::new();
+    for i in 0..n {
+        let index = i.to_string();
+        let shard = ["--instance-index", &index, "--instances", &count];
+        started.push(env.spawn(&[&["router"][..], &shard].concat()));
+        for side in ["fno", "dataverse"] {
+            started.push(env.spawn(&[&["apply", "--side", side][..], &shard].concat()));
+        }
+    }
+    started
+}
+
+/// A phase of the load: (name, start µs, end µs).
+type Phase = (String, i64, i64);
+
+/// Latency (ms) of the changes written within each phase: count, p50, p99,
+/// max, and the longest time without any arrival.
+fn report(arrived: &mut [(i64, i64)], phases: &[Phase]) -> String {
+    arrived.sort();
+    let mut out =
+        String::from("phase                  changes  p50 ms  p99 ms  max ms  longest gap ms\n");
+    for (name, from, to) in phases {
+        let mut lat: Vec<i64> = arrived
+            .iter()
+            .filter(|(w, _)| w >= from && w < to)
+            .map(|(w, a)| (a - w) / 1000)
+            .collect();
+        lat.sort();
+        let mut at: Vec<i64> = arrived
+            .iter()
+            .filter(|(_, a)| a >= from && a < to)
+            .map(|(_, a)| *a)
+            .collect();
+        at.sort();
+        let gap = at
+            .windows(2)
+            .map(|w| (w[1] - w[0]) / 1000)
+            .max()
+            .unwrap_or(0);
+        let q = |f: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * f) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        out.push_str(&format!(
+            "{name:<22} {:>7} {:>7} {:>7} {:>7} {gap:>15}\n",
+            lat.len(),
+            q(0.5),
+            q(0.99),
+            lat.last().copied().unwrap_or(0)
+        ));
+    }
+    out
+}
+
+/// Waits until the other side has every record of the load and each hot
+/// record's last value.
+async fn load_arrived(other: &Client, from: Table, to: Table, ticks: u64) {
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE {k} LIKE '{tag}0%'),
+                count(*) FILTER (WHERE {k} LIKE '{tag}H%' AND {n} = ANY($1))
+           FROM {tb}",
+        k = to.key,
+        n = to.name,
+        tb = to.table,
+        tag = from.tag
+    );
+    // The last tick that touched each hot record.
+    let last: Vec<String> = (ticks.saturating_sub(HOT - 1)..=ticks)
+        .map(|t| t.to_string())
+        .collect();
+    let what = format!("all {ticks} {} changes on the other side", from.tag);
+    eventually(&what, WAIT, || async {
+        let r = other.query_one(sql.as_str(), &[&last]).await.unwrap();
+        (r.get::<_, i64>(0), r.get::<_, i64>(1)) == (ticks as i64, HOT as i64)
+    })
+    .await;
+}
+
+/// The router and both appliers go from 2 to 3 to 1 instances while both
+/// sides write 100 changes a second each: every instance is stopped
+/// (SIGTERM, offsets committed) and the new ones started with the new
+/// count. Every change arrives, each record ends with its last value, and
+/// the changes' latency through each step is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_and_appliers_rescale_2_3_1_under_load_without_losing_a_change() {
+    let mut env = TestEnv::new("rescale").await;
+    let (fno, dv) = (env.fno().await, env.dv().await);
+    for (c, t) in [(&fno, LEFT), (&dv, RIGHT)] {
+        c.batch_execute(&format!(
+            "INSERT INTO {} ({}, {}) SELECT '{}H' || lpad(i::text, 2, '0'), 'hot' FROM generate_series(0, {}) i",
+            t.table, t.key, t.name, t.tag, HOT - 1
+        ))
+        .await
+        .unwrap();
+    }
+    for args in [
+        &["capture", "--side", "fno"][..],
+        &["capture", "--side", "dataverse"],
+        &["pause-buffer"],
+    ] {
+        env.spawn(args);
+    }
+    let mut shards = spawn_shards(&mut env, 2);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let polled = Arc::new(AtomicBool::new(false));
+    let loads = [
+        load(env.fno().await, LEFT, stop.clone()),
+        load(env.dv().await, RIGHT, stop.clone()),
+    ];
+    let watch = [
+        arrivals(env.dv().await, LEFT, RIGHT, polled.clone()),
+        arrivals(env.fno().await, RIGHT, LEFT, polled.clone()),
+    ];
+    let steady = Duration::from_secs(8);
+    let mut phases: Vec<Phase> = Vec::new();
+    for (was, n) in [(2, 3), (3, 1)] {
+        let from = now_micros();
+        tokio::time::sleep(steady).await;
+        let begin = now_micros();
+        phases.push((format!("{was} instances"), from, begin));
+        let t = Instant::now();
+        env.stop_many(&shards);
+        shards = spawn_shards(&mut env, n);
+        eprintln!(
+            "rescale {was} -> {n}: old instances stopped and new ones started in {:?}",
+            t.elapsed()
+        );
+        // The load goes on while the new instances take over.
+        tokio::time::sleep(steady).await;
+        phases.push((
+            format!("{was} -> {n}, {} s", steady.as_secs()),
+            begin,
+            now_micros(),
+        ));
+    }
+    let from = now_micros();
+    tokio::time::sleep(steady).await;
+    stop.store(true, Ordering::Relaxed);
+    phases.push(("1 instance".to_owned(), from, now_micros()));
+    let [l, r] = loads;
+    let (left_ticks, right_ticks) = (l.await.unwrap(), r.await.unwrap());
+    load_arrived(&dv, LEFT, RIGHT, left_ticks).await;
+    load_arrived(&fno, RIGHT, LEFT, right_ticks).await;
+    polled.store(true, Ordering::Relaxed);
+    let mut arrived = Vec::new();
+    for w in watch {
+        arrived.extend(w.await.unwrap());
+    }
+    eprintln!("{}", report(&mut arrived, &phases));
+    all_drained(&env).await;
+    let (code, out, err) = env.run(&["ctl", "verify"]);
+    assert_eq!(code, 0, "ctl verify found differences:\n{out}\n{err}");
+    env.cleanup().await;
+}
