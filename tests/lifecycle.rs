@@ -414,3 +414,70 @@ async fn resume_policies_discard_and_skip_to_live_with_retry() {
     );
     env.cleanup().await;
 }
+
+/// A pause is quiet: its COMPLETED comes only once nothing of the map is
+/// on the way to the target. With the target's applier stopped, 10,000
+/// changes are released to its apply topic; the pause is then not
+/// completed while they wait there, and when the applier is back and has
+/// written them, the COMPLETED comes, after which the target does not
+/// change any more. Before, COMPLETED came when the command was processed
+/// and the target kept gaining rows after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_completes_only_when_nothing_of_the_map_is_in_flight() {
+    let mut env = TestEnv::new("quietpause").await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let (fno, dv) = (env.fno().await, env.dv().await);
+    let p = env.prefix.clone();
+    let (group, topic) = (
+        format!("{p}.apply.dataverse"),
+        format!("{p}.apply.dataverse"),
+    );
+    env.service(5).stop();
+    write_10k(&fno, "W").await;
+    eventually("the changes wait in the apply topic", WAIT, || {
+        let gate = support::group_lag(
+            &env,
+            &format!("{p}.pause-buffer.customers"),
+            &format!("{p}.map.customers"),
+        );
+        let apply = support::group_lag(&env, &group, &topic);
+        async move { gate == 0 && apply >= 5_000 }
+    })
+    .await;
+
+    let (code, out, err) = env.run(&["ctl", "pause", "customers", "--timeout-secs", "5"]);
+    assert_ne!(
+        code, 0,
+        "the pause completed with writes in flight:\n{out}\n{err}"
+    );
+    assert!(!out.contains("COMPLETED"), "{out}");
+    assert_eq!(env.states()["customers"], "Paused");
+    assert!(synced(&dv, "W").await < 5_000);
+
+    env.service(5).restart();
+    let completed = |events: &[serde_json::Value]| {
+        events.iter().any(|e| {
+            let v = &e["value"];
+            v["map"] == "customers" && v["outcome"] == "COMPLETED" && v["state"] == "Paused"
+        })
+    };
+    env.tail_until("events", "the pause completes", WAIT, completed)
+        .await;
+    // Everything released before the pause was written by then …
+    assert_eq!(synced(&dv, "W").await, 5_000);
+    // … and what is written after it waits for the map to run again.
+    fno.batch_execute(
+        "UPDATE customers_v3 SET organizationname = 'after' WHERE customeraccount = 'W00001'",
+    )
+    .await
+    .unwrap();
+    eventually("the change is queued", WAIT, || {
+        let n = support::backlog(&env, "customers");
+        async move { n >= 1 }
+    })
+    .await;
+    assert_eq!(synced(&dv, "W").await, 5_000);
+    env.cleanup().await;
+}

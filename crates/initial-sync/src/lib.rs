@@ -97,9 +97,9 @@ pub struct Job {
     /// The conflict master chosen at run time (a side name), if any.
     pub conflict_master: Option<String>,
     pub producer: Producer,
-    /// True once the map's gate holds it: nothing it forwarded is still
-    /// on the way to the appliers.
-    pub held: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Non-zero once the map's gate holds it: nothing it forwarded is
+    /// still on the way to the apply topics.
+    pub held: Option<tokio::sync::watch::Receiver<i64>>,
 }
 
 enum Failure {
@@ -193,14 +193,15 @@ async fn attempt(
     if let Some(mut held) = job.held.clone() {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(false),
-            r = held.wait_for(|h| *h) => {
+            r = held.wait_for(|h| *h != 0) => {
                 if r.is_err() {
                     return Ok(false);
                 }
             }
         }
     }
-    if !appliers_drained(config, cancel).await? {
+    let drained = kafka::drain::appliers_drained(config, cancel).await;
+    if !drained.map_err(Failure::Transient)? {
         return Ok(false);
     }
     let master = job
@@ -504,48 +505,6 @@ fn sync_error(
         message,
         occurred_at: dualwrite_runtime::now_micros(),
     }
-}
-
-/// Waits until every applier has written what was released to it (its
-/// group's committed offsets reach the apply topics' current end offsets).
-async fn appliers_drained(
-    config: &Arc<Config>,
-    cancel: &CancellationToken,
-) -> Result<bool, Failure> {
-    let t = Topics::new(&config.kafka.topic_prefix);
-    for side in [&config.sides.left.name, &config.sides.right.name] {
-        let topic = t.apply(side);
-        let group = t.group(&format!("apply.{side}"));
-        let consumer = Arc::new(
-            kafka::consumer(&config.kafka, "dualwrite-initial-sync", &group)
-                .map_err(|e| Failure::Transient(format!("Kafka consumer: {e}")))?,
-        );
-        let (cfg, top) = (config.clone(), topic.clone());
-        let ends = tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top))
-            .await
-            .map_err(|e| Failure::Transient(e.to_string()))?
-            .map_err(|e| Failure::Transient(format!("end offsets of {topic}: {e}")))?;
-        loop {
-            let (cfg, top, c) = (config.clone(), topic.clone(), consumer.clone());
-            let committed = tokio::task::spawn_blocking(move || {
-                kafka::committed_positions(&cfg.kafka, &c, &top)
-            })
-            .await
-            .map_err(|e| Failure::Transient(e.to_string()))?
-            .map_err(|e| Failure::Transient(format!("committed offsets of {group}: {e}")))?;
-            if ends
-                .iter()
-                .all(|(p, _, hi)| committed.get(p).is_some_and(|c| c >= hi))
-            {
-                break;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
-    }
-    Ok(true)
 }
 
 enum Outcome {

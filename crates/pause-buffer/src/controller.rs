@@ -107,6 +107,10 @@ pub fn plan(
 pub struct Effects {
     pub statuses: Vec<MapStatus>,
     pub events: Vec<ControlEvent>,
+    /// Events to send once nothing of their map is in flight: its gate
+    /// holds it by its new status and the appliers wrote everything it
+    /// released before (a pause's COMPLETED).
+    pub quiet: Vec<ControlEvent>,
 }
 
 pub fn event(
@@ -400,7 +404,13 @@ impl Controller {
                         "paused: changes queue until the map is run again",
                         now,
                     );
-                    fx.events.push(completed(id, m, s.state, "paused", now));
+                    fx.quiet.push(completed(
+                        id,
+                        m,
+                        s.state,
+                        "paused: nothing of the map is in flight any more",
+                        now,
+                    ));
                 }
                 MapState::NotRunning => {
                     s.paused_at = None;
@@ -733,8 +743,12 @@ mod tests {
         assert_eq!((s.state, s.generation), (MapState::Running, 1));
         assert_eq!(s.start_offsets, ends("").unwrap());
 
-        apply(&mut c, &cfg, &cmd("2", Action::Pause, "currencies"));
+        let fx = apply(&mut c, &cfg, &cmd("2", Action::Pause, "currencies"));
         assert_eq!(c.statuses["currencies"].state, MapState::Paused);
+        // The pause completes only once nothing of the map is in flight.
+        assert_eq!(outcomes(&fx), [Outcome::Accepted, Outcome::StateChanged]);
+        let quiet: Vec<Outcome> = fx.quiet.iter().map(|e| e.outcome).collect();
+        assert_eq!(quiet, [Outcome::Completed]);
         let mut resume = cmd("3", Action::Run, "currencies");
         resume.resume_policy = Some(ResumePolicy::Discard);
         let fx = apply(&mut c, &cfg, &resume);

@@ -63,8 +63,10 @@ pub struct Gate {
     producer: Producer,
     errors: ErrorSink,
     reports: mpsc::Sender<Report>,
-    /// True while the gate holds the map (nothing in flight to the appliers).
-    held: watch::Sender<bool>,
+    /// While the gate holds the map (everything it released delivered to
+    /// the apply topics, nothing more released): the `updated_at` of the
+    /// status it holds by; 0 while the map flows.
+    held: watch::Sender<i64>,
     /// Next offset to read, per partition.
     position: BTreeMap<i32, i64>,
     status: MapStatus,
@@ -144,7 +146,7 @@ impl Gate {
             position,
             status: status.clone(),
             reported: None,
-            held: watch::channel(false).0,
+            held: watch::channel(0).0,
             paused: false,
             last_released: None,
             resume_started: None,
@@ -253,7 +255,12 @@ impl Gate {
         }
         // Status changes are taken between batches: when the map is held,
         // everything the gate forwarded was delivered.
-        self.held.send_replace(!self.status.state.flows());
+        let held = if self.status.state.flows() {
+            0
+        } else {
+            self.status.updated_at.max(1)
+        };
+        self.held.send_replace(held);
         Ok(())
     }
 
@@ -340,8 +347,8 @@ impl Gate {
         self.resolving.clone()
     }
 
-    /// Says whether the gate holds the map (see [`Gate::apply`]).
-    pub fn held(&self) -> watch::Receiver<bool> {
+    /// Whether, and by which status, the gate holds the map (see [`Gate::apply`]).
+    pub fn held(&self) -> watch::Receiver<i64> {
         self.held.subscribe()
     }
 

@@ -134,7 +134,7 @@ async fn run_inner(
 
     let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
     let mut senders: BTreeMap<String, watch::Sender<MapStatus>> = BTreeMap::new();
-    let mut held: BTreeMap<String, watch::Receiver<bool>> = BTreeMap::new();
+    let mut held: BTreeMap<String, watch::Receiver<i64>> = BTreeMap::new();
     let mut gates = JoinSet::new();
     let mut watched = BTreeMap::new();
     for (map, status) in &ctl.statuses {
@@ -220,6 +220,7 @@ async fn run_inner(
     health().set("pause-buffer:state", true);
     let (copy_tx, mut copy_rx) = mpsc::channel::<initial_sync::Report>(16);
     let mut copy: Option<Copying> = None;
+    let mut quieting: JoinSet<Option<ControlEvent>> = JoinSet::new();
     loop {
         schedule_copy(
             &ctl, &config, &producer, &held, &mut copy, &copy_tx, &shutdown,
@@ -243,6 +244,12 @@ async fn run_inner(
                 }
                 ctl.commit(&fx, None);
                 notify(&ctl, &fx, &senders);
+            }
+            Some(Ok(Some(ev))) = quieting.join_next() => {
+                let fx = Effects { events: vec![ev], ..Effects::default() };
+                if !write(&producer, &errors, &t, &fx, &mut backoff, &shutdown).await {
+                    break;
+                }
             }
             Some(report) = copy_rx.recv() => {
                 let now = now_micros();
@@ -332,6 +339,12 @@ async fn run_inner(
                 }
                 ctl.commit(&fx, id.as_deref());
                 notify(&ctl, &fx, &senders);
+                for ev in fx.quiet {
+                    let Some(map) = ev.map.clone() else { continue };
+                    let (Some(h), Some(tx), Some(s)) = (held.get(&map), senders.get(&map), ctl.statuses.get(&map)) else { continue };
+                    let q = quiet(config.clone(), ev, s.updated_at, h.clone(), tx.subscribe(), shutdown.clone());
+                    quieting.spawn(q.instrument(tracing::info_span!("quiet", map = %map)));
+                }
                 backoff.reset();
                 kafka::store_offsets(&control, std::slice::from_ref(&m))?;
                 control_at.insert(m.partition(), m.offset() + 1);
@@ -357,7 +370,7 @@ fn schedule_copy(
     ctl: &Controller,
     config: &Arc<Config>,
     producer: &Producer,
-    held: &BTreeMap<String, watch::Receiver<bool>>,
+    held: &BTreeMap<String, watch::Receiver<i64>>,
     copy: &mut Option<Copying>,
     reports: &mpsc::Sender<initial_sync::Report>,
     shutdown: &CancellationToken,
@@ -469,7 +482,46 @@ fn unreadable(m: &OwnedMessage, reason: String, now: i64) -> Effects {
             format!("command at {at} rejected: {reason}"),
             now,
         )],
+        quiet: Vec::new(),
     }
+}
+
+/// A pause's COMPLETED, sent once nothing of its map is in flight: the
+/// gate holds the map by the paused status (it releases nothing more of
+/// it) and the appliers wrote everything it released before. If the map
+/// is run or stopped again first, the event says so instead. None on
+/// shutdown (the pause stands; only its acknowledgement is not sent).
+async fn quiet(
+    config: Arc<Config>,
+    mut ev: ControlEvent,
+    since: i64,
+    mut held: watch::Receiver<i64>,
+    mut status: watch::Receiver<MapStatus>,
+    shutdown: CancellationToken,
+) -> Option<ControlEvent> {
+    let quiet = async {
+        held.wait_for(|h| *h >= since).await.ok()?;
+        loop {
+            match kafka::drain::appliers_drained(&config, &shutdown).await {
+                Ok(done) => return done.then_some(()),
+                Err(e) => tracing::warn!("waiting for the appliers to drain, retrying: {e}"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        r = status.wait_for(|s| s.updated_at > since && s.state != MapState::Paused) => {
+            let state = r.ok()?.state;
+            ev.message = format!("paused, then {state} before nothing of the map was in flight");
+        }
+        r = quiet => r?,
+    }
+    ev.at = now_micros();
+    Some(ev)
 }
 
 /// The control commands' signing keys, when configured (see

@@ -1,0 +1,61 @@
+//! Waiting until the appliers have written what was released to them.
+//!
+//! The pause buffer releases a map's writes to `<p>.apply.<side>`; an
+//! applier commits its group's offsets after it wrote them. Once a gate
+//! holds a map (it releases nothing more of it), the apply topics' end
+//! offsets taken then bound everything of the map still in flight: when
+//! both appliers' committed offsets reach them, nothing of the map is left
+//! to be written. The initial write waits on it before it reads its
+//! snapshots, a pause before it is acknowledged as completed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_model::config::Config;
+use dualwrite_model::topics::Topics;
+use tokio_util::sync::CancellationToken;
+
+/// How often the committed offsets are read while waiting.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Waits until both appliers' committed offsets reach the apply topics'
+/// end offsets as they are when this is called. False if `cancel` came
+/// first; an error says which topic or group could not be read.
+pub async fn appliers_drained(
+    config: &Arc<Config>,
+    cancel: &CancellationToken,
+) -> Result<bool, String> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let sides = [&config.sides.left.name, &config.sides.right.name];
+    let mut targets = Vec::new();
+    for side in sides {
+        let (cfg, topic) = (config.clone(), t.apply(side));
+        let ends = tokio::task::spawn_blocking(move || super::watermarks(&cfg.kafka, &topic))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("end offsets of {}: {e}", t.apply(side)))?;
+        targets.push((side, ends));
+    }
+    for (side, ends) in targets {
+        let (topic, group) = (t.apply(side), t.group(&format!("apply.{side}")));
+        loop {
+            let (cfg, top, g) = (config.clone(), topic.clone(), group.clone());
+            let committed =
+                tokio::task::spawn_blocking(move || super::group_positions(&cfg.kafka, &g, &top))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("committed offsets of {group}: {e}"))?;
+            if ends
+                .iter()
+                .all(|(p, _, hi)| committed.get(p).is_some_and(|c| c >= hi))
+            {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+    Ok(true)
+}
