@@ -481,3 +481,67 @@ async fn a_pause_completes_only_when_nothing_of_the_map_is_in_flight() {
     assert_eq!(synced(&dv, "W").await, 5_000);
     env.cleanup().await;
 }
+
+/// Parent rows queued on the `customer_groups` map, then customers
+/// referring to the last of them.
+const QUEUED_PARENTS: u32 = 40_000;
+
+/// Related maps catch up parents first. `pause --include-related` of a
+/// parent map pauses the maps that depend on it too; a related run then
+/// lets a child map's catch-up wait while a parent map catches up, so no
+/// child is written before its parent (with `parent_wait_secs = 5`, a
+/// child that overtook its parents' backlog of 40,000 would fail to the
+/// errors topic). Before, every map of a related run caught up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn related_maps_catch_up_parents_first() {
+    let mut env = TestEnv::with_config("parentsfirst", "\n[apply]\nparent_wait_secs = 5\n").await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let (fno, dv) = (env.fno().await, env.dv().await);
+    env.ctl(&["pause", "customer_groups", "--include-related"]);
+    let states = env.states();
+    for m in ["customer_groups", "customers", "contacts"] {
+        assert_eq!(states[m], "Paused", "{m}: {states:?}");
+    }
+    assert_eq!(states["currencies"], "Running");
+
+    let n = QUEUED_PARENTS;
+    fno.batch_execute(&format!(
+        "INSERT INTO customer_groups SELECT 'PG' || lpad(i::text, 6, '0'), 'queued parent ' || i, 'Net30'
+           FROM generate_series(1, {n}) i;
+         INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid)
+           SELECT 'PC' || lpad(i::text, 4, '0'), 'child ' || i, 'PG' || lpad(({n} - i + 1)::text, 6, '0')
+             FROM generate_series(1, 200) i;"
+    ))
+    .await
+    .unwrap();
+    eventually("parents and children queued", WAIT, || {
+        let (p, c) = (
+            support::backlog(&env, "customer_groups"),
+            support::backlog(&env, "customers"),
+        );
+        async move { p >= n as i64 && c >= 200 }
+    })
+    .await;
+
+    env.ctl(&[
+        "run",
+        "contacts",
+        "--include-related",
+        "--timeout-secs",
+        "300",
+    ]);
+    assert!(env.states().values().all(|s| s == "Running"));
+    eventually("every child reached the target with its parent", WAIT, || async {
+        count(&dv, "SELECT count(*) FROM accounts WHERE accountnumber LIKE 'PC%' AND msdyn_customergroupid IS NOT NULL").await == 200
+    })
+    .await;
+    let failed: Vec<serde_json::Value> = env
+        .tail("errors")
+        .into_iter()
+        .filter(|e| e["value"]["map"] == "customers")
+        .collect();
+    assert!(failed.is_empty(), "children failed: {failed:?}");
+    env.cleanup().await;
+}

@@ -475,6 +475,20 @@ pub fn dependencies(config: &Config, map: &str) -> Vec<String> {
         .collect()
 }
 
+/// The maps that depend on `map` (directly or not), dependents first:
+/// the order in which to pause them before `map`.
+pub fn dependents(config: &Config, map: &str) -> Vec<String> {
+    let set: Vec<String> = config
+        .maps
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|m| dependencies(config, m).iter().any(|d| d == map))
+        .collect();
+    let mut order = topological(config, &set);
+    order.reverse();
+    order
+}
+
 /// The maps a command acts on, in the order to act: the map alone, or with
 /// its dependencies, dependencies first (the operator's `order` when it
 /// names exactly those maps and runs every map after its dependencies).

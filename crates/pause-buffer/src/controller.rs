@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    command_order, dependencies, next_state, Action, ControlCommand, ControlEvent, InitialSync,
-    MapState, MapStatus, Outcome, PartitionOffset,
+    command_order, dependencies, dependents, next_state, Action, ControlCommand, ControlEvent,
+    InitialSync, MapState, MapStatus, Outcome, PartitionOffset,
 };
 
 /// What a command does, decided before anything is written.
@@ -55,7 +55,21 @@ pub fn plan(
     if cmd.action == Action::Stop && cmd.include_related {
         return Err("Stop acts on one map: include_related is not available".into());
     }
-    let order = command_order(config, &cmd.map, cmd.include_related, cmd.order.as_deref())?;
+    let mut order = command_order(config, &cmd.map, cmd.include_related, cmd.order.as_deref())?;
+    // A related pause also pauses the maps that depend on the paused ones
+    // (first), so no child record flows while its parent queues.
+    if cmd.action == Action::Pause && cmd.include_related {
+        let mut children: Vec<String> = Vec::new();
+        for m in &order {
+            for d in dependents(config, m) {
+                if !order.contains(&d) && !children.contains(&d) {
+                    children.push(d);
+                }
+            }
+        }
+        children.extend(order);
+        order = children;
+    }
     let state_of = |m: &str| states.get(m).map_or(MapState::NotRunning, |s| s.state);
     let mut steps = Vec::new();
     let mut notes = Vec::new();
@@ -803,15 +817,17 @@ mod tests {
         assert!(c.statuses.values().all(|s| s.state == MapState::Running));
         let mut pause = cmd("d", Action::Pause, "customers");
         pause.include_related = true;
-        apply(&mut c, &cfg, &pause);
-        let paused: Vec<&str> = c
-            .statuses
-            .values()
-            .filter(|s| s.state == MapState::Paused)
-            .map(|s| s.map.as_str())
-            .collect();
-        assert_eq!(paused, ["currencies", "customer_groups", "customers"]);
-        assert_eq!(c.statuses["contacts"].state, MapState::Running);
+        let fx = apply(&mut c, &cfg, &pause);
+        // The maps that depend on a paused one are paused too, first.
+        assert_eq!(
+            fx.events[0].maps,
+            ["contacts", "customer_groups", "currencies", "customers"]
+        );
+        assert!(c.statuses.values().all(|s| s.state == MapState::Paused));
+        // Without include_related, only the map itself.
+        apply(&mut c, &cfg, &cmd("e", Action::Run, "contacts"));
+        apply(&mut c, &cfg, &cmd("f", Action::Pause, "contacts"));
+        assert_eq!(c.statuses["customers"].state, MapState::Paused);
     }
 
     #[test]

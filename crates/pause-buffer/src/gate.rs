@@ -512,17 +512,28 @@ fn initial_run(status: &MapStatus) -> i64 {
 }
 
 /// Runs a gate until shutdown, taking status changes from `status_rx`.
+///
+/// `parents` says whether a map this one depends on is catching up: a
+/// catch-up of this map then waits, so that its replay never overtakes
+/// the backlog of the records it refers to.
 pub async fn run(
     mut gate: Gate,
     mut status_rx: watch::Receiver<MapStatus>,
+    mut parents: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
     let mut backoff = Backoff::new("pause-buffer");
     let consumer = gate.consumer.clone();
     let mut guard = tokio::time::interval(Duration::from_secs(5));
     let mut saving = tokio::time::interval(SAVE_EVERY);
+    let mut waited = false;
     loop {
-        let flowing = gate.status.state.flows();
+        let waits = gate.status.state == MapState::Resuming && *parents.borrow_and_update();
+        if waits != waited {
+            tracing::info!(map = %gate.map, "{}", if waits { "catch-up waits for its parent maps to catch up" } else { "catch-up goes on" });
+            waited = waits;
+        }
+        let flowing = gate.status.state.flows() && !waits;
         // Priority: shutdown, then state changes, then records.
         let first = tokio::select! {
             biased;
@@ -535,6 +546,7 @@ pub async fn run(
                 gate.apply(st).await?;
                 continue;
             }
+            Ok(()) = parents.changed() => continue,
             _ = saving.tick(), if gate.save_due() => {
                 if !gate.save(&mut backoff, &shutdown).await? {
                     break;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    parse_command, ControlEvent, MapState, MapStatus, Outcome, PartitionOffset,
+    dependencies, parse_command, ControlEvent, MapState, MapStatus, Outcome, PartitionOffset,
 };
 use dualwrite_model::record::ErrorRecord;
 use dualwrite_model::topics::Topics;
@@ -134,6 +134,7 @@ async fn run_inner(
 
     let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
     let mut senders: BTreeMap<String, watch::Sender<MapStatus>> = BTreeMap::new();
+    let mut parents: BTreeMap<String, watch::Sender<bool>> = BTreeMap::new();
     let mut held: BTreeMap<String, watch::Receiver<i64>> = BTreeMap::new();
     let mut gates = JoinSet::new();
     let mut watched = BTreeMap::new();
@@ -159,7 +160,9 @@ async fn run_inner(
         senders.insert(map.clone(), tx);
         let sd = shutdown.clone();
         let span = tracing::info_span!("gate", map = %map);
-        gates.spawn(gate::run(gate, rx, sd).instrument(span));
+        let (ptx, prx) = watch::channel(parents_catching_up(&config, &ctl, map));
+        parents.insert(map.clone(), ptx);
+        gates.spawn(gate::run(gate, rx, prx, sd).instrument(span));
         tracing::info!(map = %map, state = %status.state, generation = status.generation, "map loaded");
     }
 
@@ -213,6 +216,12 @@ async fn run_inner(
                 if let (Some(tx), Some(now)) = (senders.get(&s.map), ctl.statuses.get(&s.map)) {
                     let _ = tx.send(now.clone());
                 }
+            }
+            for (map, tx) in &parents {
+                tx.send_if_modified(|busy| {
+                    let now = parents_catching_up(&config, ctl, map);
+                    std::mem::replace(busy, now) != now
+                });
             }
             publish_states(ctl);
         };
@@ -484,6 +493,15 @@ fn unreadable(m: &OwnedMessage, reason: String, now: i64) -> Effects {
         )],
         quiet: Vec::new(),
     }
+}
+
+/// Whether a map `map` depends on (directly or not) is catching up.
+fn parents_catching_up(config: &Config, ctl: &Controller, map: &str) -> bool {
+    dependencies(config, map).iter().any(|d| {
+        ctl.statuses
+            .get(d)
+            .is_some_and(|s| s.state == MapState::Resuming)
+    })
 }
 
 /// A pause's COMPLETED, sent once nothing of its map is in flight: the
