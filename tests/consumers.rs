@@ -1,6 +1,9 @@
-//! Consumers on a real Apache Kafka broker: the offsets a paused map holds
-//! outlive the broker's offsets retention, and the router and the appliers
-//! change their number of instances under load without losing a change.
+//! Consumers and topics on a real Apache Kafka broker: the offsets a paused
+//! map holds outlive the broker's offsets retention, the router and the
+//! appliers change their number of instances under load without losing a
+//! change, and the topics' settings hold on the broker (the status topic
+//! compacts, a map topic's real retention is what the pause buffer warns
+//! against, the initial-sync errors are kept forever).
 
 mod support;
 
@@ -406,5 +409,124 @@ async fn router_and_appliers_rescale_2_3_1_under_load_without_losing_a_change() 
     all_drained(&env).await;
     let (code, out, err) = env.run(&["ctl", "verify"]);
     assert_eq!(code, 0, "ctl verify found differences:\n{out}\n{err}");
+    env.cleanup().await;
+}
+
+/// The records of `topic` whose key is `key`, decoded as map statuses.
+fn statuses_of(cfg: &dualwrite_model::Config, topic: &str, key: &str) -> Vec<String> {
+    use rdkafka::Message;
+    dualwrite_runtime::kafka::read_to_end(&cfg.kafka, topic)
+        .unwrap()
+        .iter()
+        .filter(|m| m.key() == Some(key.as_bytes()))
+        .filter_map(|m| m.payload())
+        .filter_map(|p| {
+            dualwrite_model::avro::decode::<dualwrite_model::lifecycle::MapStatus>(p).ok()
+        })
+        .map(|s| s.state.to_string())
+        .collect()
+}
+
+/// The topics' settings, on the broker: the map topic's `retention.ms` as
+/// the broker has it is what the pause buffer reports and warns against
+/// (a topic made beforehand with one hour, where the configuration assumes
+/// seven days); the initial-sync errors topic keeps everything; the status
+/// topic is compacted, and with small segments the broker's cleaner
+/// really drops a map's older statuses and keeps its latest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_settings_hold_on_the_broker() {
+    use rdkafka::admin::{
+        AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    };
+    use support::{http_get, sample};
+    let mut env = TestEnv::new("topicsettings").await;
+    let cfg =
+        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+    let admin: AdminClient<_> = dualwrite_runtime::kafka::client_config(&cfg.kafka, "test-admin")
+        .create()
+        .unwrap();
+    let p = env.prefix.clone();
+    let map_topic = format!("{p}.map.currencies");
+    let made = admin
+        .create_topics(
+            &[
+                NewTopic::new(&map_topic, cfg.kafka.partitions, TopicReplication::Fixed(1))
+                    .set("retention.ms", "3600000"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
+    env.start_all_with(&["--metrics-addr", "127.0.0.1:0"]);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+
+    let pb = env.metrics_addr(PAUSE_BUFFER).await;
+    let gauge = |text: &str, map: &str| {
+        sample(
+            text,
+            &format!("dualwrite_map_topic_retention_seconds{{map=\"{map}\"}}"),
+        )
+    };
+    eventually("the broker's retention reported", WAIT, || {
+        let text = http_get(&pb, "/metrics").1;
+        let (one, other) = (gauge(&text, "currencies"), gauge(&text, "customers"));
+        async move { one == 3600.0 && other == 604_800.0 }
+    })
+    .await;
+    let configs = |topic: String| {
+        let kafka = &cfg.kafka;
+        async move {
+            dualwrite_runtime::kafka::configs::topic_configs(kafka, &topic)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        configs(format!("{p}.initial-sync-errors")).await["retention.ms"],
+        "-1"
+    );
+    let status_topic = format!("{p}.status");
+    assert_eq!(
+        configs(status_topic.clone()).await["cleanup.policy"],
+        "compact"
+    );
+
+    // Small segments and an eager cleaner, then many statuses of one map.
+    let small = AlterConfig::new(ResourceSpecifier::Topic(&status_topic))
+        .set("cleanup.policy", "compact")
+        .set("segment.ms", "100")
+        .set("min.cleanable.dirty.ratio", "0.01")
+        .set("min.compaction.lag.ms", "0");
+    let altered = admin
+        .alter_configs([&small], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(altered.iter().all(|r| r.is_ok()), "{altered:?}");
+    for _ in 0..10 {
+        env.ctl(&["pause", "currencies"]);
+        env.ctl(&["run", "currencies"]);
+    }
+    // Each status written has its event (the events topic is not compacted).
+    let written = env
+        .tail("events")
+        .iter()
+        .filter(|e| e["value"]["map"] == "currencies" && e["value"]["outcome"] == "STATE_CHANGED")
+        .count();
+    assert!(written >= 30, "{written} statuses of currencies");
+    eventually("the broker compacted the status topic", WAIT, || {
+        let kept = statuses_of(&cfg, &status_topic, "currencies");
+        if kept.len() >= written / 2 {
+            // A status written now rolls the segment, so the older ones can be cleaned.
+            env.ctl(&["pause", "currencies"]);
+            env.ctl(&["run", "currencies"]);
+        }
+        async move {
+            kept.len() < written / 2 && kept.last().map(String::as_str) == Some("Running")
+        }
+    })
+    .await;
+    assert_eq!(env.states()["currencies"], "Running");
     env.cleanup().await;
 }

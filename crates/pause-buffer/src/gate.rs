@@ -69,6 +69,9 @@ pub struct Gate {
     held: watch::Sender<i64>,
     /// Next offset to read, per partition.
     position: BTreeMap<i32, i64>,
+    /// The map topic's retention as the broker has it (`None`: forever),
+    /// and when it was read.
+    retention: (Option<i64>, Option<tokio::time::Instant>),
     status: MapStatus,
     reported: Option<Vec<PartitionOffset>>,
     paused: bool,
@@ -114,6 +117,7 @@ impl Gate {
     ) -> Result<Gate, KafkaError> {
         let t = Topics::new(&config.kafka.topic_prefix);
         let topic = t.map(&map);
+        let assumed_retention = config.pause_buffer.map_topic_retention_ms;
         let consumer = Arc::new(kafka::consumer(
             &config.kafka,
             &format!("dualwrite-pause-buffer-{map}"),
@@ -147,6 +151,7 @@ impl Gate {
             status: status.clone(),
             reported: None,
             held: watch::channel(0).0,
+            retention: (Some(assumed_retention), None),
             paused: false,
             last_released: None,
             resume_started: None,
@@ -222,6 +227,11 @@ impl Gate {
             if !self.save(&mut backoff, &CancellationToken::new()).await? {
                 return Ok(());
             }
+        }
+        // A report is per resume: the next one (even to the same targets,
+        // when nothing was queued in between) reports again.
+        if status.state != MapState::Resuming {
+            self.reported = None;
         }
         self.status = status;
         self.resolver()
@@ -340,6 +350,26 @@ impl Gate {
         }
         self.report_if_caught_up().await;
         Ok(true)
+    }
+
+    /// The map topic's `retention.ms` as the broker has it (`None`:
+    /// forever), read again every [`RETENTION_READ_EVERY`]; until it could
+    /// be read, `pause_buffer.map_topic_retention_ms`.
+    async fn retention(&mut self) -> Option<i64> {
+        if self
+            .retention
+            .1
+            .is_some_and(|at| at.elapsed() < RETENTION_READ_EVERY)
+        {
+            return self.retention.0;
+        }
+        match kafka::configs::retention_ms(&self.config.kafka, &self.topic).await {
+            Ok(ms) => self.retention = (ms, Some(tokio::time::Instant::now())),
+            Err(e) => {
+                tracing::debug!(map = %self.map, "cannot read the map topic's retention: {e}")
+            }
+        }
+        self.retention.0
     }
 
     /// The map's resolver, to share.
@@ -511,6 +541,9 @@ fn initial_run(status: &MapStatus) -> i64 {
     status.initial.as_ref().map_or(0, |i| i.run)
 }
 
+/// How often the map topic's retention is read from the broker.
+const RETENTION_READ_EVERY: Duration = Duration::from_secs(60);
+
 /// Runs a gate until shutdown, taking status changes from `status_rx`.
 ///
 /// `parents` says whether a map this one depends on is catching up: a
@@ -556,7 +589,8 @@ pub async fn run(
             m = consumer.recv(), if flowing => m,
             _ = guard.tick() => {
                 kafka::keep_offsets_alive(&consumer, &gate.topic, &gate.stored);
-                crate::map_gauges(&gate.config, &gate.map, &gate.progress()).await;
+                let retention = gate.retention().await;
+                crate::map_gauges(&gate.config, &gate.map, &gate.progress(), retention).await;
                 continue;
             }
         };

@@ -704,13 +704,19 @@ async fn load(config: &Arc<Config>) -> Result<Loaded, PauseBufferError> {
 
 /// Every few seconds per map: lag, backlog, catch-up estimate and pause
 /// age as metrics, and a warning when a paused map's queued changes near
-/// the map topic's retention.
-pub async fn map_gauges(config: &Arc<Config>, map: &str, gate: &gate::Progress) {
+/// the map topic's retention (`retention_ms`, as the broker has it; `None`:
+/// kept forever).
+pub async fn map_gauges(
+    config: &Arc<Config>,
+    map: &str,
+    gate: &gate::Progress,
+    retention_ms: Option<i64>,
+) {
     let m = metrics();
-    let retention = config.pause_buffer.map_topic_retention_ms;
     m.retention_seconds
         .with_label_values(&[map])
-        .set(retention as f64 / 1000.0);
+        .set(retention_ms.map_or(f64::INFINITY, |ms| ms as f64 / 1000.0));
+    let retention = retention_ms.unwrap_or(i64::MAX);
     let (cfg, top) = (config.clone(), gate.topic.clone());
     let Ok(Ok(marks)) =
         tokio::task::spawn_blocking(move || kafka::watermarks(&cfg.kafka, &top)).await

@@ -4,6 +4,7 @@
 //! broker answers with transient errors (leaders being elected, a
 //! coordinator loading, a restart) are retried with a deadline ([`retry`]).
 
+pub mod configs;
 pub mod drain;
 pub mod retry;
 

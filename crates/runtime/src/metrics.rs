@@ -151,7 +151,7 @@ impl Metrics {
             backlog: int_gauge(&r, BACKLOG, "Queued records of a paused map, or left to replay while it resumes.", &[MAP]),
             catchup_eta: gauge(&r, CATCHUP_ETA, "Estimated seconds until a resuming map is Running.", &[MAP]),
             paused_seconds: gauge(&r, PAUSED_SECONDS, "How long a map has been paused (0 when it is not).", &[MAP]),
-            retention_seconds: gauge(&r, RETENTION_SECONDS, "Retention assumed for a map's topic (pause_buffer.map_topic_retention_ms).", &[MAP]),
+            retention_seconds: gauge(&r, RETENTION_SECONDS, "Retention of a map's topic as the broker has it (+Inf: kept forever; pause_buffer.map_topic_retention_ms until it could be read).", &[MAP]),
             retries: counter(&r, RETRIES, "Retries after transient failures.", &[SERVICE]),
             auto_pauses: counter(&r, AUTO_PAUSES, "Maps paused automatically on errors.", &[MAP]),
             commands: counter(&r, COMMANDS, "Control commands by action and outcome.", &[ACTION, OUTCOME]),
