@@ -70,6 +70,12 @@ impl Writer {
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await?;
         client.batch_execute(sql::VERSIONS_DDL).await?;
+        // The statements are prepared once, while the bookkeeping table may
+        // still be small; a plan per execution keeps its key lookups on the
+        // primary key as it grows (a cached generic plan scanned it whole).
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .await?;
         Ok(Writer {
             client,
             statements: HashMap::new(),
