@@ -38,13 +38,19 @@ pub async fn appliers_drained(
     }
     for (side, ends) in targets {
         let (topic, group) = (t.apply(side), t.group(&format!("apply.{side}")));
+        // One client of the group for the whole wait (it never joins it).
+        let consumer = Arc::new(
+            super::consumer(&config.kafka, "dualwrite-drain", &group)
+                .map_err(|e| format!("Kafka consumer of {group}: {e}"))?,
+        );
         loop {
-            let (cfg, top, g) = (config.clone(), topic.clone(), group.clone());
-            let committed =
-                tokio::task::spawn_blocking(move || super::group_positions(&cfg.kafka, &g, &top))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("committed offsets of {group}: {e}"))?;
+            let (cfg, top, c) = (config.clone(), topic.clone(), consumer.clone());
+            let committed = tokio::task::spawn_blocking(move || {
+                super::committed_positions(&cfg.kafka, &c, &top)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("committed offsets of {group}: {e}"))?;
             if ends
                 .iter()
                 .all(|(p, _, hi)| committed.get(p).is_some_and(|c| c >= hi))
