@@ -381,6 +381,13 @@ async fn a_mapping_that_does_not_fit_the_tables_is_not_run_and_every_problem_is_
     )
     .await
     .unwrap();
+    // Contacts cascade with their customer on the fno side only (issue
+    // 16.7): the applier's deletes there would remove contacts that the
+    // other side keeps.
+    let dv = env.dv().await;
+    dv.batch_execute("ALTER TABLE contacts DROP CONSTRAINT contacts_parentcustomernumber_fkey")
+        .await
+        .unwrap();
     env.start_all();
     env.wait_for_slots(2).await;
     // The run is rejected with every problem; the map stays as it was.
@@ -391,6 +398,8 @@ async fn a_mapping_that_does_not_fit_the_tables_is_not_run_and_every_problem_is_
         "map `customers` does not fit its tables",
         "field `primaryemail`: column primaryemail does not exist in public.customers_v3",
         "fno onhold (integer) cannot be converted to dataverse creditonhold (boolean)",
+        "side `fno`: ON DELETE CASCADE of constraint `contacts_customeraccount_fkey` on public.contacts (map `contacts`)",
+        "`dataverse` has no foreign key from public.contacts to public.accounts",
     ] {
         assert!(said.contains(want), "`{want}` not in: {said}");
     }
@@ -399,7 +408,9 @@ async fn a_mapping_that_does_not_fit_the_tables_is_not_run_and_every_problem_is_
     let (code, out, _) = env.run(&["ctl", "check-schema", "customers"]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("primaryemail") && out.contains("onhold"),
+        out.contains("primaryemail")
+            && out.contains("onhold")
+            && out.contains("contacts_customeraccount_fkey"),
         "{out}"
     );
 
@@ -410,10 +421,180 @@ async fn a_mapping_that_does_not_fit_the_tables_is_not_run_and_every_problem_is_
     )
     .await
     .unwrap();
+    // A plain foreign key on the other side is enough: its own deletes
+    // cannot leave contacts behind.
+    dv.batch_execute(
+        "ALTER TABLE contacts ADD FOREIGN KEY (parentcustomernumber) REFERENCES accounts (accountnumber)",
+    )
+    .await
+    .unwrap();
     assert!(env
         .ctl(&["check-schema", "customers"])
         .contains("fits both tables"));
     env.ctl(&["run", "customers", "--timeout-secs", "60"]);
     assert_eq!(env.states()["customers"], "Running");
+    env.cleanup().await;
+}
+
+/// Issue 16.4: a rerun while changes of the side that is not the conflict
+/// master are still on their way (held up in the router here, so they are
+/// committed before the copy's snapshot but not yet on the map topic): the
+/// copy must neither bring the deleted rows back nor overwrite the edits
+/// with the master's values. Each change is carried by live sync after the
+/// copy instead, and the copy leaves its record alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_does_not_undo_changes_still_on_their_way() {
+    let mut env = TestEnv::new("initflight").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           SELECT 'W' || lpad(i::text, 4, '0'), 'Before ' || i, 'G01', 'EUR' FROM generate_series(1, 100) i;",
+    )
+    .await
+    .unwrap();
+    let on_dv = "SELECT count(*)::text FROM accounts WHERE accountnumber LIKE 'W%'";
+    eventually("the new rows reached the other side", WAIT, || async {
+        text(&dv, on_dv).await.as_deref() == Some("100")
+    })
+    .await;
+    support::all_drained(&env).await;
+
+    // The router stops: what the fno side changes now waits in its capture topic.
+    let router = 2;
+    env.service(router).stop();
+    fno.batch_execute(
+        "DELETE FROM customers_v3 WHERE customeraccount BETWEEN 'W0001' AND 'W0050';
+         UPDATE customers_v3 SET organizationname = 'Edited on its way'
+           WHERE customeraccount BETWEEN 'W0051' AND 'W0100';",
+    )
+    .await
+    .unwrap();
+    env.ctl(&["rerun-initial-sync", "customers", "--timeout-secs", "0"]);
+    eventually("the rerun read its snapshots", WAIT, || async {
+        let d = details(&env, "customers");
+        d["run"] == 2
+            && d["progress"]["segments"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty())
+    })
+    .await;
+    env.service(router).restart();
+    eventually("customers running after the rerun", WAIT, || async {
+        env.states().get("customers").map(String::as_str) == Some("Running")
+    })
+    .await;
+    let d = details(&env, "customers");
+    assert_eq!(d["progress"]["phase"], "done", "{d}");
+    assert_eq!(d["progress"]["created"], 0, "the copy re-created rows: {d}");
+    assert_eq!(d["progress"]["updated"], 0, "the copy overwrote edits: {d}");
+
+    for (db, sql) in [
+        (&fno, "SELECT count(*) || ' ' || count(*) FILTER (WHERE organizationname = 'Edited on its way') FROM customers_v3 WHERE customeraccount LIKE 'W%'"),
+        (&dv, "SELECT count(*) || ' ' || count(*) FILTER (WHERE name = 'Edited on its way') FROM accounts WHERE accountnumber LIKE 'W%'"),
+    ] {
+        eventually(&format!("50 rows left, all edited: {sql}"), WAIT, || async {
+            text(db, sql).await.as_deref() == Some("50 50")
+        })
+        .await;
+    }
+    support::all_drained(&env).await;
+    let (code, out, _) = env.run(&["ctl", "verify", "customers"]);
+    assert_eq!(code, 0, "{out}");
+    env.cleanup().await;
+}
+
+/// Issue 16.8: skipping an initial write whose chunk is still being
+/// written. The copy is creating two rows on the other side; one of them
+/// waits for an open transaction that holds its key. The map is skipped
+/// (Running) and the first row, already inserted by the waiting chunk, is
+/// deleted on its own side. Live sync must not act before the chunk has
+/// ended, or the delete reaches the other side first (where the row is not
+/// yet committed) and the chunk's create brings it back afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_copy_ends_its_chunk_before_live_sync_goes_on() {
+    let mut env = TestEnv::new("initskip").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           VALUES ('Q0001', 'Deleted live', 'G01', 'EUR'), ('Q0002', 'Copied', 'G01', 'EUR');",
+    )
+    .await
+    .unwrap();
+    env.start_all();
+    // (An open transaction would hold up the slots' creation.)
+    env.wait_for_slots(2).await;
+    let blocker = env.dv().await;
+    blocker
+        .batch_execute(
+            "BEGIN; INSERT INTO accounts (accountnumber, name, msdyn_customergroupid, transactioncurrencycode)
+               VALUES ('Q0002', 'Held', 'G01', 'USD');",
+        )
+        .await
+        .unwrap();
+    env.ctl(&["run", "customer_groups", "--initial-sync", "false"]);
+    env.ctl(&["run", "currencies", "--initial-sync", "false"]);
+    env.ctl(&["run", "customers", "--timeout-secs", "0"]);
+    eventually("the copy's chunk waits for the held key", WAIT, || async {
+        text(
+            &dv,
+            "SELECT (count(*) > 0)::text FROM pg_stat_activity
+              WHERE application_name = 'dualwrite-initial-sync' AND wait_event_type = 'Lock'",
+        )
+        .await
+        .as_deref()
+            == Some("true")
+    })
+    .await;
+    env.ctl(&["skip-initial-sync", "customers"]);
+    eventually("customers running", WAIT, || async {
+        env.states().get("customers").map(String::as_str) == Some("Running")
+    })
+    .await;
+    fno.batch_execute("DELETE FROM customers_v3 WHERE customeraccount = 'Q0001'")
+        .await
+        .unwrap();
+    // Either the delete went all the way through the other side's applier
+    // (what happened before the fix), or the gate waits for the copy.
+    let p = env.prefix.clone();
+    eventually("the delete applied, or live sync waiting", WAIT, || async {
+        let lag =
+            |g: &str, t: &str| support::group_lag(&env, &format!("{p}.{g}"), &format!("{p}.{t}"));
+        let cfg =
+            dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+        let routed: i64 =
+            dualwrite_runtime::kafka::watermarks(&cfg.kafka, &format!("{p}.map.customers"))
+                .unwrap()
+                .iter()
+                .map(|(_, _, hi)| hi)
+                .sum();
+        let through = lag("router", "capture.fno") == 0
+            && routed > 0
+            && lag("pause-buffer.customers", "map.customers") == 0
+            && lag("apply.dataverse", "apply.dataverse") == 0;
+        through
+            || env
+                .logs()
+                .contains("waits for the initial write's last chunk")
+    })
+    .await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    for (db, sql) in [
+        (&fno, "SELECT string_agg(customeraccount, ',' ORDER BY 1) FROM customers_v3 WHERE customeraccount LIKE 'Q%'"),
+        (&dv, "SELECT string_agg(accountnumber, ',' ORDER BY 1) FROM accounts WHERE accountnumber LIKE 'Q%'"),
+    ] {
+        eventually(&format!("only Q0002 left: {sql}"), WAIT, || async {
+            text(db, sql).await.as_deref() == Some("Q0002")
+        })
+        .await;
+    }
+    support::all_drained(&env).await;
+    let (code, out, _) = env.run(&["ctl", "verify", "customers"]);
+    assert_eq!(code, 0, "{out}");
     env.cleanup().await;
 }

@@ -14,25 +14,31 @@
 //!    snapshot (`pg_current_snapshot()`) and the WAL insert position with
 //!    it: a transaction is part of the copy exactly when it is visible in
 //!    that snapshot. Both are recorded on the status topic.
-//! 4. It reads both tables in key order (byte order of each key value's
+//! 4. It finds the changes those snapshots see that the gate has not
+//!    forwarded (still in a capturer, the router or the map topic): their
+//!    records are left to live sync ([`in_flight`]), so the copy never
+//!    undoes a change it cannot tell from an old difference.
+//! 5. It reads both tables in key order (byte order of each key value's
 //!    text, identical on both sides) through cursors, a chunk at a time, and
 //!    merges them by alternate key: a row on one side only is created on the
 //!    other; a row on both takes the conflict master's values for fields
 //!    that sync both ways and the source's for one-way fields. Rows that
 //!    match are not written. Writes use a replication origin of their own,
 //!    so the capturers do not send them back.
-//! 5. Writes are guarded: a create does nothing if the record appeared on
+//! 6. Writes are guarded: a create does nothing if the record appeared on
 //!    the target meanwhile; an update happens only if the target still has
 //!    the values the snapshot read. A change made after the snapshot is thus
 //!    never overwritten: live sync carries it (and the conflict master
 //!    settles a record changed on both sides).
-//! 6. After each chunk the checkpoint (last key) and the counts go to the
+//! 7. After each chunk the checkpoint (last key) and the counts go to the
 //!    status topic. After a crash the copy continues after the checkpoint
-//!    with new snapshots; the keys after it are covered by those.
-//! 7. When the copy ends the map turns Running: the pause buffer forwards
-//!    the changes queued since the run, except those of transactions visible
-//!    in the snapshot that covers their key: those are already part of the
-//!    copy, so a change older than the snapshot never overrides its result.
+//!    with new snapshots (step 4 again); the keys after it are covered by
+//!    those.
+//! 8. When the copy ends the map turns Running: the pause buffer forwards
+//!    every change queued after its position, in order. None overrides the
+//!    copy's result with older values: what it forwarded before it held was
+//!    written before the snapshots (step 2), and the records of the changes
+//!    after it that the snapshots see were left alone (step 4).
 //!
 //! Before it copies, the map's mapping is checked against both tables
 //! (columns, types, a unique index on each alternate key): a map whose
@@ -42,6 +48,7 @@
 //! value) is recorded on `<prefix>.initial-sync-errors` with the run id,
 //! side, key and error; the other rows go on.
 
+mod in_flight;
 pub mod plan;
 pub mod sql;
 
@@ -97,9 +104,20 @@ pub struct Job {
     /// The conflict master chosen at run time (a side name), if any.
     pub conflict_master: Option<String>,
     pub producer: Producer,
-    /// Non-zero once the map's gate holds it: nothing it forwarded is
-    /// still on the way to the apply topics.
-    pub held: Option<tokio::sync::watch::Receiver<i64>>,
+    /// Whether, and where, the map's gate holds it.
+    pub held: tokio::sync::watch::Receiver<Hold>,
+}
+
+/// Whether a gate holds its map, and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hold {
+    /// The `updated_at` of the status by which the gate holds the map (once
+    /// it holds, nothing it forwarded is still on its way to the apply
+    /// topics); 0 while the map flows.
+    pub by: i64,
+    /// The gate's position on the map topic (the next offset it reads, per
+    /// partition) while it holds.
+    pub position: std::collections::BTreeMap<i32, i64>,
 }
 
 enum Failure {
@@ -159,6 +177,22 @@ pub async fn run(job: Job, reports: mpsc::Sender<Report>, cancel: CancellationTo
     }
 }
 
+/// The records whose changes the snapshots see but the gate has not
+/// forwarded: the copy leaves them to live sync (see [`in_flight`]).
+/// `None`: cancelled.
+async fn on_their_way(
+    job: &Job,
+    p: &InitialSync,
+    cancel: &CancellationToken,
+) -> Result<Option<std::collections::HashSet<in_flight::Key>>, Failure> {
+    let position = job.held.borrow().position.clone();
+    let keys = in_flight::keys(&job.config, &job.map, p, position, cancel).await?;
+    if let Some(k) = keys.as_ref().filter(|k| !k.is_empty()) {
+        tracing::info!(map = %job.map, run = p.run, records = k.len(), "initial sync: records with changes on their way are left to live sync");
+    }
+    Ok(keys)
+}
+
 /// One attempt from the checkpoint. `Ok(false)`: cancelled.
 async fn attempt(
     job: &Job,
@@ -190,13 +224,12 @@ async fn attempt(
             list.join("; ")
         )));
     }
-    if let Some(mut held) = job.held.clone() {
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
-            r = held.wait_for(|h| *h != 0) => {
-                if r.is_err() {
-                    return Ok(false);
-                }
+    let mut held = job.held.clone();
+    tokio::select! {
+        _ = cancel.cancelled() => return Ok(false),
+        r = held.wait_for(|h| h.by != 0) => {
+            if r.is_err() {
+                return Ok(false);
             }
         }
     }
@@ -237,6 +270,9 @@ async fn attempt(
     p.phase = "copying".to_owned();
     p.rows_total = p.rows_done + left.rows + right.rows;
     report(reports, &job.map, p).await;
+    let Some(on_their_way) = on_their_way(job, p, cancel).await? else {
+        return Ok(false);
+    };
     tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?after, "initial sync: copying");
 
     let topic = Topics::new(&config.kafka.topic_prefix).initial_sync_errors();
@@ -291,6 +327,11 @@ async fn attempt(
                 continue;
             }
             let key: Vec<String> = key.into_iter().map(Option::unwrap_or_default).collect();
+            if on_their_way.contains(&key) {
+                // Live sync carries its change after the copy.
+                p.unchanged += 1;
+                continue;
+            }
             chunk.push((key, l.map(|x| x.1), r.map(|x| x.1)));
         }
         if chunk.is_empty() && errors.is_empty() {

@@ -581,6 +581,7 @@ field = [
                 .map(|c| (c.to_string(), "text".to_string()))
                 .collect(),
             unique: vec![key.iter().map(|k| k.to_string()).collect()],
+            referenced_by: Vec::new(),
         };
         let left = table(&["dataareaid", "accountnum"], &["dataareaid", "accountnum"]);
         let right = table(&["accountnumber", "qty"], &["company", "accountnumber"]);

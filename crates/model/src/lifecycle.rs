@@ -317,11 +317,11 @@ impl InitialSync {
 
     /// Whether the change of a record with `key` (values in key order) from
     /// the left or right side, committed at `lsn` by transaction `xid`, is
-    /// already part of what the copy read: it is then not forwarded, so a
-    /// change older than the snapshot never overrides its result.
+    /// already part of what the copy read: if it has not reached the other
+    /// side yet, the copy leaves its record to live sync.
     pub fn covers(&self, key: &[Option<&str>], left: bool, lsn: i64, xid: i64) -> bool {
         if xid == 0 {
-            // Re-asserted values are read at their own time: always newer.
+            // Values read at their own time (a repair, a retry): always newer.
             return false;
         }
         let Some(seg) = self

@@ -1,7 +1,8 @@
 //! A map's mapping checked against both databases' actual tables (no IO:
 //! the tables are described by the caller): missing tables and columns,
-//! paired columns whose types cannot be converted, and alternate keys
-//! without a unique index to upsert on.
+//! paired columns whose types cannot be converted, alternate keys
+//! without a unique index to upsert on, and delete actions of foreign keys
+//! that exist on one side only.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,6 +17,37 @@ pub struct TableInfo {
     pub columns: BTreeMap<String, String>,
     /// Column sets of the unique indexes and constraints (primary key included).
     pub unique: Vec<Vec<String>>,
+    /// The foreign keys of other tables (or this one) that refer to it.
+    pub referenced_by: Vec<Reference>,
+}
+
+/// A foreign key referring to a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// The constraint's name.
+    pub constraint: String,
+    /// The referring table, `schema.table`.
+    pub child: String,
+    /// `pg_constraint.confdeltype`: `a` no action, `r` restrict, `c`
+    /// cascade, `n` set null, `d` set default.
+    pub on_delete: char,
+}
+
+impl Reference {
+    /// Whether deleting a referred row changes referring rows (in the
+    /// deleting transaction, so under its replication origin).
+    fn acts(&self) -> bool {
+        matches!(self.on_delete, 'c' | 'n' | 'd')
+    }
+
+    fn action(&self) -> &'static str {
+        match self.on_delete {
+            'c' => "ON DELETE CASCADE",
+            'n' => "ON DELETE SET NULL",
+            'd' => "ON DELETE SET DEFAULT",
+            _ => "ON DELETE NO ACTION",
+        }
+    }
 }
 
 /// One problem, naming map, side, field and the fix.
@@ -238,8 +270,72 @@ pub fn check_map(
                 }
             }
         }
+        out.extend(one_sided_delete_actions(config, map, [l, r]));
     }
     out
+}
+
+/// Foreign keys whose delete action changes the rows of another map on one
+/// side only. When the applier of side X deletes a record of `map`, X's
+/// `ON DELETE CASCADE` (or `SET NULL`/`SET DEFAULT`) changes the referring
+/// rows in the applier's transaction, under its replication origin: those
+/// changes are not captured, never reach the other side, and nothing
+/// reports it. That is only safe when the other side has a foreign key
+/// between the same two tables too: then its own deletes cannot leave
+/// referring rows behind (they are refused, or changed and captured).
+/// Without one, the referring rows are removed (or cleared) on X and kept
+/// on the other side.
+fn one_sided_delete_actions(
+    config: &Config,
+    map: &MapConfig,
+    tables: [&TableInfo; 2],
+) -> Vec<SchemaProblem> {
+    let mut out = Vec::new();
+    for side in [SideId::Left, SideId::Right] {
+        let (mine, other) = (tables[ix(side)], tables[ix(side.other())]);
+        for r in mine.referenced_by.iter().filter(|r| r.acts()) {
+            let Some(child_map) = config
+                .maps
+                .iter()
+                .find(|m| m.entity(side).qualified() == r.child)
+            else {
+                // Rows no map syncs: nothing on the other side to keep equal.
+                continue;
+            };
+            let counterpart = child_map.entity(side.other()).qualified();
+            if other.referenced_by.iter().any(|o| o.child == counterpart) {
+                continue;
+            }
+            let (me, them) = (&config.side(side).name, &config.side(side.other()).name);
+            out.push(SchemaProblem {
+                map: map.name.clone(),
+                side: me.clone(),
+                field: None,
+                problem: format!(
+                    "{} of constraint `{}` on {} (map `{}`) changes rows on `{me}` when the applier deletes a `{}` record there, and those changes are not synced: `{them}` has no foreign key from {counterpart} to {}, so it keeps the rows",
+                    r.action(),
+                    r.constraint,
+                    r.child,
+                    child_map.name,
+                    map.name,
+                    map.entity(side.other()).qualified(),
+                ),
+                fix: format!(
+                    "add a foreign key from {counterpart} to {} on `{them}`, or make `{}` on `{me}` ON DELETE NO ACTION",
+                    map.entity(side.other()).qualified(),
+                    r.constraint
+                ),
+            });
+        }
+    }
+    out
+}
+
+fn ix(side: SideId) -> usize {
+    match side {
+        SideId::Left => 0,
+        SideId::Right => 1,
+    }
 }
 
 #[cfg(test)]
@@ -260,6 +356,7 @@ mod tests {
                 .iter()
                 .map(|u| u.iter().map(|c| c.to_string()).collect())
                 .collect(),
+            referenced_by: Vec::new(),
         }
     }
 
@@ -293,6 +390,58 @@ mod tests {
                 &[&["accountid"], &["accountnumber"]],
             ),
         )
+    }
+
+    fn contacts_fk(on: &str, constraint: &str, on_delete: char) -> Reference {
+        Reference {
+            constraint: constraint.to_owned(),
+            child: format!("public.{on}"),
+            on_delete,
+        }
+    }
+
+    #[test]
+    fn a_delete_action_on_one_side_only_is_refused_naming_the_constraint() {
+        let c = config();
+        let m = c.map("customers").unwrap();
+        let (mut l, mut r) = customers();
+        // The demo: both sides cascade from contacts.
+        l.referenced_by = vec![contacts_fk(
+            "contacts",
+            "contacts_customeraccount_fkey",
+            'c',
+        )];
+        r.referenced_by = vec![contacts_fk(
+            "contacts",
+            "contacts_parentcustomernumber_fkey",
+            'c',
+        )];
+        assert_eq!(check_map(&c, m, Some(&l), Some(&r)), vec![]);
+        // A plain foreign key on the other side is enough: its deletes
+        // cannot leave contacts behind.
+        r.referenced_by[0].on_delete = 'a';
+        assert_eq!(check_map(&c, m, Some(&l), Some(&r)), vec![]);
+        // None on the other side: the cascade under the applier is refused.
+        r.referenced_by.clear();
+        let p: Vec<String> = check_map(&c, m, Some(&l), Some(&r))
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("map `customers`, side `fno`: ON DELETE CASCADE of constraint `contacts_customeraccount_fkey` on public.contacts (map `contacts`)")
+                && p[0].contains("`dataverse` has no foreign key from public.contacts to public.accounts"),
+            "{}",
+            p[0]
+        );
+        // SET NULL changes rows too; a table no map syncs does not count.
+        l.referenced_by = vec![
+            contacts_fk("contacts", "contacts_customeraccount_fkey", 'n'),
+            contacts_fk("audit_log", "audit_customer_fkey", 'c'),
+        ];
+        let p = check_map(&c, m, Some(&l), Some(&r));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].problem.starts_with("ON DELETE SET NULL"), "{p:?}");
     }
 
     #[test]
@@ -378,6 +527,7 @@ field = [
                 .map(|(c, t)| (c.to_string(), t.to_string()))
                 .collect(),
             unique: vec![vec![key.to_owned()]],
+            referenced_by: Vec::new(),
         };
         (
             t(

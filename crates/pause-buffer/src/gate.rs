@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::resolving::Resolving;
+use dualwrite_initial_sync::Hold;
 
 /// A gate's report to the controller.
 #[derive(Debug, Clone)]
@@ -66,7 +67,7 @@ pub struct Gate {
     /// While the gate holds the map (everything it released delivered to
     /// the apply topics, nothing more released): the `updated_at` of the
     /// status it holds by; 0 while the map flows.
-    held: watch::Sender<i64>,
+    held: watch::Sender<Hold>,
     /// Next offset to read, per partition.
     position: BTreeMap<i32, i64>,
     /// The map topic's retention as the broker has it (`None`: forever),
@@ -150,7 +151,7 @@ impl Gate {
             position,
             status: status.clone(),
             reported: None,
-            held: watch::channel(0).0,
+            held: watch::channel(Hold::default()).0,
             retention: (Some(assumed_retention), None),
             paused: false,
             last_released: None,
@@ -266,9 +267,12 @@ impl Gate {
         // Status changes are taken between batches: when the map is held,
         // everything the gate forwarded was delivered.
         let held = if self.status.state.flows() {
-            0
+            Hold::default()
         } else {
-            self.status.updated_at.max(1)
+            Hold {
+                by: self.status.updated_at.max(1),
+                position: self.position.clone(),
+            }
         };
         self.held.send_replace(held);
         Ok(())
@@ -378,7 +382,7 @@ impl Gate {
     }
 
     /// Whether, and by which status, the gate holds the map (see [`Gate::apply`]).
-    pub fn held(&self) -> watch::Receiver<i64> {
+    pub fn held(&self) -> watch::Receiver<Hold> {
         self.held.subscribe()
     }
 
@@ -451,8 +455,10 @@ impl Gate {
         out
     }
 
-    /// A map topic record, unless it is part of what the map's initial
-    /// write copied, or a report of a write of an earlier generation.
+    /// A map topic record, unless it is a report of a write of an earlier
+    /// generation. Every change after the gate's position is forwarded, also
+    /// one an initial write's snapshot sees: the copy left its record alone
+    /// (see the initial sync's `in_flight` module).
     fn decode(
         &self,
         m: &OwnedMessage,
@@ -469,22 +475,6 @@ impl Gate {
                     .about(m, "malformed_record", format!("map record: {e}")),
             )
         })?;
-        if let Some(init) = self
-            .status
-            .initial
-            .as_ref()
-            .filter(|i| !i.segments.is_empty())
-        {
-            let key: Vec<Option<&str>> = mc.key.iter().map(|f| f.value.as_deref()).collect();
-            let left = mc.source_side == self.config.sides.left.name;
-            if init.covers(&key, left, mc.source_lsn, mc.source_xid) {
-                metrics()
-                    .skipped
-                    .with_label_values(&["pause-buffer", "in_initial_sync_snapshot"])
-                    .inc();
-                return Ok(None);
-            }
-        }
         let first = dualwrite_resolve::records::version(self.status.generation, 0);
         if is_report(&mc) && (mc.version as u64) < first {
             return Ok(None);
@@ -544,8 +534,32 @@ fn initial_run(status: &MapStatus) -> i64 {
 /// How often the map topic's retention is read from the broker.
 const RETENTION_READ_EVERY: Duration = Duration::from_secs(60);
 
+/// Why a map whose state flows is held for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    No,
+    /// An initial write of the map is still running: skipped, or done and
+    /// not yet returned. A write of its last chunk could otherwise land
+    /// after a live one (and, say, create a row live sync just deleted).
+    Copy,
+    /// A map this one depends on is catching up.
+    Parents,
+}
+
+impl Wait {
+    fn says(self) -> &'static str {
+        match self {
+            Wait::No => "records flow",
+            Wait::Copy => "live sync waits for the initial write's last chunk to end",
+            Wait::Parents => "catch-up waits for its parent maps to catch up",
+        }
+    }
+}
+
 /// Runs a gate until shutdown, taking status changes from `status_rx`.
 ///
+/// `copies` counts the map's initial writes still running: the gate
+/// releases nothing while one is (see [`Wait::Copy`]).
 /// `parents` says whether a map this one depends on is catching up: a
 /// catch-up of this map then waits, so that its replay never overtakes
 /// the backlog of the records it refers to.
@@ -553,20 +567,27 @@ pub async fn run(
     mut gate: Gate,
     mut status_rx: watch::Receiver<MapStatus>,
     mut parents: watch::Receiver<bool>,
+    mut copies: watch::Receiver<u32>,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
     let mut backoff = Backoff::new("pause-buffer");
     let consumer = gate.consumer.clone();
     let mut guard = tokio::time::interval(Duration::from_secs(5));
     let mut saving = tokio::time::interval(SAVE_EVERY);
-    let mut waited = false;
+    let mut waited = Wait::No;
     loop {
-        let waits = gate.status.state == MapState::Resuming && *parents.borrow_and_update();
-        if waits != waited {
-            tracing::info!(map = %gate.map, "{}", if waits { "catch-up waits for its parent maps to catch up" } else { "catch-up goes on" });
+        let waits = if *copies.borrow_and_update() > 0 {
+            Wait::Copy
+        } else if gate.status.state == MapState::Resuming && *parents.borrow_and_update() {
+            Wait::Parents
+        } else {
+            Wait::No
+        };
+        if waits != waited && gate.status.state.flows() {
+            tracing::info!(map = %gate.map, "{}", waits.says());
             waited = waits;
         }
-        let flowing = gate.status.state.flows() && !waits;
+        let flowing = gate.status.state.flows() && waits == Wait::No;
         // Priority: shutdown, then state changes, then records.
         let first = tokio::select! {
             biased;
@@ -580,6 +601,7 @@ pub async fn run(
                 continue;
             }
             Ok(()) = parents.changed() => continue,
+            Ok(()) = copies.changed() => continue,
             _ = saving.tick(), if gate.save_due() => {
                 if !gate.save(&mut backoff, &shutdown).await? {
                     break;

@@ -46,6 +46,7 @@ use tracing::Instrument;
 use crate::controller::{event, Controller, Effects};
 use crate::gate::{Gate, Report};
 use dualwrite_initial_sync as initial_sync;
+use initial_sync::Hold;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PauseBufferError {
@@ -135,7 +136,7 @@ async fn run_inner(
     let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
     let mut senders: BTreeMap<String, watch::Sender<MapStatus>> = BTreeMap::new();
     let mut parents: BTreeMap<String, watch::Sender<bool>> = BTreeMap::new();
-    let mut held: BTreeMap<String, watch::Receiver<i64>> = BTreeMap::new();
+    let mut links: BTreeMap<String, GateLinks> = BTreeMap::new();
     let mut gates = JoinSet::new();
     let mut watched = BTreeMap::new();
     for (map, status) in &ctl.statuses {
@@ -148,7 +149,6 @@ async fn run_inner(
             report_tx.clone(),
         )
         .await?;
-        held.insert(map.clone(), gate.held());
         let (tx, rx) = watch::channel(status.clone());
         watched.insert(
             map.clone(),
@@ -162,7 +162,15 @@ async fn run_inner(
         let span = tracing::info_span!("gate", map = %map);
         let (ptx, prx) = watch::channel(parents_catching_up(&config, &ctl, map));
         parents.insert(map.clone(), ptx);
-        gates.spawn(gate::run(gate, rx, prx, sd).instrument(span));
+        let (copies, crx) = watch::channel(0u32);
+        links.insert(
+            map.clone(),
+            GateLinks {
+                held: gate.held(),
+                copies: Arc::new(copies),
+            },
+        );
+        gates.spawn(gate::run(gate, rx, prx, crx, sd).instrument(span));
         tracing::info!(map = %map, state = %status.state, generation = status.generation, "map loaded");
     }
 
@@ -232,7 +240,7 @@ async fn run_inner(
     let mut quieting: JoinSet<Option<ControlEvent>> = JoinSet::new();
     loop {
         schedule_copy(
-            &ctl, &config, &producer, &held, &mut copy, &copy_tx, &shutdown,
+            &ctl, &config, &producer, &links, &mut copy, &copy_tx, &shutdown,
         );
         // Priority: shutdown, a gate failing, catch-up reports, initial
         // writes, errors (auto-pause), then commands.
@@ -350,7 +358,7 @@ async fn run_inner(
                 notify(&ctl, &fx, &senders);
                 for ev in fx.quiet {
                     let Some(map) = ev.map.clone() else { continue };
-                    let (Some(h), Some(tx), Some(s)) = (held.get(&map), senders.get(&map), ctl.statuses.get(&map)) else { continue };
+                    let (Some(h), Some(tx), Some(s)) = (links.get(&map).map(|l| &l.held), senders.get(&map), ctl.statuses.get(&map)) else { continue };
                     let q = quiet(config.clone(), ev, s.updated_at, h.clone(), tx.subscribe(), shutdown.clone());
                     quieting.spawn(q.instrument(tracing::info_span!("quiet", map = %map)));
                 }
@@ -379,7 +387,7 @@ fn schedule_copy(
     ctl: &Controller,
     config: &Arc<Config>,
     producer: &Producer,
-    held: &BTreeMap<String, watch::Receiver<i64>>,
+    links: &BTreeMap<String, GateLinks>,
     copy: &mut Option<Copying>,
     reports: &mpsc::Sender<initial_sync::Report>,
     shutdown: &CancellationToken,
@@ -401,6 +409,9 @@ fn schedule_copy(
     let Some((map, progress)) = ctl.next_initial_sync(config) else {
         return;
     };
+    let Some(link) = links.get(&map) else {
+        return;
+    };
     let cancel = shutdown.child_token();
     let run = progress.run;
     let job = initial_sync::Job {
@@ -412,11 +423,29 @@ fn schedule_copy(
             .get(&map)
             .and_then(|s| s.conflict_master.clone()),
         producer: producer.clone(),
-        held: held.get(&map).cloned(),
+        held: link.held.clone(),
     };
     let span = tracing::info_span!("initial_sync", map = %map, run);
-    tokio::spawn(initial_sync::run(job, reports.clone(), cancel.clone()).instrument(span));
+    // The map's gate releases nothing until the copy has returned.
+    let copies = link.copies.clone();
+    copies.send_modify(|n| *n += 1);
+    let (reports, token) = (reports.clone(), cancel.clone());
+    tokio::spawn(
+        async move {
+            initial_sync::run(job, reports, token).await;
+            copies.send_modify(|n| *n -= 1);
+        }
+        .instrument(span),
+    );
     *copy = Some(Copying { map, run, cancel });
+}
+
+/// What the controller's loop holds of a map's gate.
+struct GateLinks {
+    /// Whether, and where, the gate holds the map.
+    held: watch::Receiver<Hold>,
+    /// The map's initial writes still running (the gate waits for none).
+    copies: Arc<watch::Sender<u32>>,
 }
 
 /// Recent error times per map, for the automatic pause.
@@ -513,12 +542,12 @@ async fn quiet(
     config: Arc<Config>,
     mut ev: ControlEvent,
     since: i64,
-    mut held: watch::Receiver<i64>,
+    mut held: watch::Receiver<Hold>,
     mut status: watch::Receiver<MapStatus>,
     shutdown: CancellationToken,
 ) -> Option<ControlEvent> {
     let quiet = async {
-        held.wait_for(|h| *h >= since).await.ok()?;
+        held.wait_for(|h| h.by >= since).await.ok()?;
         loop {
             match kafka::drain::appliers_drained(&config, &shutdown).await {
                 Ok(done) => return done.then_some(()),

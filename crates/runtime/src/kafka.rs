@@ -18,7 +18,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Message, OwnedMessage};
 use rdkafka::producer::{
     BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer as _, ProducerContext,
 };
@@ -504,6 +504,25 @@ pub fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64, i64)>
     })
 }
 
+/// Partition, low and high watermark, per partition.
+pub type Watermarks = Vec<(i32, i64, i64)>;
+
+/// [`watermarks`], or `None` when the topic does not exist (yet).
+pub fn watermarks_if_exists(
+    cfg: &KafkaConfig,
+    topic: &str,
+) -> Result<Option<Watermarks>, KafkaError> {
+    let consumer: BaseConsumer<DwContext> =
+        client_config(cfg, "dualwrite-watermarks").create_with_context(DwContext)?;
+    retry::blocking(
+        &format!("watermarks of {topic}"),
+        || match watermarks_once(&consumer, topic) {
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(None),
+            other => other.map(Some),
+        },
+    )
+}
+
 fn watermarks_once(
     consumer: &BaseConsumer<DwContext>,
     topic: &str,
@@ -711,6 +730,21 @@ pub fn assigned_positions(
 /// Every message of a topic from the beginning up to its end at the time of
 /// the call (blocking: call from a blocking task).
 pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let mut out = Vec::new();
+    for_each_until_end(cfg, topic, &BTreeMap::new(), |m| out.push(m.detach()))?;
+    Ok(out)
+}
+
+/// Calls `f` with every message of `topic` from `from` (per partition; the
+/// beginning where absent) up to the end at the time of the call, in offset
+/// order per partition, holding none of them (blocking: call from a
+/// blocking task).
+pub fn for_each_until_end(
+    cfg: &KafkaConfig,
+    topic: &str,
+    from: &BTreeMap<i32, i64>,
+    mut f: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), KafkaError> {
     let marks = watermarks(cfg, topic)?;
     let consumer: BaseConsumer<DwContext> = client_config(cfg, "dualwrite-reader")
         .set("group.id", "dualwrite-reader")
@@ -720,14 +754,14 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, 
     let mut tpl = TopicPartitionList::new();
     let mut remaining: HashMap<i32, i64> = HashMap::new();
     for (p, lo, hi) in &marks {
-        if hi > lo {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*lo))?;
+        let start = from.get(p).copied().unwrap_or(*lo).max(*lo);
+        if *hi > start {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(start))?;
             remaining.insert(*p, *hi);
         }
     }
-    let mut out = Vec::new();
     if remaining.is_empty() {
-        return Ok(out);
+        return Ok(());
     }
     consumer.assign(&tpl)?;
     let deadline = Instant::now() + retry::DEADLINE;
@@ -751,11 +785,10 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, 
             }
             Some(Err(e)) => return Err(e),
             Some(Ok(m)) => {
-                let p = m.partition();
-                let o = m.offset();
+                let (p, o) = (m.partition(), m.offset());
                 if let Some(hi) = remaining.get(&p) {
                     if o < *hi {
-                        out.push(m.detach());
+                        f(&m);
                     }
                     if o + 1 >= *hi {
                         remaining.remove(&p);
@@ -764,7 +797,7 @@ pub fn read_to_end(cfg: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>, 
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Stores the offsets after these messages, to be committed: call only once

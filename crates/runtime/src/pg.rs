@@ -309,9 +309,9 @@ pub fn fields_json<'a>(fields: impl Iterator<Item = &'a dualwrite_model::record:
     serde_json::Value::Object(o).to_string()
 }
 
-/// What the database says about a table (`schema.table`): its columns and
-/// the column sets of its unique indexes (not partial, not on
-/// expressions); `None` when there is no such table.
+/// What the database says about a table (`schema.table`): its columns, the
+/// column sets of its unique indexes (not partial, not on expressions) and
+/// the foreign keys that refer to it; `None` when there is no such table.
 pub async fn describe_table(
     client: &Client,
     entity: &str,
@@ -343,9 +343,29 @@ pub async fn describe_table(
             &[&schema, &table],
         )
         .await?;
+    let refs = client
+        .query(
+            "SELECT con.conname::text, cn.nspname || '.' || cc.relname, con.confdeltype::text
+               FROM pg_constraint con
+               JOIN pg_class pc ON pc.oid = con.confrelid
+               JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+               JOIN pg_class cc ON cc.oid = con.conrelid
+               JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+              WHERE con.contype = 'f' AND pn.nspname = $1 AND pc.relname = $2",
+            &[&schema, &table],
+        )
+        .await?;
     Ok(Some(dualwrite_model::schema::TableInfo {
         columns: cols.iter().map(|r| (r.get(0), r.get(1))).collect(),
         unique: unique.iter().map(|r| r.get(0)).collect(),
+        referenced_by: refs
+            .iter()
+            .map(|r| dualwrite_model::schema::Reference {
+                constraint: r.get(0),
+                child: r.get(1),
+                on_delete: r.get::<_, String>(2).chars().next().unwrap_or('a'),
+            })
+            .collect(),
     }))
 }
 

@@ -7,6 +7,12 @@
 //! both appliers' committed offsets reach them, nothing of the map is left
 //! to be written. The initial write waits on it before it reads its
 //! snapshots, a pause before it is acknowledged as completed.
+//!
+//! The same holds one hop upstream: the router stores a capture record's
+//! offset once what it routed was acknowledged, so when its committed
+//! offsets reach the capture topics' end offsets taken at some moment,
+//! everything the capturers had published by then is on the map topics
+//! ([`routed`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,20 +33,50 @@ pub async fn appliers_drained(
 ) -> Result<bool, String> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let sides = [&config.sides.left.name, &config.sides.right.name];
+    let topics: Vec<(String, String)> = sides
+        .iter()
+        .map(|s| (t.apply(s), t.group(&format!("apply.{s}"))))
+        .collect();
+    caught_up(config, &topics, cancel).await
+}
+
+/// Waits until the router's committed offsets reach the capture topics'
+/// end offsets as they are when this is called: everything the capturers
+/// had published by then is on the map topics. A capture topic that does
+/// not exist yet holds nothing to route. As [`appliers_drained`].
+pub async fn routed(config: &Arc<Config>, cancel: &CancellationToken) -> Result<bool, String> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let sides = [&config.sides.left.name, &config.sides.right.name];
+    let topics: Vec<(String, String)> = sides
+        .iter()
+        .map(|s| (t.capture(s), t.group("router")))
+        .collect();
+    caught_up(config, &topics, cancel).await
+}
+
+/// Waits until each (topic, group)'s committed offsets reach the topic's
+/// end offsets taken first, for all of them.
+async fn caught_up(
+    config: &Arc<Config>,
+    topics: &[(String, String)],
+    cancel: &CancellationToken,
+) -> Result<bool, String> {
     let mut targets = Vec::new();
-    for side in sides {
-        let (cfg, topic) = (config.clone(), t.apply(side));
-        let ends = tokio::task::spawn_blocking(move || super::watermarks(&cfg.kafka, &topic))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("end offsets of {}: {e}", t.apply(side)))?;
-        targets.push((side, ends));
+    for (topic, group) in topics {
+        let (cfg, top) = (config.clone(), topic.clone());
+        let ends =
+            tokio::task::spawn_blocking(move || super::watermarks_if_exists(&cfg.kafka, &top))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("end offsets of {topic}: {e}"))?;
+        if let Some(ends) = ends {
+            targets.push((topic, group, ends));
+        }
     }
-    for (side, ends) in targets {
-        let (topic, group) = (t.apply(side), t.group(&format!("apply.{side}")));
+    for (topic, group, ends) in targets {
         // One client of the group for the whole wait (it never joins it).
         let consumer = Arc::new(
-            super::consumer(&config.kafka, "dualwrite-drain", &group)
+            super::consumer(&config.kafka, "dualwrite-drain", group)
                 .map_err(|e| format!("Kafka consumer of {group}: {e}"))?,
         );
         loop {

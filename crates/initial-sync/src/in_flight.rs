@@ -1,0 +1,154 @@
+//! Changes still on their way when the copy reads its snapshots.
+//!
+//! A change committed before a snapshot is part of what the copy reads.
+//! If it has not yet reached the other side (it is in a capturer, the
+//! router, or the map topic after the gate's position), the copy alone
+//! cannot tell it from an old difference: a row deleted on one side looks
+//! like a row the other side has alone (the copy would create it again),
+//! an edit on the side that is not the conflict master looks like a
+//! difference the master settles (the copy would overwrite it). So before
+//! it writes, the copy finds every such change and leaves its record to
+//! live sync, which forwards the change after the copy like any other:
+//!
+//! 1. On each side, a transactional logical message committed after the
+//!    snapshot; once the capturer's slot has passed it, every transaction
+//!    the snapshot sees is on the capture topic.
+//! 2. Once the router's committed offsets reach the capture topics' end
+//!    offsets (taken after 1), all of it is on the map topic.
+//! 3. The map topic from the gate's position (it holds the map while it
+//!    initializes) to its end now holds every change the snapshots see
+//!    that the gate has not forwarded: their keys are the records the copy
+//!    leaves alone.
+//!
+//! The gate forwards every change after its position once the copy is done,
+//! so a change is either reflected on both sides before the copy reads
+//! (forwarded and applied: the copy waits for the appliers first) or
+//! carried by live sync after it, never undone by the copy.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_model::avro;
+use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::lifecycle::InitialSync;
+use dualwrite_model::record::{ApplyOp, MappedChange};
+use dualwrite_model::topics::Topics;
+use dualwrite_runtime::kafka::{self, rdkafka::Message};
+use dualwrite_runtime::pg;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::Failure;
+
+/// How often the slots' positions are read while waiting.
+const POLL: Duration = Duration::from_millis(200);
+
+/// A record's alternate key values, in key order.
+pub(crate) type Key = Vec<String>;
+
+/// The keys of the changes the snapshots of `p` see that the gate (at
+/// `position` on the map topic) has not forwarded. `None`: cancelled.
+pub(crate) async fn keys(
+    config: &Arc<Config>,
+    map: &str,
+    p: &InitialSync,
+    position: BTreeMap<i32, i64>,
+    cancel: &CancellationToken,
+) -> Result<Option<HashSet<Key>>, Failure> {
+    for side in [SideId::Left, SideId::Right] {
+        if !captured(config, side, cancel).await? {
+            return Ok(None);
+        }
+    }
+    if !kafka::drain::routed(config, cancel)
+        .await
+        .map_err(Failure::Transient)?
+    {
+        return Ok(None);
+    }
+    let (cfg, p, left) = (config.clone(), p.clone(), config.sides.left.name.clone());
+    let topic = Topics::new(&config.kafka.topic_prefix).map(map);
+    tokio::task::spawn_blocking(move || {
+        let mut keys = HashSet::new();
+        kafka::for_each_until_end(&cfg.kafka, &topic, &position, |m| {
+            if let Some(key) = m.payload().and_then(|b| seen(&p, &left, b)) {
+                keys.insert(key);
+            }
+        })
+        .map(|()| Some(keys))
+        .map_err(|e| Failure::Transient(format!("reading {topic}: {e}")))
+    })
+    .await
+    .map_err(|e| Failure::Transient(e.to_string()))?
+}
+
+/// The key of a change of a side that the snapshot covering it sees.
+/// Reports and undecodable records are no changes (the gate reports the
+/// latter when it reaches them).
+fn seen(p: &InitialSync, left: &str, payload: &[u8]) -> Option<Key> {
+    let mc = avro::decode::<MappedChange>(payload).ok()?;
+    if matches!(mc.op, ApplyOp::Applied | ApplyOp::Superseded) {
+        return None;
+    }
+    let key: Vec<Option<&str>> = mc.key.iter().map(|f| f.value.as_deref()).collect();
+    let is_left = mc.source_side == left;
+    p.covers(&key, is_left, mc.source_lsn, mc.source_xid)
+        .then(|| key.iter().map(|v| v.unwrap_or("").to_owned()).collect())
+}
+
+/// Waits until `side`'s capturer has published every transaction committed
+/// so far: it commits a logical message (which the capturer reads like any
+/// commit, and does not publish) and waits until the slot passed it.
+async fn captured(
+    config: &Config,
+    side: SideId,
+    cancel: &CancellationToken,
+) -> Result<bool, Failure> {
+    let s = config.side(side);
+    let client = pg::connect(&s.connection, "dualwrite-initial-sync")
+        .await
+        .map_err(|e| Failure::Transient(format!("side `{}`: cannot connect: {e}", s.name)))?;
+    let failed = |e: tokio_postgres::Error| {
+        crate::pg_failure(&format!("side `{}`: waiting for its capturer", s.name), &e)
+    };
+    let marker: String = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'dualwrite', 'heartbeat')::text",
+            &[],
+        )
+        .await
+        .map_err(failed)?
+        .get(0);
+    let slot = config.slot_name(side);
+    let mut logged = false;
+    loop {
+        if passed(&client, &slot, &marker).await.map_err(failed)? {
+            return Ok(true);
+        }
+        if !logged {
+            tracing::info!(side = %s.name, %slot, "initial sync: waiting for the capturer to pass the snapshot");
+            logged = true;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// Whether `slot` was advanced past `lsn`. A side without the slot passes:
+/// no capturer has read it yet, and the slot it creates starts after
+/// every transaction committed before, so none of them is ever captured.
+async fn passed(client: &Client, slot: &str, lsn: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &lsn],
+        )
+        .await?;
+    Ok(match row {
+        None => true,
+        Some(r) => r.get::<_, Option<bool>>(0).unwrap_or(false),
+    })
+}
