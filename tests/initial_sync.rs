@@ -585,8 +585,8 @@ async fn a_skipped_copy_ends_its_chunk_before_live_sync_goes_on() {
     blocker.batch_execute("ROLLBACK").await.unwrap();
 
     for (db, sql) in [
-        (&fno, "SELECT string_agg(customeraccount, ',' ORDER BY 1) FROM customers_v3 WHERE customeraccount LIKE 'Q%'"),
-        (&dv, "SELECT string_agg(accountnumber, ',' ORDER BY 1) FROM accounts WHERE accountnumber LIKE 'Q%'"),
+        (&fno, "SELECT coalesce(string_agg(customeraccount, ',' ORDER BY 1), '') FROM customers_v3 WHERE customeraccount LIKE 'Q%'"),
+        (&dv, "SELECT coalesce(string_agg(accountnumber, ',' ORDER BY 1), '') FROM accounts WHERE accountnumber LIKE 'Q%'"),
     ] {
         eventually(&format!("only Q0002 left: {sql}"), WAIT, || async {
             text(db, sql).await.as_deref() == Some("Q0002")

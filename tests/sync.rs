@@ -685,3 +685,70 @@ async fn an_idle_side_moves_its_slot_forward() {
     .await;
     env.cleanup().await;
 }
+
+/// Issue 16.8: the appliers' bookkeeping of a record they deleted is
+/// forgotten after `apply.bookkeeping_retention_secs`, and the record can
+/// be created again and changed from either side afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bookkeeping_of_deleted_records_is_forgotten_and_sync_goes_on() {
+    let mut env =
+        TestEnv::with_config("prune", "\n[apply]\nbookkeeping_retention_secs = 1\n").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let on_dv = "SELECT name FROM accounts WHERE accountnumber = 'P0001'";
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           VALUES ('P0001', 'First', 'G01', 'EUR')",
+    )
+    .await
+    .unwrap();
+    eventually("created on dataverse", WAIT, || async {
+        text(&dv, on_dv).await.as_deref() == Some("First")
+    })
+    .await;
+    fno.batch_execute("DELETE FROM customers_v3 WHERE customeraccount = 'P0001'")
+        .await
+        .unwrap();
+    eventually("deleted on dataverse", WAIT, || async {
+        text(&dv, on_dv).await.is_none()
+    })
+    .await;
+    let kept = "SELECT count(*)::text FROM dualwrite.record_versions WHERE map = 'customers' AND record_key LIKE '%P0001%'";
+    eventually(
+        "the deleted record's bookkeeping forgotten",
+        WAIT,
+        || async { text(&dv, kept).await.as_deref() == Some("0") },
+    )
+    .await;
+    // The same key again, then a change from the other side.
+    fno.batch_execute(
+        "INSERT INTO customers_v3 (customeraccount, organizationname, customergroupid, salescurrencycode)
+           VALUES ('P0001', 'Second', 'G01', 'EUR')",
+    )
+    .await
+    .unwrap();
+    eventually("created again on dataverse", WAIT, || async {
+        text(&dv, on_dv).await.as_deref() == Some("Second")
+    })
+    .await;
+    dv.batch_execute("UPDATE accounts SET name = 'Third' WHERE accountnumber = 'P0001'")
+        .await
+        .unwrap();
+    eventually("changed back on fno", WAIT, || async {
+        text(
+            &fno,
+            "SELECT organizationname FROM customers_v3 WHERE customeraccount = 'P0001'",
+        )
+        .await
+        .as_deref()
+            == Some("Third")
+    })
+    .await;
+    support::all_drained(&env).await;
+    let (code, out, _) = env.run(&["ctl", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    env.cleanup().await;
+}

@@ -13,6 +13,7 @@
 //! leaves their rows out (a synced change never echoes back) and passes on
 //! only the reports of what was written.
 
+mod prune;
 pub mod sql;
 pub mod writer;
 
@@ -122,6 +123,10 @@ async fn run_inner(
     // Connect now, so that readiness reflects the database before the first record.
     if a.write(&[], &shutdown).await?.is_none() {
         return Ok(());
+    }
+    if shard.index == 0 {
+        let (cfg, sd) = (config.clone(), shutdown.clone());
+        tokio::spawn(prune::run(cfg, side, sd).in_current_span());
     }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // Renewed while nothing comes, so the broker never expires them.

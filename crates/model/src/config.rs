@@ -476,6 +476,14 @@ pub struct ApplySettings {
     /// yet waits for it before it counts as an error; 0: no wait.
     #[serde(default = "default_parent_wait")]
     pub parent_wait_secs: u64,
+    /// How long the bookkeeping of a record the applier deleted is kept
+    /// (`dualwrite.record_versions` on each target); 0: forever.
+    #[serde(default = "default_bookkeeping_retention")]
+    pub bookkeeping_retention_secs: u64,
+}
+
+fn default_bookkeeping_retention() -> u64 {
+    7 * 24 * 3600
 }
 
 fn default_parent_wait() -> u64 {
@@ -495,6 +503,7 @@ impl Default for ApplySettings {
             max_batch: default_apply_batch(),
             linger_ms: default_linger_ms(),
             parent_wait_secs: default_parent_wait(),
+            bookkeeping_retention_secs: default_bookkeeping_retention(),
         }
     }
 }

@@ -119,10 +119,11 @@ impl Gate {
         let t = Topics::new(&config.kafka.topic_prefix);
         let topic = t.map(&map);
         let assumed_retention = config.pause_buffer.map_topic_retention_ms;
-        let consumer = Arc::new(kafka::consumer(
+        let consumer = Arc::new(kafka::consumer_with(
             &config.kafka,
             &format!("dualwrite-pause-buffer-{map}"),
             &t.group(&format!("pause-buffer.{map}")),
+            PREFETCH,
         )?);
         let (cfg, top, c) = (config.clone(), topic.clone(), consumer.clone());
         let position =
@@ -519,6 +520,11 @@ fn is_report(mc: &MappedChange) -> bool {
     use dualwrite_model::record::ApplyOp;
     matches!(mc.op, ApplyOp::Applied | ApplyOp::Superseded)
 }
+
+/// What a gate's consumer fetches ahead: 8 MiB, several of its batches of
+/// 1,000 records, instead of librdkafka's 64 MiB per consumer, which every
+/// map resuming at once would hold (one pause buffer runs a gate per map).
+const PREFETCH: &[(&str, &str)] = &[("queued.max.messages.kbytes", "8192")];
 
 /// How often the resolver's states are saved (with the positions that
 /// go with them) while records flow.

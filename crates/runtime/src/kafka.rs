@@ -175,6 +175,17 @@ pub fn consumer(
     client_id: &str,
     group: &str,
 ) -> Result<KafkaConsumer, KafkaError> {
+    consumer_with(cfg, client_id, group, &[])
+}
+
+/// [`consumer`] with `settings` of its own (the configuration's
+/// `consumer.*` properties still apply over them).
+pub fn consumer_with(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    group: &str,
+    settings: &[(&str, &str)],
+) -> Result<KafkaConsumer, KafkaError> {
     let mut c = client_config(cfg, client_id);
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -188,6 +199,9 @@ pub fn consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "3000")
         .set("max.poll.interval.ms", "30000");
+    for (k, v) in settings {
+        c.set(*k, *v);
+    }
     apply_overrides(&mut c, cfg, "consumer.");
     c.create_with_context(DwContext)
 }
