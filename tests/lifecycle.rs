@@ -268,6 +268,24 @@ async fn malformed_and_unavailable_commands_are_rejected_with_reasons() {
     for (key, value, _) in &cases {
         send(key, value.clone()).await;
     }
+    // A valid command sent eight days ago (the events topic keeps seven):
+    // whether it was applied can no longer be told from the events.
+    let eight_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 8 * 24 * 3_600_000;
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("too-old")
+                .payload(br#"{"id":"c-too-old","action":"run","map":"customers"}"#)
+                .timestamp(eight_days_ago),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
     // A command applied twice: the second changes nothing.
     send(
         "dup",
@@ -291,7 +309,7 @@ async fn malformed_and_unavailable_commands_are_rejected_with_reasons() {
                 .iter()
                 .filter(|e| e["value"]["outcome"] == "REJECTED")
                 .count();
-            dup_done && rejected >= 8
+            dup_done && rejected >= 9
         })
         .await;
     for (key, _, reason) in &cases {
@@ -306,6 +324,18 @@ async fn malformed_and_unavailable_commands_are_rejected_with_reasons() {
         let msg = ev["value"]["message"].as_str().unwrap();
         assert!(msg.contains(reason), "{key}: {msg}");
     }
+    let too_old = events
+        .iter()
+        .find(|e| e["key"] == "too-old")
+        .unwrap_or_else(|| panic!("no event for the old command in {events:#?}"));
+    assert_eq!(too_old["value"]["outcome"], "REJECTED", "{too_old}");
+    assert!(
+        too_old["value"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sent 192 h ago, longer than the events topic keeps"),
+        "{too_old}"
+    );
     let dup: Vec<&serde_json::Value> = events.iter().filter(|e| e["key"] == "c-dup").collect();
     assert_eq!(
         dup.iter()

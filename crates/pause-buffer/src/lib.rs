@@ -16,6 +16,7 @@
 
 pub mod controller;
 pub mod drift;
+mod freshness;
 pub mod gate;
 pub mod resolving;
 
@@ -118,6 +119,10 @@ async fn run_inner(
 
     // The states, read back from the status topic; applied command ids from the events.
     let loaded = load(&config).await?;
+    // How long those ids are known (the broker's default if unreadable).
+    let commands_kept = kafka::configs::retention_ms(&config.kafka, &t.events())
+        .await
+        .unwrap_or(Some(7 * 24 * 3_600_000));
     let mut ctl = Controller::new(&config, loaded.statuses, loaded.seen, now_micros());
     let mut backoff = Backoff::new("pause-buffer");
     let mut fx = ctl.recover(now_micros());
@@ -313,7 +318,7 @@ async fn run_inner(
                     }
                 };
                 let now = now_micros();
-                let read = match signing.check(&m) {
+                let read = match signing.check(&m).and_then(|()| freshness::check(&m, commands_kept, now)) {
                     Ok(()) => m.payload().map(parse_command),
                     Err(reason) => Some(Err(reason)),
                 };

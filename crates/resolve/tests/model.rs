@@ -623,12 +623,19 @@ fn same(a: &Content, b: &Content) -> bool {
 /// A schedule with writes behind the pipeline's back, then repairs (as
 /// `ctl repair` makes them) until the sides agree: they must, within a few
 /// rounds, and the resolver must end settled.
-fn run_with_drift(seed: u64, writes: usize) -> Result<(), String> {
+/// Drift behind the pipeline's back, repaired once everything drained;
+/// with `anytime`, repairs also come at random moments, while writes of
+/// either side are still on their way (read before them, they reach the
+/// log after the repair).
+fn run_with_drift(seed: u64, writes: usize, anytime: bool) -> Result<(), String> {
     let mut w = World::new(seed, (seed % 2) as usize);
     w.sneaky = true;
     let mut budget = [writes, writes];
     let mut steps = 0;
     while budget != [0, 0] && steps < 1_000_000 {
+        if anytime && w.rng.random_bool(0.05) {
+            w.repair();
+        }
         w.step(&mut budget, true);
         steps += 1;
     }
@@ -720,7 +727,12 @@ proptest! {
 
     #[test]
     fn drift_behind_the_pipeline_is_repaired(seed in any::<u64>(), writes in 1usize..12) {
-        prop_assert_eq!(run_with_drift(seed, writes), Ok(()));
+        prop_assert_eq!(run_with_drift(seed, writes, false), Ok(()));
+    }
+
+    #[test]
+    fn repairs_at_any_moment_converge(seed in any::<u64>(), writes in 1usize..12) {
+        prop_assert_eq!(run_with_drift(seed, writes, true), Ok(()));
     }
 }
 
