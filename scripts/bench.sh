@@ -9,10 +9,14 @@
 #   scripts/bench.sh --quick               # a small smoke run (1 run, 20,000 rows, 10 s latency)
 #   scripts/bench.sh --scenario live-one,latency --runs 5
 #   scripts/bench.sh --rows 200000 --big-runs 1
+#   scripts/bench.sh --scenario capture-hop --live-rows 100000 --latency-secs 20
+#                                          # dualwrite's capturer beside Debezium (Kafka Connect);
+#                                          # fetches their jars with Maven on first use
 #
 # Every other argument goes to the benchmark binary (`--help` lists them:
 # --runs, --big-runs, --rows, --live-rows, --latency-secs, --rate,
-# --scenario all|live-one|live-both|latency|catch-up|initial-sync, --json FILE, --keep-logs).
+# --scenario all|live-one|live-both|latency|capture-hop|catch-up|initial-sync, --json FILE,
+# --keep-logs, --peer-cache DIR, --debezium-extra PROPERTIES).
 #
 # Environment:
 #   DUALWRITE_BENCH_STATE_DIR   the benchmark stack's folder (default /tmp/dualwrite-bench-stack; wiped first)

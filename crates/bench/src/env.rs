@@ -34,6 +34,10 @@ pub struct Ctx {
     pub keep_logs: bool,
     /// TOML appended to every deployment's configuration (settings to try).
     pub config_extra: String,
+    /// Where the peers' jars are cached (`<cache>/debezium-…/libs`).
+    pub peer_cache: PathBuf,
+    /// Properties appended to the Debezium connector's configuration.
+    pub debezium_extra: String,
 }
 
 impl Ctx {
@@ -73,6 +77,8 @@ impl Ctx {
             partitions,
             keep_logs,
             config_extra,
+            peer_cache: PathBuf::new(),
+            debezium_extra: String::new(),
         })
     }
 
@@ -216,10 +222,8 @@ pub struct Service {
 impl Service {
     fn start(ctx: &Ctx, config: &Path, dir: &Path, args: &[&str]) -> Result<Service> {
         let name = args.join("-").replace("--side-", "");
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(&ctx.bin)
-            .args(args)
+        let mut cmd = Command::new(&ctx.bin);
+        cmd.args(args)
             .args(["--metrics-addr", "127.0.0.1:0"])
             .env("DUALWRITE_CONFIG", config)
             .env_remove("DUALWRITE_TOPIC_PREFIX")
@@ -227,14 +231,23 @@ impl Service {
             .env_remove("DUALWRITE_METRICS_ADDR")
             .env_remove("DUALWRITE_INSTANCES")
             .env_remove("DUALWRITE_INSTANCE_INDEX")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        Service::spawn(&name, dir, cmd)
+    }
+
+    /// Runs `cmd` as a child process named `name`, its output going to
+    /// `<dir>/<name>.log`.
+    pub fn spawn(name: &str, dir: &Path, mut cmd: Command) -> Result<Service> {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
-            .with_context(|| format!("start {} {}", ctx.bin.display(), args.join(" ")))?;
+            .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
         Ok(Service {
-            name,
+            name: name.to_owned(),
             log,
             child: Mutex::new(Some(child)),
         })
@@ -249,7 +262,7 @@ impl Service {
     }
 
     /// None while it runs; its exit status once it exited.
-    fn exited(&self) -> Option<String> {
+    pub fn exited(&self) -> Option<String> {
         let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
         match c.as_mut().map(|c| c.try_wait()) {
             Some(Ok(None)) => None,
@@ -257,6 +270,11 @@ impl Service {
             Some(Err(e)) => Some(e.to_string()),
             None => Some("stopped".into()),
         }
+    }
+
+    /// CPU time used so far (user and system), in seconds.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        cpu_secs(self.pid()?)
     }
 
     /// Peak resident set size so far (VmHWM), in KiB.
@@ -270,7 +288,7 @@ impl Service {
     }
 
     /// SIGTERM, then wait for the exit (SIGKILL after 30 s).
-    fn stop(&self) {
+    pub fn stop(&self) {
         let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
@@ -363,7 +381,13 @@ impl Deployment {
 
     /// Starts every service and waits until each says it is ready.
     pub async fn start(&mut self, ctx: &Ctx) -> Result<()> {
-        for args in SERVICES {
+        self.start_some(ctx, SERVICES).await
+    }
+
+    /// Starts the given services only (e.g. one capturer) and waits until
+    /// each says it is ready.
+    pub async fn start_some(&mut self, ctx: &Ctx, services: &[&[&str]]) -> Result<()> {
+        for args in services {
             let s = Service::start(ctx, &self.config_path, &self.dir, args)?;
             self.services.push(s);
         }
@@ -388,6 +412,11 @@ impl Deployment {
             }
         }
         Ok(())
+    }
+
+    /// A running service by name (e.g. `capture-fno`).
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// An error naming the first service that exited, with its log.
@@ -496,6 +525,18 @@ impl Deployment {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// CPU time (user and system) a process has used, in seconds, from
+/// `/proc/<pid>/stat` (in USER_HZ ticks, 100 a second on Linux).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Status code of a plain HTTP/1.0 GET on loopback (0 when unreachable).

@@ -7,11 +7,13 @@
 //! This is a separate binary on purpose: timings never become assertions
 //! in the test suite.
 
+mod debezium;
 mod env;
 mod measure;
 mod report;
 mod rows;
 mod scenarios;
+mod topic;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,13 +40,18 @@ enum Scenario {
     Latency,
     /// Pause, queue --rows changes, resume.
     CatchUp,
+    /// The capture hop alone (commit to Kafka topic, --live-rows rows and a
+    /// steady --rate), dualwrite's capturer beside Debezium's PostgreSQL
+    /// connector on Kafka Connect (fetched with Maven on first use).
+    CaptureHop,
 }
 
 impl Scenario {
-    const ORDER: [Scenario; 5] = [
+    const ORDER: [Scenario; 6] = [
         Scenario::LiveOne,
         Scenario::LiveBoth,
         Scenario::Latency,
+        Scenario::CaptureHop,
         Scenario::CatchUp,
         Scenario::InitialSync,
     ];
@@ -57,6 +64,7 @@ impl Scenario {
             Scenario::LiveBoth => "live-both",
             Scenario::Latency => "latency",
             Scenario::CatchUp => "catch-up",
+            Scenario::CaptureHop => "capture-hop",
         }
     }
 
@@ -120,6 +128,15 @@ struct Args {
     /// `[kafka.properties]\n"consumer.fetch.wait.max.ms" = "10"`.
     #[arg(long)]
     config_extra: Option<String>,
+    /// Where the peers' jars (Debezium, Kafka Connect) are cached (default
+    /// `$DUALWRITE_CACHE/peers`, `~/.cache/dualwrite/peers`).
+    #[arg(long)]
+    peer_cache: Option<PathBuf>,
+    /// Properties appended to the Debezium connector's configuration
+    /// (capture-hop), e.g. `poll.interval.ms=50`; lines separated by `\n`
+    /// or newlines.
+    #[arg(long)]
+    debezium_extra: Option<String>,
     /// Keep every run's service logs (a failed run's are always kept).
     #[arg(long)]
     keep_logs: bool,
@@ -161,7 +178,7 @@ async fn run(args: Args) -> Result<bool> {
         "{} not found: build it (cargo build --release -p dualwrite) or pass --bin",
         bin.display()
     );
-    let ctx = Ctx::new(
+    let mut ctx = Ctx::new(
         bin,
         args.pg_url.clone(),
         args.bootstrap.clone(),
@@ -170,6 +187,15 @@ async fn run(args: Args) -> Result<bool> {
         args.keep_logs,
         args.config_extra.clone().unwrap_or_default(),
     )?;
+    ctx.peer_cache = match args.peer_cache.clone() {
+        Some(p) => p,
+        None => peer_cache()?,
+    };
+    ctx.debezium_extra = args
+        .debezium_extra
+        .clone()
+        .unwrap_or_default()
+        .replace("\\n", "\n");
     let params = Params {
         rows: args.rows,
         live_rows: args.live_rows,
@@ -204,6 +230,7 @@ async fn run(args: Args) -> Result<bool> {
                 Scenario::Latency => scenarios::latency(&ctx, &params).await,
                 Scenario::CatchUp => scenarios::catch_up(&ctx, &params).await,
                 Scenario::InitialSync => scenarios::initial_sync(&ctx, &params).await,
+                Scenario::CaptureHop => scenarios::capture_hop(&ctx, &params).await,
                 Scenario::All => unreachable!("expanded above"),
             };
             match r {
@@ -295,6 +322,16 @@ async fn machine(ctx: &Ctx) -> Result<String> {
         ctx.bootstrap,
         loadavg()
     ))
+}
+
+/// `$DUALWRITE_CACHE/peers`, or `~/.cache/dualwrite/peers`.
+fn peer_cache() -> Result<PathBuf> {
+    let cache = match std::env::var_os("DUALWRITE_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/dualwrite"),
+    };
+    Ok(cache.join("peers"))
 }
 
 fn loadavg() -> String {

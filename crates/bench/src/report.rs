@@ -132,6 +132,42 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
             ],
             ratios: vec![],
         },
+        "capture-hop" => Spec {
+            title: format!(
+                "Capture hop, commit to Kafka topic: dualwrite's capturer beside {} (pgoutput), \
+                 {} rows inserted in transactions of 1,000, then {} rows/s for {secs} s",
+                crate::debezium::describe(),
+                thousands(live_rows as f64, 0),
+                thousands(rate as f64, 0)
+            ),
+            lines: vec![
+                line("ours", "dualwrite capture: first insert to last record on the topic", "rows/s", 0),
+                line("dbz", "Debezium: first insert to last record on the topic", "rows/s", 0),
+                line("ours_insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
+                line("dbz_insert", "load generator's insert rate (Debezium run)", "rows/s", 0),
+                line("ours_cpu", "dualwrite capture process, CPU during the bulk", "s", 1),
+                line("ours_pg_cpu", "… its PostgreSQL backend(s), CPU during the bulk", "s", 1),
+                line("dbz_cpu", "Kafka Connect JVM, CPU during the bulk", "s", 1),
+                line("dbz_pg_cpu", "… its PostgreSQL backends (walsender), CPU during the bulk", "s", 1),
+                line("ours_p50", "dualwrite capture latency, insert to topic, p50", "ms", 1),
+                line("ours_p99", "dualwrite capture latency p99", "ms", 1),
+                line("ours_max", "dualwrite capture latency max", "ms", 1),
+                line("dbz_p50", "Debezium latency, insert to topic, p50", "ms", 1),
+                line("dbz_p99", "Debezium latency p99", "ms", 1),
+                line("dbz_max", "Debezium latency max", "ms", 1),
+                line("ours_achieved", "achieved steady rate (dualwrite run)", "rows/s", 0),
+                line("dbz_achieved", "achieved steady rate (Debezium run)", "rows/s", 0),
+                line("ours_rss", "dualwrite capture peak RSS", "MiB", 1),
+                line("dbz_rss", "Kafka Connect JVM peak RSS (-Xmx512m)", "MiB", 1),
+            ],
+            ratios: vec![
+                ratio("dualwrite / Debezium, rows/s", "ours", "dbz"),
+                ratio("dualwrite / Debezium, capturer CPU", "ours_cpu", "dbz_cpu"),
+                ratio("dualwrite / Debezium, PostgreSQL CPU", "ours_pg_cpu", "dbz_pg_cpu"),
+                ratio("dualwrite p50 / Debezium p50", "ours_p50", "dbz_p50"),
+                ratio("dualwrite p99 / Debezium p99", "ours_p99", "dbz_p99"),
+            ],
+        },
         other => Spec {
             title: other.to_owned(),
             lines: vec![],

@@ -8,12 +8,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
 
-use crate::env::{new_id, Ctx, Deployment};
+use dualwrite_model::config::KafkaConfig;
+use dualwrite_model::topics::Topics;
+use dualwrite_runtime::kafka;
+
+use crate::debezium::{self, Connect};
+use crate::env::{cpu_secs, new_id, Ctx, Deployment, Service};
 use crate::measure::{
     self, count, first_made, insert_rows, inserted, last_arrived, latencies, paced, wait_arrived,
     wait_for, Latencies, Native,
 };
 use crate::rows;
+use crate::topic::{self, append_time_topic};
 
 /// Sizes of the scenarios.
 #[derive(Debug, Clone)]
@@ -426,4 +432,192 @@ pub async fn initial_sync(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     }
     .await;
     finish(ctx, d, r).await
+}
+
+/// The capture hop, dualwrite's capturer beside Debezium's PostgreSQL
+/// connector (Kafka Connect standalone) as a peer, one after the other in
+/// the same run, each alone on a fresh database with the benchmark table
+/// and on a topic of its own (created with the broker's append time):
+/// rows/s from the first insert of `live_rows` rows (transactions of
+/// 1,000) to the last of their records on the topic, the CPU time that
+/// took, and the latency from insert to topic at a steady `rate`.
+pub async fn capture_hop(ctx: &Ctx, p: &Params) -> Result<RunResult> {
+    let cache = ctx.peer_cache.clone();
+    let libs = tokio::task::spawn_blocking(move || debezium::libs(&cache)).await??;
+    let mut d = Deployment::create(ctx, "caphop").await?;
+    let r = async {
+        let mut out = RunResult::default();
+        let kcfg = d.config.kafka.clone();
+
+        // Debezium, on the right database (nothing of dualwrite runs there).
+        let dbz_prefix = format!("{}.dbz", kcfg.topic_prefix);
+        let dbz_topic = format!("{dbz_prefix}.public.bench_items");
+        kafka::ensure_topics(&kcfg, &[append_time_topic(&dbz_topic, ctx.partitions)]).await?;
+        let connect = Connect::start(
+            ctx,
+            &libs,
+            &d.dir,
+            &d.dbs.right,
+            &dbz_prefix,
+            &ctx.debezium_extra,
+        )
+        .await
+        .context("start Debezium")?;
+        let r = async {
+            let db = d.right(ctx).await?;
+            let alive = || connect.check_alive();
+            hop_peer(p, &db, &kcfg, &connect.topic, connect.service(), &alive).await
+        }
+        .await;
+        let rss = connect.service().peak_rss_kib();
+        connect.stop();
+        r.context("Debezium")?.store(&mut out, "dbz", rss);
+
+        // dualwrite's capturer alone, on the left database.
+        let topic = Topics::new(&kcfg.topic_prefix).capture("fno");
+        kafka::ensure_topics(&kcfg, &[append_time_topic(&topic, ctx.partitions)]).await?;
+        let capture: &[&[&str]] = &[&["capture", "--side", "fno"]];
+        d.start_some(ctx, capture).await?;
+        let db = d.left(ctx).await?;
+        let alive = || d.check_alive();
+        let svc = d
+            .service("capture-fno")
+            .context("capture-fno not started")?;
+        let f = hop_peer(p, &db, &kcfg, &topic, svc, &alive).await?;
+        f.store(&mut out, "ours", svc.peak_rss_kib());
+        Ok(out)
+    }
+    .await;
+    finish(ctx, d, r).await
+}
+
+/// What one capturer did in the capture hop.
+struct HopFigures {
+    /// Rows/s from the first insert to the last record on the topic.
+    rate: f64,
+    /// The load generator's insert rate.
+    insert: f64,
+    /// CPU seconds of the capturer's process and of its PostgreSQL
+    /// backends (every backend of the database but the load generator's)
+    /// while the rows were captured.
+    cpu: f64,
+    pg_cpu: f64,
+    latency: Latencies,
+    /// The achieved rate of the steady load.
+    achieved: f64,
+}
+
+impl HopFigures {
+    fn store(&self, out: &mut RunResult, who: &str, rss_kib: Option<u64>) {
+        out.set(who, self.rate);
+        out.set(&format!("{who}_insert"), self.insert);
+        out.set(&format!("{who}_cpu"), self.cpu);
+        out.set(&format!("{who}_pg_cpu"), self.pg_cpu);
+        out.set(&format!("{who}_p50"), self.latency.p50);
+        out.set(&format!("{who}_p99"), self.latency.p99);
+        out.set(&format!("{who}_max"), self.latency.max);
+        out.set(&format!("{who}_achieved"), self.achieved);
+        if let Some(kib) = rss_kib {
+            out.set(&format!("{who}_rss"), kib as f64 / 1024.0);
+        }
+        eprintln!(
+            "bench:   {who}: {:.0} rows/s (CPU {:.1} s + PostgreSQL {:.1} s); latency p50 {:.1} ms, p99 {:.1} ms",
+            self.rate, self.cpu, self.pg_cpu, self.latency.p50, self.latency.p99
+        );
+    }
+}
+
+/// Measures one capturer of `db` writing to `topic`: a warm-up, the bulk
+/// of `live_rows` rows, then the steady load.
+async fn hop_peer(
+    p: &Params,
+    db: &Client,
+    cfg: &KafkaConfig,
+    topic: &str,
+    capturer: &Service,
+    alive: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<HopFigures> {
+    let read_patience = Duration::from_secs(120);
+    let from = topic::ends(cfg, topic).await?;
+    db.batch_execute(&rows::insert("Lw", 1, 10)).await?;
+    topic::read_stamps(cfg, topic, &from, "Lw", 10, read_patience)
+        .await
+        .context("warm-up rows")?;
+    alive()?;
+
+    let n = p.live_rows;
+    let from = topic::ends(cfg, topic).await?;
+    let backends = backend_pids(db).await?;
+    let pg_cpu = || backends.iter().filter_map(|&b| cpu_secs(b)).sum::<f64>();
+    let (cpu0, pg0) = (capturer.cpu_secs().unwrap_or(f64::NAN), pg_cpu());
+    let insert_secs = insert_rows(db, "L", n).await?;
+    topic::wait_appended(cfg, topic, &from, n, measure::patience(n), alive).await?;
+    let (cpu1, pg1) = (capturer.cpu_secs().unwrap_or(f64::NAN), pg_cpu());
+    let stamps = topic::read_stamps(cfg, topic, &from, "L0", n, read_patience).await?;
+    let last = stamps.iter().map(|s| s.1).fold(f64::MIN, f64::max) / 1000.0;
+    let rate = n as f64 / (last - first_made(db, "L").await?);
+
+    let from = topic::ends(cfg, topic).await?;
+    let (total, achieved) = paced(db, "T", p.rate, p.latency_secs).await?;
+    topic::wait_appended(cfg, topic, &from, total, measure::patience(total), alive).await?;
+    let stamps = topic::read_stamps(cfg, topic, &from, "T0", total, read_patience).await?;
+    let latency = stamp_latencies(db, &stamps).await?;
+    Ok(HopFigures {
+        rate,
+        insert: n as f64 / insert_secs,
+        cpu: cpu1 - cpu0,
+        pg_cpu: pg1 - pg0,
+        latency,
+        achieved,
+    })
+}
+
+/// The PostgreSQL backends of this connection's database other than its
+/// own: the capturer's (for Debezium, its walsender and its SQL session).
+async fn backend_pids(db: &Client) -> Result<Vec<u32>> {
+    let rows = db
+        .query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
+}
+
+/// Latencies (ms) from each row's `made_at` to the append time of its
+/// record (`stamps`: key, epoch ms); every row must be found.
+async fn stamp_latencies(db: &Client, stamps: &[(String, f64)]) -> Result<Latencies> {
+    let ids: Vec<&str> = stamps.iter().map(|s| s.0.as_str()).collect();
+    let at: Vec<f64> = stamps.iter().map(|s| s.1).collect();
+    let r = db
+        .query_one(
+            "SELECT count(*), \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY d), \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY d), \
+                    max(d), \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE third = 1), \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE third = 3) \
+             FROM (SELECT s.at - extract(epoch FROM b.made_at)::float8 * 1000 AS d, \
+                          ntile(3) OVER (ORDER BY b.made_at) AS third \
+                   FROM unnest($1::text[], $2::float8[]) AS s(id, at) \
+                   JOIN bench_items b ON b.id = s.id) x",
+            &[&ids, &at],
+        )
+        .await?;
+    let found: i64 = r.get(0);
+    if found as usize != stamps.len() {
+        bail!(
+            "{} records on the topic, {found} of their rows in the table",
+            stamps.len()
+        );
+    }
+    let get = |i: usize| r.get::<_, Option<f64>>(i).unwrap_or(f64::NAN);
+    Ok(Latencies {
+        p50: get(1),
+        p99: get(2),
+        max: get(3),
+        p50_first: get(4),
+        p50_last: get(5),
+    })
 }
