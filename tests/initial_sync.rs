@@ -474,9 +474,12 @@ async fn a_rerun_does_not_undo_changes_still_on_their_way() {
     .await
     .unwrap();
     env.ctl(&["rerun-initial-sync", "customers", "--timeout-secs", "0"]);
-    eventually("the rerun read its snapshots", WAIT, || async {
+    // It waits for the changes on their way (the router is stopped), its
+    // snapshots recorded.
+    eventually("the rerun read its snapshots and waits", WAIT, || async {
         let d = details(&env, "customers");
         d["run"] == 2
+            && d["progress"]["phase"] == "waiting"
             && d["progress"]["segments"]
                 .as_array()
                 .is_some_and(|s| !s.is_empty())

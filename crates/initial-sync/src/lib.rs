@@ -267,12 +267,15 @@ async fn attempt(
         left: left.snapshot.clone(),
         right: right.snapshot.clone(),
     });
-    p.phase = "copying".to_owned();
+    // The snapshots are recorded while it still waits for the changes on their way.
+    p.phase = "waiting".to_owned();
     p.rows_total = p.rows_done + left.rows + right.rows;
     report(reports, &job.map, p).await;
     let Some(on_their_way) = on_their_way(job, p, cancel).await? else {
         return Ok(false);
     };
+    p.phase = "copying".to_owned();
+    report(reports, &job.map, p).await;
     tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?after, "initial sync: copying");
 
     let topic = Topics::new(&config.kafka.topic_prefix).initial_sync_errors();
