@@ -59,6 +59,7 @@ fn write(map: &str, entity: &str, key: &[(&str, &str)], values: &[(&str, &str)])
             present: false,
             values: Vec::new(),
         },
+        moved: Vec::new(),
         source_lsn: 0,
         commit_time: 0,
     }

@@ -752,3 +752,82 @@ async fn the_bookkeeping_of_deleted_records_is_forgotten_and_sync_goes_on() {
     assert_eq!(code, 0, "{out}");
     env.cleanup().await;
 }
+
+/// Issue 16.7: an update of the alternate key moves the record's row on the
+/// other side instead of deleting it and creating another: the row keeps
+/// what that side owns (its own id, the fields flowing only from it), and
+/// no second row appears, even with another unique constraint that a new
+/// row of the new key would break while the old row is still there.
+/// Before: new ids on dataverse, `creditlimit` (fno's own) lost on fno.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_moves_the_record_and_keeps_what_the_target_owns() {
+    let mut env = TestEnv::new("keychange").await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    // Records without contacts (whose foreign keys refuse a key change on
+    // either side), and a second unique constraint on each side.
+    fno.batch_execute(
+        "DELETE FROM contacts WHERE customeraccount <= 'C0020';
+         CREATE UNIQUE INDEX customers_phone ON customers_v3 (primaryphone);",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute(
+        "DELETE FROM contacts WHERE parentcustomernumber <= 'C0020';
+         CREATE UNIQUE INDEX accounts_phone ON accounts (telephone1);",
+    )
+    .await
+    .unwrap();
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    eventually("maps running", WAIT, || async {
+        env.states().get("customers").map(String::as_str) == Some("Running")
+    })
+    .await;
+    let ids = "SELECT string_agg(substr(accountnumber, 2) || '=' || accountid::text, ',' ORDER BY substr(accountnumber, 2)) FROM accounts WHERE substr(accountnumber, 2) <= '0010'";
+    let limits = "SELECT string_agg(substr(customeraccount, 2) || '=' || coalesce(creditlimit::text, '-'), ',' ORDER BY substr(customeraccount, 2)) FROM customers_v3 WHERE substr(customeraccount, 2) BETWEEN '0011' AND '0020'";
+    let (ids_before, limits_before) = (text(&dv, ids).await, text(&fno, limits).await);
+    fno.batch_execute(
+        "UPDATE customers_v3 SET customeraccount = 'K' || substr(customeraccount, 2),
+                organizationname = organizationname || ' renamed'
+          WHERE customeraccount <= 'C0010'",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute(
+        "UPDATE accounts SET accountnumber = 'R' || substr(accountnumber, 2), name = name || ' moved'
+          WHERE accountnumber BETWEEN 'C0011' AND 'C0020'",
+    )
+    .await
+    .unwrap();
+    let renamed = |table: &str, key: &str, name: &str| {
+        format!(
+            "SELECT count(*) FILTER (WHERE {key} LIKE 'K%' AND {name} LIKE '% renamed')
+                 || '/' || count(*) FILTER (WHERE {key} LIKE 'R%' AND {name} LIKE '% moved')
+                 || '/' || count(*) FILTER (WHERE {key} LIKE 'C%' AND substr({key}, 2) <= '0020')
+               FROM {table}"
+        )
+    };
+    let on_fno = renamed("customers_v3", "customeraccount", "organizationname");
+    let on_dv = renamed("accounts", "accountnumber", "name");
+    eventually("the key changes reach the other side", WAIT, || async {
+        text(&fno, &on_fno).await.as_deref() == Some("10/10/0")
+            && text(&dv, &on_dv).await.as_deref() == Some("10/10/0")
+    })
+    .await;
+    assert_eq!(
+        text(&dv, ids).await,
+        ids_before,
+        "dataverse's own ids of the records renamed on fno"
+    );
+    assert_eq!(
+        text(&fno, limits).await,
+        limits_before,
+        "fno's own credit limits of the records renamed on dataverse"
+    );
+    support::all_drained(&env).await;
+    let (code, out, _) = env.run(&["ctl", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    env.cleanup().await;
+}

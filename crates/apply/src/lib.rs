@@ -38,7 +38,7 @@ use dualwrite_runtime::relay::{deliver, Output};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::writer::{Rejected, Writer};
+use crate::writer::{Done, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -210,7 +210,7 @@ impl Applier {
         &mut self,
         changes: &[(usize, ApplyWrite)],
         shutdown: &CancellationToken,
-    ) -> Result<Option<Vec<Rejected>>, ApplyError> {
+    ) -> Result<Option<Done>, ApplyError> {
         loop {
             let w = match self.writer.as_mut() {
                 Some(w) => w,
@@ -269,12 +269,24 @@ impl Applier {
                 now.push((i, mc));
             }
         }
-        let Some(result) = self.write(&now, shutdown).await? else {
+        if self.parent_wait.is_zero() {
+            // No waiting: a key change's new key is written at once.
+            now.iter_mut().for_each(|(_, w)| no_wait(w));
+        }
+        let Some(done) = self.write(&now, shutdown).await? else {
             return Ok(None);
         };
-        let mut rejected: BTreeMap<usize, tokio_postgres::Error> =
-            result.into_iter().map(|r| (r.index, r.error)).collect();
+        let mut rejected: BTreeMap<usize, tokio_postgres::Error> = done
+            .rejected
+            .into_iter()
+            .map(|r| (r.index, r.error))
+            .collect();
         for (i, mc) in now {
+            if done.waiting.contains(&i) {
+                tracing::info!(map = %mc.map, key = %mc.kafka_key(), "key change: the new key waits for the old key's row to move");
+                self.park(&batch[i], mc);
+                continue;
+            }
             let Some(error) = rejected.remove(&i) else {
                 continue;
             };
@@ -288,14 +300,7 @@ impl Applier {
                         "waiting_for_parent",
                     ])
                     .inc();
-                self.parked
-                    .entry(record_key(&mc))
-                    .or_default()
-                    .push_back(Parked {
-                        message: batch[i].clone(),
-                        change: mc,
-                        since: tokio::time::Instant::now(),
-                    });
+                self.park(&batch[i], mc);
             } else {
                 let message = row_error(&self.config, &mc, &error);
                 bad.push(rejection(&self.errors, &batch[i], &mc, &message));
@@ -314,8 +319,21 @@ impl Applier {
         Ok(Some(bad))
     }
 
+    /// Holds a change back until what it waits for is there.
+    fn park(&mut self, message: &OwnedMessage, change: ApplyWrite) {
+        self.parked
+            .entry(record_key(&change))
+            .or_default()
+            .push_back(Parked {
+                message: message.clone(),
+                change,
+                since: tokio::time::Instant::now(),
+            });
+    }
+
     /// Tries the waiting changes again, oldest first per record; a change
-    /// whose parent did not come within the wait becomes an error.
+    /// whose parent did not come within the wait becomes an error, and a key
+    /// change's new key whose old row stayed is written as a new row.
     async fn retry_parked(
         &mut self,
         shutdown: &CancellationToken,
@@ -323,13 +341,19 @@ impl Applier {
         let mut bad = Vec::new();
         let keys: Vec<String> = self.parked.keys().cloned().collect();
         for rk in keys {
-            while let Some(head) = self.parked.get(&rk).and_then(|q| q.front()) {
+            while let Some(head) = self.parked.get_mut(&rk).and_then(|q| q.front_mut()) {
+                if head.since.elapsed() >= self.parent_wait {
+                    no_wait(&mut head.change);
+                }
                 let change = vec![(0usize, head.change.clone())];
-                let Some(result) = self.write(&change, shutdown).await? else {
+                let Some(done) = self.write(&change, shutdown).await? else {
                     return Ok(None);
                 };
                 let q = self.parked.get_mut(&rk).expect("queue exists");
-                match result.into_iter().next() {
+                if !done.waiting.is_empty() {
+                    break;
+                }
+                match done.rejected.into_iter().next() {
                     None => {
                         q.pop_front();
                     }
@@ -401,6 +425,14 @@ fn row_error(config: &Config, w: &ApplyWrite, e: &tokio_postgres::Error) -> Stri
         tracing::debug!(map = %w.map, key = %w.kafka_key(), "rejected row: {}", pg::describe(e));
     }
     pg::describe_redacted(e)
+}
+
+/// A key change's new key is written without waiting for the old key's
+/// row to go (the other half is then a plain delete).
+fn no_wait(w: &mut ApplyWrite) {
+    if w.op == WriteOp::Upsert {
+        w.moved.clear();
+    }
 }
 
 /// A record's identity across the apply topic: map and alternate key.

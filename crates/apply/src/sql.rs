@@ -67,6 +67,90 @@ pub fn ack(w: &ApplyWrite, written: bool) -> String {
     .to_string()
 }
 
+/// The report of a delete made as a move: `moved_to` is the row as moved,
+/// a JSON object of column text values ([`MOVE`]'s result).
+pub fn ack_moved(w: &ApplyWrite, moved_to: &str) -> String {
+    let mut ack = serde_json::json!({
+        "map": w.map,
+        "entity": w.target_entity,
+        "key": w.key.iter().map(|f| f.value.clone()).collect::<Vec<_>>(),
+        "version": w.version,
+        "written": true,
+    });
+    if let Ok(row) = serde_json::from_str::<serde_json::Value>(moved_to) {
+        ack["moved_to"] = row;
+    }
+    ack.to_string()
+}
+
+/// The key values of `key` with the key columns' names of `w` (a key
+/// change's other key travels with its values in key order).
+fn key_as(w: &ApplyWrite, key: &[Field]) -> String {
+    let fields: Vec<Field> = w
+        .key
+        .iter()
+        .zip(key)
+        .map(|(k, v)| Field {
+            name: k.name.clone(),
+            value: v.value.clone(),
+        })
+        .collect();
+    json_object(fields.iter())
+}
+
+/// Whether a row has the old key of a key change (`$1`: the second of
+/// [`key_parameters`]).
+pub fn key_exists(w: &ApplyWrite) -> String {
+    let table = table_ident(&w.target_entity);
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM json_populate_record(NULL::{table}, $1::text::json) AS e \
+         JOIN {table} AS t ON {cond})",
+        cond = key_match(w, "t", "e"),
+    )
+}
+
+/// Moves the record's row (key `$1`) to the new key `$2` if no row has
+/// it, values untouched; returns the row as moved, as a JSON object of
+/// column text values (no row: not moved).
+pub fn move_row(w: &ApplyWrite) -> String {
+    let table = table_ident(&w.target_entity);
+    let set: Vec<String> = w
+        .key
+        .iter()
+        .map(|k| {
+            let k = escape_identifier(&k.name);
+            format!("{k} = n.{k}")
+        })
+        .collect();
+    format!(
+        "UPDATE {table} AS t SET {set} \
+         FROM json_populate_record(NULL::{table}, $1::text::json) AS e, \
+              json_populate_record(NULL::{table}, $2::text::json) AS n \
+         WHERE {old} AND NOT EXISTS (SELECT 1 FROM {table} AS x WHERE {new}) \
+         RETURNING (SELECT json_object_agg(c.key, c.value) FROM json_each_text(row_to_json(t)) AS c)::text",
+        set = set.join(", "),
+        old = key_match(w, "t", "e"),
+        new = key_match(w, "x", "n"),
+    )
+}
+
+/// `a.k = b.k AND …` over the key columns of `w`.
+fn key_match(w: &ApplyWrite, a: &str, b: &str) -> String {
+    w.key
+        .iter()
+        .map(|k| {
+            let k = escape_identifier(&k.name);
+            format!("{a}.{k} = {b}.{k}")
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The parameters of a key change: the write's own key, and the other key.
+pub fn key_parameters(w: &ApplyWrite) -> (String, String) {
+    (json_object(w.key.iter()), key_as(w, &w.moved))
+}
+
 /// Locks the target rows of a run's writes and returns, for each write
 /// whose record is there, its 1-based position in the parameter, the row
 /// version (`xmin`), and whether the row's columns `compare` equal the
@@ -213,6 +297,7 @@ mod tests {
                 present: true,
                 values: vec![Field::new("name", Some("Old"))],
             },
+            moved: Vec::new(),
             source_lsn: 1,
             commit_time: 0,
         }

@@ -36,6 +36,17 @@ pub enum Outcome {
     /// The target changed since the decision (a write of its own the
     /// resolver has not seen yet, which it resolves in its turn).
     Superseded,
+    /// The upsert of a key change's new key, while the row of the old key
+    /// is still there: it waits for that row to be moved or deleted.
+    Waiting,
+}
+
+/// What became of a batch: the writes the target rejected, and those
+/// that wait (by index).
+#[derive(Default)]
+pub struct Done {
+    pub rejected: Vec<Rejected>,
+    pub waiting: Vec<usize>,
 }
 
 /// The bookkeeping of one record on the target.
@@ -97,7 +108,7 @@ impl Writer {
     pub async fn write(
         &mut self,
         writes: &[(usize, ApplyWrite)],
-    ) -> Result<Vec<Rejected>, tokio_postgres::Error> {
+    ) -> Result<Done, tokio_postgres::Error> {
         let all_at_once = async {
             self.client.batch_execute("BEGIN").await?;
             let mut outcomes = Vec::with_capacity(writes.len());
@@ -108,17 +119,17 @@ impl Writer {
             Ok::<_, tokio_postgres::Error>(outcomes)
         }
         .await;
+        let mut done = Done::default();
         match all_at_once {
             Ok(outcomes) => {
-                for ((_, w), o) in writes.iter().zip(outcomes) {
-                    record(w, o);
+                for ((index, w), o) in writes.iter().zip(outcomes) {
+                    done.note(*index, w, o);
                 }
-                return Ok(Vec::new());
+                return Ok(done);
             }
             Err(e) if pg::is_transient(&e) => return Err(e),
             Err(_) => self.client.batch_execute("ROLLBACK").await?,
         }
-        let mut rejected = Vec::new();
         for (index, w) in writes {
             let one = async {
                 self.client.batch_execute("BEGIN").await?;
@@ -130,18 +141,18 @@ impl Writer {
             }
             .await;
             match one {
-                Ok(o) => record(w, o[0]),
+                Ok(o) => done.note(*index, w, o[0]),
                 Err(e) if pg::is_transient(&e) => return Err(e),
                 Err(error) => {
                     self.client.batch_execute("ROLLBACK").await?;
-                    rejected.push(Rejected {
+                    done.rejected.push(Rejected {
                         index: *index,
                         error,
                     });
                 }
             }
         }
-        Ok(rejected)
+        Ok(done)
     }
 
     /// Writes a run of writes of one shape (see [`runs`]) with one
@@ -155,6 +166,9 @@ impl Writer {
         let Some((_, first)) = run.first() else {
             return Ok(Vec::new());
         };
+        if !first.moved.is_empty() {
+            return Ok(vec![self.exec_key_change(first).await?]);
+        }
         let keys: Vec<String> = run.iter().map(|(_, w)| w.kafka_key()).collect();
         let versions = self.versions(&first.map, &keys).await?;
         let rows = self.rows(run).await?;
@@ -179,19 +193,80 @@ impl Writer {
             .filter(|(_, o)| **o != Outcome::Stale)
             .map(|((_, w), o)| sql::ack(w, *o == Outcome::Written))
             .collect();
-        if !acks.is_empty() {
-            let ks: Vec<&String> = made.iter().map(|&i| &keys[i]).collect();
-            let vs: Vec<i64> = made.iter().map(|&i| run[i].1.version).collect();
-            let ps: Vec<bool> = made
-                .iter()
-                .map(|&i| run[i].1.op == WriteOp::Upsert)
-                .collect();
-            let stmt = self.prepared(sql::RECORD_AND_REPORT.to_owned()).await?;
-            self.client
-                .query_one(&stmt, &[&first.map, &ks, &vs, &ps, &acks])
-                .await?;
-        }
+        let made: Vec<&ApplyWrite> = made.iter().map(|&i| &run[i].1).collect();
+        self.record_and_report(&first.map, &made, &acks).await?;
         Ok(outcomes)
+    }
+
+    /// Records the writes made in the bookkeeping and emits the reports.
+    async fn record_and_report(
+        &mut self,
+        map: &str,
+        made: &[&ApplyWrite],
+        acks: &[String],
+    ) -> Result<(), tokio_postgres::Error> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let ks: Vec<String> = made.iter().map(|w| w.kafka_key()).collect();
+        let vs: Vec<i64> = made.iter().map(|w| w.version).collect();
+        let ps: Vec<bool> = made.iter().map(|w| w.op == WriteOp::Upsert).collect();
+        let stmt = self.prepared(sql::RECORD_AND_REPORT.to_owned()).await?;
+        self.client
+            .query_one(&stmt, &[&map, &ks, &vs, &ps, &acks])
+            .await?;
+        Ok(())
+    }
+
+    /// A half of a key change made on the other side (see `ApplyWrite::moved`):
+    /// the delete of the old key moves the row to the new key (values
+    /// untouched, the side's own columns kept) when no row has it; the
+    /// upsert of the new key waits while the old key's row is there, so
+    /// that it neither creates a second row nor clashes with it on another
+    /// unique constraint. Otherwise each is written as usual.
+    async fn exec_key_change(&mut self, w: &ApplyWrite) -> Result<Outcome, tokio_postgres::Error> {
+        let one = [(0, w.clone())];
+        let key = w.kafka_key();
+        let versions = self.versions(&w.map, std::slice::from_ref(&key)).await?;
+        let row = self.rows(&one).await?.pop().flatten();
+        let outcome = decide(w, versions.get(&key), row.as_ref());
+        let (own, other) = sql::key_parameters(w);
+        let mut moved_to = None;
+        match (outcome, w.op) {
+            (Outcome::Written, WriteOp::Upsert) if row.is_none() => {
+                let stmt = self.prepared(sql::key_exists(w)).await?;
+                if self
+                    .client
+                    .query_one(&stmt, &[&other])
+                    .await?
+                    .get::<_, bool>(0)
+                {
+                    return Ok(Outcome::Waiting);
+                }
+            }
+            (Outcome::Written, WriteOp::Delete) => {
+                let stmt = self.prepared(sql::move_row(w)).await?;
+                let r = self.client.query_opt(&stmt, &[&own, &other]).await?;
+                moved_to = r.map(|r| r.get::<_, String>(0));
+            }
+            _ => {}
+        }
+        if outcome == Outcome::Written && moved_to.is_none() {
+            let stmt = self.prepared(sql::statement_many(w)).await?;
+            let param = sql::parameter_many(std::iter::once(w));
+            self.client.execute(&stmt, &[&param]).await?;
+        }
+        let acks: Vec<String> = match (outcome, &moved_to) {
+            (Outcome::Stale, _) => Vec::new(),
+            (_, Some(row)) => vec![sql::ack_moved(w, row)],
+            (o, None) => vec![sql::ack(w, o == Outcome::Written)],
+        };
+        let made: Vec<&ApplyWrite> = (outcome == Outcome::Written)
+            .then_some(w)
+            .into_iter()
+            .collect();
+        self.record_and_report(&w.map, &made, &acks).await?;
+        Ok(outcome)
     }
 
     /// The bookkeeping of the records, locked, by record key.
@@ -278,7 +353,10 @@ pub fn runs(writes: &[(usize, ApplyWrite)]) -> Vec<std::ops::Range<usize>> {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name)
     }
     fn same_shape(a: &ApplyWrite, b: &ApplyWrite) -> bool {
-        a.op == b.op
+        // A half of a key change is written on its own.
+        a.moved.is_empty()
+            && b.moved.is_empty()
+            && a.op == b.op
             && a.map == b.map
             && a.target_entity == b.target_entity
             && names(&a.key, &b.key)
@@ -311,12 +389,22 @@ pub fn runs(writes: &[(usize, ApplyWrite)]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+impl Done {
+    fn note(&mut self, index: usize, w: &ApplyWrite, outcome: Outcome) {
+        if outcome == Outcome::Waiting {
+            self.waiting.push(index);
+        }
+        record(w, outcome);
+    }
+}
+
 /// Counts a committed write in the metrics, with its latency when written.
 fn record(w: &ApplyWrite, outcome: Outcome) {
     let label = match outcome {
         Outcome::Written => "written",
         Outcome::Stale => "stale",
         Outcome::Superseded => "superseded",
+        Outcome::Waiting => "waiting_for_key_change",
     };
     let m = metrics();
     let dir = direction(&w.source_side, &w.target_side);
@@ -353,6 +441,7 @@ mod tests {
                 present: true,
                 values: vec![Field::new("k", Some(key)), Field::new("v", Some("0"))],
             },
+            moved: Vec::new(),
             source_lsn: 1,
             commit_time: 0,
         };

@@ -96,6 +96,10 @@ pub struct Ack {
     /// False: the write was not made (superseded).
     #[serde(default = "written")]
     pub written: bool,
+    /// A delete made as a move (a key change of the other side): the row
+    /// as moved to its new key, column to text value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<BTreeMap<String, Option<String>>>,
 }
 
 fn written() -> bool {
@@ -158,6 +162,8 @@ struct Pending {
     after: Option<Vec<Field>>,
     pk: Vec<String>,
     applied: Option<Applied>,
+    /// A half of a key change: the other half's key.
+    moved: Option<Vec<Field>>,
 }
 
 /// Decodes rows into change records for the side (see [`Decoder`]).
@@ -216,8 +222,8 @@ impl<'c> Decoder<'c> {
             "B" => self.begin(&msg),
             "C" => self.commit(row, &msg, out),
             "M" if applier && msg.prefix == Some(ACK_PREFIX) => {
-                match ack_record(self.ctx, msg.content.as_deref().unwrap_or_default()) {
-                    Ok(p) => self.give(p, out),
+                match ack_records(self.ctx, msg.content.as_deref().unwrap_or_default()) {
+                    Ok(ps) => ps.into_iter().for_each(|p| self.give(p, out)),
                     Err(e) => out.bad.push(bad(row, format!("applier report: {e}"))),
                 }
             }
@@ -287,6 +293,7 @@ impl<'c> Decoder<'c> {
                     xid: self.txn.xid,
                     commit_time,
                     applied: p.applied,
+                    moved: p.moved,
                 },
                 kafka_key,
             });
@@ -333,6 +340,7 @@ fn change(msg: Message<'_>) -> Result<Pending, String> {
             .map(|c| c.name)
             .collect(),
         applied: None,
+        moved: None,
         entity,
     })
 }
@@ -359,8 +367,9 @@ fn project(cols: &ReadColumns, p: &mut Pending) {
     }
 }
 
-/// An applier's report as a pending record: `before` holds the key.
-fn ack_record(ctx: &Context, content: &str) -> Result<Pending, String> {
+/// An applier's report as pending records: the report (`before` holds the
+/// key) and, for a move, the row as moved to its new key.
+fn ack_records(ctx: &Context, content: &str) -> Result<Vec<Pending>, String> {
     let ack: Ack = serde_json::from_str(content).map_err(|e| format!("not valid: {e}"))?;
     let names = ctx
         .keys
@@ -382,7 +391,20 @@ fn ack_record(ctx: &Context, content: &str) -> Result<Pending, String> {
             value: v,
         })
         .collect();
-    Ok(Pending {
+    let moved = ack.moved_to.map(|row| Pending {
+        op: ChangeOp::Moved,
+        entity: ack.entity.clone(),
+        before: None,
+        after: Some(
+            row.into_iter()
+                .map(|(name, value)| Field { name, value })
+                .collect(),
+        ),
+        pk: Vec::new(),
+        applied: None,
+        moved: None,
+    });
+    let report = Pending {
         op: ChangeOp::Applied,
         entity: ack.entity,
         before: Some(key),
@@ -393,7 +415,9 @@ fn ack_record(ctx: &Context, content: &str) -> Result<Pending, String> {
             version: ack.version,
             written: ack.written,
         }),
-    })
+        moved: None,
+    };
+    Ok(std::iter::once(report).chain(moved).collect())
 }
 
 /// An update that changes the alternate key, as a delete of the old key
@@ -415,6 +439,14 @@ fn split(ctx: &Context, p: Pending) -> Vec<Pending> {
             None => full.push(f.clone()),
         }
     }
+    // Each half names the other's key, so that the target's applier can
+    // move the record's row instead of deleting and inserting it.
+    let key_of = |fields: &[Field]| -> Vec<Field> {
+        names
+            .iter()
+            .filter_map(|n| fields.iter().find(|f| &f.name == n).cloned())
+            .collect()
+    };
     vec![
         Pending {
             op: ChangeOp::Delete,
@@ -423,10 +455,12 @@ fn split(ctx: &Context, p: Pending) -> Vec<Pending> {
             entity: p.entity.clone(),
             before: p.before.clone(),
             applied: None,
+            moved: Some(key_of(&full)),
         },
         Pending {
             op: ChangeOp::Insert,
             before: None,
+            moved: Some(key_of(before)),
             after: Some(full),
             ..p
         },
@@ -627,6 +661,44 @@ mod tests {
         );
         let ins = d.changes[1].record.after.as_ref().unwrap();
         assert!(ins.contains(&Field::new("v", Some("x"))));
+        // Each half names the other's key, for the target to move the row.
+        assert_eq!(
+            d.changes[0].record.moved,
+            Some(vec![Field::new("code", Some("B"))])
+        );
+        assert_eq!(
+            d.changes[1].record.moved,
+            Some(vec![Field::new("code", Some("A"))])
+        );
+    }
+
+    #[test]
+    fn a_move_is_reported_with_the_row_at_its_new_key() {
+        let r = rows(&[
+            ("0/10", r#"{"action":"B","xid":9,"origin":7}"#),
+            (
+                "0/11",
+                r#"{"action":"M","origin":7,"transactional":true,"prefix":"dualwrite.ack","content":"{\"map\":\"m\",\"entity\":\"public.t\",\"key\":[\"A\"],\"version\":42,\"written\":true,\"moved_to\":{\"id\":\"1\",\"code\":\"B\",\"v\":null}}"}"#,
+            ),
+            ("0/20", r#"{"action":"C","xid":9,"origin":7}"#),
+        ]);
+        let d = decode(&ctx(), &r);
+        assert!(d.bad.is_empty(), "{:?}", d.bad);
+        let got: Vec<(ChangeOp, &str, i32)> = d
+            .changes
+            .iter()
+            .map(|c| (c.record.op, c.kafka_key.as_str(), c.record.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (ChangeOp::Applied, r#"["public.t","A"]"#, 0),
+                (ChangeOp::Moved, r#"["public.t","B"]"#, 1)
+            ]
+        );
+        let row = d.changes[1].record.after.as_ref().unwrap();
+        assert!(row.contains(&Field::new("code", Some("B"))));
+        assert!(row.contains(&Field::new("v", None::<String>)));
     }
 
     /// A transaction as wal2json prints it with `include-lsn`: the commit's

@@ -850,6 +850,7 @@ mod tests {
             own: vec![],
             version: 0,
             repair: None,
+            moved: Vec::new(),
         })
         .unwrap()
     }
@@ -873,6 +874,7 @@ mod tests {
             seq: 0,
             xid: 0,
             applied: None,
+            moved: None,
             commit_time: 0,
         })
         .unwrap();

@@ -171,6 +171,7 @@ fn repair_event(
                 seq: 0,
                 xid: 0,
                 applied: None,
+                moved: None,
                 commit_time: 0,
             };
             map_change(config, map, master, &change)
@@ -219,6 +220,7 @@ fn repair_event(
             observed,
             master_values,
         }),
+        moved: Vec::new(),
     };
     Ok(Outgoing {
         topic: Topics::new(&config.kafka.topic_prefix).map(&map.name),

@@ -68,6 +68,7 @@ pub fn plan_record(
             xid: 0,
             commit_time: 0,
             applied: None,
+            moved: None,
         };
         let Some(mapped) = map_change(config, map, source, &change)?
             .into_iter()

@@ -199,6 +199,7 @@ field = [
                 present: true,
                 values: vec![Field::new("name", Some("o"))],
             },
+            moved: Vec::new(),
             source_lsn: 0,
             commit_time: 0,
         }

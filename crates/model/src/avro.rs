@@ -234,6 +234,7 @@ mod tests {
                             version: commit_lsn,
                             written: seq % 2 == 0,
                         }),
+                        moved: (op == ChangeOp::Delete).then(|| vec![Field::new("k", Some("2"))]),
                     }
                 },
             )
@@ -289,6 +290,7 @@ mod tests {
                         own: values.clone(),
                         version: source_lsn,
                         repair: None,
+                        moved: Vec::new(),
                         values,
                     }
                 },

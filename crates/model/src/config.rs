@@ -473,7 +473,9 @@ pub struct ApplySettings {
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// How long a change whose related (parent) record is not on the target
-    /// yet waits for it before it counts as an error; 0: no wait.
+    /// yet waits for it before it counts as an error, and how long the new
+    /// key of a key change waits for the old key's row to be moved before
+    /// it is written as a new row; 0: no wait.
     #[serde(default = "default_parent_wait")]
     pub parent_wait_secs: u64,
     /// How long the bookkeeping of a record the applier deleted is kept

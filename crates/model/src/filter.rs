@@ -268,7 +268,7 @@ pub fn decide(
     match change.op {
         // An applier's report is about a write the resolver decided.
         ChangeOp::Applied => Ok(Scope::Pass),
-        ChangeOp::Insert => {
+        ChangeOp::Insert | ChangeOp::Moved => {
             let Some(after) = change.after.as_deref() else {
                 return Ok(Scope::Pass); // mapping reports the missing image
             };
@@ -396,6 +396,7 @@ field = [
             xid: 1,
             commit_time: 1,
             applied: None,
+            moved: None,
         }
     }
 

@@ -78,12 +78,18 @@ pub fn map_change(
     source: SideId,
     change: &ChangeRecord,
 ) -> Result<Vec<MappedChange>, MappingError> {
-    match filter::decide(map, source, change)? {
-        Scope::Pass => map_unscoped(config, map, source, change),
-        Scope::Skip => Ok(Vec::new()),
-        Scope::Enter => map_unscoped(config, map, source, &filter::as_insert(change)),
-        Scope::Exit => map_unscoped(config, map, source, &filter::as_delete(change)),
+    let mut out = match filter::decide(map, source, change)? {
+        Scope::Pass => map_unscoped(config, map, source, change)?,
+        Scope::Skip => Vec::new(),
+        Scope::Enter => map_unscoped(config, map, source, &filter::as_insert(change))?,
+        Scope::Exit => map_unscoped(config, map, source, &filter::as_delete(change))?,
+    };
+    // With a scope on the source, a half of a key change may pass and the
+    // other not: the two halves stay a delete and an insert.
+    if filter::is_scoped(map, source) {
+        out.iter_mut().for_each(|mc| mc.moved.clear());
     }
+    Ok(out)
 }
 
 /// [`map_change`] without the map's scope.
@@ -134,6 +140,14 @@ fn map_unscoped(
         ..mapped(config, map, source, change, op, key, values)
     };
 
+    // The other half of a key change, when the source split it.
+    let partner = || {
+        change
+            .moved
+            .as_deref()
+            .and_then(|m| key_of(m, "moved").ok())
+            .unwrap_or_default()
+    };
     match change.op {
         ChangeOp::Applied => Ok(Vec::new()),
         ChangeOp::Delete => {
@@ -141,10 +155,11 @@ fn map_unscoped(
                 .before
                 .as_deref()
                 .ok_or_else(|| missing_image("old"))?;
-            let mc = base(ApplyOp::Delete, key_of(before, "old")?, Vec::new());
+            let mut mc = base(ApplyOp::Delete, key_of(before, "old")?, Vec::new());
+            mc.moved = partner();
             Ok(vec![mc])
         }
-        ChangeOp::Insert | ChangeOp::Update => {
+        ChangeOp::Insert | ChangeOp::Update | ChangeOp::Moved => {
             let after = change
                 .after
                 .as_deref()
@@ -195,17 +210,22 @@ fn map_unscoped(
             let mut out = Vec::with_capacity(2);
             let mut upsert = base(ApplyOp::Upsert, key, values);
             upsert.own = own_values(map, source, change, after);
+            upsert.moved = partner();
             match (change.op, change.before.as_deref()) {
                 // The old identity carries the old key only when the source
                 // sent it (the capturer splits key changes already).
                 (ChangeOp::Update, Some(before)) => match key_of(before, "old") {
                     Ok(old_key) if old_key != upsert.key => {
-                        out.push(base(ApplyOp::Delete, old_key, Vec::new()));
+                        let mut delete = base(ApplyOp::Delete, old_key.clone(), Vec::new());
+                        delete.moved = upsert.key.clone();
+                        out.push(delete);
+                        upsert.moved = old_key;
                         upsert.existed = false;
                     }
                     _ => {}
                 },
                 (ChangeOp::Update, None) => {}
+                (ChangeOp::Moved, _) => upsert.op = ApplyOp::Moved,
                 _ => upsert.existed = false,
             }
             out.push(upsert);
@@ -323,6 +343,7 @@ fn mapped(
         own: Vec::new(),
         version: 0,
         repair: None,
+        moved: Vec::new(),
     }
 }
 
@@ -369,6 +390,7 @@ field = [
             xid: 7,
             commit_time: 1,
             applied: None,
+            moved: None,
         }
     }
 
@@ -514,6 +536,24 @@ field = [
             (out[1].op, out[1].kafka_key().as_str()),
             (ApplyOp::Upsert, "[\"C2\"]")
         );
+        // Each half names the other's key, in the target's names.
+        assert_eq!(out[0].moved, vec![f("accountnumber", Some("C2"))]);
+        assert_eq!(out[1].moved, vec![f("accountnumber", Some("C1"))]);
+    }
+
+    #[test]
+    fn halves_split_by_the_capturer_name_each_other_and_a_move_is_what_the_side_holds() {
+        let c = config();
+        let m = &c.maps[0];
+        let mut delete = change(ChangeOp::Delete, Some(row("C1")), None);
+        delete.moved = Some(vec![f("customeraccount", Some("C2"))]);
+        let out = map_change(&c, m, SideId::Left, &delete).unwrap();
+        assert_eq!(out[0].moved, vec![f("accountnumber", Some("C2"))]);
+        let moved = change(ChangeOp::Moved, None, Some(row("C2")));
+        let out = map_change(&c, m, SideId::Left, &moved).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].op, ApplyOp::Moved);
+        assert!(!out[0].own.is_empty());
     }
 
     #[test]
@@ -619,6 +659,7 @@ field = [
             xid: 1,
             commit_time: 1,
             applied: None,
+            moved: None,
         }
     }
 

@@ -31,6 +31,11 @@ pub enum ChangeOp {
     Delete,
     /// The side's applier committed a write of the resolver (see [`Applied`]).
     Applied,
+    /// The side's applier moved a record to this alternate key, its
+    /// values untouched, for a key change made on the other side; `after`
+    /// holds the row as moved. Not a write of the side: it tells what the
+    /// side holds.
+    Moved,
 }
 
 /// Which write of the resolver an applier handled.
@@ -70,6 +75,10 @@ pub struct ChangeRecord {
     /// [`ChangeOp::Applied`] only.
     #[serde(default)]
     pub applied: Option<Applied>,
+    /// One half of an update that changed the alternate key (a delete of
+    /// the old key, an insert of the new one): the other half's key.
+    #[serde(default)]
+    pub moved: Option<Vec<Field>>,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time: i64,
 }
@@ -88,6 +97,10 @@ pub enum ApplyOp {
     /// The source side's applier did not make the write of `version`: the
     /// side was not in the state the resolver expected.
     Superseded,
+    /// The source side's applier moved a record to this key for a key
+    /// change of the other side (see [`ChangeOp::Moved`]); `own` holds the
+    /// row as moved.
+    Moved,
 }
 
 /// One event of a record for the resolver (topic `<prefix>.map.<map>`):
@@ -128,6 +141,10 @@ pub struct MappedChange {
     /// [`ApplyOp::Repair`] only.
     #[serde(default)]
     pub repair: Option<Repair>,
+    /// Upsert, delete: one half of a key change on the source; the other
+    /// half's alternate key (target names). Empty otherwise.
+    #[serde(default)]
+    pub moved: Vec<Field>,
 }
 
 /// Both sides' rows as read by `ctl repair`, to re-assert the conflict
@@ -191,6 +208,12 @@ pub struct ApplyWrite {
     /// Upsert: the columns to write, target names.
     pub values: Vec<Field>,
     pub expect: Expectation,
+    /// A half of a key change on the other side (target names): for a
+    /// delete, the new key, to which the row is moved (values untouched)
+    /// if no row has it; for an upsert, the old key, whose row must be
+    /// gone (moved or deleted) before the upsert is made. Empty otherwise.
+    #[serde(default)]
+    pub moved: Vec<Field>,
     /// Position of the event that led to the decision (error reports).
     pub source_lsn: i64,
     /// Commit time of that event if it is a write of the other side, else 0.

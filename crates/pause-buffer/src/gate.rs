@@ -65,8 +65,8 @@ pub struct Gate {
     errors: ErrorSink,
     reports: mpsc::Sender<Report>,
     /// While the gate holds the map (everything it released delivered to
-    /// the apply topics, nothing more released): the `updated_at` of the
-    /// status it holds by; 0 while the map flows.
+    /// the apply topics, nothing more released): the status it holds by and
+    /// where it holds (`Hold::default()` while the map flows).
     held: watch::Sender<Hold>,
     /// Next offset to read, per partition.
     position: BTreeMap<i32, i64>,

@@ -12,7 +12,10 @@
 //!   transaction in the side's WAL, so it is in its exact place among the
 //!   side's own writes;
 //! - [`Event::Superseded`]: a write the applier did not make, the side not
-//!   being in the expected state, reported the same way.
+//!   being in the expected state, reported the same way;
+//! - [`Event::Moved`]: a row the applier of that side moved to the record's
+//!   key (an alternate-key change of the other side, see `crates/apply`),
+//!   its values untouched: not a write of the side, only what it now holds.
 //!
 //! The state holds the record's **agreed** content ([`Agreed`]: presence,
 //! the values each side should hold, and tags naming the event each part
@@ -103,6 +106,12 @@ pub enum Event {
         pos: Pos,
         version: u64,
     },
+    /// The applier of `side` moved a row to this record's key, its values
+    /// untouched (the other side changed the alternate key of the record
+    /// whose row it was). The side holds `own` (as [`Event::Local::own`]),
+    /// content that no write of either side made here: the agreed content
+    /// does not change, and is sent to the side expecting that row.
+    Moved { side: SideId, pos: Pos, own: Values },
     /// An operator's repair: both sides' rows as read by `ctl repair`,
     /// the master's to be written to the other side.
     Repair {
@@ -343,6 +352,7 @@ pub fn apply(state: &mut KeyState, shape: &Shape, version: u64, event: &Event) -
         }
         Event::Applied { side, pos, version } => applied(state, *side, *pos, *version),
         Event::Superseded { side, pos, version } => superseded(state, *side, *pos, *version),
+        Event::Moved { side, pos, own } => moved(state, *side, *pos, own),
         Event::Repair {
             observed,
             master_values,
@@ -519,6 +529,28 @@ fn superseded(state: &mut KeyState, x: SideId, pos: Pos, version: u64) -> bool {
         st.holds = Holds::default();
         overtake(&mut st.pending);
     }
+    true
+}
+
+/// A row moved to the key by the side's applier: the side holds it, as
+/// content of no write (so it holds no agreed content, and its next own
+/// write counts as made without the agreed content). Writes sent to the
+/// side before are overtaken: they expected the record absent there.
+fn moved(state: &mut KeyState, x: SideId, pos: Pos, own: &Values) -> bool {
+    let st = &mut state.sides[ix(x)];
+    if !advance(st, pos) {
+        return false;
+    }
+    overtake(&mut st.pending);
+    st.known = Expect::Row {
+        present: true,
+        values: Arc::new(own.clone()),
+    };
+    st.holds = Holds {
+        present: Some(true),
+        both: None,
+        one_way: None,
+    };
     true
 }
 

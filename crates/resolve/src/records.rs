@@ -89,6 +89,11 @@ pub fn event(config: &Config, mc: &MappedChange) -> Result<Event, NotAnEvent> {
                 master_values: repair.master_values.clone(),
             }
         }
+        ApplyOp::Moved => Event::Moved {
+            side,
+            pos,
+            own: mc.own.clone(),
+        },
         ApplyOp::Reassert => return Err(NotAnEvent::Obsolete),
     })
 }
@@ -104,20 +109,24 @@ pub fn apply_write(
     let target = map.entity(w.target);
     let from_other = config.side_id(&cause.source_side) == Some(w.target.other())
         && matches!(cause.op, ApplyOp::Upsert | ApplyOp::Delete);
+    // Key values under the target's key column names.
+    let as_key = |values: &[Field]| -> Vec<Field> {
+        target
+            .key
+            .iter()
+            .zip(values)
+            .map(|(name, f)| Field {
+                name: name.clone(),
+                value: f.value.clone(),
+            })
+            .collect()
+    };
     ApplyWrite {
         map: map.name.clone(),
         source_side: cause.source_side.clone(),
         target_side: config.side(w.target).name.clone(),
         target_entity: target.qualified(),
-        key: target
-            .key
-            .iter()
-            .zip(&cause.key)
-            .map(|(name, f)| Field {
-                name: name.clone(),
-                value: f.value.clone(),
-            })
-            .collect(),
+        key: as_key(&cause.key),
         version: w.version as i64,
         op: if w.present {
             WriteOp::Upsert
@@ -126,6 +135,12 @@ pub fn apply_write(
         },
         values: w.values.clone(),
         expect: expectation(&w.expect),
+        // The half of a key change that this write makes on the other side.
+        moved: if from_other && w.present == (cause.op == ApplyOp::Upsert) {
+            as_key(&cause.moved)
+        } else {
+            Vec::new()
+        },
         source_lsn: cause.source_lsn,
         commit_time: if from_other { cause.commit_time } else { 0 },
     }

@@ -157,6 +157,8 @@ struct World {
     epoch: u32,
     /// Whether the schedule writes behind the pipeline's back.
     sneaky: bool,
+    /// Whether appliers move rows in (the other side changed a key).
+    moves: bool,
     /// The local writes folded in while the agreed record was present, with the epoch.
     flowed: HashMap<(usize, usize), u32>,
 }
@@ -205,6 +207,7 @@ impl World {
             trace: Vec::new(),
             epoch: 0,
             sneaky: false,
+            moves: false,
             flowed: HashMap::new(),
         }
     }
@@ -300,6 +303,37 @@ impl World {
         db.row.origin = None;
         self.trace
             .push(format!("sneak {i} -> {}", compact(&self.dbs[i].row)));
+    }
+
+    /// The applier of side `i` moves a row to the record's key (the other
+    /// side renamed another record to this key, which the record's own
+    /// events carry): where the record is absent, a row appears with content
+    /// of no write, reported in the side's commit order.
+    fn move_in(&mut self, i: usize) -> bool {
+        if self.dbs[i].row.present || self.writes[1 - i].is_empty() {
+            return false;
+        }
+        let mut row = Row {
+            present: true,
+            ..Row::default()
+        };
+        row.vals[KEY] = Some("k1".into());
+        for c in [BOTH[0], BOTH[1], OWNED[0], OWNED[1]] {
+            row.vals[c] = self.unique("M");
+        }
+        let db = &mut self.dbs[i];
+        let pos = db.commit();
+        row.xmin = db.txid;
+        db.row = row;
+        let own = db.row.fields(i, &into_cols(i));
+        db.stream.push(Event::Moved {
+            side: side(i),
+            pos,
+            own,
+        });
+        self.trace
+            .push(format!("move in {i} -> {}", compact(&self.dbs[i].row)));
+        true
     }
 
     /// `ctl repair`: both rows as read now, to the map log.
@@ -497,7 +531,7 @@ impl World {
     }
 
     fn step(&mut self, budget: &mut [usize; 2], crashes: bool) -> bool {
-        let choice = self.rng.random_range(0..100);
+        let choice = self.rng.random_range(0..103);
         match choice {
             0..=9 if budget[L] > 0 => {
                 budget[L] -= 1;
@@ -522,6 +556,10 @@ impl World {
                 let i = self.rng.random_range(0..2);
                 self.sneak(i);
                 true
+            }
+            100..=102 if self.moves => {
+                let i = self.rng.random_range(0..2);
+                self.move_in(i)
             }
             _ => false,
         }
@@ -613,6 +651,7 @@ fn event(e: &Event) -> String {
             format!("superseded lsn {} v{version}", pos.lsn)
         }
         Event::Repair { .. } => "repair".into(),
+        Event::Moved { pos, own, .. } => format!("moved lsn {} {:?}", pos.lsn, values(own)),
     }
 }
 
@@ -661,8 +700,15 @@ fn run_with_drift(seed: u64, writes: usize, anytime: bool) -> Result<(), String>
 }
 
 fn run(seed: u64, writes: usize, crashes: bool) -> Result<(), String> {
+    run_with(seed, writes, crashes, false)
+}
+
+/// [`run`], with rows moved in by the appliers at random moments when
+/// `moves`: content of no write, which must never win.
+fn run_with(seed: u64, writes: usize, crashes: bool, moves: bool) -> Result<(), String> {
     let master = (seed % 2) as usize;
     let mut w = World::new(seed, master);
+    w.moves = moves;
     let initial = w.dbs[0].row.content();
     let mut budget = [writes, writes];
     let mut steps = 0;
@@ -726,6 +772,11 @@ proptest! {
     }
 
     #[test]
+    fn rows_moved_in_by_key_changes_converge_to_the_rule(seed in any::<u64>(), writes in 1usize..12) {
+        prop_assert_eq!(run_with(seed, writes, seed % 3 == 0, true), Ok(()));
+    }
+
+    #[test]
     fn drift_behind_the_pipeline_is_repaired(seed in any::<u64>(), writes in 1usize..12) {
         prop_assert_eq!(run_with_drift(seed, writes, false), Ok(()));
     }
@@ -741,6 +792,9 @@ fn long_storms_converge() {
     for seed in 0..300u64 {
         if let Err(e) = run(seed, 60, seed % 3 == 0) {
             panic!("{e}");
+        }
+        if let Err(e) = run_with(seed, 60, seed % 3 == 0, true) {
+            panic!("with moves: {e}");
         }
     }
 }
