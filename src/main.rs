@@ -11,6 +11,12 @@ use dualwrite_ctl::CommandResult;
 use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::lifecycle::{Action, ControlCommand};
 use dualwrite_runtime::kafka::{self, Shard, TopicSpec};
+
+/// The services allocate many small, short-lived values per record (Avro
+/// values, fields, keys); mimalloc serves them with less CPU than the
+/// system allocator (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 

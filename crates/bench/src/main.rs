@@ -9,6 +9,7 @@
 
 mod debezium;
 mod env;
+mod hops;
 mod measure;
 mod report;
 mod rows;

@@ -246,6 +246,19 @@ pub async fn latency(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         o.set("p50_last", l.p50_last);
         o.set("achieved", achieved);
         eprintln!("bench:   dualwrite: p50 {p50:.1} ms, p99 {p99:.1} ms");
+        let h = crate::hops::hops(&d.config, "items", &right, "T").await?;
+        for (name, v) in [
+            ("capture", h.capture),
+            ("router", h.router),
+            ("resolver", h.resolver),
+            ("applier", h.applier),
+        ] {
+            o.set(&format!("p50_{name}"), v);
+        }
+        eprintln!(
+            "bench:   median share: capture {:.1} ms, router {:.1} ms, resolver {:.1} ms, applier {:.1} ms",
+            h.capture, h.router, h.resolver, h.applier
+        );
         Ok(o)
     }
     .await;

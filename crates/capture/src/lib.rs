@@ -154,6 +154,8 @@ async fn run_inner(
         };
         let peek = peek_sql(&tables, &init);
         let mut idle_reads = 0u32;
+        // Empty reads since the last one that found changes.
+        let mut quiet = 0u32;
         loop {
             // Priority: shutdown first, then the next read of the slot.
             let params: [&(dyn ToSql + Sync); 2] = [&slot, &config.capture.max_batch];
@@ -200,8 +202,10 @@ async fn run_inner(
             }
             if read.acked.is_some() {
                 idle_reads = 0;
+                quiet = 0;
                 continue;
             }
+            quiet = quiet.saturating_add(1);
             if let Err(e) = idle(&client, &slot, read.rows, &mut idle_reads).await {
                 tracing::warn!("heartbeat on slot {slot} failed: {}", pg::describe(&e));
                 if pg::is_transient(&e) {
@@ -211,10 +215,20 @@ async fn run_inner(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(poll) => {},
+                _ = tokio::time::sleep(next_poll(poll, quiet)) => {},
             }
         }
     }
+}
+
+/// How long to wait before reading the slot again after `quiet` empty
+/// reads in a row: a slot that just gave changes is read again soon (the
+/// next commit of a busy side is likely moments away, and waiting the
+/// whole interval for it is latency), one that stays empty backs off to
+/// `poll` (`capture.poll_interval_ms`).
+fn next_poll(poll: Duration, quiet: u32) -> Duration {
+    let soon = Duration::from_millis(2) * 2u32.saturating_pow(quiet.saturating_sub(1).min(8));
+    soon.min(poll)
 }
 
 /// Most bytes of encoded records the capturer holds before publishing
@@ -564,4 +578,17 @@ async fn prepare(
         ids.push(pg::ensure_origin(client, o).await?);
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_that_just_gave_changes_is_read_again_soon() {
+        let poll = Duration::from_millis(50);
+        let waits: Vec<u128> = (1..=7).map(|q| next_poll(poll, q).as_millis()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 50, 50]);
+        assert_eq!(next_poll(Duration::from_millis(1), 1).as_millis(), 1);
+    }
 }

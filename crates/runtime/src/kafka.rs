@@ -153,9 +153,12 @@ pub fn check_properties(cfg: &KafkaConfig) -> Result<(), String> {
 /// and librdkafka's idempotence keeps order across its own retries.
 pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<Producer, KafkaError> {
     let mut c = client_config(cfg, client_id);
+    // No linger: every service produces a batch and then waits for its
+    // acknowledgement, so records queue behind the requests in flight
+    // anyway, and a linger only adds its length to each hop.
     c.set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        .set("linger.ms", "0")
         .set("message.timeout.ms", "120000");
     if cfg.max_record_bytes > 900_000 {
         // Room for the largest record the services may produce.
@@ -483,10 +486,16 @@ impl ProducerContext for DeliveryCheck {
     }
 }
 
+/// A pause of the stream that ends a batch (see [`recv_more`]).
+pub const BATCH_GAP: Duration = Duration::from_millis(1);
+
 /// Given the first message of a batch, takes up to `max - 1` more that
-/// arrive within `linger`. Callers that must not lose messages when a
-/// `select!` cancels them await the first `recv()` inside the select (it is
-/// cancel-safe) and this outside.
+/// arrive within `linger`, as long as they keep coming: those already
+/// fetched come at once, and a pause of [`BATCH_GAP`] ends the batch, so
+/// a trickle is passed on at once while a busy stream fills the batch.
+/// Callers that must not lose messages when a `select!` cancels them
+/// await the first `recv()` inside the select (it is cancel-safe) and
+/// this outside.
 pub async fn recv_more(
     consumer: &KafkaConsumer,
     first: OwnedMessage,
@@ -496,7 +505,8 @@ pub async fn recv_more(
     let mut out = vec![first];
     let until = tokio::time::Instant::now() + linger;
     while out.len() < max {
-        match tokio::time::timeout_at(until, consumer.recv()).await {
+        let next = (tokio::time::Instant::now() + BATCH_GAP).min(until);
+        match tokio::time::timeout_at(next, consumer.recv()).await {
             Ok(Ok(m)) => out.push(m.detach()),
             Ok(Err(e)) => {
                 tracing::warn!("kafka receive error: {e}");

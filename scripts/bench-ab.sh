@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Compares dualwrite binaries (or settings) back to back on one bench
+# stack: every pass runs each variant once, in turn, so that the machine's
+# drift hits them alike; report the medians of the passes (BENCHMARKS.md).
+#
+#   scripts/bench-ab.sh VARIANT... [-- dualwrite-bench options]
+#
+# A variant is NAME=BINARY or NAME=BINARY@CONFIG_EXTRA (TOML appended to
+# the deployment's configuration, `\n` for newlines). Environment:
+# PASSES (3). Each run writes target/bench/ab-NAME-PASS.json. Example:
+#
+#   scripts/bench-ab.sh old=/tmp/old-dualwrite new=target/release/dualwrite \
+#     -- --scenario live-one,latency,catch-up --runs 1 --rows 50000 --latency-secs 20
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+variants=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do variants+=("$1"); shift; done
+[ $# -gt 0 ] && shift
+if [ ${#variants[@]} -eq 0 ]; then
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+
+cargo build --release --locked -p dualwrite-bench >&2
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+mkdir -p "$TARGET/bench"
+export DUALWRITE_STATE_DIR="${DUALWRITE_BENCH_STATE_DIR:-/tmp/dualwrite-bench-stack}"
+export DUALWRITE_STACK_PG_PORT="${DUALWRITE_BENCH_PG_PORT:-55434}"
+export DUALWRITE_STACK_KAFKA_PORT="${DUALWRITE_BENCH_KAFKA_PORT:-19094}"
+export DUALWRITE_STACK_KAFKA_CONTROLLER_PORT="$((DUALWRITE_STACK_KAFKA_PORT + 1000))"
+scripts/stack.sh down >/dev/null 2>&1 || true
+rm -rf "$DUALWRITE_STATE_DIR"
+trap 'scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$DUALWRITE_STATE_DIR"' EXIT
+eval "$(scripts/stack.sh up)"
+export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
+
+for pass in $(seq 1 "${PASSES:-3}"); do
+  for v in "${variants[@]}"; do
+    name="${v%%=*}"
+    rest="${v#*=}"
+    bin="${rest%%@*}"
+    extra=""
+    [ "$rest" != "$bin" ] && extra="$(printf '%b' "${rest#*@}")"
+    echo "=== pass $pass: $name"
+    "$TARGET/release/dualwrite-bench" --bin "$bin" --config-extra "$extra" \
+      --json "$TARGET/bench/ab-$name-$pass.json" "$@" | grep -v '^$' || true
+  done
+done
