@@ -4,10 +4,10 @@
 //! a message, and a message of another kind or a foreign one is refused with
 //! a clear error instead of being misread.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use apache_avro::rabin::Rabin;
-use apache_avro::Schema;
+use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
@@ -66,19 +66,30 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     }
 }
 
-/// A parsed schema and its fingerprint.
+/// A parsed schema and its fingerprint, with a writer and a reader that
+/// resolve the schema's named types once, not for every record.
 pub struct Compiled {
     pub schema: Schema,
     pub fingerprint: [u8; 8],
+    writer: Mutex<GenericSingleObjectWriter>,
+    reader: GenericSingleObjectReader,
+}
+
+fn built_in<T>(e: apache_avro::Error) -> T {
+    panic!("built-in schema: {e}")
 }
 
 fn compile(src: &str) -> Compiled {
     // The schemas are part of the binary and checked by the unit tests.
-    let schema = Schema::parse_str(src).unwrap_or_else(|e| panic!("built-in schema: {e}"));
+    let schema = Schema::parse_str(src).unwrap_or_else(built_in);
     let fp = schema.fingerprint::<Rabin>();
     let mut fingerprint = [0u8; 8];
     fingerprint.copy_from_slice(&fp.bytes[..8]);
     Compiled {
+        writer: Mutex::new(
+            GenericSingleObjectWriter::new_with_capacity(&schema, 1024).unwrap_or_else(built_in),
+        ),
+        reader: GenericSingleObjectReader::new(schema.clone()).unwrap_or_else(built_in),
         schema,
         fingerprint,
     }
@@ -131,12 +142,15 @@ pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
         message: e.to_string(),
     };
     let value = apache_avro::to_value(record).map_err(err)?;
-    let value = value.resolve(&c.schema).map_err(err)?;
-    let datum = apache_avro::to_avro_datum(&c.schema, value).map_err(err)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&c.fingerprint);
-    out.extend_from_slice(&datum);
+    let mut out = Vec::with_capacity(256);
+    let mut writer = c.writer.lock().unwrap_or_else(|p| p.into_inner());
+    // Most values match the schema as serde gives them; the others (an
+    // enum symbol as a string, a union branch) are resolved first.
+    if writer.write_value_ref(&value, &mut out).is_err() {
+        out.clear();
+        let value = value.resolve(&c.schema).map_err(err)?;
+        writer.write_value_ref(&value, &mut out).map_err(err)?;
+    }
     Ok(out)
 }
 
@@ -167,10 +181,13 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
         kind: T::KIND,
         message: e.to_string(),
     };
-    let mut body = &bytes[HEADER_LEN..];
+    let mut body = bytes;
     let value = match writer {
-        None => apache_avro::from_avro_datum(&c.schema, &mut body, None),
-        Some(w) => apache_avro::from_avro_datum(w, &mut body, Some(&c.schema)),
+        None => c.reader.read_value(&mut body),
+        Some(w) => {
+            body = &bytes[HEADER_LEN..];
+            apache_avro::from_avro_datum(w, &mut body, Some(&c.schema))
+        }
     }
     .map_err(err)?;
     if !body.is_empty() {
@@ -316,7 +333,93 @@ mod tests {
             })
     }
 
+    /// The encoding of the releases before the cached writer: a value
+    /// resolved against the schema, then written with the header.
+    fn encoded_as_before<T: AvroRecord>(record: &T) -> Vec<u8> {
+        let c = T::schema();
+        let value = apache_avro::to_value(record)
+            .unwrap()
+            .resolve(&c.schema)
+            .unwrap();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&c.fingerprint);
+        out.extend(apache_avro::to_avro_datum(&c.schema, value).unwrap());
+        out
+    }
+
+    /// Whether `record` is written without resolving it first (the fast path).
+    fn fast<T: AvroRecord>(record: &T) -> bool {
+        let value = apache_avro::to_value(record).unwrap();
+        let mut w = T::schema().writer.lock().unwrap();
+        w.write_value_ref(&value, &mut Vec::new()).is_ok()
+    }
+
+    #[test]
+    fn a_write_and_a_resolver_state_take_the_fast_path_and_encode_as_before() {
+        let f = |n: &str, v: &str| Field::new(n, Some(v));
+        let w = ApplyWrite {
+            map: "customers".into(),
+            source_side: "fno".into(),
+            target_side: "dataverse".into(),
+            target_entity: "public.accounts".into(),
+            key: vec![f("accountnumber", "C1")],
+            version: 7,
+            op: WriteOp::Delete,
+            values: vec![f("name", "x"), Field::new("v", None::<String>)],
+            expect: Expectation {
+                kind: ExpectKind::Row,
+                version: 0,
+                present: true,
+                values: vec![f("name", "y")],
+            },
+            moved: vec![f("accountnumber", "C2")],
+            source_lsn: 5,
+            commit_time: 6,
+        };
+        let side = SideStateRecord {
+            lsn: Some(3),
+            seq: 1,
+            known: Known {
+                kind: ExpectKind::Applied,
+                version: 2,
+                present: true,
+                values: vec![],
+            },
+            holds: HoldsRecord {
+                present: Some(true),
+                both: None,
+                one_way: Some(4),
+            },
+            pending: vec![],
+        };
+        let st = ResolverState {
+            map: "customers".into(),
+            generation: 1,
+            run: 2,
+            agreed: None,
+            left: side.clone(),
+            right: side,
+        };
+        assert!(fast(&w) && fast(&st));
+        assert_eq!(encode(&w).unwrap(), encoded_as_before(&w));
+        assert_eq!(encode(&st).unwrap(), encoded_as_before(&st));
+        assert_eq!(decode::<ApplyWrite>(&encode(&w).unwrap()).unwrap(), w);
+    }
+
     proptest! {
+        #[test]
+        fn records_are_encoded_byte_for_byte_as_before(c in arb_change(), m in arb_mapped(), e in arb_error()) {
+            prop_assert_eq!(encode(&c).unwrap(), encoded_as_before(&c));
+            prop_assert_eq!(encode(&m).unwrap(), encoded_as_before(&m));
+            prop_assert_eq!(encode(&e).unwrap(), encoded_as_before(&e));
+        }
+
+        #[test]
+        fn the_records_of_every_change_take_the_fast_path(c in arb_change(), m in arb_mapped()) {
+            prop_assert!(fast(&c), "{:?}", c);
+            prop_assert!(fast(&m), "{:?}", m);
+        }
+
         #[test]
         fn change_record_round_trips(r in arb_change()) {
             let bytes = encode(&r).unwrap();
