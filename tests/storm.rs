@@ -827,6 +827,58 @@ fn report(o: &Outcome, t0: Instant, limit: usize) -> String {
     out
 }
 
+/// What the pipeline did with `keys` (wrong ones), for a failure's report:
+/// every event of the map topic (in its order) and every write of the
+/// apply topics, a line each.
+fn history(env: &TestEnv, keys: &[String]) -> String {
+    let topics = ["map:customers", "apply:fno", "apply:dataverse"];
+    let records: Vec<(&str, Vec<serde_json::Value>)> =
+        topics.iter().map(|t| (*t, env.tail(t))).collect();
+    let mut out = String::new();
+    for key in keys {
+        out += &format!("  history of {key}:\n");
+        for (topic, rs) in &records {
+            for r in rs.iter().filter(|r| names_key(r, key)) {
+                out += &format!("    {topic} {}\n", brief(r));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a map or apply record is about `key`.
+fn names_key(r: &serde_json::Value, key: &str) -> bool {
+    r["key"]
+        .as_array()
+        .is_some_and(|k| k.iter().any(|f| f["value"].as_str() == Some(key)))
+}
+
+/// The parts of a map or apply record that tell what happened.
+fn brief(r: &serde_json::Value) -> String {
+    let name = r["values"].as_array().and_then(|vs| {
+        vs.iter()
+            .find(|f| matches!(f["name"].as_str(), Some("name" | "organizationname")))
+            .map(|f| f["value"].to_string())
+    });
+    let pick = |k: &str| r.get(k).map(|v| format!("{k}={v}")).unwrap_or_default();
+    [
+        pick("source_side"),
+        pick("target_side"),
+        pick("op"),
+        pick("source_lsn"),
+        pick("source_seq"),
+        pick("version"),
+        r.get("expect")
+            .map(|e| format!("expect={e}"))
+            .unwrap_or_default(),
+        name.map(|n| format!("name={n}")).unwrap_or_default(),
+    ]
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 // ---------------------------------------------------------------- a run
 
 /// What a run does.
@@ -1091,6 +1143,8 @@ async fn run_seed(test: &str, seed: u64, cfg: Storm) -> bool {
             report(&o, t0, 15),
             env.logs_tail(15)
         );
+        let keys: Vec<String> = o.wrong().iter().take(3).map(|c| key_name(c.key)).collect();
+        println!("{}", history(&env, &keys));
     }
     env.cleanup().await;
     passed
