@@ -57,6 +57,10 @@ SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($5::
 /// The report of one write (see `dualwrite_capture::wal2json::Ack`):
 /// made, or not (superseded: the target was not in the expected state).
 pub fn ack(w: &ApplyWrite, written: bool) -> String {
+    ack_value(w, written).to_string()
+}
+
+fn ack_value(w: &ApplyWrite, written: bool) -> serde_json::Value {
     serde_json::json!({
         "map": w.map,
         "entity": w.target_entity,
@@ -64,19 +68,12 @@ pub fn ack(w: &ApplyWrite, written: bool) -> String {
         "version": w.version,
         "written": written,
     })
-    .to_string()
 }
 
 /// The report of a delete made as a move: `moved_to` is the row as moved,
 /// a JSON object of column text values ([`MOVE`]'s result).
 pub fn ack_moved(w: &ApplyWrite, moved_to: &str) -> String {
-    let mut ack = serde_json::json!({
-        "map": w.map,
-        "entity": w.target_entity,
-        "key": w.key.iter().map(|f| f.value.clone()).collect::<Vec<_>>(),
-        "version": w.version,
-        "written": true,
-    });
+    let mut ack = ack_value(w, true);
     if let Ok(row) = serde_json::from_str::<serde_json::Value>(moved_to) {
         ack["moved_to"] = row;
     }

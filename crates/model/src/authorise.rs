@@ -107,6 +107,12 @@ pub fn authorise_write<'a>(
             ),
         ));
     }
+    if !w.moved.is_empty() && w.moved.len() != w.key.len() {
+        return Err(refused(
+            format!("other key of a key change ({} values)", w.moved.len()),
+            format!("the key of {} has {}", w.target_entity, w.key.len()),
+        ));
+    }
     authorise_columns(map, side, "written", &w.values)?;
     authorise_columns(map, side, "compared", &w.expect.values)?;
     Ok(map)
@@ -261,6 +267,16 @@ field = [
         let mut w = write();
         w.expect.values.push(Field::new("password", None::<String>));
         assert!(refusal(&w, SideId::Right).contains("`password`"));
+        // A key change's other key must be a whole key.
+        let mut w = write();
+        w.moved = vec![Field::new("a", Some("1")), Field::new("b", Some("2"))];
+        let e = refusal(&w, SideId::Right);
+        assert!(
+            e.starts_with("refused other key of a key change (2 values)"),
+            "{e}"
+        );
+        w.moved.pop();
+        assert!(authorise_write(&config(), SideId::Right, &w).is_ok());
     }
 
     #[test]

@@ -79,6 +79,10 @@ fn built_in<T>(e: apache_avro::Error) -> T {
     panic!("built-in schema: {e}")
 }
 
+fn new_writer(schema: &Schema) -> GenericSingleObjectWriter {
+    GenericSingleObjectWriter::new_with_capacity(schema, 1024).unwrap_or_else(built_in)
+}
+
 fn compile(src: &str) -> Compiled {
     // The schemas are part of the binary and checked by the unit tests.
     let schema = Schema::parse_str(src).unwrap_or_else(built_in);
@@ -86,9 +90,7 @@ fn compile(src: &str) -> Compiled {
     let mut fingerprint = [0u8; 8];
     fingerprint.copy_from_slice(&fp.bytes[..8]);
     Compiled {
-        writer: Mutex::new(
-            GenericSingleObjectWriter::new_with_capacity(&schema, 1024).unwrap_or_else(built_in),
-        ),
+        writer: Mutex::new(new_writer(&schema)),
         reader: GenericSingleObjectReader::new(schema.clone()).unwrap_or_else(built_in),
         schema,
         fingerprint,
@@ -146,10 +148,16 @@ pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
     let mut writer = c.writer.lock().unwrap_or_else(|p| p.into_inner());
     // Most values match the schema as serde gives them; the others (an
     // enum symbol as a string, a union branch) are resolved first.
-    if writer.write_value_ref(&value, &mut out).is_err() {
+    let written = writer.write_value_ref(&value, &mut out).or_else(|_| {
         out.clear();
-        let value = value.resolve(&c.schema).map_err(err)?;
-        writer.write_value_ref(&value, &mut out).map_err(err)?;
+        let value = value.resolve(&c.schema)?;
+        writer.write_value_ref(&value, &mut out)
+    });
+    if let Err(e) = written {
+        // A writer that failed half-way keeps a partial record in its
+        // buffer and refuses every later one: start a fresh one.
+        *writer = new_writer(&c.schema);
+        return Err(err(e));
     }
     Ok(out)
 }
