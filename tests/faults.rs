@@ -14,11 +14,12 @@ mod support;
 
 use std::time::Duration;
 
+use dualwrite_model::record::ExpectKind;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{
-    all_drained, backlog, connect, eventually, PrivateStack, TestEnv, APPLY_DV, APPLY_FNO,
-    CAPTURE_DV, CAPTURE_FNO, PAUSE_BUFFER, ROUTER,
+    all_drained, backlog, connect, decision, eventually, send_decisions, text, PrivateStack,
+    TestEnv, APPLY_DV, APPLY_FNO, CAPTURE_DV, CAPTURE_FNO, PAUSE_BUFFER, ROUTER,
 };
 use tokio::task::JoinHandle;
 
@@ -420,5 +421,69 @@ async fn a_pause_holds_across_a_restart_of_everything_and_catch_up_survives_kill
         env.service(s).restart();
     }
     converged(&env, rounds).await;
+    env.cleanup().await;
+}
+
+/// A decision the applier found superseded, delivered again once the
+/// target is back in the state it expected (an applier restarted from an
+/// older offset, a resolver from its last save), is not written: it was
+/// decided once, and the resolver took its report and moved on. Written, it
+/// would put content on the side that no decision in flight accounts for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_decision_delivered_again_is_not_written() {
+    let mut env = TestEnv::new("redeliver").await;
+    let dv = env.dv().await;
+    assert_eq!(env.run(&["setup"]).0, 0);
+    dv.batch_execute("INSERT INTO accounts (accountnumber, name) VALUES ('R1', 'Local')")
+        .await
+        .unwrap();
+    let key = [("accountnumber", "R1")];
+    // Insert R1, expecting it absent: superseded (the side inserted it).
+    let mut first = decision(
+        "customers",
+        "public.accounts",
+        &key,
+        &[("accountnumber", "R1"), ("name", "Decided")],
+    );
+    first.version = 1000;
+    first.expect.kind = ExpectKind::Row;
+    send_decisions(&env, std::slice::from_ref(&first)).await;
+    env.spawn(&["apply", "--side", "dataverse"]);
+    let table = "SELECT (to_regclass('dualwrite.record_versions') IS NOT NULL)::text";
+    eventually("the applier made its bookkeeping", WAIT, || async {
+        text(&dv, table).await.as_deref() == Some("true")
+    })
+    .await;
+    let decided = "SELECT coalesce(decided, 0)::text FROM dualwrite.record_versions \
+                   WHERE record_key LIKE '%R1%'";
+    eventually("the insert is found superseded", WAIT, || async {
+        text(&dv, decided).await.as_deref() == Some("1000")
+    })
+    .await;
+    // The side deletes R1: absent, as the insert expected. The insert comes
+    // again, then a decision that holds only if the insert was written.
+    dv.batch_execute("DELETE FROM accounts WHERE accountnumber = 'R1'")
+        .await
+        .unwrap();
+    let mut next = decision("customers", "public.accounts", &key, &[("name", "After")]);
+    next.version = 1001;
+    next.expect.kind = ExpectKind::Row;
+    next.expect.present = true;
+    next.expect.values = first.values.clone();
+    send_decisions(&env, &[first, next]).await;
+    eventually("the next decision is found superseded", WAIT, || async {
+        text(&dv, decided).await.as_deref() == Some("1001")
+    })
+    .await;
+    assert_eq!(
+        text(
+            &dv,
+            "SELECT count(*)::text FROM accounts WHERE accountnumber = 'R1'"
+        )
+        .await
+        .as_deref(),
+        Some("0"),
+        "the insert delivered again was written"
+    );
     env.cleanup().await;
 }

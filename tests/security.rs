@@ -10,68 +10,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use dualwrite_model::avro;
-use dualwrite_model::record::{ApplyWrite, ErrorRecord, ExpectKind, Expectation, Field, WriteOp};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
-use support::{eventually, text, PrivateStack, TestEnv};
+use dualwrite_model::record::ErrorRecord;
+use support::{
+    decision, eventually, produce, producer, send_decisions, text, PrivateStack, TestEnv,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn producer(env: &TestEnv) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", &env.stack.bootstrap)
-        .create()
-        .unwrap()
-}
-
-/// Produces a record (with a header, if given) and waits for the broker.
-async fn send(p: &FutureProducer, topic: &str, key: &str, payload: &[u8], header: Option<&str>) {
-    let mut r = FutureRecord::to(topic).key(key).payload(payload);
-    if let Some(h) = header {
-        r = r.headers(OwnedHeaders::new().insert(Header {
-            key: dualwrite_model::signing::HEADER,
-            value: Some(h),
-        }));
-    }
-    p.send(r, Duration::from_secs(10))
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-}
-
-/// A decision for the dataverse side that would be written at once
-/// (expecting nothing): `entity`, key and values as given.
-fn write(map: &str, entity: &str, key: &[(&str, &str)], values: &[(&str, &str)]) -> ApplyWrite {
-    let fields = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| Field::new(*k, Some(*v))).collect();
-    ApplyWrite {
-        map: map.into(),
-        source_side: "fno".into(),
-        target_side: "dataverse".into(),
-        target_entity: entity.into(),
-        key: fields(key),
-        version: 1,
-        op: WriteOp::Upsert,
-        values: fields(values),
-        expect: Expectation {
-            kind: ExpectKind::Nothing,
-            version: 0,
-            present: false,
-            values: Vec::new(),
-        },
-        moved: Vec::new(),
-        source_lsn: 0,
-        commit_time: 0,
-    }
-}
-
-async fn send_writes(env: &TestEnv, writes: &[ApplyWrite]) {
-    let p = producer(env);
-    let topic = format!("{}.apply.dataverse", env.prefix);
-    for w in writes {
-        send(&p, &topic, &w.kafka_key(), &avro::encode(w).unwrap(), None).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_apply_records_naming_unmapped_targets_write_nothing_and_land_on_the_errors_topic() {
@@ -81,25 +25,25 @@ async fn forged_apply_records_naming_unmapped_targets_write_nothing_and_land_on_
         .await
         .unwrap();
     assert_eq!(env.run(&["setup"]).0, 0);
-    let mut other_side = write(
+    let mut other_side = decision(
         "customers",
         "public.accounts",
         &[("accountnumber", "F4")],
         &[("accountnumber", "F4"), ("name", "x")],
     );
     other_side.target_side = "fno".into();
-    send_writes(
+    send_decisions(
         &env,
         &[
             // A table no map writes.
-            write(
+            decision(
                 "customers",
                 "public.salaries",
                 &[("accountnumber", "F1")],
                 &[("accountnumber", "F1"), ("amount", "1")],
             ),
             // A column the map does not write (the primary key).
-            write(
+            decision(
                 "customers",
                 "public.accounts",
                 &[("accountnumber", "F2")],
@@ -110,7 +54,7 @@ async fn forged_apply_records_naming_unmapped_targets_write_nothing_and_land_on_
                 ],
             ),
             // The bookkeeping: a huge version would freeze a record.
-            write(
+            decision(
                 "customers",
                 "dualwrite.record_versions",
                 &[("map", "customers"), ("record_key", "[\"C0001\"]")],
@@ -122,7 +66,7 @@ async fn forged_apply_records_naming_unmapped_targets_write_nothing_and_land_on_
                 ],
             ),
             // An unknown map, and the other side.
-            write(
+            decision(
                 "payroll",
                 "public.accounts",
                 &[("accountnumber", "F3")],
@@ -130,7 +74,7 @@ async fn forged_apply_records_naming_unmapped_targets_write_nothing_and_land_on_
             ),
             other_side,
             // A mapped write: made.
-            write(
+            decision(
                 "customers",
                 "public.accounts",
                 &[("accountnumber", "F5")],
@@ -227,7 +171,7 @@ async fn a_forged_error_record_naming_the_control_topic_is_not_republished() {
         errors.push(e);
     }
     for e in &errors {
-        send(
+        produce(
             &p,
             &format!("{}.errors", env.prefix),
             "k",
@@ -289,9 +233,9 @@ async fn unsigned_and_wrongly_signed_commands_are_rejected_when_a_key_is_set() {
     let sign =
         |k: &str, at: i64, c: &str| dualwrite_model::signing::sign(k.as_bytes(), at, c.as_bytes());
     // What any producer could write, a service principal included.
-    send(&p, &topic, "unsigned-1", cmd("unsigned-1").as_bytes(), None).await;
+    produce(&p, &topic, "unsigned-1", cmd("unsigned-1").as_bytes(), None).await;
     let wrong = sign(&"w".repeat(64), now, &cmd("wrong-1"));
-    send(
+    produce(
         &p,
         &topic,
         "wrong-1",
@@ -300,7 +244,7 @@ async fn unsigned_and_wrongly_signed_commands_are_rejected_when_a_key_is_set() {
     )
     .await;
     let stale = sign(&key, now - 3600, &cmd("stale-1"));
-    send(
+    produce(
         &p,
         &topic,
         "stale-1",
@@ -310,7 +254,7 @@ async fn unsigned_and_wrongly_signed_commands_are_rejected_when_a_key_is_set() {
     .await;
     // A signature of another command.
     let moved = sign(&key, now, &cmd("other"));
-    send(
+    produce(
         &p,
         &topic,
         "moved-1",
@@ -562,18 +506,18 @@ async fn verify_full_refuses_a_server_certificate_for_another_host() {
 async fn a_rejected_rows_values_appear_in_no_warn_log_nor_error_record() {
     let mut env = TestEnv::with_config("redact", "\n[errors]\ninclude_payload = false\n").await;
     assert_eq!(env.run(&["setup"]).0, 0);
-    send_writes(
+    send_decisions(
         &env,
         &[
             // NOT NULL: PostgreSQL's detail would list the whole row.
-            write(
+            decision(
                 "customers",
                 "public.accounts",
                 &[("accountnumber", "R1")],
                 &[("accountnumber", "R1"), ("telephone1", "SECRET-PHONE-0199")],
             ),
             // A bad value: PostgreSQL's message quotes it.
-            write(
+            decision(
                 "customers",
                 "public.accounts",
                 &[("accountnumber", "R2")],

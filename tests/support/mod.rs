@@ -12,7 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use dualwrite_model::avro;
+use dualwrite_model::record::{ApplyWrite, ExpectKind, Expectation, Field, WriteOp};
 use rand::Rng;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
 use tokio_postgres::{Client, NoTls};
 
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -788,5 +793,73 @@ impl TestEnv {
         )
         .await;
         addr.unwrap()
+    }
+}
+
+// Records forged for the services' topics.
+
+pub fn producer(env: &TestEnv) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &env.stack.bootstrap)
+        .create()
+        .unwrap()
+}
+
+/// Produces a record (with a header, if given) and waits for the broker.
+pub async fn produce(
+    p: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    header: Option<&str>,
+) {
+    let mut r = FutureRecord::to(topic).key(key).payload(payload);
+    if let Some(h) = header {
+        r = r.headers(OwnedHeaders::new().insert(Header {
+            key: dualwrite_model::signing::HEADER,
+            value: Some(h),
+        }));
+    }
+    p.send(r, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// A decision (version 1) for the dataverse side that would be written at once
+/// (expecting nothing): `entity`, key and values as given.
+pub fn decision(
+    map: &str,
+    entity: &str,
+    key: &[(&str, &str)],
+    values: &[(&str, &str)],
+) -> ApplyWrite {
+    let fields = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| Field::new(*k, Some(*v))).collect();
+    ApplyWrite {
+        map: map.into(),
+        source_side: "fno".into(),
+        target_side: "dataverse".into(),
+        target_entity: entity.into(),
+        key: fields(key),
+        version: 1,
+        op: WriteOp::Upsert,
+        values: fields(values),
+        expect: Expectation {
+            kind: ExpectKind::Nothing,
+            version: 0,
+            present: false,
+            values: Vec::new(),
+        },
+        moved: Vec::new(),
+        source_lsn: 0,
+        commit_time: 0,
+    }
+}
+
+pub async fn send_decisions(env: &TestEnv, writes: &[ApplyWrite]) {
+    let p = producer(env);
+    let topic = format!("{}.apply.dataverse", env.prefix);
+    for w in writes {
+        produce(&p, &topic, &w.kafka_key(), &avro::encode(w).unwrap(), None).await;
     }
 }

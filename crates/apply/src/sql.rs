@@ -15,8 +15,11 @@ pub use dualwrite_runtime::pg::table_ident;
 
 /// Bookkeeping on each target, per map and record: the version of the
 /// applier's last write, the row version (`xmin`) it left and whether the
-/// row is there. A write whose expectation is "the applier's write of
-/// version v, unchanged since" checks these.
+/// row is there (a write whose expectation is "the applier's write of
+/// version v, unchanged since" checks these), and the latest version
+/// decided, written or superseded (a write of that version or an older
+/// one is a redelivery, never decided again; `version` is 0 while no write
+/// was made). `decided` came after the table: added where it lacks.
 ///
 /// Sent as one simple query, so it runs as one transaction; the advisory
 /// lock serialises appliers starting at once (`CREATE … IF NOT EXISTS`
@@ -31,28 +34,38 @@ CREATE TABLE IF NOT EXISTS dualwrite.record_versions (
     row_xmin    text,
     present     boolean NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now(),
+    decided     bigint,
     PRIMARY KEY (map, record_key)
-)";
+);
+ALTER TABLE dualwrite.record_versions ADD COLUMN IF NOT EXISTS decided bigint";
 
 /// The bookkeeping of records of one map (`$1`), keys `$2`, locked.
 pub const VERSIONS: &str =
-    "SELECT record_key, version, row_xmin, present FROM dualwrite.record_versions \
+    "SELECT record_key, version, row_xmin, present, decided FROM dualwrite.record_versions \
  WHERE map = $1 AND record_key = ANY($2::text[]) FOR UPDATE";
 
 /// Records the writes made (`$2` keys, `$3` versions, `$4` presence) of
-/// map `$1` (a present row's version is this transaction's), and reports
-/// every write made or superseded (`$5`, JSON texts), one transactional
-/// logical message each: the side's capturer passes them on, in their
-/// place among the side's own writes. One statement: the bookkeeping is a
-/// data-modifying `WITH`, which runs whether or not it is read.
+/// map `$1` (a present row's version is this transaction's) and the writes
+/// superseded (`$5` keys, `$6` versions: decided, nothing else changes),
+/// and reports every write made or superseded (`$7`, JSON texts), one
+/// transactional logical message each: the side's capturer passes them
+/// on, in their place among the side's own writes. One statement: the
+/// bookkeeping is data-modifying `WITH`s, which run whether or not they
+/// are read (a record occurs once per statement, so they do not meet).
 pub const RECORD_AND_REPORT: &str = "WITH recorded AS (
-INSERT INTO dualwrite.record_versions AS r (map, record_key, version, row_xmin, present)
-SELECT $1, u.k, u.v, CASE WHEN u.p THEN pg_current_xact_id()::xid::text END, u.p
+INSERT INTO dualwrite.record_versions AS r (map, record_key, version, row_xmin, present, decided)
+SELECT $1, u.k, u.v, CASE WHEN u.p THEN pg_current_xact_id()::xid::text END, u.p, u.v
   FROM unnest($2::text[], $3::int8[], $4::bool[]) AS u(k, v, p)
 ON CONFLICT (map, record_key) DO UPDATE
-   SET version = EXCLUDED.version, row_xmin = EXCLUDED.row_xmin, present = EXCLUDED.present, applied_at = now()
+   SET version = EXCLUDED.version, row_xmin = EXCLUDED.row_xmin, present = EXCLUDED.present,
+       decided = EXCLUDED.decided, applied_at = now()
+RETURNING 1),
+passed AS (
+INSERT INTO dualwrite.record_versions AS r (map, record_key, version, present, decided)
+SELECT $1, u.k, 0, false, u.v FROM unnest($5::text[], $6::int8[]) AS u(k, v)
+ON CONFLICT (map, record_key) DO UPDATE SET decided = EXCLUDED.decided
 RETURNING 1)
-SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($5::text[]) AS a";
+SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($7::text[]) AS a";
 
 /// The report of one write (see `dualwrite_capture::wal2json::Ack`):
 /// made, or not (superseded: the target was not in the expected state).

@@ -31,7 +31,8 @@ pub struct Rejected {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Written,
-    /// A redelivery: the target has this version or a later one.
+    /// A redelivery: a write of this version or a later one was decided
+    /// (made or superseded).
     Stale,
     /// The target changed since the decision (a write of its own the
     /// resolver has not seen yet, which it resolves in its turn).
@@ -54,6 +55,9 @@ struct Version {
     version: i64,
     row_xmin: Option<String>,
     present: bool,
+    /// The latest write decided (made or superseded); `None` in rows
+    /// written before the column was added.
+    decided: Option<i64>,
 }
 
 /// The target row of one write: its version and whether it has the expected values.
@@ -193,27 +197,41 @@ impl Writer {
             .filter(|(_, o)| **o != Outcome::Stale)
             .map(|((_, w), o)| sql::ack(w, *o == Outcome::Written))
             .collect();
-        let made: Vec<&ApplyWrite> = made.iter().map(|&i| &run[i].1).collect();
-        self.record_and_report(&first.map, &made, &acks).await?;
+        let decided: Vec<(&ApplyWrite, Outcome)> = run
+            .iter()
+            .map(|(_, w)| w)
+            .zip(outcomes.iter().copied())
+            .collect();
+        self.record_and_report(&first.map, &decided, &acks).await?;
         Ok(outcomes)
     }
 
-    /// Records the writes made in the bookkeeping and emits the reports.
+    /// Records the writes decided in the bookkeeping and emits the reports.
     async fn record_and_report(
         &mut self,
         map: &str,
-        made: &[&ApplyWrite],
+        decided: &[(&ApplyWrite, Outcome)],
         acks: &[String],
     ) -> Result<(), tokio_postgres::Error> {
         if acks.is_empty() {
             return Ok(());
         }
-        let ks: Vec<String> = made.iter().map(|w| w.kafka_key()).collect();
-        let vs: Vec<i64> = made.iter().map(|w| w.version).collect();
-        let ps: Vec<bool> = made.iter().map(|w| w.op == WriteOp::Upsert).collect();
+        let of = |o: Outcome| {
+            decided
+                .iter()
+                .filter(move |(_, x)| *x == o)
+                .map(|(w, _)| *w)
+        };
+        let ks: Vec<String> = of(Outcome::Written).map(|w| w.kafka_key()).collect();
+        let vs: Vec<i64> = of(Outcome::Written).map(|w| w.version).collect();
+        let ps: Vec<bool> = of(Outcome::Written)
+            .map(|w| w.op == WriteOp::Upsert)
+            .collect();
+        let sk: Vec<String> = of(Outcome::Superseded).map(|w| w.kafka_key()).collect();
+        let sv: Vec<i64> = of(Outcome::Superseded).map(|w| w.version).collect();
         let stmt = self.prepared(sql::RECORD_AND_REPORT.to_owned()).await?;
         self.client
-            .query_one(&stmt, &[&map, &ks, &vs, &ps, &acks])
+            .query_one(&stmt, &[&map, &ks, &vs, &ps, &sk, &sv, &acks])
             .await?;
         Ok(())
     }
@@ -261,11 +279,8 @@ impl Writer {
             (_, Some(row)) => vec![sql::ack_moved(w, row)],
             (o, None) => vec![sql::ack(w, o == Outcome::Written)],
         };
-        let made: Vec<&ApplyWrite> = (outcome == Outcome::Written)
-            .then_some(w)
-            .into_iter()
-            .collect();
-        self.record_and_report(&w.map, &made, &acks).await?;
+        self.record_and_report(&w.map, &[(w, outcome)], &acks)
+            .await?;
         Ok(outcome)
     }
 
@@ -286,6 +301,7 @@ impl Writer {
                         version: r.get(1),
                         row_xmin: r.get(2),
                         present: r.get(3),
+                        decided: r.get(4),
                     },
                 )
             })
@@ -320,8 +336,16 @@ impl Writer {
 }
 
 /// Whether a write is to be made, from the record's bookkeeping and row.
+///
+/// A write of a version already decided (made, or superseded) is a
+/// redelivery (an applier restarted from its committed offset, a resolver
+/// from its last save) and is not decided again: the side may be back in
+/// the state it expected (a row deleted again), but the resolver has taken
+/// its report and moved on; written now, it would put content on the side
+/// through a write the resolver no longer knows, and the side's next own
+/// write would count as made without it.
 fn decide(w: &ApplyWrite, version: Option<&Version>, row: Option<&RowState>) -> Outcome {
-    if version.is_some_and(|v| v.version >= w.version) {
+    if version.is_some_and(|v| v.version.max(v.decided.unwrap_or(0)) >= w.version) {
         return Outcome::Stale;
     }
     let expected = match w.expect.kind {
@@ -478,6 +502,7 @@ mod tests {
             version,
             row_xmin: Some(xmin.to_owned()),
             present,
+            decided: Some(version),
         };
         let row = |xmin: &str, same| RowState {
             xmin: xmin.to_owned(),
@@ -485,6 +510,16 @@ mod tests {
         };
         // Redelivered: the target has this version already.
         assert_eq!(decide(&x, Some(&bk(10, "5", true)), None), Outcome::Stale);
+        // Redelivered after it was superseded: not decided again, even
+        // though the target is now as it expected.
+        let passed = Version {
+            decided: Some(10),
+            ..bk(3, "5", true)
+        };
+        assert_eq!(
+            decide(&x, Some(&passed), Some(&row("5", false))),
+            Outcome::Stale
+        );
         // The applier's write of version 3, untouched since: written.
         assert_eq!(
             decide(&x, Some(&bk(3, "5", true)), Some(&row("5", false))),
