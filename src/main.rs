@@ -1,5 +1,6 @@
 //! `dualwrite`: one binary, every service by subcommand.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dualwrite_ctl::CommandResult;
 use dualwrite_model::config::{Config, SideId};
-use dualwrite_model::lifecycle::{Action, ControlCommand};
+use dualwrite_model::lifecycle::{Action, ControlCommand, MapStatus};
 use dualwrite_runtime::kafka::{self, Shard, TopicSpec};
 
 /// The services allocate many small, short-lived values per record (Avro
@@ -50,6 +51,10 @@ struct Cli {
     /// Serve /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9464; port 0 picks one).
     #[arg(long, env = "DUALWRITE_METRICS_ADDR", global = true)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Log progress (INFO) to stderr for `ctl` and `setup` too, which
+    /// otherwise log only warnings and errors (`RUST_LOG` overrides both).
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -293,8 +298,9 @@ struct SendArgs {
 }
 
 fn main() -> ExitCode {
-    dualwrite_runtime::telemetry::init_logging();
     let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Ctl { .. } | Command::Setup) && !cli.verbose;
+    dualwrite_runtime::telemetry::init_logging(if quiet { "warn" } else { "info" });
     let config = match Config::load(&cli.config) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -629,7 +635,15 @@ async fn send_command(
     mut cmd: ControlCommand,
     send: SendArgs,
 ) -> anyhow::Result<()> {
+    let resent = send.id.is_some();
     cmd.id = send.id.unwrap_or_else(dualwrite_ctl::new_command_id);
+    let known = if resent {
+        None
+    } else {
+        statuses(&config).await
+    };
+    dualwrite_ctl::check_command(&config, known.as_ref(), &cmd)
+        .map_err(|reason| anyhow::anyhow!("not sent: {reason}"))?;
     let wait = if send.no_wait {
         Duration::ZERO
     } else {
@@ -645,11 +659,22 @@ async fn send_command(
         .filter(|s| s.name == control || s.name == events)
         .collect();
     kafka::ensure_topics(&config.kafka, &own).await?;
+    let (cfg, map) = (config.clone(), cmd.map.clone());
     let result = tokio::task::spawn_blocking(move || {
-        dualwrite_ctl::send_command(&config, &cmd, wait, &mut std::io::stdout())
+        dualwrite_ctl::send_command(&cfg, &cmd, wait, &mut std::io::stdout())
     })
     .await??;
     match result {
+        CommandResult::Unanswered => Err(anyhow::anyhow!(
+            "no pause buffer answered within {} s (is `dualwrite pause-buffer` or `dualwrite run` running with topic prefix `{}`?); the command stays on the control topic and is taken when one starts; map `{map}` was last recorded {}",
+            wait.as_secs(),
+            config.kafka.topic_prefix,
+            dualwrite_ctl::last_recorded(
+                &statuses(&config).await.unwrap_or_default(),
+                &map,
+                dualwrite_runtime::now_micros()
+            )
+        )),
         CommandResult::Completed => Ok(()),
         CommandResult::Pending if wait.is_zero() => Ok(()),
         CommandResult::Pending => Err(anyhow::anyhow!(
@@ -658,6 +683,19 @@ async fn send_command(
         )),
         CommandResult::Rejected(r) => Err(anyhow::anyhow!("rejected: {r}")),
         CommandResult::Failed(r) => Err(anyhow::anyhow!("failed: {r}")),
+    }
+}
+
+/// The maps' statuses, `None` if they cannot be read (then nothing is known).
+async fn statuses(config: &Arc<Config>) -> Option<BTreeMap<String, MapStatus>> {
+    let cfg = config.clone();
+    match tokio::task::spawn_blocking(move || dualwrite_ctl::read_statuses(&cfg)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!("cannot read the maps' statuses: {e}");
+            None
+        }
+        Err(_) => None,
     }
 }
 

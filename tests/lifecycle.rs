@@ -164,7 +164,9 @@ async fn pause_and_resume_survive_kill9_of_the_pause_buffer() {
     .await;
     assert_eq!(env.states()["customers"], "Paused");
     // The restarted pause buffer is up (it answers commands) and still holds everything back.
-    let (_, out, _) = env.run(&["ctl", "pause", "contacts"]);
+    // (An explicit id skips ctl's own check of the state, so the command
+    // goes to the controller.)
+    let (_, out, _) = env.run(&["ctl", "pause", "contacts", "--id", "probe-while-paused"]);
     assert!(
         out.contains("REJECTED") && out.contains("while the map is Paused"),
         "{out}"
@@ -576,5 +578,53 @@ async fn related_maps_catch_up_parents_first() {
         .filter(|e| e["value"]["map"] == "customers")
         .collect();
     assert!(failed.is_empty(), "children failed: {failed:?}");
+    env.cleanup().await;
+}
+
+/// `ctl` refuses at once, with the controller's reason, a command the
+/// configuration or the map's recorded state does not allow (nothing is
+/// sent); with no pause buffer running it says so and gives the map's last
+/// recorded state; its stderr holds no progress lines unless `-v`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_refuses_what_cannot_be_done_and_says_when_nobody_answers() {
+    let env = TestEnv::new("ctlcheck").await;
+    // The first command creates the control and events topics: said with -v.
+    let (code, _, err) = env.run(&["-v", "ctl", "run", "currencies", "--timeout-secs", "2"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("INFO") && err.contains("created topic"),
+        "{err}"
+    );
+    let refused = [
+        (vec!["run", "nosuchmap"], "not sent: unknown map `nosuchmap` (configured: customer_groups, currencies, customers, contacts)"),
+        (vec!["pause", "customers"], "not sent: map `customers`: Pause is not available while the map is Not running (available: Run)"),
+        (vec!["run", "customers", "--conflict-master", "nobody"], "not sent: conflict master `nobody` is not a side"),
+    ];
+    for (args, reason) in &refused {
+        let started = std::time::Instant::now();
+        let mut all = vec!["ctl"];
+        all.extend(args.iter().copied());
+        let (code, out, err) = env.run(&all);
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(err.contains(reason), "{args:?}: {err}");
+        assert!(!err.contains("INFO"), "{args:?}: {err}");
+        // At once: the default wait for an answer is 60 s.
+        assert!(started.elapsed() < Duration::from_secs(30), "{args:?}");
+    }
+    let (code, _, err) = env.run(&["ctl", "run", "customers", "--timeout-secs", "2"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no pause buffer answered within 2 s")
+            && err.contains("map `customers` was last recorded Not running (no status recorded)"),
+        "{err}"
+    );
+    assert!(!err.contains("INFO"), "{err}");
+    // Only the two commands that were not refused reached the control topic.
+    let sent: Vec<String> = env
+        .tail("control")
+        .iter()
+        .map(|r| r["value"]["map"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(sent, ["currencies", "customers"], "{sent:?}");
     env.cleanup().await;
 }

@@ -267,10 +267,14 @@ fn initial_summary(i: &dualwrite_model::lifecycle::InitialSync) -> String {
     }
 }
 
-/// The latest status of each map on the status topic.
+/// The latest status of each map on the status topic (none while the
+/// topic does not exist: no map was ever run).
 pub fn read_statuses(config: &Config) -> Result<BTreeMap<String, MapStatus>, CtlError> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let mut out = BTreeMap::new();
+    if kafka_rt::watermarks_if_exists(&config.kafka, &t.status())?.is_none() {
+        return Ok(out);
+    }
     for m in kafka_rt::read_to_end(&config.kafka, &t.status())? {
         if let Some(Ok(s)) = m.payload().map(avro::decode::<MapStatus>) {
             out.insert(s.map.clone(), s);
@@ -468,6 +472,41 @@ pub enum CommandResult {
     Failed(String),
     /// Accepted, not completed within the wait (e.g. a long catch-up).
     Pending,
+    /// No acknowledgement at all within the wait: no pause buffer read it.
+    Unanswered,
+}
+
+/// Refuses a command before it is sent if the controller would refuse it:
+/// against the configuration always, and against the maps' states when
+/// they are known (`None`: not read, e.g. a command id sent again, which
+/// the controller answers as a duplicate whatever the state now).
+pub fn check_command(
+    config: &Config,
+    statuses: Option<&BTreeMap<String, MapStatus>>,
+    cmd: &ControlCommand,
+) -> Result<(), String> {
+    match statuses {
+        Some(s) => dualwrite_model::plan::plan(config, s, cmd).map(|_| ()),
+        None => dualwrite_model::plan::check(config, cmd).map(|_| ()),
+    }
+}
+
+/// A map's last recorded state, for a message: "Running (generation 3,
+/// recorded 12 s ago)", or "Not running (no status recorded)".
+pub fn last_recorded(statuses: &BTreeMap<String, MapStatus>, map: &str, now_micros: i64) -> String {
+    match statuses.get(map) {
+        None => format!("{} (no status recorded)", MapState::NotRunning),
+        Some(s) => format!(
+            "{} (generation {}, recorded {} s ago{})",
+            s.state,
+            s.generation,
+            (now_micros - s.updated_at).max(0) / 1_000_000,
+            s.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    }
 }
 
 /// Sends a command (Avro) to the control topic and, unless `wait` is zero,
@@ -518,6 +557,7 @@ pub fn send_command(
     let consumer = events_from(config, &start)?;
     let deadline = Instant::now() + wait;
     let mut pending: Option<BTreeSet<String>> = None;
+    let mut answered = false;
     while Instant::now() < deadline {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -533,6 +573,7 @@ pub fn send_command(
         if ev.command_id.as_deref() != Some(&cmd.id) {
             continue;
         }
+        answered = true;
         writeln!(
             out,
             "{:<13} {:<16} {:<13} {}",
@@ -560,7 +601,11 @@ pub fn send_command(
             Outcome::StateChanged | Outcome::Drift => {}
         }
     }
-    Ok(CommandResult::Pending)
+    Ok(if answered {
+        CommandResult::Pending
+    } else {
+        CommandResult::Unanswered
+    })
 }
 
 /// The signature header of a command (none without `control.signing_keys`),

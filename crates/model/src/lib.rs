@@ -19,6 +19,7 @@ pub mod config;
 pub mod filter;
 pub mod lifecycle;
 pub mod mapping;
+pub mod plan;
 pub mod record;
 pub mod schema;
 pub mod signing;

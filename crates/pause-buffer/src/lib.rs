@@ -628,7 +628,9 @@ fn end_offsets(config: &Config, map: &str) -> Result<Vec<PartitionOffset>, Strin
         .map_err(|e| e.to_string())
 }
 
-/// Writes statuses and events, retrying until acknowledged; false on shutdown.
+/// Writes statuses, then events, each retried until acknowledged: whoever
+/// sees an event finds the status it reports on the status topic (`ctl`
+/// checks commands against the statuses it reads). False on shutdown.
 async fn write(
     producer: &Producer,
     errors: &ErrorSink,
@@ -637,10 +639,10 @@ async fn write(
     backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut out = Output::default();
+    let mut states = Output::default();
     for s in &fx.statuses {
         match avro::encode(s) {
-            Ok(payload) => out.records.push(Outgoing {
+            Ok(payload) => states.records.push(Outgoing {
                 topic: t.status(),
                 key: s.map.clone(),
                 payload,
@@ -648,6 +650,10 @@ async fn write(
             Err(e) => tracing::error!(map = %s.map, "cannot encode a status: {e}"),
         }
     }
+    if !deliver(producer, errors, &states, backoff, shutdown).await {
+        return false;
+    }
+    let mut out = Output::default();
     for e in &fx.events {
         match avro::encode::<ControlEvent>(e) {
             Ok(payload) => out.records.push(Outgoing {
