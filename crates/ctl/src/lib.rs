@@ -1,6 +1,7 @@
 //! Operator CLI (`dualwrite ctl …`). It talks only to Kafka, but for
 //! [`verify`], which reads both sides' databases.
 
+pub mod cli;
 pub mod repair;
 pub mod touch;
 pub mod verify;
@@ -35,6 +36,58 @@ pub enum CtlError {
     Usage(String),
     #[error("output: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Prints every environment variable the binary reads: its options'
+/// (`options`, from the command line's definition), `others` (name, what),
+/// the configuration's overrides and the secrets the file names.
+pub fn print_env_vars(
+    config: &Config,
+    options: &[(String, String)],
+    others: &[(&str, &str)],
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    use dualwrite_model::config::{ENV_OVERRIDES, KAFKA_ENV_PREFIX};
+    for (name, option) in options {
+        writeln!(out, "{name}\toption {option}")?;
+    }
+    for (name, what) in others {
+        writeln!(out, "{name}\t{what}")?;
+    }
+    for (name, setting) in ENV_OVERRIDES {
+        writeln!(out, "{name}\toverrides {setting}")?;
+    }
+    writeln!(
+        out,
+        "{KAFKA_ENV_PREFIX}<PROPERTY>\tsets a Kafka client property (e.g. {KAFKA_ENV_PREFIX}SECURITY_PROTOCOL)"
+    )?;
+    for name in config.secret_env_vars() {
+        writeln!(out, "{name}\tsecret named by the configuration file")?;
+    }
+    Ok(())
+}
+
+/// Checks each map against both sides' tables and prints what does not
+/// fit (or that it fits); how many problems were found.
+pub async fn check_schema(
+    config: &Config,
+    maps: &[&dualwrite_model::config::MapConfig],
+    out: &mut impl Write,
+) -> Result<usize, CtlError> {
+    let mut problems = 0;
+    for map in maps {
+        let found = dualwrite_runtime::pg::schema_problems(config, map)
+            .await
+            .map_err(|(_, msg)| CtlError::Usage(msg))?;
+        if found.is_empty() {
+            writeln!(out, "map {}: fits both tables", map.name)?;
+        }
+        for p in &found {
+            writeln!(out, "{p}")?;
+        }
+        problems += found.len();
+    }
+    Ok(problems)
 }
 
 /// Prints the maps of the configuration.

@@ -39,6 +39,28 @@ pub struct RepairReport {
 
 const SIDES: [SideId; 2] = [SideId::Left, SideId::Right];
 
+/// Prints what a repair did, as JSON or as lines.
+pub fn print(r: &RepairReport, json: bool, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{}", serde_json::to_string_pretty(r)?);
+    }
+    writeln!(
+        out,
+        "map {}: {} record(s) repaired of {} sent; {} already equal",
+        r.map,
+        r.repaired.len(),
+        r.sent.len(),
+        r.equal
+    )?;
+    for k in r.sent.iter().filter(|k| !r.repaired.contains(k)) {
+        writeln!(
+            out,
+            "  still differs: {k} (a write of it may be on its way: run again once settled)"
+        )?;
+    }
+    Ok(())
+}
+
 /// Repairs `keys` (JSON arrays, as `ctl verify` prints them), or every
 /// differing record, and waits up to `wait` for the sides to agree.
 pub async fn repair(

@@ -47,6 +47,46 @@ impl MapReport {
     }
 }
 
+/// Prints the reports as JSON, or a line per map with up to `examples`
+/// keys of each kind of difference.
+pub fn print(
+    reports: &[MapReport],
+    json: bool,
+    examples: usize,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{}", serde_json::to_string_pretty(reports)?);
+    }
+    for r in reports {
+        writeln!(
+            out,
+            "map {}: {} left, {} right: {} only left, {} only right, {} differing{}",
+            r.map,
+            r.left_rows,
+            r.right_rows,
+            r.only_left.len(),
+            r.only_right.len(),
+            r.differing.len(),
+            if r.is_equal() { " — equal" } else { "" }
+        )?;
+        for k in r.only_left.iter().take(examples) {
+            writeln!(out, "  only left:  {k}")?;
+        }
+        for k in r.only_right.iter().take(examples) {
+            writeln!(out, "  only right: {k}")?;
+        }
+        for d in r.differing.iter().take(examples) {
+            writeln!(
+                out,
+                "  differs:    {} {} = {:?} / {} = {:?}",
+                d.key, d.left_field, d.left, d.right_field, d.right
+            )?;
+        }
+    }
+    Ok(())
+}
+
 type Rows = BTreeMap<String, BTreeMap<String, Option<String>>>;
 
 async fn read_side(config: &Config, map: &MapConfig, side: SideId) -> Result<Rows, String> {

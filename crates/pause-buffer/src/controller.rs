@@ -15,7 +15,7 @@ use dualwrite_model::lifecycle::{
     dependencies, Action, ControlCommand, ControlEvent, InitialSync, MapState, MapStatus, Outcome,
     PartitionOffset,
 };
-use dualwrite_model::plan::plan;
+use dualwrite_model::plan::{plan, Plan};
 
 /// Records to write for a decision: new statuses and events, in order.
 #[derive(Debug, Default)]
@@ -76,6 +76,31 @@ pub struct Controller {
     pub seen: HashSet<String>,
 }
 
+/// What deciding a command needs from outside the controller, by map: the
+/// maps to check against their tables (those it would run) and those whose
+/// topic's end offsets it takes (where a run starts live sync or a resume
+/// begins; a rerun keeps the generation's start).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub schema: Vec<String>,
+    pub ends: Vec<String>,
+}
+
+fn needs_of(plan: &Plan, cmd: &ControlCommand) -> Needs {
+    let mut needs = Needs::default();
+    for (m, to) in &plan.steps {
+        if *to == MapState::Initializing {
+            needs.schema.push(m.clone());
+        }
+        if matches!(to, MapState::Initializing | MapState::Resuming)
+            && cmd.action != Action::RerunInitialSync
+        {
+            needs.ends.push(m.clone());
+        }
+    }
+    needs
+}
+
 impl Controller {
     /// Builds the view from the status topic's records (latest per map wins)
     /// and the command ids of past events.
@@ -102,6 +127,18 @@ impl Controller {
             }
         }
         Controller { statuses, seen }
+    }
+
+    /// What [`Controller::command`] will ask of `cmd` (nothing for a
+    /// repeated id or a command it rejects), so that the caller can gather
+    /// it beforehand.
+    pub fn needs(&self, config: &Config, cmd: &ControlCommand) -> Needs {
+        if self.seen.contains(&cmd.id) {
+            return Needs::default();
+        }
+        plan(config, &self.statuses, cmd)
+            .map(|p| needs_of(&p, cmd))
+            .unwrap_or_default()
     }
 
     /// Applies a command. `end_offsets(map)` gives the map topic's current
@@ -147,11 +184,9 @@ impl Controller {
                 return fx;
             }
         };
+        let needs = needs_of(&plan, cmd);
         // A map runs only if its mapping fits both tables.
-        for (m, to) in &plan.steps {
-            if *to != MapState::Initializing {
-                continue;
-            }
+        for m in &needs.schema {
             match schema(m) {
                 Ok(problems) if problems.is_empty() => {}
                 Ok(problems) => {
@@ -182,28 +217,24 @@ impl Controller {
             }
         }
         // Take the end offsets first: a failure here fails the command before anything changed.
+        // (A rerun keeps the generation's start: the records after the
+        // gate's position are filtered by the new snapshot instead.)
         let mut ends = BTreeMap::new();
-        for (m, to) in &plan.steps {
-            // A rerun keeps the generation's start: the records after the
-            // gate's position are filtered by the new snapshot instead.
-            if matches!(to, MapState::Initializing | MapState::Resuming)
-                && cmd.action != Action::RerunInitialSync
-            {
-                match end_offsets(m) {
-                    Ok(o) => {
-                        ends.insert(m.clone(), o);
-                    }
-                    Err(e) => {
-                        fx.events.push(event(
-                            id,
-                            Outcome::Failed,
-                            Some(m),
-                            None,
-                            format!("cannot read the end offsets of map `{m}`'s topic: {e}; nothing changed, send the command again"),
-                            now,
-                        ));
-                        return fx;
-                    }
+        for m in &needs.ends {
+            match end_offsets(m) {
+                Ok(o) => {
+                    ends.insert(m.clone(), o);
+                }
+                Err(e) => {
+                    fx.events.push(event(
+                        id,
+                        Outcome::Failed,
+                        Some(m),
+                        None,
+                        format!("cannot read the end offsets of map `{m}`'s topic: {e}; nothing changed, send the command again"),
+                        now,
+                    ));
+                    return fx;
                 }
             }
         }
@@ -638,6 +669,37 @@ mod tests {
 
     fn outcomes(fx: &Effects) -> Vec<Outcome> {
         fx.events.iter().map(|e| e.outcome).collect()
+    }
+
+    #[test]
+    fn a_command_needs_the_schema_of_maps_it_runs_and_the_ends_where_it_goes_live() {
+        let cfg = config();
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        let needs = |c: &Controller, cmd: &ControlCommand| {
+            let n = c.needs(&cfg, cmd);
+            (n.schema, n.ends)
+        };
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut run = cmd("1", Action::Run, "customers");
+        run.include_related = true;
+        let deps = owned(&["customer_groups", "currencies", "customers"]);
+        assert_eq!(needs(&c, &run), (deps.clone(), deps));
+        // Rejected (a pause of a map that is not running): nothing.
+        let pause = cmd("2", Action::Pause, "customers");
+        assert_eq!(needs(&c, &pause), (vec![], vec![]));
+        apply(&mut c, &cfg, &run);
+        // Done already (a repeated id), or a pause: nothing.
+        assert_eq!(needs(&c, &run), (vec![], vec![]));
+        assert_eq!(needs(&c, &pause), (vec![], vec![]));
+        apply(&mut c, &cfg, &pause);
+        // A resume takes the ends, and runs no schema check.
+        let resume = cmd("3", Action::Run, "customers");
+        assert_eq!(needs(&c, &resume), (vec![], owned(&["customers"])));
+        // A rerun checks the schema and keeps the generation's start.
+        let mut c = Controller::new(&cfg, vec![], vec![], 0);
+        apply(&mut c, &cfg, &cmd("4", Action::Run, "currencies"));
+        let rerun = cmd("5", Action::RerunInitialSync, "currencies");
+        assert_eq!(needs(&c, &rerun), (owned(&["currencies"]), vec![]));
     }
 
     #[test]

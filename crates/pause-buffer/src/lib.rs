@@ -26,7 +26,8 @@ use std::sync::Arc;
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    dependencies, parse_command, ControlEvent, MapState, MapStatus, Outcome, PartitionOffset,
+    dependencies, parse_command, ControlCommand, ControlEvent, MapState, MapStatus, Outcome,
+    PartitionOffset,
 };
 use dualwrite_model::record::ErrorRecord;
 use dualwrite_model::topics::Topics;
@@ -59,6 +60,17 @@ pub enum PauseBufferError {
     Setup(String),
 }
 
+/// The control topic (commands) and the events topic (their
+/// acknowledgements and state changes): what a client sending commands
+/// needs, made by whichever starts first.
+pub fn control_topics(config: &Config) -> Vec<TopicSpec> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    vec![
+        TopicSpec::new(t.control(), 1),
+        TopicSpec::new(t.events(), 1),
+    ]
+}
+
 /// Topics the pause buffer reads and writes.
 pub fn topics(config: &Config) -> Vec<TopicSpec> {
     let t = Topics::new(&config.kafka.topic_prefix);
@@ -71,9 +83,7 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
         TopicSpec::new(t.apply(&config.sides.left.name), p),
         TopicSpec::new(t.apply(&config.sides.right.name), p),
         TopicSpec::new(t.errors(), p),
-        TopicSpec::new(t.control(), 1),
         status,
-        TopicSpec::new(t.events(), 1),
         TopicSpec::new(t.catchup_errors(), p),
         {
             // Every failed row of every initial write is kept.
@@ -82,6 +92,7 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
             s
         },
     ];
+    v.extend(control_topics(config));
     v.extend(
         config
             .maps
@@ -325,18 +336,9 @@ async fn run_inner(
                 let (fx, id) = match read {
                     Some(Ok(cmd)) => {
                         let span = tracing::info_span!("command", id = %cmd.id, action = %cmd.action, map = %cmd.map);
+                        let inputs = gather(&config, &ctl, &cmd).instrument(span.clone()).await;
                         let _g = span.enter();
-                        let cfg = config.clone();
-                        let handle = tokio::runtime::Handle::current();
-                        let fx = tokio::task::block_in_place(|| {
-                            ctl.command(&config, &cmd, now, |map| end_offsets(&cfg, map), |map| {
-                                let Some(mc) = cfg.map(map) else { return Ok(Vec::new()) };
-                                handle
-                                    .block_on(dualwrite_runtime::pg::schema_problems(&cfg, mc))
-                                    .map(|ps| ps.iter().map(|p| p.to_string()).collect())
-                                    .map_err(|(_, e)| e)
-                            })
-                        });
+                        let fx = ctl.command(&config, &cmd, now, |map| inputs.ends(map), |map| inputs.schema(map));
                         for e in &fx.events {
                             tracing::info!(outcome = ?e.outcome, "{}", e.message);
                         }
@@ -614,6 +616,54 @@ impl Signing {
 }
 
 /// End offsets of a map's topic (blocking).
+/// What deciding a command needs from outside ([`Controller::needs`]),
+/// gathered before the controller decides: the decision itself stays a
+/// function of the state, the command and these.
+#[derive(Default)]
+struct Inputs {
+    schema: BTreeMap<String, Result<Vec<String>, String>>,
+    ends: BTreeMap<String, Result<Vec<PartitionOffset>, String>>,
+}
+
+impl Inputs {
+    fn schema(&self, map: &str) -> Result<Vec<String>, String> {
+        self.schema
+            .get(map)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("map `{map}` was not checked")))
+    }
+
+    fn ends(&self, map: &str) -> Result<Vec<PartitionOffset>, String> {
+        self.ends
+            .get(map)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("map `{map}`'s end offsets were not read")))
+    }
+}
+
+/// Checks the maps a command would run against their tables and reads the
+/// end offsets it takes (a blocking Kafka read, on a blocking thread).
+async fn gather(config: &Arc<Config>, ctl: &Controller, cmd: &ControlCommand) -> Inputs {
+    let needs = ctl.needs(config, cmd);
+    let mut inputs = Inputs::default();
+    for m in needs.schema {
+        let Some(mc) = config.map(&m) else { continue };
+        let found = dualwrite_runtime::pg::schema_problems(config, mc)
+            .await
+            .map(|ps| ps.iter().map(|p| p.to_string()).collect())
+            .map_err(|(_, e)| e);
+        inputs.schema.insert(m, found);
+    }
+    for m in needs.ends {
+        let (cfg, map) = (config.clone(), m.clone());
+        let ends = tokio::task::spawn_blocking(move || end_offsets(&cfg, &map))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        inputs.ends.insert(m, ends);
+    }
+    inputs
+}
+
 fn end_offsets(config: &Config, map: &str) -> Result<Vec<PartitionOffset>, String> {
     let t = Topics::new(&config.kafka.topic_prefix);
     kafka::watermarks(&config.kafka, &t.map(map))
