@@ -24,7 +24,8 @@ mod validate;
 pub use load::ConfigError;
 pub use validate::Problem;
 
-/// The demo configuration (`deploy/demo/dualwrite.toml`), also used by tests.
+/// The demo configuration (`deploy/demo/dualwrite.toml`), for tests.
+#[cfg(any(test, feature = "test-fixtures"))]
 pub const DEMO_CONFIG: &str = include_str!("../../../../deploy/demo/dualwrite.toml");
 
 /// Environment variables that override settings of the file, with the setting they replace.
@@ -242,6 +243,7 @@ fn default_pg_port() -> u16 {
 /// PostgreSQL sides, `fno` and `dataverse`), for unit tests here and in
 /// other crates: append `[[map]]` sections and [`Config::parse`] it.
 #[doc(hidden)]
+#[cfg(any(test, feature = "test-fixtures"))]
 pub const TEST_SIDES: &str = r#"
 [kafka]
 bootstrap_servers = "k:9092"
