@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::config::{Config, SideId, SideKind};
 use dualwrite_runtime::kafka::{self, Shard, TopicSpec};
+use dualwrite_side_postgres::{PgSource, PgTarget};
 
 /// The services allocate many small, short-lived values per record (Avro
 /// values, fields, keys); mimalloc serves them with less CPU than the
@@ -182,13 +183,13 @@ async fn run(
     match command {
         Command::Capture { side: s } => {
             let s = side(&config, &s)?;
-            dualwrite_capture::run(config, s, shutdown).await?;
+            capture(config, s, shutdown).await?;
         }
         Command::Router => dualwrite_router::run(config, shard, shutdown).await?,
         Command::PauseBuffer => dualwrite_pause_buffer::run(config, shutdown).await?,
         Command::Apply { side: s } => {
             let s = side(&config, &s)?;
-            dualwrite_apply::run(config, s, shard, shutdown).await?;
+            apply(config, s, shard, shutdown).await?;
         }
         Command::Run => run_all(config, shutdown).await?,
         Command::Setup => {
@@ -208,6 +209,33 @@ async fn run(
     Ok(())
 }
 
+/// The capturer of `side`, reading the source of its kind of database.
+async fn capture(
+    config: Arc<Config>,
+    side: SideId,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match config.side(side).kind {
+        SideKind::Postgres => dualwrite_capture::run::<PgSource>(config, side, shutdown).await?,
+    }
+    Ok(())
+}
+
+/// The applier of `side`, writing to the target of its kind of database.
+async fn apply(
+    config: Arc<Config>,
+    side: SideId,
+    shard: Shard,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match config.side(side).kind {
+        SideKind::Postgres => {
+            dualwrite_apply::run::<PgTarget>(config, side, shard, shutdown).await?
+        }
+    }
+    Ok(())
+}
+
 fn all_topics(config: &Config) -> Vec<TopicSpec> {
     let mut v = dualwrite_router::topics(config);
     v.extend(dualwrite_pause_buffer::topics(config));
@@ -222,21 +250,9 @@ async fn run_all(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     for s in [SideId::Left, SideId::Right] {
         let (c, t) = (config.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            (
-                "capture",
-                dualwrite_capture::run(c, s, t).await.map_err(Into::into),
-            )
-        });
+        tasks.spawn(async move { ("capture", capture(c, s, t).await) });
         let (c, t) = (config.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            (
-                "apply",
-                dualwrite_apply::run(c, s, Shard::ALL, t)
-                    .await
-                    .map_err(Into::into),
-            )
-        });
+        tasks.spawn(async move { ("apply", apply(c, s, Shard::ALL, t).await) });
     }
     let (c, t) = (config.clone(), shutdown.clone());
     tasks.spawn(async move {

@@ -441,7 +441,7 @@ async fn verify_full_refuses_a_server_certificate_for_another_host() {
     let ca = dir.join("server-ca.crt");
     let connect = |host: &'static str, mode: &'static str, root: Option<PathBuf>| {
         let c = connection(port, host, mode, root.as_deref());
-        async move { dualwrite_runtime::pg::connect(&c, "dualwrite-tls-test").await }
+        async move { dualwrite_side_postgres::pg::connect(&c, "dualwrite-tls-test").await }
     };
     eventually("PostgreSQL takes TLS", WAIT, || async {
         connect("localhost", "verify-full", Some(ca.clone()))
@@ -486,7 +486,7 @@ async fn verify_full_refuses_a_server_certificate_for_another_host() {
     let mut with_cert = connection(port, "localhost", "verify-full", Some(&ca));
     with_cert.sslcert = Some(dir.join("client.crt"));
     with_cert.sslkey = Some(dir.join("client.key"));
-    let c = dualwrite_runtime::pg::connect(&with_cert, "dualwrite-tls-test")
+    let c = dualwrite_side_postgres::pg::connect(&with_cert, "dualwrite-tls-test")
         .await
         .unwrap();
     let dn: Option<String> = c

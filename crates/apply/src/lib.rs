@@ -1,20 +1,21 @@
 //! Applier: reads `<prefix>.apply.<side>`, the resolver's decisions for
-//! that side, and writes each to the side's database, an upsert or a
-//! delete by alternate key, a batch per transaction, only where the target
-//! is still in the state the resolver expected (see [`writer`]). Offsets
-//! are stored only after the transaction committed.
+//! that side, and writes each to the side's database through its
+//! [`Target`], an upsert or a delete by alternate key, a batch per
+//! transaction, only where the target is still in the state the resolver
+//! expected (see [`writer`]). Offsets are stored only after the
+//! transaction committed.
 //!
 //! A write the database rejects for its data (constraint, bad value,
 //! missing column) goes to the errors topic with its context, and the rest
 //! of the batch is still written. Connection loss, deadlocks and the like are
 //! retried with backoff, the same batch again.
 //!
-//! Writes run under the side's replication origin, so that side's capturer
-//! leaves their rows out (a synced change never echoes back) and passes on
-//! only the reports of what was written.
+//! Writes are made as the side's applier (for PostgreSQL: under its
+//! replication origin), so that side's capturer leaves their rows out (a
+//! synced change never echoes back) and passes on only the reports of what
+//! was written.
 
 mod prune;
-pub mod sql;
 pub mod writer;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -33,8 +34,8 @@ use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer, Shard, TopicSpec};
 use dualwrite_runtime::metrics::{direction, metrics};
-use dualwrite_runtime::pg;
 use dualwrite_runtime::relay::{deliver, Output};
+use dualwrite_runtime::side::{Class, SideError, Target};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -57,21 +58,21 @@ pub fn topics(config: &Config, side: SideId) -> Vec<TopicSpec> {
     ]
 }
 
-/// Runs the applier of `side` (this instance's share of the partitions)
-/// until `shutdown` is cancelled.
-pub async fn run(
+/// Runs the applier of `side` (this instance's share of the partitions),
+/// writing through `T`, until `shutdown` is cancelled.
+pub async fn run<T: Target>(
     config: Arc<Config>,
     side: SideId,
     shard: Shard,
     shutdown: CancellationToken,
 ) -> Result<(), ApplyError> {
     let span = tracing::info_span!("apply", side = %config.side(side).name, instance = %shard);
-    run_inner(config, side, shard, shutdown)
+    run_inner::<T>(config, side, shard, shutdown)
         .instrument(span)
         .await
 }
 
-async fn run_inner(
+async fn run_inner<T: Target>(
     config: Arc<Config>,
     side: SideId,
     shard: Shard,
@@ -105,7 +106,7 @@ async fn run_inner(
     tracing::info!(%input, "applying");
     health().set(&format!("apply.{name}:database"), false);
     let linger = Duration::from_millis(config.apply.linger_ms);
-    let mut a = Applier {
+    let mut a = Applier::<T> {
         config: config.clone(),
         side,
         name,
@@ -126,7 +127,7 @@ async fn run_inner(
     }
     if shard.index == 0 {
         let (cfg, sd) = (config.clone(), shutdown.clone());
-        tokio::spawn(prune::run(cfg, side, sd).in_current_span());
+        tokio::spawn(prune::run::<T>(cfg, side, sd).in_current_span());
     }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // Renewed while nothing comes, so the broker never expires them.
@@ -182,12 +183,12 @@ struct Parked {
 }
 
 /// The applier's state between batches.
-struct Applier {
+struct Applier<T> {
     config: Arc<Config>,
     side: SideId,
     name: String,
     errors: ErrorSink,
-    writer: Option<Writer>,
+    writer: Option<Writer<T>>,
     backoff: Backoff,
     /// Changes waiting for a parent, per record (map and key), in order.
     parked: BTreeMap<String, VecDeque<Parked>>,
@@ -199,11 +200,7 @@ struct Applier {
     shard: Shard,
 }
 
-fn is_missing_parent(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| c.code() == "23503")
-}
-
-impl Applier {
+impl<T: Target> Applier<T> {
     /// Writes changes, reconnecting and retrying on transient failures;
     /// None when shutdown came first.
     async fn write(
@@ -214,12 +211,12 @@ impl Applier {
         loop {
             let w = match self.writer.as_mut() {
                 Some(w) => w,
-                None => match Writer::connect(&self.config, self.side, self.shard).await {
-                    Ok(w) => {
+                None => match T::connect(&self.config, self.side, self.shard).await {
+                    Ok(t) => {
                         health().set(&format!("apply.{}:database", self.name), true);
-                        self.writer.insert(w)
+                        self.writer.insert(Writer::new(t))
                     }
-                    Err(e) if e.is_transient() => {
+                    Err(e) if e.is_retryable() => {
                         health().set(&format!("apply.{}:database", self.name), false);
                         tracing::warn!("cannot connect to {}'s database, retrying: {e}", self.name);
                         if self.backoff.wait(shutdown).await {
@@ -230,22 +227,32 @@ impl Applier {
                     Err(e) => {
                         return Err(ApplyError::Setup {
                             side: self.name.clone(),
-                            message: format!("cannot connect: {e}"),
+                            message: e.message,
                         })
                     }
                 },
             };
             let failure = match w.write(changes).await {
                 Ok(r) => return Ok(Some(r)),
-                Err(e) => pg::describe(&e),
+                Err(e) => e,
             };
             tracing::warn!("writing to {} failed, retrying: {failure}", self.name);
-            health().set(&format!("apply.{}:database", self.name), false);
             self.writer = None;
-            if self.backoff.wait(shutdown).await {
+            if self.retry_after(&failure, shutdown).await {
                 return Ok(None);
             }
         }
+    }
+
+    /// Waits before a retry on a new connection: briefly after a clash of
+    /// the moment, with the backoff (and the database marked not ready)
+    /// otherwise. True when shutdown came first.
+    async fn retry_after(&mut self, failure: &SideError, shutdown: &CancellationToken) -> bool {
+        if failure.class == Class::RetryNow {
+            return self.backoff.brief(shutdown).await;
+        }
+        health().set(&format!("apply.{}:database", self.name), false);
+        self.backoff.wait(shutdown).await
     }
 
     /// Applies a batch; returns the error records to publish (None on shutdown).
@@ -276,7 +283,7 @@ impl Applier {
         let Some(done) = self.write(&now, shutdown).await? else {
             return Ok(None);
         };
-        let mut rejected: BTreeMap<usize, tokio_postgres::Error> = done
+        let mut rejected: BTreeMap<usize, SideError> = done
             .rejected
             .into_iter()
             .map(|r| (r.index, r.error))
@@ -290,7 +297,7 @@ impl Applier {
             let Some(error) = rejected.remove(&i) else {
                 continue;
             };
-            if is_missing_parent(&error) && !self.parent_wait.is_zero() {
+            if error.missing_parent && !self.parent_wait.is_zero() {
                 tracing::info!(map = %mc.map, key = %mc.kafka_key(), "parent record not there yet: the change waits for it");
                 metrics()
                     .applied
@@ -358,7 +365,7 @@ impl Applier {
                         q.pop_front();
                     }
                     Some(r)
-                        if is_missing_parent(&r.error)
+                        if r.error.missing_parent
                             && q.front()
                                 .is_some_and(|h| h.since.elapsed() < self.parent_wait) =>
                     {
@@ -367,7 +374,7 @@ impl Applier {
                     Some(r) => {
                         let p = q.pop_front().expect("head exists");
                         let mut message = row_error(&self.config, &p.change, &r.error);
-                        if is_missing_parent(&r.error) {
+                        if r.error.missing_parent {
                             message = format!(
                                 "missing related record after waiting {} s: {message}",
                                 self.parent_wait.as_secs()
@@ -420,11 +427,11 @@ impl Applier {
 /// Why the target rejected a write, without the row's values (logs and
 /// the errors topic carry keys and names only); the database's full text,
 /// with values, is logged at DEBUG when `errors.log_values` is set.
-fn row_error(config: &Config, w: &ApplyWrite, e: &tokio_postgres::Error) -> String {
+fn row_error(config: &Config, w: &ApplyWrite, e: &SideError) -> String {
     if config.errors.log_values {
-        tracing::debug!(map = %w.map, key = %w.kafka_key(), "rejected row: {}", pg::describe(e));
+        tracing::debug!(map = %w.map, key = %w.kafka_key(), "rejected row: {}", e.message);
     }
-    pg::describe_redacted(e)
+    e.redacted.clone()
 }
 
 /// A key change's new key is written without waiting for the old key's

@@ -1,6 +1,6 @@
 //! Forgetting the bookkeeping of deleted records.
 //!
-//! `dualwrite.record_versions` keeps, per map and record, the applier's last
+//! The target's bookkeeping keeps, per map and record, the applier's last
 //! write. A live record's row is needed for as long as the record exists;
 //! a deleted record's row would stay forever, one per record ever deleted.
 //! Rows of records the applier deleted longer than
@@ -19,22 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dualwrite_model::config::{Config, SideId};
-use dualwrite_runtime::pg;
+use dualwrite_runtime::side::Target;
 use tokio_util::sync::CancellationToken;
-
-/// Rows removed per statement (short transactions, short locks).
-const BATCH: i64 = 10_000;
-
-const PRUNE: &str = "DELETE FROM dualwrite.record_versions r USING (
-  SELECT map, record_key FROM dualwrite.record_versions
-   WHERE NOT present AND applied_at < now() - make_interval(secs => $1)
-   LIMIT $2) old
- WHERE r.map = old.map AND r.record_key = old.record_key
-   AND NOT r.present AND r.applied_at < now() - make_interval(secs => $1)";
 
 /// Prunes `side`'s bookkeeping every quarter of the retention (at most
 /// hourly) until `shutdown`; a failure is logged and tried at the next turn.
-pub async fn run(config: Arc<Config>, side: SideId, shutdown: CancellationToken) {
+pub async fn run<T: Target>(config: Arc<Config>, side: SideId, shutdown: CancellationToken) {
     let retention = config.apply.bookkeeping_retention_secs;
     if retention == 0 {
         return;
@@ -46,7 +36,7 @@ pub async fn run(config: Arc<Config>, side: SideId, shutdown: CancellationToken)
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match prune(&config, side, retention).await {
+        match T::prune(&config, side, retention).await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(side = %name, rows = n, "forgot the bookkeeping of records deleted more than {retention} s ago")
@@ -54,25 +44,6 @@ pub async fn run(config: Arc<Config>, side: SideId, shutdown: CancellationToken)
             Err(e) => {
                 tracing::warn!(side = %name, "pruning the bookkeeping failed (tried again later): {e}")
             }
-        }
-    }
-}
-
-/// Removes the expired rows, a batch at a time; how many.
-async fn prune(config: &Config, side: SideId, retention: u64) -> Result<u64, String> {
-    let client = pg::connect(&config.side(side).connection, "dualwrite-apply-prune")
-        .await
-        .map_err(|e| e.to_string())?;
-    let secs = retention as f64;
-    let mut total = 0;
-    loop {
-        let n = client
-            .execute(PRUNE, &[&secs, &BATCH])
-            .await
-            .map_err(|e| pg::describe(&e))?;
-        total += n;
-        if n < BATCH as u64 {
-            return Ok(total);
         }
     }
 }

@@ -1,45 +1,24 @@
-//! The connection to the target and the writing of the resolver's
-//! decisions: each write is made only if the target is still in the state
-//! the resolver expected (compare-and-set), and is reported, in the same
-//! transaction, by a logical message that the side's capturer passes on.
+//! The writing of the resolver's decisions, whatever the kind of database:
+//! each write is made only if the target is still in the state the
+//! resolver expected (compare-and-set, [`decide`]), and is recorded and
+//! reported, in the same transaction, through the [`Target`].
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
 
-use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::record::{ApplyWrite, ExpectKind, Field, WriteOp};
-use dualwrite_runtime::kafka::Shard;
 use dualwrite_runtime::metrics::{direction, metrics};
-use dualwrite_runtime::pg;
-use tokio_postgres::{Client, Statement};
+pub use dualwrite_runtime::side::Outcome;
+use dualwrite_runtime::side::{Decided, RowState, SideError, Target, Version};
 
-use crate::sql;
-
-/// A connection to the target with its prepared statements.
-pub struct Writer {
-    client: Client,
-    statements: HashMap<String, Statement>,
+/// The target, connected, and the writes' rules.
+pub struct Writer<T> {
+    target: T,
 }
 
 /// A write that the target rejected.
 pub struct Rejected {
     pub index: usize,
-    pub error: tokio_postgres::Error,
-}
-
-/// What became of one write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Written,
-    /// A redelivery: a write of this version or a later one was decided
-    /// (made or superseded).
-    Stale,
-    /// The target changed since the decision (a write of its own the
-    /// resolver has not seen yet, which it resolves in its turn).
-    Superseded,
-    /// The upsert of a key change's new key, while the row of the old key
-    /// is still there: it waits for that row to be moved or deleted.
-    Waiting,
+    pub error: SideError,
 }
 
 /// What became of a batch: the writes the target rejected, and those
@@ -50,105 +29,35 @@ pub struct Done {
     pub waiting: Vec<usize>,
 }
 
-/// The bookkeeping of one record on the target.
-struct Version {
-    version: i64,
-    row_xmin: Option<String>,
-    present: bool,
-    /// The latest write decided (made or superseded); `None` in rows
-    /// written before the column was added.
-    decided: Option<i64>,
-}
-
-/// The target row of one write: its version and whether it has the expected values.
-struct RowState {
-    xmin: String,
-    same: bool,
-}
-
-impl Writer {
-    pub async fn connect(
-        config: &Arc<Config>,
-        side: SideId,
-        shard: Shard,
-    ) -> Result<Writer, pg::ConnectError> {
-        let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
-        // One session holds an origin at a time: each instance has its own.
-        let origins = config.origin_names(side);
-        let origin = if shard.count > 1 {
-            origins[1 + shard.index as usize].clone()
-        } else {
-            origins[0].clone()
-        };
-        pg::ensure_origin(&client, &origin).await?;
-        client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await?;
-        client.batch_execute(sql::VERSIONS_DDL).await?;
-        // The statements are prepared once, while the bookkeeping table may
-        // still be small; a plan per execution keeps its key lookups on the
-        // primary key as it grows (a cached generic plan scanned it whole).
-        client
-            .batch_execute("SET plan_cache_mode = force_custom_plan")
-            .await?;
-        Ok(Writer {
-            client,
-            statements: HashMap::new(),
-        })
-    }
-
-    async fn prepared(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(&sql) {
-            return Ok(s.clone());
-        }
-        let s = self.client.prepare(&sql).await?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
+impl<T: Target> Writer<T> {
+    pub fn new(target: T) -> Writer<T> {
+        Writer { target }
     }
 
     /// Writes the writes in one transaction; if the target rejects one,
     /// writes them one transaction each so that only the rejected ones fail.
     /// `Err` only for failures worth retrying the whole batch.
-    pub async fn write(
-        &mut self,
-        writes: &[(usize, ApplyWrite)],
-    ) -> Result<Done, tokio_postgres::Error> {
-        let all_at_once = async {
-            self.client.batch_execute("BEGIN").await?;
-            let mut outcomes = Vec::with_capacity(writes.len());
-            for run in runs(writes) {
-                outcomes.extend(self.exec_run(&writes[run]).await?);
-            }
-            self.client.batch_execute("COMMIT").await?;
-            Ok::<_, tokio_postgres::Error>(outcomes)
-        }
-        .await;
+    pub async fn write(&mut self, writes: &[(usize, ApplyWrite)]) -> Result<Done, SideError> {
         let mut done = Done::default();
-        match all_at_once {
+        match self.transaction(writes).await {
             Ok(outcomes) => {
                 for ((index, w), o) in writes.iter().zip(outcomes) {
                     done.note(*index, w, o);
                 }
                 return Ok(done);
             }
-            Err(e) if pg::is_transient(&e) => return Err(e),
-            Err(_) => self.client.batch_execute("ROLLBACK").await?,
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(_) => self.target.rollback().await?,
         }
         for (index, w) in writes {
-            let one = async {
-                self.client.batch_execute("BEGIN").await?;
-                let o = self
-                    .exec_run(std::slice::from_ref(&(*index, w.clone())))
-                    .await?;
-                self.client.batch_execute("COMMIT").await?;
-                Ok::<_, tokio_postgres::Error>(o)
-            }
-            .await;
-            match one {
+            match self
+                .transaction(std::slice::from_ref(&(*index, w.clone())))
+                .await
+            {
                 Ok(o) => done.note(*index, w, o[0]),
-                Err(e) if pg::is_transient(&e) => return Err(e),
+                Err(e) if e.is_retryable() => return Err(e),
                 Err(error) => {
-                    self.client.batch_execute("ROLLBACK").await?;
+                    self.target.rollback().await?;
                     done.rejected.push(Rejected {
                         index: *index,
                         error,
@@ -159,81 +68,61 @@ impl Writer {
         Ok(done)
     }
 
-    /// Writes a run of writes of one shape (see [`runs`]) with one
-    /// statement for each step: the bookkeeping, the rows (locked), the
+    /// The writes in one transaction, a run at a time (see [`runs`]).
+    async fn transaction(
+        &mut self,
+        writes: &[(usize, ApplyWrite)],
+    ) -> Result<Vec<Outcome>, SideError> {
+        self.target.begin().await?;
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for run in runs(writes) {
+            let run: Vec<&ApplyWrite> = writes[run].iter().map(|(_, w)| w).collect();
+            outcomes.extend(self.exec_run(&run).await?);
+        }
+        self.target.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Writes a run of writes of one shape (see [`runs`]) with one call to
+    /// the target for each step: the bookkeeping, the rows (locked), the
     /// write, the new bookkeeping and the reports. Each record occurs once,
     /// so the steps of different writes do not see each other.
-    async fn exec_run(
-        &mut self,
-        run: &[(usize, ApplyWrite)],
-    ) -> Result<Vec<Outcome>, tokio_postgres::Error> {
-        let Some((_, first)) = run.first() else {
+    async fn exec_run(&mut self, run: &[&ApplyWrite]) -> Result<Vec<Outcome>, SideError> {
+        let Some(first) = run.first() else {
             return Ok(Vec::new());
         };
         if !first.moved.is_empty() {
             return Ok(vec![self.exec_key_change(first).await?]);
         }
-        let keys: Vec<String> = run.iter().map(|(_, w)| w.kafka_key()).collect();
-        let versions = self.versions(&first.map, &keys).await?;
-        let rows = self.rows(run).await?;
+        let keys: Vec<String> = run.iter().map(|w| w.kafka_key()).collect();
+        let versions = self.target.versions(&first.map, &keys).await?;
+        let rows = self.target.rows(run).await?;
         let outcomes: Vec<Outcome> = run
             .iter()
             .zip(&keys)
             .zip(&rows)
-            .map(|(((_, w), k), row)| decide(w, versions.get(k), row.as_ref()))
+            .map(|((w, k), row)| decide(w, versions.get(k), row.as_ref()))
             .collect();
-        let made: Vec<usize> = (0..run.len())
-            .filter(|&i| outcomes[i] == Outcome::Written)
-            .collect();
-        if !made.is_empty() {
-            let stmt = self.prepared(sql::statement_many(first)).await?;
-            let param = sql::parameter_many(made.iter().map(|&i| &run[i].1));
-            self.client.execute(&stmt, &[&param]).await?;
-        }
-        // Every write made or superseded is reported (a redelivery is not).
-        let acks: Vec<String> = run
+        let made: Vec<&ApplyWrite> = run
             .iter()
             .zip(&outcomes)
-            .filter(|(_, o)| **o != Outcome::Stale)
-            .map(|((_, w), o)| sql::ack(w, *o == Outcome::Written))
+            .filter(|(_, o)| **o == Outcome::Written)
+            .map(|(w, _)| *w)
             .collect();
-        let decided: Vec<(&ApplyWrite, Outcome)> = run
-            .iter()
-            .map(|(_, w)| w)
-            .zip(outcomes.iter().copied())
-            .collect();
-        self.record_and_report(&first.map, &decided, &acks).await?;
-        Ok(outcomes)
-    }
-
-    /// Records the writes decided in the bookkeeping and emits the reports.
-    async fn record_and_report(
-        &mut self,
-        map: &str,
-        decided: &[(&ApplyWrite, Outcome)],
-        acks: &[String],
-    ) -> Result<(), tokio_postgres::Error> {
-        if acks.is_empty() {
-            return Ok(());
+        if !made.is_empty() {
+            self.target.write(&made).await?;
         }
-        let of = |o: Outcome| {
-            decided
-                .iter()
-                .filter(move |(_, x)| *x == o)
-                .map(|(w, _)| *w)
-        };
-        let ks: Vec<String> = of(Outcome::Written).map(|w| w.kafka_key()).collect();
-        let vs: Vec<i64> = of(Outcome::Written).map(|w| w.version).collect();
-        let ps: Vec<bool> = of(Outcome::Written)
-            .map(|w| w.op == WriteOp::Upsert)
+        let decided: Vec<Decided<'_>> = run
+            .iter()
+            .zip(&outcomes)
+            .map(|(w, o)| Decided {
+                write: w,
+                outcome: *o,
+                moved_to: None,
+            })
             .collect();
-        let sk: Vec<String> = of(Outcome::Superseded).map(|w| w.kafka_key()).collect();
-        let sv: Vec<i64> = of(Outcome::Superseded).map(|w| w.version).collect();
-        let stmt = self.prepared(sql::RECORD_AND_REPORT.to_owned()).await?;
-        self.client
-            .query_one(&stmt, &[&map, &ks, &vs, &ps, &sk, &sv, &acks])
-            .await?;
-        Ok(())
+        self.target.record_and_report(&first.map, &decided).await?;
+        Ok(outcomes)
     }
 
     /// A half of a key change made on the other side (see `ApplyWrite::moved`):
@@ -242,96 +131,36 @@ impl Writer {
     /// upsert of the new key waits while the old key's row is there, so
     /// that it neither creates a second row nor clashes with it on another
     /// unique constraint. Otherwise each is written as usual.
-    async fn exec_key_change(&mut self, w: &ApplyWrite) -> Result<Outcome, tokio_postgres::Error> {
-        let one = [(0, w.clone())];
+    async fn exec_key_change(&mut self, w: &ApplyWrite) -> Result<Outcome, SideError> {
         let key = w.kafka_key();
-        let versions = self.versions(&w.map, std::slice::from_ref(&key)).await?;
-        let row = self.rows(&one).await?.pop().flatten();
+        let versions = self
+            .target
+            .versions(&w.map, std::slice::from_ref(&key))
+            .await?;
+        let row = self.target.rows(&[w]).await?.pop().flatten();
         let outcome = decide(w, versions.get(&key), row.as_ref());
-        let (own, other) = sql::key_parameters(w);
+        let made = outcome == Outcome::Written;
+        if made
+            && w.op == WriteOp::Upsert
+            && row.is_none()
+            && self.target.other_key_taken(w).await?
+        {
+            return Ok(Outcome::Waiting);
+        }
         let mut moved_to = None;
-        match (outcome, w.op) {
-            (Outcome::Written, WriteOp::Upsert) if row.is_none() => {
-                let stmt = self.prepared(sql::key_exists(w)).await?;
-                if self
-                    .client
-                    .query_one(&stmt, &[&other])
-                    .await?
-                    .get::<_, bool>(0)
-                {
-                    return Ok(Outcome::Waiting);
-                }
-            }
-            (Outcome::Written, WriteOp::Delete) => {
-                let stmt = self.prepared(sql::move_row(w)).await?;
-                let r = self.client.query_opt(&stmt, &[&own, &other]).await?;
-                moved_to = r.map(|r| r.get::<_, String>(0));
-            }
-            _ => {}
+        if made && w.op == WriteOp::Delete {
+            moved_to = self.target.move_row(w).await?;
         }
         if outcome == Outcome::Written && moved_to.is_none() {
-            let stmt = self.prepared(sql::statement_many(w)).await?;
-            let param = sql::parameter_many(std::iter::once(w));
-            self.client.execute(&stmt, &[&param]).await?;
+            self.target.write(&[w]).await?;
         }
-        let acks: Vec<String> = match (outcome, &moved_to) {
-            (Outcome::Stale, _) => Vec::new(),
-            (_, Some(row)) => vec![sql::ack_moved(w, row)],
-            (o, None) => vec![sql::ack(w, o == Outcome::Written)],
+        let decided = Decided {
+            write: w,
+            outcome,
+            moved_to: moved_to.as_deref(),
         };
-        self.record_and_report(&w.map, &[(w, outcome)], &acks)
-            .await?;
+        self.target.record_and_report(&w.map, &[decided]).await?;
         Ok(outcome)
-    }
-
-    /// The bookkeeping of the records, locked, by record key.
-    async fn versions(
-        &mut self,
-        map: &str,
-        keys: &[String],
-    ) -> Result<HashMap<String, Version>, tokio_postgres::Error> {
-        let stmt = self.prepared(sql::VERSIONS.to_owned()).await?;
-        let rows = self.client.query(&stmt, &[&map, &keys]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    Version {
-                        version: r.get(1),
-                        row_xmin: r.get(2),
-                        present: r.get(3),
-                        decided: r.get(4),
-                    },
-                )
-            })
-            .collect())
-    }
-
-    /// Each write's target row, locked (`None`: the record is absent).
-    async fn rows(
-        &mut self,
-        run: &[(usize, ApplyWrite)],
-    ) -> Result<Vec<Option<RowState>>, tokio_postgres::Error> {
-        let first = &run[0].1;
-        let compare = run
-            .iter()
-            .find(|(_, w)| w.expect.kind == ExpectKind::Row)
-            .map(|(_, w)| sql::names(&w.expect.values))
-            .unwrap_or_default();
-        let stmt = self.prepared(sql::rows_check(first, &compare)).await?;
-        let param = sql::json_array(run.iter().map(|(_, w)| sql::row_parameter(w)));
-        let mut out: Vec<Option<RowState>> = (0..run.len()).map(|_| None).collect();
-        for r in self.client.query(&stmt, &[&param]).await? {
-            let at = usize::try_from(r.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
-            if let Some(slot) = out.get_mut(at) {
-                *slot = Some(RowState {
-                    xmin: r.get(1),
-                    same: r.get::<_, Option<bool>>(2).unwrap_or(false),
-                });
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -353,7 +182,7 @@ fn decide(w: &ApplyWrite, version: Option<&Version>, row: Option<&RowState>) -> 
         ExpectKind::Applied => version.is_some_and(|v| {
             v.version == w.expect.version
                 && v.present == row.is_some()
-                && row.is_none_or(|r| v.row_xmin.as_deref() == Some(r.xmin.as_str()))
+                && row.is_none_or(|r| v.row_version.as_deref() == Some(r.row_version.as_str()))
         }),
         ExpectKind::Row => match row {
             Some(r) => w.expect.present && r.same,
@@ -367,7 +196,7 @@ fn decide(w: &ApplyWrite, version: Option<&Version>, row: Option<&RowState>) -> 
     }
 }
 
-/// Splits writes into runs that [`Writer::exec_run`] writes set-based:
+/// Splits writes into runs that `Writer::exec_run` writes set-based:
 /// consecutive writes of the same map, target table, operation, field
 /// names and expected columns, in which no record occurs twice. Runs keep
 /// the writes' order, so a parent written before its child in the batch is
@@ -500,12 +329,12 @@ mod tests {
         let (_, mut x) = w("a", WriteOp::Upsert, "1", ExpectKind::Applied);
         let bk = |version, xmin: &str, present| Version {
             version,
-            row_xmin: Some(xmin.to_owned()),
+            row_version: Some(xmin.to_owned()),
             present,
             decided: Some(version),
         };
         let row = |xmin: &str, same| RowState {
-            xmin: xmin.to_owned(),
+            row_version: xmin.to_owned(),
             same,
         };
         // Redelivered: the target has this version already.

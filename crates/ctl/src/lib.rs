@@ -76,7 +76,7 @@ pub async fn check_schema(
 ) -> Result<usize, CtlError> {
     let mut problems = 0;
     for map in maps {
-        let found = dualwrite_runtime::pg::schema_problems(config, map)
+        let found = dualwrite_side_postgres::pg::schema_problems(config, map)
             .await
             .map_err(|(_, msg)| CtlError::Usage(msg))?;
         if found.is_empty() {

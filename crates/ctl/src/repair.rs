@@ -21,7 +21,7 @@ use dualwrite_model::record::{
 };
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::{self as kafka_rt, Outgoing};
-use dualwrite_runtime::pg;
+use dualwrite_side_postgres::pg;
 use serde::Serialize;
 use tokio_postgres::Client;
 

@@ -28,7 +28,7 @@ use std::io::Write;
 
 use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::record::{ErrorRecord, Field};
-use dualwrite_runtime::pg;
+use dualwrite_side_postgres::pg;
 use postgres_protocol::escape::escape_identifier;
 
 /// A row to touch.

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use dualwrite_model::config::{Config, Direction, MapConfig, SideId};
 use dualwrite_model::filter;
 use dualwrite_model::record::Field;
-use dualwrite_runtime::pg;
+use dualwrite_side_postgres::pg;
 use postgres_protocol::escape::escape_identifier;
 use serde::Serialize;
 
@@ -119,7 +119,7 @@ async fn read_side(config: &Config, map: &MapConfig, side: SideId) -> Result<Row
     }
     let sql = format!(
         "SELECT {} FROM (SELECT {} FROM {}.{}) AS t",
-        dualwrite_runtime::pg::ROW_AS_TEXT_JSON,
+        dualwrite_side_postgres::pg::ROW_AS_TEXT_JSON,
         cols.join(", "),
         escape_identifier(&schema),
         escape_identifier(&table)

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use dualwrite_model::config::{Direction, MapConfig, SideId};
 use dualwrite_model::filter;
 use dualwrite_model::record::Field;
-use dualwrite_runtime::pg::{table_ident, ROW_AS_TEXT_JSON};
+use dualwrite_side_postgres::pg::{table_ident, ROW_AS_TEXT_JSON};
 use postgres_protocol::escape::escape_identifier;
 use serde::Serialize;
 use tokio_postgres::Client;

@@ -35,7 +35,7 @@ use dualwrite_model::lifecycle::InitialSync;
 use dualwrite_model::record::{ApplyOp, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::{self, rdkafka::Message};
-use dualwrite_runtime::pg;
+use dualwrite_side_postgres::pg;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 

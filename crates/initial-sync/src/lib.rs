@@ -67,7 +67,7 @@ use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::kafka::{self, Outgoing, Producer};
 use dualwrite_runtime::metrics::metrics;
-use dualwrite_runtime::pg;
+use dualwrite_side_postgres::pg;
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;

@@ -648,7 +648,7 @@ async fn gather(config: &Arc<Config>, ctl: &Controller, cmd: &ControlCommand) ->
     let mut inputs = Inputs::default();
     for m in needs.schema {
         let Some(mc) = config.map(&m) else { continue };
-        let found = dualwrite_runtime::pg::schema_problems(config, mc)
+        let found = dualwrite_side_postgres::pg::schema_problems(config, mc)
             .await
             .map(|ps| ps.iter().map(|p| p.to_string()).collect())
             .map_err(|(_, e)| e);

@@ -1,15 +1,15 @@
 //! Shared runtime pieces of the dualwrite services: Kafka clients with one
-//! shared context, topic setup, the errors topic, PostgreSQL connections,
-//! shutdown and logging.
+//! shared context, topic setup, the errors topic, the seam to the sides'
+//! databases ([`side`]), shutdown and logging.
 
 pub mod backoff;
 pub mod errors;
 pub mod health;
 pub mod kafka;
 pub mod metrics;
-pub mod pg;
 pub mod relay;
 pub mod shutdown;
+pub mod side;
 pub mod telemetry;
 
 /// Microseconds since the Unix epoch, now.

@@ -27,10 +27,13 @@
 //! key becomes a delete of the old key and an insert of the new one.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use dualwrite_model::config::ReadColumns;
 use dualwrite_model::record::{field, Applied, ChangeOp, ChangeRecord, Field};
 use serde::Deserialize;
+
+pub use dualwrite_runtime::side::{BadRow, Captured, Decoded};
 use serde_json::value::RawValue;
 
 /// One output row of the slot.
@@ -129,32 +132,6 @@ impl Context {
     }
 }
 
-/// A decoded change with the key used on the capture topic.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Captured {
-    pub record: ChangeRecord,
-    /// `[entity, primary key values…]` as JSON.
-    pub kafka_key: String,
-}
-
-/// A row that could not be decoded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BadRow {
-    pub lsn: u64,
-    pub message: String,
-    pub data: String,
-}
-
-/// What rows decoded to.
-#[derive(Debug, Default)]
-pub struct Decoded {
-    pub changes: Vec<Captured>,
-    pub bad: Vec<BadRow>,
-    /// End LSN of the last complete transaction: where the slot may advance
-    /// to once every record before it was published.
-    pub last_commit: Option<u64>,
-}
-
 struct Pending {
     op: ChangeOp,
     entity: String,
@@ -168,7 +145,7 @@ struct Pending {
 
 /// Decodes rows into change records for the side (see [`Decoder`]).
 pub fn decode(ctx: &Context, rows: &[SlotRow]) -> Decoded {
-    let mut decoder = Decoder::new(ctx);
+    let mut decoder = Decoder::new(Arc::new(ctx.clone()));
     let mut out = Decoded::default();
     for row in rows {
         decoder.push(row, &mut out);
@@ -180,8 +157,8 @@ pub fn decode(ctx: &Context, rows: &[SlotRow]) -> Decoded {
 /// given out as its row is read, stamped with the commit position and time
 /// of the transaction's `B` row; a `B` row without them (a wal2json without
 /// `nextlsn`) holds its transaction's changes back until the `C` row.
-pub struct Decoder<'c> {
-    ctx: &'c Context,
+pub struct Decoder {
+    ctx: Arc<Context>,
     txn: Txn,
 }
 
@@ -199,8 +176,8 @@ struct Txn {
     held: Vec<Pending>,
 }
 
-impl<'c> Decoder<'c> {
-    pub fn new(ctx: &'c Context) -> Decoder<'c> {
+impl Decoder {
+    pub fn new(ctx: Arc<Context>) -> Decoder {
         Decoder {
             ctx,
             txn: Txn::default(),
@@ -222,7 +199,7 @@ impl<'c> Decoder<'c> {
             "B" => self.begin(&msg),
             "C" => self.commit(row, &msg, out),
             "M" if applier && msg.prefix == Some(ACK_PREFIX) => {
-                match ack_records(self.ctx, msg.content.as_deref().unwrap_or_default()) {
+                match ack_records(&self.ctx, msg.content.as_deref().unwrap_or_default()) {
                     Ok(ps) => ps.into_iter().for_each(|p| self.give(p, out)),
                     Err(e) => out.bad.push(bad(row, format!("applier report: {e}"))),
                 }
@@ -276,11 +253,11 @@ impl<'c> Decoder<'c> {
             self.txn.held.push(p);
             return;
         };
-        for mut p in split(self.ctx, p) {
+        for mut p in split(&self.ctx, p) {
             if let Some(cols) = self.ctx.columns.get(&p.entity) {
                 project(cols, &mut p);
             }
-            let kafka_key = kafka_key(self.ctx, &p);
+            let kafka_key = kafka_key(&self.ctx, &p);
             out.changes.push(Captured {
                 record: ChangeRecord {
                     side: self.ctx.side.clone(),
@@ -728,7 +705,7 @@ mod tests {
     fn changes_come_out_as_their_rows_are_read_at_their_commit_position() {
         let rows = streamed();
         let ctx = ctx();
-        let mut decoder = Decoder::new(&ctx);
+        let mut decoder = Decoder::new(Arc::new(ctx.clone()));
         let mut out = Decoded::default();
         decoder.push(&rows[0], &mut out);
         decoder.push(&rows[1], &mut out);
@@ -765,7 +742,7 @@ mod tests {
         let mut without = streamed();
         without[0].data = without[0].data.replace(r#","nextlsn":"0/A0""#, "");
         let ctx = ctx();
-        let mut decoder = Decoder::new(&ctx);
+        let mut decoder = Decoder::new(Arc::new(ctx.clone()));
         let mut out = Decoded::default();
         for r in &without[..3] {
             decoder.push(r, &mut out);

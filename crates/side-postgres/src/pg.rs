@@ -1,6 +1,7 @@
-//! PostgreSQL connections of a side.
+//! PostgreSQL connections of a side, and what its errors mean.
 
 use dualwrite_model::config::PgConnection;
+use dualwrite_runtime::side::{Class, SideError};
 use openssl::error::ErrorStack;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
@@ -32,6 +33,49 @@ impl ConnectError {
             ConnectError::Pg(e) => is_transient(e) || e.code().is_some_and(|c| c.code() == "55000"),
         }
     }
+}
+
+impl From<ConnectError> for SideError {
+    /// A connection that may come later is retried; one refused for its
+    /// settings (credentials, database, TLS) is fatal.
+    fn from(e: ConnectError) -> SideError {
+        let class = if e.is_transient() {
+            Class::RetryLater
+        } else {
+            Class::Fatal
+        };
+        SideError::new(class, format!("cannot connect: {e}"))
+    }
+}
+
+/// A PostgreSQL error in the services' classification: a clash of the
+/// moment (serialization failure, deadlock, lock not available) is
+/// retried at once, the rest of [`is_transient`] after a backoff, and any
+/// other error is the data's (recorded; at setup, the caller makes it
+/// fatal). Its message with and without the row's values, and whether a
+/// foreign key found no parent (SQLSTATE 23503).
+pub fn side_error(e: &tokio_postgres::Error) -> SideError {
+    let code = e.code().map(|c| c.code());
+    let class = match code {
+        _ if !is_transient(e) => Class::Record,
+        Some("40001" | "40P01" | "55P03") => Class::RetryNow,
+        _ => Class::RetryLater,
+    };
+    SideError {
+        class,
+        message: describe(e),
+        redacted: describe_redacted(e),
+        missing_parent: code == Some("23503"),
+    }
+}
+
+/// A failure while preparing: fatal unless it may pass when tried again.
+pub fn setup_error(e: &tokio_postgres::Error) -> SideError {
+    let mut s = side_error(e);
+    if s.class == Class::Record {
+        s.class = Class::Fatal;
+    }
+    s
 }
 
 /// Connects to a side's database. The connection runs on its own task; the

@@ -1,17 +1,17 @@
 //! SQL of the applier: the compare-and-set check, the write (an upsert or a
 //! delete by alternate key) and the bookkeeping, each one statement over a
-//! run of writes of one shape (see `runs`).
+//! run of writes of one shape (see `Target`).
 //!
 //! Values travel as JSON objects of PostgreSQL text values, turned into
 //! rows of the target table by `json_populate_record(set)`, so each value
 //! goes through the column type's own input function, and comparisons are
 //! made in the column types (`1.50` equals `1.5` in a numeric column).
 
+use crate::pg::fields_json as json_object;
 use dualwrite_model::record::{ApplyWrite, Field, WriteOp};
-use dualwrite_runtime::pg::fields_json as json_object;
 use postgres_protocol::escape::escape_identifier;
 
-pub use dualwrite_runtime::pg::table_ident;
+pub use crate::pg::table_ident;
 
 /// Bookkeeping on each target, per map and record: the version of the
 /// applier's last write, the row version (`xmin`) it left and whether the
@@ -38,6 +38,17 @@ CREATE TABLE IF NOT EXISTS dualwrite.record_versions (
     PRIMARY KEY (map, record_key)
 );
 ALTER TABLE dualwrite.record_versions ADD COLUMN IF NOT EXISTS decided bigint";
+
+/// Rows removed per statement (short transactions, short locks).
+pub const PRUNE_BATCH: i64 = 10_000;
+
+/// Removes up to `$2` rows of records deleted more than `$1` seconds ago.
+pub const PRUNE: &str = "DELETE FROM dualwrite.record_versions r USING (
+  SELECT map, record_key FROM dualwrite.record_versions
+   WHERE NOT present AND applied_at < now() - make_interval(secs => $1)
+   LIMIT $2) old
+ WHERE r.map = old.map AND r.record_key = old.record_key
+   AND NOT r.present AND r.applied_at < now() - make_interval(secs => $1)";
 
 /// The bookkeeping of records of one map (`$1`), keys `$2`, locked.
 pub const VERSIONS: &str =
@@ -67,7 +78,7 @@ ON CONFLICT (map, record_key) DO UPDATE SET decided = EXCLUDED.decided
 RETURNING 1)
 SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($7::text[]) AS a";
 
-/// The report of one write (see `dualwrite_capture::wal2json::Ack`):
+/// The report of one write (see [`crate::wal2json::Ack`]):
 /// made, or not (superseded: the target was not in the expected state).
 pub fn ack(w: &ApplyWrite, written: bool) -> String {
     ack_value(w, written).to_string()

@@ -1,0 +1,20 @@
+//! A PostgreSQL side: everything dualwrite says to a PostgreSQL database.
+//!
+//! - [`pg`]: connections (TLS as libpq's `sslmode`), the classification of
+//!   PostgreSQL's errors into the services' [`Class`]es, replication
+//!   origins, table descriptions for the schema check;
+//! - [`source`]: the change source, a wal2json logical replication slot
+//!   ([`wal2json`] decodes it);
+//! - [`target`]: the applier's compare-and-set writes, bookkeeping and
+//!   reports ([`target_sql`] holds the statements).
+//!
+//! [`Class`]: dualwrite_runtime::side::Class
+
+pub mod pg;
+pub mod source;
+pub mod target;
+pub mod target_sql;
+pub mod wal2json;
+
+pub use source::PgSource;
+pub use target::PgTarget;

@@ -1,0 +1,218 @@
+//! The applier's writes to a PostgreSQL side: each step of the
+//! compare-and-set is one statement over a run of writes of one shape
+//! ([`target_sql`]), prepared once per connection; the reports are
+//! transactional logical messages, which the side's source passes on.
+
+use std::collections::HashMap;
+
+use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::record::{ApplyWrite, ExpectKind, WriteOp};
+use dualwrite_runtime::kafka::Shard;
+use dualwrite_runtime::side::{Decided, Outcome, RowState, SideError, Target, Version};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+use crate::pg::{self, setup_error, side_error};
+use crate::target_sql as sql;
+
+/// A connection to the target with its prepared statements.
+pub struct PgTarget {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+fn failed(e: tokio_postgres::Error) -> SideError {
+    side_error(&e)
+}
+
+impl PgTarget {
+    async fn prepared(&mut self, sql: String) -> Result<Statement, SideError> {
+        if let Some(s) = self.statements.get(&sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(&sql).await.map_err(failed)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn simple(&mut self, sql: &str) -> Result<(), SideError> {
+        self.client.batch_execute(sql).await.map_err(failed)
+    }
+
+    async fn query(
+        &mut self,
+        sql: String,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, SideError> {
+        let stmt = self.prepared(sql).await?;
+        self.client.query(&stmt, params).await.map_err(failed)
+    }
+}
+
+impl Target for PgTarget {
+    async fn connect(config: &Config, side: SideId, shard: Shard) -> Result<PgTarget, SideError> {
+        let client = pg::connect(&config.side(side).connection, "dualwrite-apply").await?;
+        // One session holds an origin at a time: each instance has its own.
+        let origins = config.origin_names(side);
+        let origin = if shard.count > 1 {
+            origins[1 + shard.index as usize].clone()
+        } else {
+            origins[0].clone()
+        };
+        let setup = |e: tokio_postgres::Error| setup_error(&e);
+        pg::ensure_origin(&client, &origin).await.map_err(setup)?;
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(setup)?;
+        client
+            .batch_execute(sql::VERSIONS_DDL)
+            .await
+            .map_err(setup)?;
+        // The statements are prepared once, while the bookkeeping table may
+        // still be small; a plan per execution keeps its key lookups on the
+        // primary key as it grows (a cached generic plan scanned it whole).
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .await
+            .map_err(setup)?;
+        Ok(PgTarget {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    async fn begin(&mut self) -> Result<(), SideError> {
+        self.simple("BEGIN").await
+    }
+
+    async fn commit(&mut self) -> Result<(), SideError> {
+        self.simple("COMMIT").await
+    }
+
+    async fn rollback(&mut self) -> Result<(), SideError> {
+        self.simple("ROLLBACK").await
+    }
+
+    async fn versions(
+        &mut self,
+        map: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, Version>, SideError> {
+        let rows = self.query(sql::VERSIONS.to_owned(), &[&map, &keys]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let v = Version {
+                    version: r.get(1),
+                    row_version: r.get(2),
+                    present: r.get(3),
+                    decided: r.get(4),
+                };
+                (r.get::<_, String>(0), v)
+            })
+            .collect())
+    }
+
+    async fn rows(&mut self, writes: &[&ApplyWrite]) -> Result<Vec<Option<RowState>>, SideError> {
+        let compare = writes
+            .iter()
+            .find(|w| w.expect.kind == ExpectKind::Row)
+            .map(|w| sql::names(&w.expect.values))
+            .unwrap_or_default();
+        let param = sql::json_array(writes.iter().map(|w| sql::row_parameter(w)));
+        let rows = self
+            .query(sql::rows_check(writes[0], &compare), &[&param])
+            .await?;
+        let mut out: Vec<Option<RowState>> = vec![None; writes.len()];
+        for r in rows {
+            let at = usize::try_from(r.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
+            if let Some(slot) = out.get_mut(at) {
+                *slot = Some(RowState {
+                    row_version: r.get(1),
+                    same: r.get::<_, Option<bool>>(2).unwrap_or(false),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&mut self, writes: &[&ApplyWrite]) -> Result<(), SideError> {
+        let Some(first) = writes.first() else {
+            return Ok(());
+        };
+        let stmt = self.prepared(sql::statement_many(first)).await?;
+        let param = sql::parameter_many(writes.iter().copied());
+        self.client
+            .execute(&stmt, &[&param])
+            .await
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    async fn other_key_taken(&mut self, w: &ApplyWrite) -> Result<bool, SideError> {
+        let (_, other) = sql::key_parameters(w);
+        let rows = self.query(sql::key_exists(w), &[&other]).await?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    async fn move_row(&mut self, w: &ApplyWrite) -> Result<Option<String>, SideError> {
+        let (own, other) = sql::key_parameters(w);
+        let rows = self.query(sql::move_row(w), &[&own, &other]).await?;
+        Ok(rows.first().map(|r| r.get::<_, String>(0)))
+    }
+
+    async fn record_and_report(
+        &mut self,
+        map: &str,
+        decided: &[Decided<'_>],
+    ) -> Result<(), SideError> {
+        // Every write made or superseded is reported (a redelivery is not).
+        let acks: Vec<String> = decided
+            .iter()
+            .filter(|d| d.outcome != Outcome::Stale)
+            .map(|d| match d.moved_to {
+                Some(row) => sql::ack_moved(d.write, row),
+                None => sql::ack(d.write, d.outcome == Outcome::Written),
+            })
+            .collect();
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let of = |o: Outcome| {
+            decided
+                .iter()
+                .filter(move |d| d.outcome == o)
+                .map(|d| d.write)
+        };
+        let ks: Vec<String> = of(Outcome::Written).map(|w| w.kafka_key()).collect();
+        let vs: Vec<i64> = of(Outcome::Written).map(|w| w.version).collect();
+        let ps: Vec<bool> = of(Outcome::Written)
+            .map(|w| w.op == WriteOp::Upsert)
+            .collect();
+        let sk: Vec<String> = of(Outcome::Superseded).map(|w| w.kafka_key()).collect();
+        let sv: Vec<i64> = of(Outcome::Superseded).map(|w| w.version).collect();
+        self.query(
+            sql::RECORD_AND_REPORT.to_owned(),
+            &[&map, &ks, &vs, &ps, &sk, &sv, &acks],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn prune(config: &Config, side: SideId, retention_secs: u64) -> Result<u64, SideError> {
+        let client = pg::connect(&config.side(side).connection, "dualwrite-apply-prune").await?;
+        let secs = retention_secs as f64;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(sql::PRUNE, &[&secs, &sql::PRUNE_BATCH])
+                .await
+                .map_err(failed)?;
+            total += n;
+            if n < sql::PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
