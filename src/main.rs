@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dualwrite_initial_sync::Copier;
 use dualwrite_model::config::{Config, SideId, SideKind};
 use dualwrite_runtime::kafka::{self, Shard, TopicSpec};
-use dualwrite_side_postgres::{PgSource, PgTarget};
+use dualwrite_side_postgres::{PgCopy, PgSource, PgTarget};
 
 /// The services allocate many small, short-lived values per record (Avro
 /// values, fields, keys); mimalloc serves them with less CPU than the
@@ -186,7 +187,9 @@ async fn run(
             capture(config, s, shutdown).await?;
         }
         Command::Router => dualwrite_router::run(config, shard, shutdown).await?,
-        Command::PauseBuffer => dualwrite_pause_buffer::run(config, shutdown).await?,
+        Command::PauseBuffer => {
+            dualwrite_pause_buffer::run(config.clone(), copier(&config), shutdown).await?
+        }
         Command::Apply { side: s } => {
             let s = side(&config, &s)?;
             apply(config, s, shard, shutdown).await?;
@@ -236,6 +239,13 @@ async fn apply(
     Ok(())
 }
 
+/// The initial write and schema check for the sides' kinds of database.
+fn copier(config: &Config) -> Copier {
+    match (config.sides.left.kind, config.sides.right.kind) {
+        (SideKind::Postgres, SideKind::Postgres) => Copier::of::<PgCopy>(),
+    }
+}
+
 fn all_topics(config: &Config) -> Vec<TopicSpec> {
     let mut v = dualwrite_router::topics(config);
     v.extend(dualwrite_pause_buffer::topics(config));
@@ -267,7 +277,9 @@ async fn run_all(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
     tasks.spawn(async move {
         (
             "pause-buffer",
-            dualwrite_pause_buffer::run(c, t).await.map_err(Into::into),
+            dualwrite_pause_buffer::run(c.clone(), copier(&c), t)
+                .await
+                .map_err(Into::into),
         )
     });
     tracing::info!("all services running");

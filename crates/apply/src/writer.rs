@@ -271,6 +271,9 @@ fn record(w: &ApplyWrite, outcome: Outcome) {
 }
 
 #[cfg(test)]
+mod in_memory;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use dualwrite_model::record::Expectation;

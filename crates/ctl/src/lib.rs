@@ -6,6 +6,8 @@ pub mod repair;
 pub mod touch;
 pub mod verify;
 
+use dualwrite_runtime::side::schema_problems;
+use dualwrite_side_postgres::PgCopy;
 use std::io::Write;
 use std::time::Duration;
 
@@ -76,9 +78,9 @@ pub async fn check_schema(
 ) -> Result<usize, CtlError> {
     let mut problems = 0;
     for map in maps {
-        let found = dualwrite_side_postgres::pg::schema_problems(config, map)
+        let found = schema_problems::<PgCopy>(config, map)
             .await
-            .map_err(|(_, msg)| CtlError::Usage(msg))?;
+            .map_err(|e| CtlError::Usage(e.message))?;
         if found.is_empty() {
             writeln!(out, "map {}: fits both tables", map.name)?;
         }

@@ -10,9 +10,11 @@
 //! it writes, the copy finds every such change and leaves its record to
 //! live sync, which forwards the change after the copy like any other:
 //!
-//! 1. On each side, a transactional logical message committed after the
-//!    snapshot; once the capturer's slot has passed it, every transaction
-//!    the snapshot sees is on the capture topic.
+//! 1. On each side, the side's change source has passed every commit made
+//!    before it is asked (`CopySide::wait_captured`; PostgreSQL: a
+//!    transactional logical message committed after the snapshot, passed
+//!    by the capturer's slot): every transaction the snapshot sees is on
+//!    the capture topic.
 //! 2. Once the router's committed offsets reach the capture topics' end
 //!    offsets (taken after 1), all of it is on the map topic.
 //! 3. The map topic from the gate's position (it holds the map while it
@@ -27,7 +29,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
@@ -35,21 +36,17 @@ use dualwrite_model::lifecycle::InitialSync;
 use dualwrite_model::record::{ApplyOp, MappedChange};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::{self, rdkafka::Message};
-use dualwrite_side_postgres::pg;
-use tokio_postgres::Client;
+use dualwrite_runtime::side::CopySide;
 use tokio_util::sync::CancellationToken;
 
 use crate::Failure;
-
-/// How often the slots' positions are read while waiting.
-const POLL: Duration = Duration::from_millis(200);
 
 /// A record's alternate key values, in key order.
 pub(crate) type Key = Vec<String>;
 
 /// The keys of the changes the snapshots of `p` see that the gate (at
 /// `position` on the map topic) has not forwarded. `None`: cancelled.
-pub(crate) async fn keys(
+pub(crate) async fn keys<C: CopySide>(
     config: &Arc<Config>,
     map: &str,
     p: &InitialSync,
@@ -57,7 +54,7 @@ pub(crate) async fn keys(
     cancel: &CancellationToken,
 ) -> Result<Option<HashSet<Key>>, Failure> {
     for side in [SideId::Left, SideId::Right] {
-        if !captured(config, side, cancel).await? {
+        if !C::wait_captured(config, side, cancel).await? {
             return Ok(None);
         }
     }
@@ -95,60 +92,4 @@ fn seen(p: &InitialSync, left: &str, payload: &[u8]) -> Option<Key> {
     let is_left = mc.source_side == left;
     p.covers(&key, is_left, mc.source_lsn, mc.source_xid)
         .then(|| key.iter().map(|v| v.unwrap_or("").to_owned()).collect())
-}
-
-/// Waits until `side`'s capturer has published every transaction committed
-/// so far: it commits a logical message (which the capturer reads like any
-/// commit, and does not publish) and waits until the slot passed it.
-async fn captured(
-    config: &Config,
-    side: SideId,
-    cancel: &CancellationToken,
-) -> Result<bool, Failure> {
-    let s = config.side(side);
-    let client = pg::connect(&s.connection, "dualwrite-initial-sync")
-        .await
-        .map_err(|e| Failure::Transient(format!("side `{}`: cannot connect: {e}", s.name)))?;
-    let failed = |e: tokio_postgres::Error| {
-        crate::pg_failure(&format!("side `{}`: waiting for its capturer", s.name), &e)
-    };
-    let marker: String = client
-        .query_one(
-            "SELECT pg_logical_emit_message(true, 'dualwrite', 'heartbeat')::text",
-            &[],
-        )
-        .await
-        .map_err(failed)?
-        .get(0);
-    let slot = config.slot_name(side);
-    let mut logged = false;
-    loop {
-        if passed(&client, &slot, &marker).await.map_err(failed)? {
-            return Ok(true);
-        }
-        if !logged {
-            tracing::info!(side = %s.name, %slot, "initial sync: waiting for the capturer to pass the snapshot");
-            logged = true;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(POLL) => {}
-        }
-    }
-}
-
-/// Whether `slot` was advanced past `lsn`. A side without the slot passes:
-/// no capturer has read it yet, and the slot it creates starts after
-/// every transaction committed before, so none of them is ever captured.
-async fn passed(client: &Client, slot: &str, lsn: &str) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot, &lsn],
-        )
-        .await?;
-    Ok(match row {
-        None => true,
-        Some(r) => r.get::<_, Option<bool>>(0).unwrap_or(false),
-    })
 }

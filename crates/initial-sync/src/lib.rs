@@ -10,10 +10,11 @@
 //! 2. The copy waits until the appliers have written everything already
 //!    released to them (their committed offsets reach the apply topics' end
 //!    offsets), so no older write lands after the copy.
-//! 3. On each side it opens a `REPEATABLE READ` transaction and reads its
-//!    snapshot (`pg_current_snapshot()`) and the WAL insert position with
-//!    it: a transaction is part of the copy exactly when it is visible in
-//!    that snapshot. Both are recorded on the status topic.
+//! 3. On each side it opens a consistent snapshot through the side's
+//!    [`CopySide`] (PostgreSQL: a `REPEATABLE READ` transaction, its
+//!    `pg_current_snapshot()` and the WAL insert position read with it): a
+//!    transaction is part of the copy exactly when it is visible in that
+//!    snapshot. The snapshot is recorded on the status topic.
 //! 4. It finds the changes those snapshots see that the gate has not
 //!    forwarded (still in a capturer, the router or the map topic): their
 //!    records are left to live sync ([`in_flight`]), so the copy never
@@ -50,9 +51,8 @@
 
 mod in_flight;
 pub mod plan;
-pub mod sql;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,23 +61,21 @@ use dualwrite_model::authorise::{
 };
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, MapConfig, SideId};
-use dualwrite_model::lifecycle::{InitialSync, SideSnapshot, SnapshotSegment};
+use dualwrite_model::lifecycle::{InitialSync, SnapshotSegment};
 use dualwrite_model::record::{key_string, Field, InitialSyncError};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::kafka::{self, Outgoing, Producer};
 use dualwrite_runtime::metrics::metrics;
-use dualwrite_side_postgres::pg;
+use dualwrite_runtime::side::{CopyOutcome, CopySide, SideError, SnapshotRow};
+use futures::future::BoxFuture;
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::{plan_record, Write, WriteKind};
 
 /// Keys merged and written per chunk (one transaction per side).
 pub const CHUNK: usize = 500;
-/// Rows fetched from a cursor at a time.
-const FETCH: usize = 1000;
 /// Shortest interval between two progress reports.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -127,12 +125,53 @@ enum Failure {
     Fatal(String),
 }
 
-fn pg_failure(what: &str, e: &tokio_postgres::Error) -> Failure {
-    let msg = format!("{what}: {}", pg::describe(e));
-    if pg::is_transient(e) {
-        Failure::Transient(msg)
-    } else {
-        Failure::Fatal(msg)
+impl From<SideError> for Failure {
+    fn from(e: SideError) -> Failure {
+        if e.is_retryable() {
+            Failure::Transient(e.message)
+        } else {
+            Failure::Fatal(e.message)
+        }
+    }
+}
+
+/// The initial write and its schema check for the sides' kind of
+/// database, chosen where the services are put together (`dualwrite`),
+/// so that the pause buffer, which runs them, names none.
+#[derive(Clone, Copy)]
+pub struct Copier {
+    run: fn(Job, mpsc::Sender<Report>, CancellationToken) -> BoxFuture<'static, ()>,
+    schema: for<'a> fn(&'a Config, &'a MapConfig) -> BoxFuture<'a, SchemaCheck>,
+}
+
+pub use dualwrite_runtime::side::{schema_problems, SchemaCheck};
+
+impl Copier {
+    /// The copy through `C` on both sides.
+    pub fn of<C: CopySide>() -> Copier {
+        Copier {
+            run: |job, reports, cancel| Box::pin(run::<C>(job, reports, cancel)),
+            schema: |config, map| Box::pin(schema_problems::<C>(config, map)),
+        }
+    }
+
+    /// Runs the copy until it ends, is cancelled, or fails (see [`run`]).
+    pub fn run(
+        &self,
+        job: Job,
+        reports: mpsc::Sender<Report>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        (self.run)(job, reports, cancel)
+    }
+
+    /// Checks a map's mapping against the tables of both sides.
+    pub fn schema_problems<'a>(
+        &self,
+        config: &'a Config,
+        map: &'a MapConfig,
+    ) -> BoxFuture<'a, SchemaCheck> {
+        (self.schema)(config, map)
     }
 }
 
@@ -141,11 +180,11 @@ type Pair = (Vec<String>, Option<Vec<Field>>, Option<Vec<Field>>);
 
 /// Runs the copy until it ends, is cancelled (the map left Initializing),
 /// or fails; transient failures are retried from the checkpoint.
-pub async fn run(job: Job, reports: mpsc::Sender<Report>, cancel: CancellationToken) {
+pub async fn run<C: CopySide>(job: Job, reports: mpsc::Sender<Report>, cancel: CancellationToken) {
     let mut progress = job.progress.clone();
     let mut backoff = Backoff::new("initial-sync");
     loop {
-        match attempt(&job, &mut progress, &reports, &cancel).await {
+        match attempt::<C>(&job, &mut progress, &reports, &cancel).await {
             Ok(true) => {
                 tracing::info!(map = %job.map, run = progress.run, created = progress.created, updated = progress.updated, unchanged = progress.unchanged, failed = progress.failed, "initial sync done");
                 let _ = reports
@@ -180,13 +219,13 @@ pub async fn run(job: Job, reports: mpsc::Sender<Report>, cancel: CancellationTo
 /// The records whose changes the snapshots see but the gate has not
 /// forwarded: the copy leaves them to live sync (see [`in_flight`]).
 /// `None`: cancelled.
-async fn on_their_way(
+async fn on_their_way<C: CopySide>(
     job: &Job,
     p: &InitialSync,
     cancel: &CancellationToken,
 ) -> Result<Option<std::collections::HashSet<in_flight::Key>>, Failure> {
     let position = job.held.borrow().position.clone();
-    let keys = in_flight::keys(&job.config, &job.map, p, position, cancel).await?;
+    let keys = in_flight::keys::<C>(&job.config, &job.map, p, position, cancel).await?;
     if let Some(k) = keys.as_ref().filter(|k| !k.is_empty()) {
         tracing::info!(map = %job.map, run = p.run, records = k.len(), "initial sync: records with changes on their way are left to live sync");
     }
@@ -194,7 +233,7 @@ async fn on_their_way(
 }
 
 /// One attempt from the checkpoint. `Ok(false)`: cancelled.
-async fn attempt(
+async fn attempt<C: CopySide>(
     job: &Job,
     p: &mut InitialSync,
     reports: &mpsc::Sender<Report>,
@@ -208,15 +247,7 @@ async fn attempt(
         )));
     };
     // The mapping must fit both tables before anything is written.
-    let problems = pg::schema_problems(config, map)
-        .await
-        .map_err(|(transient, msg)| {
-            if transient {
-                Failure::Transient(msg)
-            } else {
-                Failure::Fatal(msg)
-            }
-        })?;
+    let problems = schema_problems::<C>(config, map).await?;
     if !problems.is_empty() {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         return Err(Failure::Fatal(format!(
@@ -250,8 +281,8 @@ async fn attempt(
             .initial_sync_records
             .with_label_values(&[&map.name, outcome]);
     }
-    let mut left = SideCopy::open(config, map, SideId::Left, after.as_deref()).await?;
-    let mut right = SideCopy::open(config, map, SideId::Right, after.as_deref()).await?;
+    let mut left = SideCopy::<C>::open(config, map, SideId::Left, after.as_deref()).await?;
+    let mut right = SideCopy::<C>::open(config, map, SideId::Right, after.as_deref()).await?;
 
     if p.segments.is_empty() && p.rows_done == 0 {
         p.started_at = dualwrite_runtime::now_micros();
@@ -264,14 +295,14 @@ async fn attempt(
     });
     p.segments.push(SnapshotSegment {
         after_key: after.clone(),
-        left: left.snapshot.clone(),
-        right: right.snapshot.clone(),
+        left: left.side.snapshot().clone(),
+        right: right.side.snapshot().clone(),
     });
     // The snapshots are recorded while it still waits for the changes on their way.
     p.phase = "waiting".to_owned();
-    p.rows_total = p.rows_done + left.rows + right.rows;
+    p.rows_total = p.rows_done + left.side.rows() + right.side.rows();
     report(reports, &job.map, p).await;
-    let Some(on_their_way) = on_their_way(job, p, cancel).await? else {
+    let Some(on_their_way) = on_their_way::<C>(job, p, cancel).await? else {
         return Ok(false);
     };
     p.phase = "copying".to_owned();
@@ -414,7 +445,7 @@ async fn attempt(
                         p.unchanged += 1;
                         "unchanged"
                     }
-                    Outcome::Rejected { sqlstate, message } => {
+                    Outcome::Rejected(e) => {
                         p.failed += 1;
                         let key: Vec<Option<String>> =
                             w.key.iter().map(|f| f.value.clone()).collect();
@@ -425,8 +456,8 @@ async fn attempt(
                             w.target.other(),
                             w.kind,
                             &key,
-                            sqlstate,
-                            message,
+                            e.code,
+                            e.redacted,
                         ));
                         "failed"
                     }
@@ -463,8 +494,8 @@ async fn attempt(
             last_report = Instant::now();
         }
     }
-    left.finish().await?;
-    right.finish().await?;
+    left.side.finish().await?;
+    right.side.finish().await?;
     p.rows_total = p.rows_done;
     let m = metrics();
     m.initial_sync_rows
@@ -551,277 +582,40 @@ fn sync_error(
     }
 }
 
-enum Outcome {
-    Written,
-    /// Nothing to write after all (equal as the column types compare, or
-    /// changed on the target after the snapshot: live sync carries it).
-    Unchanged,
-    Rejected {
-        sqlstate: Option<String>,
-        message: String,
-    },
+use CopyOutcome as Outcome;
+
+/// One side of a copy, with the rows fetched and not merged yet.
+struct SideCopy<C> {
+    side: C,
+    buf: VecDeque<SnapshotRow>,
 }
 
-/// One side of a copy: a snapshot reader and a writer.
-struct SideCopy {
-    entity: String,
-    key_len: usize,
-    reader: Client,
-    writer: Client,
-    snapshot: SideSnapshot,
-    rows: i64,
-    buf: VecDeque<(Vec<Option<String>>, Vec<Field>)>,
-    exhausted: bool,
-    statements: HashMap<String, Statement>,
-}
-
-const CURSOR: &str = "dualwrite_initial_sync";
-
-impl SideCopy {
+impl<C: CopySide> SideCopy<C> {
     async fn open(
         config: &Config,
         map: &MapConfig,
         side: SideId,
         after: Option<&[String]>,
-    ) -> Result<SideCopy, Failure> {
-        let conn = &config.side(side).connection;
-        let name = &config.side(side).name;
-        let connect = |e: pg::ConnectError| {
-            let msg = format!("side `{name}`: cannot connect: {e}");
-            if e.is_transient() {
-                Failure::Transient(msg)
-            } else {
-                Failure::Fatal(msg)
-            }
-        };
-        let reader = pg::connect(conn, "dualwrite-initial-sync")
-            .await
-            .map_err(connect)?;
-        let writer = pg::connect(conn, "dualwrite-initial-sync")
-            .await
-            .map_err(connect)?;
-        let origin = config.initial_sync_origin(side);
-        pg::ensure_origin(&writer, &origin)
-            .await
-            .map_err(|e| pg_failure(&format!("side `{name}`: replication origin {origin}"), &e))?;
-        writer
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-            .map_err(|e| pg_failure(&format!("side `{name}`: replication origin {origin}"), &e))?;
-        let entity = map.entity(side);
-        let read = |e: tokio_postgres::Error| {
-            pg_failure(
-                &format!("side `{name}`: reading {}", entity.qualified()),
-                &e,
-            )
-        };
-        reader
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await
-            .map_err(read)?;
-        // The first statement takes the snapshot; the insert position read
-        // with it bounds every commit the snapshot can see.
-        let row = reader
-            .query_one(
-                "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
-                &[],
-            )
-            .await
-            .map_err(read)?;
-        let (snap, lsn): (String, String) = (row.get(0), row.get(1));
-        let lsn = dualwrite_model::record::parse_lsn(&lsn).unwrap_or(0) as i64;
-        let snapshot = SideSnapshot::parse(&snap, lsn).ok_or_else(|| {
-            Failure::Fatal(format!("side `{name}`: unreadable snapshot `{snap}`"))
-        })?;
-        let rows: i64 = reader
-            .query_one(&sql::count(&entity.qualified(), &entity.key, after), &[])
-            .await
-            .map_err(read)?
-            .get(0);
-        reader
-            .batch_execute(&sql::declare_cursor(
-                CURSOR,
-                &entity.qualified(),
-                &entity.key,
-                after,
-            ))
-            .await
-            .map_err(read)?;
+    ) -> Result<SideCopy<C>, Failure> {
         Ok(SideCopy {
-            entity: entity.qualified(),
-            key_len: entity.key.len(),
-            reader,
-            writer,
-            snapshot,
-            rows,
+            side: C::open(config, map, side, after).await?,
             buf: VecDeque::new(),
-            exhausted: false,
-            statements: HashMap::new(),
         })
     }
 
     /// Fetches the next rows when the buffer is empty.
     async fn fill(&mut self) -> Result<(), Failure> {
-        if !self.buf.is_empty() || self.exhausted {
-            return Ok(());
-        }
-        let rows = self
-            .reader
-            .query(&format!("FETCH {FETCH} FROM {CURSOR}"), &[])
-            .await
-            .map_err(|e| pg_failure("reading rows", &e))?;
-        if rows.len() < FETCH {
-            self.exhausted = true;
-        }
-        for r in rows {
-            let key: Vec<Option<String>> = (0..self.key_len).map(|i| r.get(i)).collect();
-            let json: Option<String> = r.get(self.key_len);
-            let obj: serde_json::Map<String, serde_json::Value> = json
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default();
-            let fields = obj
-                .into_iter()
-                .map(|(name, v)| Field {
-                    name,
-                    value: v.as_str().map(str::to_owned),
-                })
-                .collect();
-            self.buf.push_back((key, fields));
+        if self.buf.is_empty() {
+            self.buf.extend(self.side.fetch().await?);
         }
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<(), Failure> {
-        self.reader
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| pg_failure("ending the snapshot", &e))
-    }
-
     /// Writes to this side (the writes whose target it is), in one
-    /// transaction; when the side rejects one, again each under a savepoint
-    /// so that only the rejected ones fail.
+    /// transaction; only the writes it rejects fail.
     async fn write(&mut self, writes: &[(usize, Write)]) -> Result<Vec<Outcome>, Failure> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let all = async {
-            self.writer.batch_execute("BEGIN").await?;
-            self.exec_all(writes).await
-        }
-        .await;
-        match all {
-            Ok(out) => {
-                self.commit().await?;
-                return Ok(out);
-            }
-            Err(e) if pg::is_transient(&e) => return Err(pg_failure("writing", &e)),
-            Err(_) => self.rollback().await?,
-        }
-        // One of them was rejected: again, each under a savepoint.
-        self.writer
-            .batch_execute("BEGIN")
-            .await
-            .map_err(|e| pg_failure("writing", &e))?;
-        let mut out = Vec::with_capacity(writes.len());
-        for (_, w) in writes {
-            self.writer
-                .batch_execute("SAVEPOINT w")
-                .await
-                .map_err(|e| pg_failure("writing", &e))?;
-            match self.exec(w).await {
-                Ok(o) => {
-                    self.writer
-                        .batch_execute("RELEASE SAVEPOINT w")
-                        .await
-                        .map_err(|e| pg_failure("writing", &e))?;
-                    out.push(o);
-                }
-                Err(e) if pg::is_transient(&e) => return Err(pg_failure("writing", &e)),
-                Err(e) => {
-                    self.writer
-                        .batch_execute("ROLLBACK TO SAVEPOINT w")
-                        .await
-                        .map_err(|e| pg_failure("writing", &e))?;
-                    // Without the row's values (see pg::describe_redacted).
-                    out.push(Outcome::Rejected {
-                        sqlstate: e.code().map(|c| c.code().to_owned()),
-                        message: pg::describe_redacted(&e),
-                    });
-                }
-            }
-        }
-        self.commit().await?;
-        Ok(out)
-    }
-
-    /// The writes in one go: the creates of the same fields as one
-    /// statement over a JSON array of rows, the updates one by one.
-    async fn exec_all(
-        &mut self,
-        writes: &[(usize, Write)],
-    ) -> Result<Vec<Outcome>, tokio_postgres::Error> {
-        let mut out: Vec<Outcome> = writes.iter().map(|_| Outcome::Unchanged).collect();
-        let mut creates: HashMap<Vec<&str>, Vec<usize>> = HashMap::new();
-        for (i, (_, w)) in writes.iter().enumerate() {
-            match w.kind {
-                WriteKind::Create => creates
-                    .entry(w.new.iter().map(|f| f.name.as_str()).collect())
-                    .or_default()
-                    .push(i),
-                WriteKind::Update => out[i] = self.exec(w).await?,
-            }
-        }
-        for group in creates.values() {
-            let first = &writes[group[0]].1;
-            let sql = sql::create_many(&self.entity, first);
-            let stmt = self.statement(sql).await?;
-            let rows = sql::rows_json(group.iter().map(|i| &writes[*i].1));
-            let created = self.writer.execute(&stmt, &[&rows]).await? as usize;
-            // Counted, not told apart: a row not created appeared meanwhile.
-            for i in group.iter().take(created) {
-                out[*i] = Outcome::Written;
-            }
-        }
-        Ok(out)
-    }
-
-    async fn statement(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(&sql) {
-            return Ok(s.clone());
-        }
-        let s = self.writer.prepare(&sql).await?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
-    }
-
-    async fn exec(&mut self, w: &Write) -> Result<Outcome, tokio_postgres::Error> {
-        let stmt = self.statement(sql::statement(&self.entity, w)).await?;
-        let (new, old) = sql::parameters(w);
-        let n = match w.kind {
-            WriteKind::Create => self.writer.execute(&stmt, &[&new]).await?,
-            WriteKind::Update => self.writer.execute(&stmt, &[&new, &old]).await?,
-        };
-        Ok(if n > 0 {
-            Outcome::Written
-        } else {
-            Outcome::Unchanged
-        })
-    }
-
-    async fn commit(&mut self) -> Result<(), Failure> {
-        self.writer.batch_execute("COMMIT").await.map_err(|e| {
-            // A deferred constraint fails at commit: the chunk cannot be written.
-            pg_failure("committing", &e)
-        })
-    }
-
-    async fn rollback(&mut self) -> Result<(), Failure> {
-        self.writer
-            .batch_execute("ROLLBACK")
-            .await
-            .map_err(|e| pg_failure("rolling back", &e))
+        let writes: Vec<&Write> = writes.iter().map(|(_, w)| w).collect();
+        Ok(self.side.write(&writes).await?)
     }
 }
 

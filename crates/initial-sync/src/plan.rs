@@ -15,34 +15,7 @@ use dualwrite_model::config::{Config, Direction, MapConfig, SideId};
 use dualwrite_model::mapping::{map_change, MappingError};
 use dualwrite_model::record::{field, ApplyOp, ChangeOp, ChangeRecord, Field};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteKind {
-    Create,
-    Update,
-}
-
-impl WriteKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WriteKind::Create => "create",
-            WriteKind::Update => "update",
-        }
-    }
-}
-
-/// One write to a target side, in the target's names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Write {
-    pub target: SideId,
-    pub kind: WriteKind,
-    pub key: Vec<Field>,
-    /// Values to write (for a create: every field that flows to the target).
-    pub new: Vec<Field>,
-    /// For an update: the target's values of the same fields at the
-    /// snapshot. The update happens only if the row still has them (a
-    /// change made after the snapshot is left to live sync).
-    pub old: Vec<Field>,
-}
+pub use dualwrite_runtime::side::{CopyWrite as Write, WriteKind};
 
 /// The writes for a record with rows `left` and `right` (every column as
 /// text; `None`: no row on that side).

@@ -108,15 +108,21 @@ pub fn topics(config: &Config) -> Vec<TopicSpec> {
     v
 }
 
-/// Runs the pause buffer until `shutdown` is cancelled.
-pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), PauseBufferError> {
-    run_inner(config, shutdown)
+/// Runs the pause buffer until `shutdown` is cancelled; `copier` makes
+/// the initial writes and schema checks for the sides' kind of database.
+pub async fn run(
+    config: Arc<Config>,
+    copier: initial_sync::Copier,
+    shutdown: CancellationToken,
+) -> Result<(), PauseBufferError> {
+    run_inner(config, copier, shutdown)
         .instrument(tracing::info_span!("pause_buffer"))
         .await
 }
 
 async fn run_inner(
     config: Arc<Config>,
+    copier: initial_sync::Copier,
     shutdown: CancellationToken,
 ) -> Result<(), PauseBufferError> {
     let t = Topics::new(&config.kafka.topic_prefix);
@@ -252,12 +258,15 @@ async fn run_inner(
     publish_states(&ctl);
     health().set("pause-buffer:state", true);
     let (copy_tx, mut copy_rx) = mpsc::channel::<initial_sync::Report>(16);
+    let starter = CopyStarter {
+        copier,
+        producer: producer.clone(),
+        reports: copy_tx,
+    };
     let mut copy: Option<Copying> = None;
     let mut quieting: JoinSet<Option<ControlEvent>> = JoinSet::new();
     loop {
-        schedule_copy(
-            &ctl, &config, &producer, &links, &mut copy, &copy_tx, &shutdown,
-        );
+        schedule_copy(&ctl, &config, &links, &mut copy, &starter, &shutdown);
         // Priority: shutdown, a gate failing, catch-up reports, initial
         // writes, errors (auto-pause), then commands.
         tokio::select! {
@@ -336,7 +345,7 @@ async fn run_inner(
                 let (fx, id) = match read {
                     Some(Ok(cmd)) => {
                         let span = tracing::info_span!("command", id = %cmd.id, action = %cmd.action, map = %cmd.map);
-                        let inputs = gather(&config, &ctl, &cmd).instrument(span.clone()).await;
+                        let inputs = gather(&config, &copier, &ctl, &cmd).instrument(span.clone()).await;
                         let _g = span.enter();
                         let fx = ctl.command(&config, &cmd, now, |map| inputs.ends(map), |map| inputs.schema(map));
                         for e in &fx.events {
@@ -388,15 +397,21 @@ struct Copying {
     cancel: CancellationToken,
 }
 
+/// What an initial write is started with.
+struct CopyStarter {
+    copier: initial_sync::Copier,
+    producer: Producer,
+    reports: mpsc::Sender<initial_sync::Report>,
+}
+
 /// Stops the initial write under way if its map left Initializing (skipped,
 /// or another run began), and starts the next one due, if any.
 fn schedule_copy(
     ctl: &Controller,
     config: &Arc<Config>,
-    producer: &Producer,
     links: &BTreeMap<String, GateLinks>,
     copy: &mut Option<Copying>,
-    reports: &mpsc::Sender<initial_sync::Report>,
+    starter: &CopyStarter,
     shutdown: &CancellationToken,
 ) {
     if let Some(c) = copy.as_ref() {
@@ -429,17 +444,19 @@ fn schedule_copy(
             .statuses
             .get(&map)
             .and_then(|s| s.conflict_master.clone()),
-        producer: producer.clone(),
+        producer: starter.producer.clone(),
         held: link.held.clone(),
     };
     let span = tracing::info_span!("initial_sync", map = %map, run);
     // The map's gate releases nothing until the copy has returned.
     let copies = link.copies.clone();
     copies.send_modify(|n| *n += 1);
-    let (reports, token) = (reports.clone(), cancel.clone());
+    let copying = starter
+        .copier
+        .run(job, starter.reports.clone(), cancel.clone());
     tokio::spawn(
         async move {
-            initial_sync::run(job, reports, token).await;
+            copying.await;
             copies.send_modify(|n| *n -= 1);
         }
         .instrument(span),
@@ -643,15 +660,21 @@ impl Inputs {
 
 /// Checks the maps a command would run against their tables and reads the
 /// end offsets it takes (a blocking Kafka read, on a blocking thread).
-async fn gather(config: &Arc<Config>, ctl: &Controller, cmd: &ControlCommand) -> Inputs {
+async fn gather(
+    config: &Arc<Config>,
+    copier: &initial_sync::Copier,
+    ctl: &Controller,
+    cmd: &ControlCommand,
+) -> Inputs {
     let needs = ctl.needs(config, cmd);
     let mut inputs = Inputs::default();
     for m in needs.schema {
         let Some(mc) = config.map(&m) else { continue };
-        let found = dualwrite_side_postgres::pg::schema_problems(config, mc)
+        let found = copier
+            .schema_problems(config, mc)
             .await
             .map(|ps| ps.iter().map(|p| p.to_string()).collect())
-            .map_err(|(_, e)| e);
+            .map_err(|e| e.message);
         inputs.schema.insert(m, found);
     }
     for m in needs.ends {

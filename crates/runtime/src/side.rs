@@ -1,7 +1,8 @@
 //! The seam between the services and a side's database.
 //!
-//! The capturer reads a side through a [`ChangeSource`] and the applier
-//! writes it through a [`Target`]; neither names a kind of database. A
+//! The capturer reads a side through a [`ChangeSource`], the applier
+//! writes it through a [`Target`] and the initial write copies it through
+//! a [`CopySide`]; none names a kind of database. A
 //! kind of database is one crate that implements both (PostgreSQL:
 //! `dualwrite-side-postgres`), and `dualwrite` picks the implementation
 //! from the side's `kind`. Failures cross the seam as [`SideError`]s,
@@ -14,8 +15,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 
-use dualwrite_model::config::{Config, SideId};
-use dualwrite_model::record::{ApplyWrite, ChangeRecord};
+use dualwrite_model::config::{Config, MapConfig, SideId};
+use dualwrite_model::lifecycle::SideSnapshot;
+use dualwrite_model::record::{ApplyWrite, ChangeRecord, Field};
+use dualwrite_model::schema::{SchemaProblem, TableInfo};
+use tokio_util::sync::CancellationToken;
 
 use crate::kafka::Shard;
 
@@ -54,6 +58,8 @@ pub struct SideError {
     /// The write refers to a related record the side has not got yet (a
     /// foreign key): the applier holds it back for a while.
     pub missing_parent: bool,
+    /// The database's code for the failure (PostgreSQL: the SQLSTATE).
+    pub code: Option<String>,
 }
 
 impl SideError {
@@ -65,6 +71,7 @@ impl SideError {
             redacted: message.clone(),
             message,
             missing_parent: false,
+            code: None,
         }
     }
 
@@ -259,4 +266,120 @@ pub trait Target: Sized + Send + 'static {
         side: SideId,
         retention_secs: u64,
     ) -> impl Future<Output = Result<u64, SideError>> + Send;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    Create,
+    Update,
+}
+
+impl WriteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Create => "create",
+            WriteKind::Update => "update",
+        }
+    }
+}
+
+/// One write of the initial copy to a target side, in the target's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyWrite {
+    pub target: SideId,
+    pub kind: WriteKind,
+    pub key: Vec<Field>,
+    /// Values to write (for a create: every field that flows to the target).
+    pub new: Vec<Field>,
+    /// For an update: the target's values of the same fields at the
+    /// snapshot. The update happens only if the row still has them (a
+    /// change made after the snapshot is left to live sync).
+    pub old: Vec<Field>,
+}
+
+/// What became of one write of the initial copy.
+#[derive(Debug, Clone)]
+pub enum CopyOutcome {
+    Written,
+    /// Nothing to write after all (equal as the column types compare, or
+    /// changed on the target after the snapshot: live sync carries it).
+    Unchanged,
+    /// The side refused it (its message without the row's values).
+    Rejected(SideError),
+}
+
+/// A row of a snapshot: its alternate key's values (as the copy orders
+/// them) and every column's value as text.
+pub type SnapshotRow = (Vec<Option<String>>, Vec<Field>);
+
+/// One side of a map's initial copy: a consistent snapshot of the map's
+/// table, read in key order (byte order of each key value's text, the
+/// same on every side), and guarded writes under the initial write's own
+/// origin (the side's source leaves them out).
+pub trait CopySide: Sized + Send + 'static {
+    /// Takes the snapshot of `map`'s table on `side` (its rows after the
+    /// key `after`, all when `None`) and connects the writer.
+    fn open(
+        config: &Config,
+        map: &MapConfig,
+        side: SideId,
+        after: Option<&[String]>,
+    ) -> impl Future<Output = Result<Self, SideError>> + Send;
+
+    /// What the snapshot sees, to tell which later changes it holds.
+    fn snapshot(&self) -> &SideSnapshot;
+
+    /// How many rows the copy reads from the snapshot.
+    fn rows(&self) -> i64;
+
+    /// The next rows in key order; none at the end.
+    fn fetch(&mut self) -> impl Future<Output = Result<Vec<SnapshotRow>, SideError>> + Send;
+
+    /// Ends the snapshot.
+    fn finish(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
+
+    /// Makes the writes in one transaction: a create does nothing if the
+    /// record appeared meanwhile, an update only while the row still has
+    /// the values the snapshot read. A write the side refuses is
+    /// `Rejected` and the others are still made; `Err` when none could be.
+    fn write(
+        &mut self,
+        writes: &[&CopyWrite],
+    ) -> impl Future<Output = Result<Vec<CopyOutcome>, SideError>> + Send;
+
+    /// Waits until the side's change source has given every transaction
+    /// committed so far (`false`: cancelled first).
+    fn wait_captured(
+        config: &Config,
+        side: SideId,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<bool, SideError>> + Send;
+
+    /// What the side says about a table (`schema.table`): its columns,
+    /// unique keys and the foreign keys that refer to it; `None` when
+    /// there is no such table. For the schema check.
+    fn describe_table(
+        config: &Config,
+        side: SideId,
+        entity: &str,
+    ) -> impl Future<Output = Result<Option<TableInfo>, SideError>> + Send;
+}
+
+/// The problems a map's mapping has with its tables, or why the tables
+/// could not be read.
+pub type SchemaCheck = Result<Vec<SchemaProblem>, SideError>;
+
+/// Checks a map's mapping against the tables of both sides (connecting to
+/// each through `C`): the problems found, or why a side could not be read.
+pub async fn schema_problems<C: CopySide>(config: &Config, map: &MapConfig) -> SchemaCheck {
+    let mut tables = Vec::with_capacity(2);
+    for side in [SideId::Left, SideId::Right] {
+        tables.push(C::describe_table(config, side, &map.entity(side).qualified()).await?);
+    }
+    Ok(dualwrite_model::schema::check_map(
+        config,
+        map,
+        tables[0].as_ref(),
+        tables[1].as_ref(),
+    ))
 }

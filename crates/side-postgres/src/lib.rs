@@ -6,15 +6,21 @@
 //! - [`source`]: the change source, a wal2json logical replication slot
 //!   ([`wal2json`] decodes it);
 //! - [`target`]: the applier's compare-and-set writes, bookkeeping and
-//!   reports ([`target_sql`] holds the statements).
+//!   reports ([`target_sql`] holds the statements);
+//! - [`copy`]: the initial write's snapshot reads and guarded writes
+//!   ([`copy_sql`]), the wait for the slot to pass a snapshot, and the
+//!   table descriptions of the schema check.
 //!
 //! [`Class`]: dualwrite_runtime::side::Class
 
+pub mod copy;
+pub mod copy_sql;
 pub mod pg;
 pub mod source;
 pub mod target;
 pub mod target_sql;
 pub mod wal2json;
 
+pub use copy::PgCopy;
 pub use source::PgSource;
 pub use target::PgTarget;

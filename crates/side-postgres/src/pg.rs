@@ -66,6 +66,7 @@ pub fn side_error(e: &tokio_postgres::Error) -> SideError {
         message: describe(e),
         redacted: describe_redacted(e),
         missing_parent: code == Some("23503"),
+        code: code.map(str::to_owned),
     }
 }
 
@@ -411,45 +412,6 @@ pub async fn describe_table(
             })
             .collect(),
     }))
-}
-
-/// Checks a map's mapping against the tables of both sides (connecting to
-/// each); the problems found, or why the databases could not be read.
-pub async fn schema_problems(
-    config: &dualwrite_model::Config,
-    map: &dualwrite_model::config::MapConfig,
-) -> Result<Vec<dualwrite_model::schema::SchemaProblem>, (bool, String)> {
-    use dualwrite_model::config::SideId;
-    let mut tables = Vec::new();
-    for side in [SideId::Left, SideId::Right] {
-        let name = &config.side(side).name;
-        let client = connect(&config.side(side).connection, "dualwrite-schema-check")
-            .await
-            .map_err(|e| {
-                (
-                    e.is_transient(),
-                    format!("side `{name}`: cannot connect: {e}"),
-                )
-            })?;
-        let info = describe_table(&client, &map.entity(side).qualified())
-            .await
-            .map_err(|e| {
-                (
-                    is_transient(&e),
-                    format!(
-                        "side `{name}`: cannot read the table's description: {}",
-                        describe(&e)
-                    ),
-                )
-            })?;
-        tables.push(info);
-    }
-    Ok(dualwrite_model::schema::check_map(
-        config,
-        map,
-        tables[0].as_ref(),
-        tables[1].as_ref(),
-    ))
 }
 
 #[cfg(test)]

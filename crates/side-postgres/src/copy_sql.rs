@@ -3,9 +3,9 @@
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
-use crate::plan::{Write, WriteKind};
+use dualwrite_runtime::side::{CopyWrite as Write, WriteKind};
 
-use dualwrite_side_postgres::pg::{fields_json as json_object, table_ident, ROW_AS_TEXT_JSON};
+use crate::pg::{fields_json as json_object, table_ident, ROW_AS_TEXT_JSON};
 
 /// `(k1::text COLLATE "C", …)`: the key as the copy orders it (byte order
 /// of the text of each value, the same on both sides).
