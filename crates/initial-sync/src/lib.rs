@@ -255,24 +255,9 @@ async fn attempt<C: CopySide>(
             list.join("; ")
         )));
     }
-    let mut held = job.held.clone();
-    tokio::select! {
-        _ = cancel.cancelled() => return Ok(false),
-        r = held.wait_for(|h| h.by != 0) => {
-            if r.is_err() {
-                return Ok(false);
-            }
-        }
-    }
-    let drained = kafka::drain::appliers_drained(config, cancel).await;
-    if !drained.map_err(Failure::Transient)? {
+    if !ready(job, cancel).await? {
         return Ok(false);
     }
-    let master = job
-        .conflict_master
-        .as_deref()
-        .and_then(|m| config.side_id(m))
-        .unwrap_or_else(|| config.conflict_master(map));
     let after = p.checkpoint.clone();
     // Every outcome's series exists from the start (at 0), so a rate or an
     // increase sees the first failure.
@@ -283,43 +268,151 @@ async fn attempt<C: CopySide>(
     }
     let mut left = SideCopy::<C>::open(config, map, SideId::Left, after.as_deref()).await?;
     let mut right = SideCopy::<C>::open(config, map, SideId::Right, after.as_deref()).await?;
-
-    if p.segments.is_empty() && p.rows_done == 0 {
-        p.started_at = dualwrite_runtime::now_micros();
-    }
-    // The new snapshots cover every key after the checkpoint.
-    p.segments.retain(|s| match (&s.after_key, &after) {
-        (_, None) => false,
-        (None, Some(_)) => true,
-        (Some(a), Some(b)) => a < b,
-    });
-    p.segments.push(SnapshotSegment {
-        after_key: after.clone(),
-        left: left.side.snapshot().clone(),
-        right: right.side.snapshot().clone(),
-    });
+    record_snapshots(p, after, &left.side, &right.side);
     // The snapshots are recorded while it still waits for the changes on their way.
-    p.phase = "waiting".to_owned();
-    p.rows_total = p.rows_done + left.side.rows() + right.side.rows();
     report(reports, &job.map, p).await;
     let Some(on_their_way) = on_their_way::<C>(job, p, cancel).await? else {
         return Ok(false);
     };
     p.phase = "copying".to_owned();
     report(reports, &job.map, p).await;
-    tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?after, "initial sync: copying");
+    tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?p.checkpoint, "initial sync: copying");
+    let copy = CopyRun {
+        job,
+        map,
+        master: job
+            .conflict_master
+            .as_deref()
+            .and_then(|m| config.side_id(m))
+            .unwrap_or_else(|| config.conflict_master(map)),
+        on_their_way,
+    };
+    if !copy
+        .chunks(&mut left, &mut right, p, reports, cancel)
+        .await?
+    {
+        return Ok(false);
+    }
+    left.side.finish().await?;
+    right.side.finish().await?;
+    p.rows_total = p.rows_done;
+    let m = metrics();
+    m.initial_sync_rows
+        .with_label_values(&[&map.name])
+        .set(p.rows_total);
+    m.initial_sync_rows_done
+        .with_label_values(&[&map.name])
+        .set(p.rows_done);
+    Ok(true)
+}
 
-    let topic = Topics::new(&config.kafka.topic_prefix).initial_sync_errors();
-    let mut last_report = Instant::now();
-    loop {
-        if cancel.is_cancelled() {
-            return Ok(false);
+/// Waits until the map's gate holds it and the appliers wrote everything
+/// released before (`false`: cancelled).
+async fn ready(job: &Job, cancel: &CancellationToken) -> Result<bool, Failure> {
+    let mut held = job.held.clone();
+    tokio::select! {
+        _ = cancel.cancelled() => return Ok(false),
+        r = held.wait_for(|h| h.by != 0) => {
+            if r.is_err() {
+                return Ok(false);
+            }
         }
-        // Merge a chunk of keys.
-        let mut chunk: Vec<Pair> = Vec::new();
-        let mut read = 0i64;
-        let mut errors: Vec<InitialSyncError> = Vec::new();
-        while chunk.len() < CHUNK {
+    }
+    kafka::drain::appliers_drained(&job.config, cancel)
+        .await
+        .map_err(Failure::Transient)
+}
+
+/// Records the new snapshots, which cover every key after the checkpoint
+/// `after`, and the rows they hold.
+fn record_snapshots(
+    p: &mut InitialSync,
+    after: Option<Vec<String>>,
+    left: &impl CopySide,
+    right: &impl CopySide,
+) {
+    if p.segments.is_empty() && p.rows_done == 0 {
+        p.started_at = dualwrite_runtime::now_micros();
+    }
+    p.segments.retain(|s| match (&s.after_key, &after) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => a < b,
+    });
+    p.segments.push(SnapshotSegment {
+        after_key: after,
+        left: left.snapshot().clone(),
+        right: right.snapshot().clone(),
+    });
+    p.phase = "waiting".to_owned();
+    p.rows_total = p.rows_done + left.rows() + right.rows();
+}
+
+/// What the copy of one attempt goes by.
+struct CopyRun<'a> {
+    job: &'a Job,
+    map: &'a MapConfig,
+    master: SideId,
+    /// The records with changes on their way: left to live sync.
+    on_their_way: std::collections::HashSet<in_flight::Key>,
+}
+
+/// A chunk of keys merged from both sides, and how many rows it took.
+struct Merged {
+    pairs: Vec<Pair>,
+    read: i64,
+}
+
+impl CopyRun<'_> {
+    /// Copies chunk after chunk until both snapshots are read (`false`:
+    /// cancelled), reporting progress now and then.
+    async fn chunks<C: CopySide>(
+        &self,
+        left: &mut SideCopy<C>,
+        right: &mut SideCopy<C>,
+        p: &mut InitialSync,
+        reports: &mpsc::Sender<Report>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Failure> {
+        let mut last_report = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(false);
+            }
+            let mut errors: Vec<InitialSyncError> = Vec::new();
+            let merged = self.merge(left, right, p, &mut errors).await?;
+            if merged.pairs.is_empty() && errors.is_empty() {
+                return Ok(true);
+            }
+            let [to_left, to_right] = self.plan(&merged.pairs, p, &mut errors);
+            self.write(left, &to_left, p, &mut errors).await?;
+            self.write(right, &to_right, p, &mut errors).await?;
+            self.record(&errors).await?;
+            p.rows_done += merged.read;
+            if let Some((key, _, _)) = merged.pairs.last() {
+                p.checkpoint = Some(key.clone());
+            }
+            if last_report.elapsed() >= REPORT_EVERY {
+                report(reports, &self.job.map, p).await;
+                last_report = Instant::now();
+            }
+        }
+    }
+
+    /// Merges the next chunk of keys of both sides; a row without a key is
+    /// an error, a record with a change on its way is left alone.
+    async fn merge<C: CopySide>(
+        &self,
+        left: &mut SideCopy<C>,
+        right: &mut SideCopy<C>,
+        p: &mut InitialSync,
+        errors: &mut Vec<InitialSyncError>,
+    ) -> Result<Merged, Failure> {
+        let mut merged = Merged {
+            pairs: Vec::new(),
+            read: 0,
+        };
+        while merged.pairs.len() < CHUNK {
             left.fill().await?;
             right.fill().await?;
             let order = match (left.buf.front(), right.buf.front()) {
@@ -333,7 +426,7 @@ async fn attempt<C: CopySide>(
                 std::cmp::Ordering::Greater => (None, right.buf.pop_front()),
                 std::cmp::Ordering::Equal => (left.buf.pop_front(), right.buf.pop_front()),
             };
-            read += l.is_some() as i64 + r.is_some() as i64;
+            merged.read += l.is_some() as i64 + r.is_some() as i64;
             let key = l
                 .as_ref()
                 .or(r.as_ref())
@@ -346,165 +439,159 @@ async fn attempt<C: CopySide>(
                 } else {
                     SideId::Right
                 };
-                count_failed(map);
-                errors.push(sync_error(
-                    config,
-                    map,
-                    p.run,
+                let message = "the row's alternate key is NULL: it cannot be linked to a record on the other side";
+                errors.push(self.failed(
+                    p,
                     source,
                     WriteKind::Create,
                     &key,
                     None,
-                    "the row's alternate key is NULL: it cannot be linked to a record on the other side".to_owned(),
+                    message.to_owned(),
                 ));
-                p.failed += 1;
                 continue;
             }
             let key: Vec<String> = key.into_iter().map(Option::unwrap_or_default).collect();
-            if on_their_way.contains(&key) {
+            if self.on_their_way.contains(&key) {
                 // Live sync carries its change after the copy.
                 p.unchanged += 1;
                 continue;
             }
-            chunk.push((key, l.map(|x| x.1), r.map(|x| x.1)));
+            merged.pairs.push((key, l.map(|x| x.1), r.map(|x| x.1)));
         }
-        if chunk.is_empty() && errors.is_empty() {
-            break;
-        }
+        Ok(merged)
+    }
 
-        // Plan the writes of the chunk.
-        let mut to_left: Vec<(usize, Write)> = Vec::new();
-        let mut to_right: Vec<(usize, Write)> = Vec::new();
-        for (i, (key, l, r)) in chunk.iter().enumerate() {
-            match plan_record(config, map, master, l.as_deref(), r.as_deref()) {
-                Ok(writes) if writes.is_empty() => p.unchanged += 1,
-                Ok(writes) => {
-                    for w in writes {
-                        if let Err(r) = authorised(map, &w) {
-                            let key: Vec<Option<String>> =
-                                w.key.iter().map(|f| f.value.clone()).collect();
-                            let message =
-                                format!("{UNAUTHORISED_TARGET}: {r}; nothing was written");
-                            errors.push(sync_error(
-                                config,
-                                map,
-                                p.run,
-                                w.target.other(),
-                                w.kind,
-                                &key,
-                                None,
-                                message,
-                            ));
-                            count_failed(map);
-                            p.failed += 1;
-                            continue;
-                        }
-                        match w.target {
-                            SideId::Left => to_left.push((i, w)),
-                            SideId::Right => to_right.push((i, w)),
-                        }
-                    }
-                }
-                Err(e) => {
-                    let source = if l.is_some() {
-                        SideId::Left
-                    } else {
-                        SideId::Right
-                    };
-                    let key: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
-                    errors.push(sync_error(
-                        config,
-                        map,
-                        p.run,
-                        source,
-                        WriteKind::Create,
-                        &key,
-                        None,
-                        e.to_string(),
-                    ));
-                    count_failed(map);
-                    p.failed += 1;
-                }
-            }
-        }
-        for (copy, writes) in [(&mut left, &to_left), (&mut right, &to_right)] {
-            let outcomes = copy.write(writes).await?;
-            for ((_, w), outcome) in writes.iter().zip(outcomes) {
-                let counter = match outcome {
-                    Outcome::Written => match w.kind {
-                        WriteKind::Create => {
-                            p.created += 1;
-                            "created"
-                        }
-                        WriteKind::Update => {
-                            p.updated += 1;
-                            "updated"
-                        }
-                    },
-                    Outcome::Unchanged => {
-                        p.unchanged += 1;
-                        "unchanged"
-                    }
-                    Outcome::Rejected(e) => {
-                        p.failed += 1;
-                        let key: Vec<Option<String>> =
-                            w.key.iter().map(|f| f.value.clone()).collect();
-                        errors.push(sync_error(
-                            config,
-                            map,
-                            p.run,
-                            w.target.other(),
-                            w.kind,
+    /// The writes of a chunk, by target side (left, right); a write the
+    /// map does not allow, or a record that cannot be mapped, is an error.
+    fn plan(
+        &self,
+        pairs: &[Pair],
+        p: &mut InitialSync,
+        errors: &mut Vec<InitialSyncError>,
+    ) -> [Vec<(usize, Write)>; 2] {
+        let mut to: [Vec<(usize, Write)>; 2] = [Vec::new(), Vec::new()];
+        let config = &self.job.config;
+        for (i, (key, l, r)) in pairs.iter().enumerate() {
+            let writes =
+                match plan_record(config, self.map, self.master, l.as_deref(), r.as_deref()) {
+                    Ok(writes) => writes,
+                    Err(e) => {
+                        let source = if l.is_some() {
+                            SideId::Left
+                        } else {
+                            SideId::Right
+                        };
+                        let key: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
+                        errors.push(self.failed(
+                            p,
+                            source,
+                            WriteKind::Create,
                             &key,
-                            e.code,
-                            e.redacted,
+                            None,
+                            e.to_string(),
                         ));
-                        "failed"
+                        continue;
                     }
                 };
-                metrics()
-                    .initial_sync_records
-                    .with_label_values(&[&map.name, counter])
-                    .inc();
+            if writes.is_empty() {
+                p.unchanged += 1;
+            }
+            for w in writes {
+                match authorised(self.map, &w) {
+                    Ok(()) => to[usize::from(w.target == SideId::Right)].push((i, w)),
+                    Err(r) => {
+                        let message = format!("{UNAUTHORISED_TARGET}: {r}; nothing was written");
+                        let key: Vec<Option<String>> =
+                            w.key.iter().map(|f| f.value.clone()).collect();
+                        errors.push(self.failed(p, w.target.other(), w.kind, &key, None, message));
+                    }
+                }
             }
         }
-        if !errors.is_empty() {
-            let records: Vec<Outgoing> = errors
-                .iter()
-                .filter_map(|e| {
-                    Some(Outgoing {
-                        topic: topic.clone(),
-                        key: e.map.clone(),
-                        payload: avro::encode(e).ok()?,
-                    })
-                })
-                .collect();
-            kafka::send_all(&job.producer, &records)
-                .await
-                .map_err(|e| {
-                    Failure::Transient(format!("cannot record the failed rows on {topic}: {e}"))
-                })?;
-        }
-        p.rows_done += read;
-        if let Some((key, _, _)) = chunk.last() {
-            p.checkpoint = Some(key.clone());
-        }
-        if last_report.elapsed() >= REPORT_EVERY {
-            report(reports, &job.map, p).await;
-            last_report = Instant::now();
-        }
+        to
     }
-    left.side.finish().await?;
-    right.side.finish().await?;
-    p.rows_total = p.rows_done;
-    let m = metrics();
-    m.initial_sync_rows
-        .with_label_values(&[&map.name])
-        .set(p.rows_total);
-    m.initial_sync_rows_done
-        .with_label_values(&[&map.name])
-        .set(p.rows_done);
-    Ok(true)
+
+    /// Writes to one side and counts each outcome; a row the side rejects
+    /// is an error.
+    async fn write<C: CopySide>(
+        &self,
+        copy: &mut SideCopy<C>,
+        writes: &[(usize, Write)],
+        p: &mut InitialSync,
+        errors: &mut Vec<InitialSyncError>,
+    ) -> Result<(), Failure> {
+        let outcomes = copy.write(writes).await?;
+        for ((_, w), outcome) in writes.iter().zip(outcomes) {
+            let counter = match (outcome, w.kind) {
+                (Outcome::Written, WriteKind::Create) => {
+                    p.created += 1;
+                    "created"
+                }
+                (Outcome::Written, WriteKind::Update) => {
+                    p.updated += 1;
+                    "updated"
+                }
+                (Outcome::Unchanged, _) => {
+                    p.unchanged += 1;
+                    "unchanged"
+                }
+                (Outcome::Rejected(e), _) => {
+                    let key: Vec<Option<String>> = w.key.iter().map(|f| f.value.clone()).collect();
+                    errors.push(self.failed(p, w.target.other(), w.kind, &key, e.code, e.redacted));
+                    continue;
+                }
+            };
+            metrics()
+                .initial_sync_records
+                .with_label_values(&[&self.map.name, counter])
+                .inc();
+        }
+        Ok(())
+    }
+
+    /// A failed row, counted, as its error record.
+    fn failed(
+        &self,
+        p: &mut InitialSync,
+        source: SideId,
+        kind: WriteKind,
+        key: &[Option<String>],
+        sqlstate: Option<String>,
+        message: String,
+    ) -> InitialSyncError {
+        p.failed += 1;
+        count_failed(self.map);
+        let at = Failed {
+            run: p.run,
+            source,
+            kind,
+            key,
+        };
+        sync_error(&self.job.config, self.map, at, sqlstate, message)
+    }
+
+    /// Publishes the chunk's failed rows to the initial sync errors topic.
+    async fn record(&self, errors: &[InitialSyncError]) -> Result<(), Failure> {
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let topic = Topics::new(&self.job.config.kafka.topic_prefix).initial_sync_errors();
+        let records: Vec<Outgoing> = errors
+            .iter()
+            .filter_map(|e| {
+                Some(Outgoing {
+                    topic: topic.clone(),
+                    key: e.map.clone(),
+                    payload: avro::encode(e).ok()?,
+                })
+            })
+            .collect();
+        kafka::send_all(&self.job.producer, &records)
+            .await
+            .map_err(|e| {
+                Failure::Transient(format!("cannot record the failed rows on {topic}: {e}"))
+            })
+    }
 }
 
 async fn report(reports: &mpsc::Sender<Report>, map: &str, p: &InitialSync) {
@@ -551,17 +638,27 @@ fn cmp_keys(a: &[Option<String>], b: &[Option<String>]) -> std::cmp::Ordering {
     bytes(a).cmp(&bytes(b))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn sync_error(
-    config: &Config,
-    map: &MapConfig,
+/// Where a row failed: the run, the side it came from, the write and key.
+struct Failed<'a> {
     run: i64,
     source: SideId,
     kind: WriteKind,
-    key: &[Option<String>],
+    key: &'a [Option<String>],
+}
+
+fn sync_error(
+    config: &Config,
+    map: &MapConfig,
+    at: Failed<'_>,
     sqlstate: Option<String>,
     message: String,
 ) -> InitialSyncError {
+    let Failed {
+        run,
+        source,
+        kind,
+        key,
+    } = at;
     let target = source.other();
     let message = if config.errors.include_payload {
         message
