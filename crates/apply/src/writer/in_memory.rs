@@ -188,7 +188,7 @@ fn absent() -> Expectation {
 }
 
 fn key(k: &str) -> String {
-    dualwrite_model::record::key_string([Some(k)].into_iter())
+    dualwrite_model::record::key_string([Some(k)])
 }
 
 #[tokio::test]
