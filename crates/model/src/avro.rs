@@ -4,18 +4,17 @@
 //! a message, and a message of another kind or a foreign one is refused with
 //! a clear error instead of being misread.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use apache_avro::rabin::Rabin;
 use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
 use crate::record::{
     ApplyWrite, ChangeRecord, ErrorRecord, InitialSyncError, MappedChange, ResolverState,
 };
 
-const MAGIC: [u8; 2] = [0xC3, 0x01];
+pub(crate) const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
 
 /// Schema sources, one `.avsc` per record kind.
@@ -83,7 +82,7 @@ fn new_writer(schema: &Schema) -> GenericSingleObjectWriter {
     GenericSingleObjectWriter::new_with_capacity(schema, 1024).unwrap_or_else(built_in)
 }
 
-fn compile(src: &str) -> Compiled {
+pub(crate) fn compile(src: &str) -> Compiled {
     // The schemas are part of the binary and checked by the unit tests.
     let schema = Schema::parse_str(src).unwrap_or_else(built_in);
     let fp = schema.fingerprint::<Rabin>();
@@ -97,39 +96,42 @@ fn compile(src: &str) -> Compiled {
     }
 }
 
+/// Makes a record type an [`AvroRecord`] of its schema (and the earlier
+/// schema it still reads). The lifecycle records declare theirs where
+/// they are defined.
 macro_rules! avro_record {
     ($ty:ty, $kind:literal, $src:expr) => {
-        impl AvroRecord for $ty {
+        impl $crate::avro::AvroRecord for $ty {
             const KIND: &'static str = $kind;
-            fn schema() -> &'static Compiled {
-                static S: OnceLock<Compiled> = OnceLock::new();
-                S.get_or_init(|| compile($src))
+            fn schema() -> &'static $crate::avro::Compiled {
+                static S: std::sync::OnceLock<$crate::avro::Compiled> = std::sync::OnceLock::new();
+                S.get_or_init(|| $crate::avro::compile($src))
             }
         }
     };
     ($ty:ty, $kind:literal, $src:expr, legacy $old:expr) => {
-        impl AvroRecord for $ty {
+        impl $crate::avro::AvroRecord for $ty {
             const KIND: &'static str = $kind;
-            fn schema() -> &'static Compiled {
-                static S: OnceLock<Compiled> = OnceLock::new();
-                S.get_or_init(|| compile($src))
+            fn schema() -> &'static $crate::avro::Compiled {
+                static S: std::sync::OnceLock<$crate::avro::Compiled> = std::sync::OnceLock::new();
+                S.get_or_init(|| $crate::avro::compile($src))
             }
-            fn legacy() -> &'static [Compiled] {
-                static L: OnceLock<Vec<Compiled>> = OnceLock::new();
-                L.get_or_init(|| vec![compile($old)])
+            fn legacy() -> &'static [$crate::avro::Compiled] {
+                static L: std::sync::OnceLock<Vec<$crate::avro::Compiled>> =
+                    std::sync::OnceLock::new();
+                L.get_or_init(|| vec![$crate::avro::compile($old)])
             }
         }
     };
 }
+
+pub(crate) use avro_record;
 
 avro_record!(ChangeRecord, "ChangeRecord", CHANGE_RECORD_AVSC, legacy CHANGE_RECORD_V1_AVSC);
 avro_record!(MappedChange, "MappedChange", MAPPED_CHANGE_AVSC, legacy MAPPED_CHANGE_V1_AVSC);
 avro_record!(ApplyWrite, "ApplyWrite", APPLY_WRITE_AVSC);
 avro_record!(ResolverState, "ResolverState", RESOLVER_STATE_AVSC);
 avro_record!(ErrorRecord, "ErrorRecord", ERROR_RECORD_AVSC);
-avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
-avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC, legacy MAP_STATUS_V1_AVSC);
-avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC, legacy CONTROL_EVENT_V1_AVSC);
 avro_record!(
     InitialSyncError,
     "InitialSyncError",
@@ -209,6 +211,15 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `body` behind the marker and fingerprint of `T`'s schema.
+#[cfg(test)]
+pub(crate) fn framed<T: AvroRecord>(body: &[u8]) -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.extend_from_slice(&T::schema().fingerprint);
+    v.extend_from_slice(body);
+    v
 }
 
 #[cfg(test)]
@@ -463,20 +474,10 @@ mod tests {
         /// own marker and fingerprint.
         #[test]
         fn any_body_behind_a_valid_header_never_panics(body in prop::collection::vec(any::<u8>(), 0..512)) {
-            fn framed<T: AvroRecord>(body: &[u8]) -> Vec<u8> {
-                let mut v = MAGIC.to_vec();
-                v.extend_from_slice(&T::schema().fingerprint);
-                v.extend_from_slice(body);
-                v
-            }
-            use crate::lifecycle::{ControlCommand, ControlEvent, MapStatus};
             use crate::record::InitialSyncError;
             let _ = decode::<ChangeRecord>(&framed::<ChangeRecord>(&body));
             let _ = decode::<MappedChange>(&framed::<MappedChange>(&body));
             let _ = decode::<ErrorRecord>(&framed::<ErrorRecord>(&body));
-            let _ = decode::<ControlCommand>(&framed::<ControlCommand>(&body));
-            let _ = decode::<ControlEvent>(&framed::<ControlEvent>(&body));
-            let _ = decode::<MapStatus>(&framed::<MapStatus>(&body));
             let _ = decode::<InitialSyncError>(&framed::<InitialSyncError>(&body));
         }
 
@@ -490,27 +491,8 @@ mod tests {
     }
 
     #[test]
-    fn lifecycle_records_round_trip() {
-        use crate::lifecycle::*;
-        let mut st = MapStatus::initial("customers", 7);
-        st.state = MapState::Resuming;
-        st.resume_targets = vec![PartitionOffset {
-            partition: 2,
-            offset: 99,
-        }];
-        st.paused_at = Some(5);
-        st.reason = Some("r".into());
-        assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
-        let mut init = InitialSync::new(3, 9);
-        init.checkpoint = Some(vec!["C1".into(), "x".into()]);
-        init.segments.push(SnapshotSegment {
-            after_key: None,
-            left: SideSnapshot::parse("5:9:6,7", 100).unwrap(),
-            right: SideSnapshot::parse("1:1:", 200).unwrap(),
-        });
-        st.initial = Some(init);
-        assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
-        let err = crate::record::InitialSyncError {
+    fn initial_sync_errors_round_trip() {
+        let err = InitialSyncError {
             map: "m".into(),
             run: 2,
             source_side: "fno".into(),
@@ -523,59 +505,9 @@ mod tests {
             occurred_at: 1,
         };
         assert_eq!(
-            decode::<crate::record::InitialSyncError>(&encode(&err).unwrap()).unwrap(),
+            decode::<InitialSyncError>(&encode(&err).unwrap()).unwrap(),
             err
         );
-        let ev = ControlEvent {
-            command_id: Some("c".into()),
-            outcome: Outcome::Rejected,
-            map: None,
-            state: Some("Paused".into()),
-            maps: vec!["a".into(), "b".into()],
-            message: "m".into(),
-            at: 1,
-        };
-        assert_eq!(decode::<ControlEvent>(&encode(&ev).unwrap()).unwrap(), ev);
-        let cmd = ControlCommand {
-            id: "x".into(),
-            action: Action::Stop,
-            map: "m".into(),
-            include_related: false,
-            initial_sync: Some(false),
-            conflict_master: None,
-            order: None,
-            resume_policy: Some(ResumePolicy::Discard),
-        };
-        assert_eq!(
-            decode::<ControlCommand>(&encode(&cmd).unwrap()).unwrap(),
-            cmd
-        );
-    }
-
-    /// A status record written before `mapping_version` existed still
-    /// reads, without a version.
-    #[test]
-    fn older_status_records_still_decode() {
-        use crate::lifecycle::*;
-        let old = &MapStatus::legacy()[0];
-        let mut st = MapStatus::initial("customers", 7);
-        st.state = MapState::Paused;
-        st.initial = Some(InitialSync::new(2, 3));
-        let value = apache_avro::to_value(&st).unwrap();
-        let apache_avro::types::Value::Record(mut fields) = value else {
-            panic!("a record")
-        };
-        fields.retain(|(n, _)| n != "mapping_version");
-        let value = apache_avro::types::Value::Record(fields)
-            .resolve(&old.schema)
-            .unwrap();
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&old.fingerprint);
-        bytes.extend(apache_avro::to_avro_datum(&old.schema, value).unwrap());
-        assert_eq!(decode::<MapStatus>(&bytes).unwrap(), st);
-        st.mapping_version = Some("a820a787357b".into());
-        assert_eq!(decode::<MapStatus>(&encode(&st).unwrap()).unwrap(), st);
-        assert_ne!(old.fingerprint, MapStatus::schema().fingerprint);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use cel::objects::Value;
 use cel::{Context, Program};
 
 use crate::config::{EntityRef, FilterExit, MapConfig, SideId};
-use crate::mapping::MappingError;
+use crate::error::MappingError;
 use crate::record::{field, key_string, ChangeOp, ChangeRecord, Field};
 
 /// What a change does to the other side, by the scope of its rows.

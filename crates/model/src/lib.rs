@@ -15,13 +15,16 @@
 
 pub mod authorise;
 pub mod avro;
+pub mod columns;
 pub mod config;
+pub mod error;
 pub mod filter;
 pub mod lifecycle;
 pub mod mapping;
 pub mod plan;
 pub mod record;
 pub mod schema;
+pub mod side;
 pub mod signing;
 pub mod topics;
 pub mod transform;

@@ -25,7 +25,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::avro;
+use crate::avro::{
+    self, avro_record, CONTROL_COMMAND_AVSC, CONTROL_EVENT_AVSC, CONTROL_EVENT_V1_AVSC,
+};
+use crate::avro::{MAP_STATUS_AVSC, MAP_STATUS_V1_AVSC};
 use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -567,10 +570,110 @@ fn topological(config: &Config, set: &[String]) -> Vec<String> {
     out
 }
 
+avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
+avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC, legacy MAP_STATUS_V1_AVSC);
+avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC, legacy CONTROL_EVENT_V1_AVSC);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::avro::AvroRecord;
     use proptest::prelude::*;
+
+    #[test]
+    fn lifecycle_records_round_trip() {
+        let mut st = MapStatus::initial("customers", 7);
+        st.state = MapState::Resuming;
+        st.resume_targets = vec![PartitionOffset {
+            partition: 2,
+            offset: 99,
+        }];
+        st.paused_at = Some(5);
+        st.reason = Some("r".into());
+        assert_eq!(
+            avro::decode::<MapStatus>(&avro::encode(&st).unwrap()).unwrap(),
+            st
+        );
+        let mut init = InitialSync::new(3, 9);
+        init.checkpoint = Some(vec!["C1".into(), "x".into()]);
+        init.segments.push(SnapshotSegment {
+            after_key: None,
+            left: SideSnapshot::parse("5:9:6,7", 100).unwrap(),
+            right: SideSnapshot::parse("1:1:", 200).unwrap(),
+        });
+        st.initial = Some(init);
+        assert_eq!(
+            avro::decode::<MapStatus>(&avro::encode(&st).unwrap()).unwrap(),
+            st
+        );
+        let ev = ControlEvent {
+            command_id: Some("c".into()),
+            outcome: Outcome::Rejected,
+            map: None,
+            state: Some("Paused".into()),
+            maps: vec!["a".into(), "b".into()],
+            message: "m".into(),
+            at: 1,
+        };
+        assert_eq!(
+            avro::decode::<ControlEvent>(&avro::encode(&ev).unwrap()).unwrap(),
+            ev
+        );
+        let cmd = ControlCommand {
+            id: "x".into(),
+            action: Action::Stop,
+            map: "m".into(),
+            include_related: false,
+            initial_sync: Some(false),
+            conflict_master: None,
+            order: None,
+            resume_policy: Some(ResumePolicy::Discard),
+        };
+        assert_eq!(
+            avro::decode::<ControlCommand>(&avro::encode(&cmd).unwrap()).unwrap(),
+            cmd
+        );
+    }
+
+    /// A status record written before `mapping_version` existed still
+    /// reads, without a version.
+    #[test]
+    fn older_status_records_still_decode() {
+        let old = &MapStatus::legacy()[0];
+        let mut st = MapStatus::initial("customers", 7);
+        st.state = MapState::Paused;
+        st.initial = Some(InitialSync::new(2, 3));
+        let value = apache_avro::to_value(&st).unwrap();
+        let apache_avro::types::Value::Record(mut fields) = value else {
+            panic!("a record")
+        };
+        fields.retain(|(n, _)| n != "mapping_version");
+        let value = apache_avro::types::Value::Record(fields)
+            .resolve(&old.schema)
+            .unwrap();
+        let mut bytes = avro::MAGIC.to_vec();
+        bytes.extend_from_slice(&old.fingerprint);
+        bytes.extend(apache_avro::to_avro_datum(&old.schema, value).unwrap());
+        assert_eq!(avro::decode::<MapStatus>(&bytes).unwrap(), st);
+        st.mapping_version = Some("a820a787357b".into());
+        assert_eq!(
+            avro::decode::<MapStatus>(&avro::encode(&st).unwrap()).unwrap(),
+            st
+        );
+        assert_ne!(old.fingerprint, MapStatus::schema().fingerprint);
+    }
+
+    proptest! {
+        /// Random bodies behind each lifecycle record's own marker and
+        /// fingerprint: an error or a record, never a panic.
+        #[test]
+        fn any_body_behind_a_valid_header_never_panics(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            use avro::framed;
+            let _ = avro::decode::<ControlCommand>(&framed::<ControlCommand>(&body));
+            let _ = avro::decode::<ControlEvent>(&framed::<ControlEvent>(&body));
+            let _ = avro::decode::<MapStatus>(&framed::<MapStatus>(&body));
+        }
+    }
 
     fn config() -> Config {
         Config::parse(crate::config::DEMO_CONFIG).unwrap()

@@ -50,7 +50,7 @@ impl ChangeSource for PgSource {
             side: side_cfg.name.clone(),
             applier_origins: origin_ids.into_iter().collect(),
             keys: config.captured_entities(side),
-            columns: config.read_columns(side),
+            columns: dualwrite_model::columns::read_columns(config, side),
         };
         let tables: Vec<String> = config.captured_entities(side).into_keys().collect();
         Ok(PgSource {

@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use dualwrite_model::config::ReadColumns;
+use dualwrite_model::columns::ReadColumns;
 use dualwrite_model::record::{field, Applied, ChangeOp, ChangeRecord, Field};
 use serde::Deserialize;
 

@@ -7,15 +7,17 @@
 //! file: they are read from an environment variable or a file and kept in a
 //! [`Secret`], whose `Debug` output is redacted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 
+pub use crate::side::{Direction, SideId};
 use crate::transform::{Convert, PerSide, TextValue, Transform, Unmapped};
 
+mod field;
 mod load;
 #[cfg(test)]
 mod tests;
@@ -115,35 +117,6 @@ fn default_replication_factor() -> i32 {
 pub struct Sides {
     pub left: SideConfig,
     pub right: SideConfig,
-}
-
-/// Which of the two sides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SideId {
-    Left,
-    Right,
-}
-
-impl SideId {
-    pub fn other(self) -> SideId {
-        match self {
-            SideId::Left => SideId::Right,
-            SideId::Right => SideId::Left,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SideId::Left => "left",
-            SideId::Right => "right",
-        }
-    }
-}
-
-impl fmt::Display for SideId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -256,28 +229,6 @@ name = "dataverse"
 kind = "postgres"
 connection = { host = "h", dbname = "b", user = "u" }
 "#;
-
-/// Direction in which a field (or a map) syncs.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    #[default]
-    Both,
-    LeftToRight,
-    RightToLeft,
-}
-
-impl Direction {
-    /// Whether a change coming from `source` flows through a field of this direction.
-    pub fn carries_from(self, source: SideId) -> bool {
-        matches!(
-            (self, source),
-            (Direction::Both, _)
-                | (Direction::LeftToRight, SideId::Left)
-                | (Direction::RightToLeft, SideId::Right)
-        )
-    }
-}
 
 /// One entity map: links one entity on each side.
 #[derive(Debug, Deserialize)]
@@ -427,19 +378,6 @@ impl From<RawFieldMapping> for FieldMapping {
             },
         }
     }
-}
-
-/// The columns of one captured entity that the maps of a side read
-/// ([`Config::read_columns`]): the capturer leaves the others out of the
-/// rows it publishes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReadColumns {
-    /// The alternate key and the scope's columns (filter, company): what
-    /// the old row of a change must carry.
-    pub identity: BTreeSet<String>,
-    /// Every column some map reads: `identity` and the columns of the
-    /// mapped fields on the side, whichever way they sync.
-    pub all: BTreeSet<String>,
 }
 
 /// Capturer settings.
@@ -896,24 +834,6 @@ impl Config {
                 SideId::Right => &m.right,
             };
             out.entry(e.qualified()).or_insert_with(|| e.key.clone());
-        }
-        out
-    }
-
-    /// Per captured entity of a side, the columns its maps read: all that
-    /// the capturer publishes of a row (see [`ReadColumns`]).
-    pub fn read_columns(&self, id: SideId) -> BTreeMap<String, ReadColumns> {
-        let mut out: BTreeMap<String, ReadColumns> = BTreeMap::new();
-        for m in &self.maps {
-            let e = m.entity(id);
-            let r = out.entry(e.qualified()).or_default();
-            r.identity.extend(e.key.iter().cloned());
-            r.identity.extend(crate::filter::scope_columns(m, id));
-            let mapped = m.fields.iter().filter(|f| f.has_column(id));
-            r.all.extend(mapped.map(|f| f.name(id).to_owned()));
-        }
-        for r in out.values_mut() {
-            r.all.extend(r.identity.iter().cloned());
         }
         out
     }

@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::BTreeSet;
 
 const GOOD: &str = r#"
 [kafka]
@@ -160,7 +161,7 @@ field = [{{ left = "accountnum", right = "code" }}, {{ left = "phone", right = "
 "#
     ))
     .unwrap();
-    let left = c.read_columns(SideId::Left);
+    let left = crate::columns::read_columns(&c, SideId::Left);
     let t = &left["public.custtable"];
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     assert_eq!(t.identity, set(&["accountnum", "blocked", "dataareaid"]));
@@ -168,7 +169,7 @@ field = [{{ left = "accountnum", right = "code" }}, {{ left = "phone", right = "
         t.all,
         set(&["accountnum", "blocked", "dataareaid", "name", "phone"])
     );
-    let right = c.read_columns(SideId::Right);
+    let right = crate::columns::read_columns(&c, SideId::Right);
     assert_eq!(
         right["public.accounts"].all,
         set(&["accountnumber", "company", "name", "source"])
