@@ -305,7 +305,7 @@ pub async fn run(
         } => {
             let resume_policy = resume_policy
                 .map(|p| {
-                    serde_json::from_value(serde_json::Value::String(p.clone())).map_err(|_| {
+                    dualwrite_model::lifecycle::ResumePolicy::from_name(&p).ok_or_else(|| {
                         anyhow::anyhow!(
                             "unknown resume policy `{p}`: use catch_up, skip_to_live or discard"
                         )

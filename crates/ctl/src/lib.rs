@@ -312,13 +312,14 @@ pub struct MapRow {
 
 /// A short summary of an initial sync for the maps table.
 fn initial_summary(i: &dualwrite_model::lifecycle::InitialSync) -> String {
-    match i.phase.as_str() {
-        "copying" if i.rows_total > 0 => format!(
+    use dualwrite_model::lifecycle::CopyPhase;
+    match &i.phase {
+        CopyPhase::Copying if i.rows_total > 0 => format!(
             "copying {}%",
             (i.rows_done * 100 / i.rows_total).clamp(0, 100)
         ),
-        "done" if i.failed > 0 => format!("done, {} failed", i.failed),
-        phase => phase.to_owned(),
+        CopyPhase::Done if i.failed > 0 => format!("done, {} failed", i.failed),
+        phase => phase.to_string(),
     }
 }
 

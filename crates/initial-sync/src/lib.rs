@@ -61,7 +61,7 @@ use dualwrite_model::authorise::{
 };
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, MapConfig, SideId};
-use dualwrite_model::lifecycle::{InitialSync, SnapshotSegment};
+use dualwrite_model::lifecycle::{CopyPhase, InitialSync, SnapshotSegment};
 use dualwrite_model::record::{key_string, Field, InitialSyncError};
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
@@ -274,7 +274,7 @@ async fn attempt<C: CopySide>(
     let Some(on_their_way) = on_their_way::<C>(job, p, cancel).await? else {
         return Ok(false);
     };
-    p.phase = "copying".to_owned();
+    p.phase = CopyPhase::Copying;
     report(reports, &job.map, p).await;
     tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?p.checkpoint, "initial sync: copying");
     let copy = CopyRun {
@@ -344,7 +344,7 @@ fn record_snapshots(
         left: left.snapshot().clone(),
         right: right.snapshot().clone(),
     });
-    p.phase = "waiting".to_owned();
+    p.phase = CopyPhase::Waiting;
     p.rows_total = p.rows_done + left.rows() + right.rows();
 }
 

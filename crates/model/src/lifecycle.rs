@@ -176,12 +176,44 @@ pub enum ResumePolicy {
 }
 
 impl ResumePolicy {
+    pub const ALL: [ResumePolicy; 3] = [
+        ResumePolicy::CatchUp,
+        ResumePolicy::SkipToLive,
+        ResumePolicy::Discard,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResumePolicy::CatchUp => "catch_up",
             ResumePolicy::SkipToLive => "skip_to_live",
             ResumePolicy::Discard => "discard",
         }
+    }
+
+    /// The policy named `name` (`catch_up`, any case).
+    pub fn from_name(name: &str) -> Option<ResumePolicy> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+/// The resume policy on the status record: its name (`catch_up`, …), a
+/// string in the schema; a name this version does not know reads as none.
+mod policy_name {
+    use super::ResumePolicy;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<ResumePolicy>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_some(p.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ResumePolicy>, D::Error> {
+        let name = Option::<String>::deserialize(d)?;
+        Ok(name.and_then(|n| ResumePolicy::from_name(&n)))
     }
 }
 
@@ -259,7 +291,8 @@ pub struct MapStatus {
     pub last_action: Option<String>,
     pub initial_sync: bool,
     pub conflict_master: Option<String>,
-    pub resume_policy: Option<String>,
+    #[serde(with = "policy_name")]
+    pub resume_policy: Option<ResumePolicy>,
     pub start_offsets: Vec<PartitionOffset>,
     pub resume_targets: Vec<PartitionOffset>,
     pub paused_at: Option<i64>,
@@ -273,14 +306,70 @@ pub struct MapStatus {
     pub mapping_version: Option<String>,
 }
 
+/// Where an initial write stands. On the status topic it is its name, a
+/// string in the schema, so that a phase a later version adds still reads
+/// (as [`CopyPhase::Other`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum CopyPhase {
+    /// For related maps or for the changes on their way.
+    Waiting,
+    Copying,
+    Done,
+    Skipped,
+    Failed,
+    Other(String),
+}
+
+impl CopyPhase {
+    pub fn as_str(&self) -> &str {
+        match self {
+            CopyPhase::Waiting => "waiting",
+            CopyPhase::Copying => "copying",
+            CopyPhase::Done => "done",
+            CopyPhase::Skipped => "skipped",
+            CopyPhase::Failed => "failed",
+            CopyPhase::Other(s) => s,
+        }
+    }
+
+    /// Whether the copy is still to finish (waiting or copying).
+    pub fn is_under_way(&self) -> bool {
+        matches!(self, CopyPhase::Waiting | CopyPhase::Copying)
+    }
+}
+
+impl From<String> for CopyPhase {
+    fn from(s: String) -> CopyPhase {
+        match s.as_str() {
+            "waiting" => CopyPhase::Waiting,
+            "copying" => CopyPhase::Copying,
+            "done" => CopyPhase::Done,
+            "skipped" => CopyPhase::Skipped,
+            "failed" => CopyPhase::Failed,
+            _ => CopyPhase::Other(s),
+        }
+    }
+}
+
+impl From<CopyPhase> for String {
+    fn from(p: CopyPhase) -> String {
+        p.as_str().to_owned()
+    }
+}
+
+impl fmt::Display for CopyPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Progress and result of one initial write (a run id per attempt).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitialSync {
     /// Run id: 1 for the first initial write of the map, +1 for each rerun.
     pub run: i64,
-    /// `waiting` (for related maps or in-flight writes), `copying`, `done`,
-    /// `skipped` or `failed`.
-    pub phase: String,
+    pub phase: CopyPhase,
     /// Rows on both sides to read (left + right), as counted at the snapshots.
     pub rows_total: i64,
     /// Rows read so far, both sides.
@@ -304,7 +393,7 @@ impl InitialSync {
     pub fn new(run: i64, now: i64) -> InitialSync {
         InitialSync {
             run,
-            phase: "waiting".to_owned(),
+            phase: CopyPhase::Waiting,
             rows_total: 0,
             rows_done: 0,
             created: 0,
@@ -590,6 +679,7 @@ mod tests {
         }];
         st.paused_at = Some(5);
         st.reason = Some("r".into());
+        st.resume_policy = Some(ResumePolicy::SkipToLive);
         assert_eq!(
             avro::decode::<MapStatus>(&avro::encode(&st).unwrap()).unwrap(),
             st
@@ -661,6 +751,44 @@ mod tests {
             st
         );
         assert_ne!(old.fingerprint, MapStatus::schema().fingerprint);
+    }
+
+    /// Phases and resume policies are names on the status topic: every
+    /// one reads back, and one this version does not know is kept (a
+    /// phase) or read as none (a policy), never an unreadable status.
+    #[test]
+    fn phases_and_policies_travel_as_their_names() {
+        let mut st = MapStatus::initial("customers", 7);
+        for name in [
+            "waiting",
+            "copying",
+            "done",
+            "skipped",
+            "failed",
+            "verifying",
+        ] {
+            let mut init = InitialSync::new(1, 2);
+            init.phase = CopyPhase::from(name.to_owned());
+            assert_eq!(init.phase.as_str(), name);
+            st.initial = Some(init);
+            assert_eq!(
+                avro::decode::<MapStatus>(&avro::encode(&st).unwrap()).unwrap(),
+                st
+            );
+        }
+        assert_eq!(
+            CopyPhase::from("verifying".to_owned()),
+            CopyPhase::Other("verifying".into())
+        );
+        for p in ResumePolicy::ALL {
+            st.resume_policy = Some(p);
+            assert_eq!(
+                avro::decode::<MapStatus>(&avro::encode(&st).unwrap()).unwrap(),
+                st
+            );
+            assert_eq!(ResumePolicy::from_name(&p.as_str().to_uppercase()), Some(p));
+        }
+        assert_eq!(ResumePolicy::from_name("later"), None);
     }
 
     proptest! {

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    dependencies, Action, ControlCommand, ControlEvent, InitialSync, MapState, MapStatus, Outcome,
-    PartitionOffset,
+    dependencies, Action, ControlCommand, ControlEvent, CopyPhase, InitialSync, MapState,
+    MapStatus, Outcome, PartitionOffset,
 };
 use dualwrite_model::plan::{plan, Plan};
 
@@ -313,7 +313,7 @@ impl Controller {
                     // SkipInitialSync: live sync of every change since the
                     // run; what the copy did so far stays written.
                     if let Some(init) = s.initial.as_mut() {
-                        init.phase = "skipped".to_owned();
+                        init.phase = CopyPhase::Skipped;
                         init.segments.clear();
                         init.finished_at = Some(now);
                     }
@@ -326,7 +326,7 @@ impl Controller {
                 MapState::Resuming => {
                     let policy = cmd.resume_policy.unwrap_or_default();
                     s.resume_targets = ends.remove(m).unwrap_or_default();
-                    s.resume_policy = Some(policy.as_str().to_owned());
+                    s.resume_policy = Some(policy);
                     if cmd.conflict_master.is_some() {
                         s.conflict_master = cmd.conflict_master.clone();
                     }
@@ -508,7 +508,7 @@ impl Controller {
             let s = self.statuses.get(&m.name)?;
             let init = s.initial.as_ref()?;
             let ready = s.state == MapState::Initializing
-                && matches!(init.phase.as_str(), "waiting" | "copying")
+                && init.phase.is_under_way()
                 && !dependencies(config, &m.name)
                     .iter()
                     .any(|d| initializing(d));
@@ -549,7 +549,7 @@ impl Controller {
         s.updated_at = now;
         match result {
             Ok(mut p) => {
-                p.phase = "done".to_owned();
+                p.phase = CopyPhase::Done;
                 p.finished_at = Some(now);
                 let summary = format!(
                     "initial sync run {} done: {} created, {} updated, {} unchanged, {} failed",
@@ -570,7 +570,7 @@ impl Controller {
                     .push(completed(id.as_deref(), map, s.state, &message, now));
             }
             Err((mut p, reason)) => {
-                p.phase = "failed".to_owned();
+                p.phase = CopyPhase::Failed;
                 p.finished_at = Some(now);
                 let message = format!("initial sync run {} failed: {reason}", p.run);
                 s.initial = Some(p);
@@ -732,8 +732,8 @@ mod tests {
         assert_eq!(outcomes(&fx), [Outcome::Accepted, Outcome::StateChanged]);
         let s = &c.statuses["currencies"];
         assert_eq!(
-            (s.state, s.resume_policy.as_deref()),
-            (MapState::Resuming, Some("discard"))
+            (s.state, s.resume_policy),
+            (MapState::Resuming, Some(ResumePolicy::Discard))
         );
         // A stale report changes nothing; the right one completes the command.
         assert!(c.caught_up("currencies", &[], 2).statuses.is_empty());
@@ -877,7 +877,7 @@ mod tests {
         assert_eq!(fx.events.last().unwrap().outcome, Outcome::Completed);
         let s = &c.statuses["customers"];
         assert_eq!(s.state, MapState::Running);
-        assert_eq!(s.initial.as_ref().unwrap().phase, "skipped");
+        assert_eq!(s.initial.as_ref().unwrap().phase, CopyPhase::Skipped);
         assert!(c.next_initial_sync(&cfg).is_none());
 
         // Rerun: Initializing again with the next run id, same generation and start.

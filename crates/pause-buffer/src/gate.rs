@@ -250,11 +250,7 @@ impl Gate {
                 if self.resume_started.is_none() {
                     self.resume_started = Some((std::time::Instant::now(), 0));
                 }
-                let policy = match self.status.resume_policy.as_deref() {
-                    Some("discard") => ResumePolicy::Discard,
-                    Some("skip_to_live") => ResumePolicy::SkipToLive,
-                    _ => ResumePolicy::CatchUp,
-                };
+                let policy = self.status.resume_policy.unwrap_or_default();
                 if policy == ResumePolicy::Discard {
                     let skipped = self.backlog();
                     self.advance_to(&offsets(&self.status.resume_targets))?;
@@ -433,7 +429,7 @@ impl Gate {
     /// records themselves on the catch-up errors topic.
     fn route(&mut self, batch: &[OwnedMessage]) -> Output {
         let aside_before = (self.status.state == MapState::Resuming
-            && self.status.resume_policy.as_deref() == Some("skip_to_live"))
+            && self.status.resume_policy == Some(ResumePolicy::SkipToLive))
         .then(|| offsets(&self.status.resume_targets));
         let catchup = Topics::new(&self.config.kafka.topic_prefix).catchup_errors();
         let mut out = Output::default();

@@ -417,9 +417,9 @@ fn schedule_copy(
     if let Some(c) = copy.as_ref() {
         let current = ctl.statuses.get(&c.map).is_some_and(|s| {
             s.state == MapState::Initializing
-                && s.initial.as_ref().is_some_and(|i| {
-                    i.run == c.run && matches!(i.phase.as_str(), "waiting" | "copying")
-                })
+                && s.initial
+                    .as_ref()
+                    .is_some_and(|i| i.run == c.run && i.phase.is_under_way())
         });
         if current {
             return;
