@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -520,98 +520,37 @@ impl TestEnv {
     }
 }
 
-/// A service running as a child process; killed when dropped.
-pub struct Service {
-    pub name: String,
-    args: Vec<String>,
-    config: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
+/// A service running as a child process of the shared harness
+/// ([`dualwrite_process::Process`]); killed when dropped.
+pub struct Service(dualwrite_process::Process);
+
+impl std::ops::Deref for Service {
+    type Target = dualwrite_process::Process;
+    fn deref(&self) -> &dualwrite_process::Process {
+        &self.0
+    }
 }
 
 impl Service {
     fn start(config: &Path, dir: &Path, args: &[&str]) -> Service {
         let name = args.join("-").replace("--", "");
-        let mut s = Service {
-            log: dir.join(format!("{name}.log")),
-            name,
-            args: args.iter().map(|a| a.to_string()).collect(),
-            config: config.to_owned(),
-            child: None,
-        };
-        s.restart();
-        s
+        let config = config.to_owned();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let recipe = Box::new(move || {
+            let mut c = Command::new(BIN);
+            c.args(&args)
+                .env("DUALWRITE_CONFIG", &config)
+                .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
+                .env_remove("DUALWRITE_TOPIC_PREFIX")
+                .env("RUST_LOG", "info");
+            c
+        });
+        Service(dualwrite_process::Process::start(&name, dir, recipe).expect("start a service"))
     }
 
     /// Starts the process again (appending to its log).
-    pub fn restart(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(&self.args)
-            .env("DUALWRITE_CONFIG", &self.config)
-            .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
-            .env_remove("DUALWRITE_TOPIC_PREFIX")
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, without waiting.
-    pub fn terminate(&mut self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-        }
-    }
-
-    /// SIGTERM, then wait for it to exit (SIGKILL after 20 s).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// The process's peak resident set size so far (`VmHWM` of
-    /// `/proc/<pid>/status`), in bytes; `None` when it is not running.
-    pub fn peak_rss(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.kill9();
+    pub fn restart(&self) {
+        self.0.restart().expect("restart a service");
     }
 }
 

@@ -167,24 +167,26 @@ impl Connect {
             Some(h) => PathBuf::from(h).join("bin/java"),
             None => PathBuf::from("java"),
         };
-        let mut cmd = Command::new(java);
-        cmd.args([
-            "-Xmx512m",
-            "-Xms128m",
-            "-XX:+UseG1GC",
-            "-Djava.awt.headless=true",
-        ])
-        .arg(format!(
-            "-Dlog4j2.configurationFile={}",
-            log4j_path.display()
-        ))
-        .arg("-cp")
-        .arg(format!("{}/*", libs.display()))
-        .arg("org.apache.kafka.connect.cli.ConnectStandalone")
-        .arg(&worker_path)
-        .arg(&connector_path);
+        let log4j = format!("-Dlog4j2.configurationFile={}", log4j_path.display());
+        let classpath = format!("{}/*", libs.display());
+        let recipe = Box::new(move || {
+            let mut cmd = Command::new(&java);
+            cmd.args([
+                "-Xmx512m",
+                "-Xms128m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+            ])
+            .arg(&log4j)
+            .arg("-cp")
+            .arg(&classpath)
+            .arg("org.apache.kafka.connect.cli.ConnectStandalone")
+            .arg(&worker_path)
+            .arg(&connector_path);
+            cmd
+        });
         let c = Connect {
-            service: Service::spawn("debezium-connect", dir, cmd)?,
+            service: Service::start("debezium-connect", dir, recipe)?,
             slot,
             topic: format!("{topic_prefix}.public.bench_items"),
         };

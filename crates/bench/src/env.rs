@@ -4,8 +4,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -212,126 +212,38 @@ pub async fn drop_slots(admin: &Client, db: &str) {
     }
 }
 
-/// A service running as a child process.
-pub struct Service {
-    pub name: String,
-    pub log: PathBuf,
-    child: Mutex<Option<Child>>,
-}
+/// A service running as a child process: the harness the end-to-end
+/// tests use too.
+pub use dualwrite_process::{cpu_secs, Process as Service};
 
-impl Service {
-    fn start(ctx: &Ctx, config: &Path, dir: &Path, args: &[&str]) -> Result<Service> {
-        let name = args.join("-").replace("--side-", "");
-        let mut cmd = Command::new(&ctx.bin);
-        cmd.args(args)
+/// Starts the `dualwrite` service `args` of a deployment.
+fn start_service(ctx: &Ctx, config: &Path, dir: &Path, args: &[&str]) -> Result<Service> {
+    let name = args.join("-").replace("--side-", "");
+    let (bin, config) = (ctx.bin.clone(), config.to_owned());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let recipe = Box::new(move || {
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args)
             .args(["--metrics-addr", "127.0.0.1:0"])
-            .env("DUALWRITE_CONFIG", config)
+            .env("DUALWRITE_CONFIG", &config)
             .env_remove("DUALWRITE_TOPIC_PREFIX")
             .env_remove("DUALWRITE_BOOTSTRAP_SERVERS")
             .env_remove("DUALWRITE_METRICS_ADDR")
             .env_remove("DUALWRITE_INSTANCES")
             .env_remove("DUALWRITE_INSTANCE_INDEX")
             .env("RUST_LOG", "info");
-        Service::spawn(&name, dir, cmd)
-    }
-
-    /// Runs `cmd` as a child process named `name`, its output going to
-    /// `<dir>/<name>.log`.
-    pub fn spawn(name: &str, dir: &Path, mut cmd: Command) -> Result<Service> {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
-        Ok(Service {
-            name: name.to_owned(),
-            log,
-            child: Mutex::new(Some(child)),
-        })
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(Child::id)
-    }
-
-    /// None while it runs; its exit status once it exited.
-    pub fn exited(&self) -> Option<String> {
-        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        match c.as_mut().map(|c| c.try_wait()) {
-            Some(Ok(None)) => None,
-            Some(Ok(Some(s))) => Some(s.to_string()),
-            Some(Err(e)) => Some(e.to_string()),
-            None => Some("stopped".into()),
-        }
-    }
-
-    /// CPU time used so far (user and system), in seconds.
-    pub fn cpu_secs(&self) -> Option<f64> {
-        cpu_secs(self.pid()?)
-    }
-
-    /// Peak resident set size so far (VmHWM), in KiB.
-    pub fn peak_rss_kib(&self) -> Option<u64> {
-        let pid = self.pid()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    }
-
-    /// SIGTERM, then wait for the exit (SIGKILL after 30 s).
-    pub fn stop(&self) {
-        let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("bench: {} did not stop within 30 s; killing it", self.name);
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-
-    /// The end of its log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// `http://ADDR` of its metrics and health endpoints, from its log.
-    fn metrics_addr(&self) -> Option<String> {
-        let text = std::fs::read_to_string(&self.log).ok()?;
-        text.split("metrics on http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .map(str::to_owned)
-    }
+        cmd
+    });
+    Service::start(&name, dir, recipe).with_context(|| format!("start {name}"))
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// `http://ADDR` of a service's metrics and health endpoints, from its log.
+fn metrics_addr(s: &Service) -> Option<String> {
+    let text = std::fs::read_to_string(&s.log).ok()?;
+    text.split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .map(str::to_owned)
 }
 
 /// The services of one deployment, in this order.
@@ -388,7 +300,7 @@ impl Deployment {
     /// each says it is ready.
     pub async fn start_some(&mut self, ctx: &Ctx, services: &[&[&str]]) -> Result<()> {
         for args in services {
-            let s = Service::start(ctx, &self.config_path, &self.dir, args)?;
+            let s = start_service(ctx, &self.config_path, &self.dir, args)?;
             self.services.push(s);
         }
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -396,7 +308,7 @@ impl Deployment {
             loop {
                 self.check_alive()?;
                 let s = &self.services[i];
-                if let Some(addr) = s.metrics_addr() {
+                if let Some(addr) = metrics_addr(s) {
                     let ready = tokio::task::spawn_blocking(move || http_status(&addr, "/readyz"))
                         .await
                         .unwrap_or(0);
@@ -484,7 +396,7 @@ impl Deployment {
     pub fn stop(&mut self) -> Vec<(String, f64)> {
         let mut out = Vec::new();
         for s in &self.services {
-            if let Some(kib) = s.peak_rss_kib() {
+            if let Some(kib) = s.peak_rss().map(|b| b / 1024) {
                 out.push((s.name.clone(), kib as f64 / 1024.0));
             }
         }
@@ -525,18 +437,6 @@ impl Deployment {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-/// CPU time (user and system) a process has used, in seconds, from
-/// `/proc/<pid>/stat` (in USER_HZ ticks, 100 a second on Linux).
-pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Status code of a plain HTTP/1.0 GET on loopback (0 when unreachable).

@@ -482,7 +482,7 @@ pub async fn capture_hop(ctx: &Ctx, p: &Params) -> Result<RunResult> {
             hop_peer(p, &db, &kcfg, &connect.topic, connect.service(), &alive).await
         }
         .await;
-        let rss = connect.service().peak_rss_kib();
+        let rss = connect.service().peak_rss().map(|b| b / 1024);
         connect.stop();
         r.context("Debezium")?.store(&mut out, "dbz", rss);
 
@@ -497,7 +497,7 @@ pub async fn capture_hop(ctx: &Ctx, p: &Params) -> Result<RunResult> {
             .service("capture-fno")
             .context("capture-fno not started")?;
         let f = hop_peer(p, &db, &kcfg, &topic, svc, &alive).await?;
-        f.store(&mut out, "ours", svc.peak_rss_kib());
+        f.store(&mut out, "ours", svc.peak_rss().map(|b| b / 1024));
         Ok(out)
     }
     .await;
