@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compares dualwrite binaries (or settings) back to back on one bench
 # stack: every pass runs each variant once, in turn, so that the machine's
-# drift hits them alike; report the medians of the passes (BENCHMARKS.md).
+# drift hits them alike, and even passes in the reverse order (a variant's
+# place in a pass can matter: the catch-up of whichever ran second measured
+# up to 20 % lower); report the medians of the passes (BENCHMARKS.md).
 #
 #   scripts/bench-ab.sh VARIANT... [-- dualwrite-bench options]
 #
@@ -36,8 +38,12 @@ trap 'scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$DUALWRITE_STATE_DI
 eval "$(scripts/stack.sh up)"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
 
+reversed=()
+for ((i = ${#variants[@]} - 1; i >= 0; i--)); do reversed+=("${variants[$i]}"); done
 for pass in $(seq 1 "${PASSES:-3}"); do
-  for v in "${variants[@]}"; do
+  order=("${variants[@]}")
+  [ $((pass % 2)) -eq 0 ] && order=("${reversed[@]}")
+  for v in "${order[@]}"; do
     name="${v%%=*}"
     rest="${v#*=}"
     bin="${rest%%@*}"
