@@ -39,7 +39,7 @@ use dualwrite_runtime::kafka::{self, rdkafka::Message};
 use dualwrite_runtime::side::CopySide;
 use tokio_util::sync::CancellationToken;
 
-use crate::Failure;
+use crate::{transient, Failure};
 
 /// A record's alternate key values, in key order.
 pub(crate) type Key = Vec<String>;
@@ -60,7 +60,7 @@ pub(crate) async fn keys<C: CopySide>(
     }
     if !kafka::drain::routed(config, cancel)
         .await
-        .map_err(Failure::Transient)?
+        .map_err(transient)?
     {
         return Ok(None);
     }
@@ -74,10 +74,10 @@ pub(crate) async fn keys<C: CopySide>(
             }
         })
         .map(|()| Some(keys))
-        .map_err(|e| Failure::Transient(format!("reading {topic}: {e}")))
+        .map_err(|e| transient(format!("reading {topic}: {e}")))
     })
     .await
-    .map_err(|e| Failure::Transient(e.to_string()))?
+    .map_err(|e| transient(e.to_string()))?
 }
 
 /// The key of a change of a side that the snapshot covering it sees.

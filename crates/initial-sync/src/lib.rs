@@ -67,7 +67,7 @@ use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::kafka::{self, Outgoing, Producer};
 use dualwrite_runtime::metrics::metrics;
-use dualwrite_runtime::side::{CopyOutcome, CopySide, SideError, SnapshotRow};
+use dualwrite_runtime::side::{Class, CopyOutcome, CopySide, SideError, SnapshotRow};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -118,21 +118,19 @@ pub struct Hold {
     pub position: std::collections::BTreeMap<i32, i64>,
 }
 
-enum Failure {
-    /// Worth trying again (connection lost, broker unavailable).
-    Transient(String),
-    /// The copy cannot go on (table missing, no permission…).
-    Fatal(String),
+/// Why a copy stopped, in the services' one classification: a retryable
+/// failure (connection lost, broker unavailable) is tried again from the
+/// checkpoint, any other (table missing, no permission…) fails the copy.
+type Failure = SideError;
+
+/// A failure worth trying again.
+fn transient(message: impl Into<String>) -> Failure {
+    SideError::new(Class::RetryLater, message)
 }
 
-impl From<SideError> for Failure {
-    fn from(e: SideError) -> Failure {
-        if e.is_retryable() {
-            Failure::Transient(e.message)
-        } else {
-            Failure::Fatal(e.message)
-        }
-    }
+/// A failure no retry mends.
+fn fatal(message: impl Into<String>) -> Failure {
+    SideError::new(Class::Fatal, message)
 }
 
 /// The initial write and its schema check for the sides' kind of
@@ -196,18 +194,18 @@ pub async fn run<C: CopySide>(job: Job, reports: mpsc::Sender<Report>, cancel: C
                 return;
             }
             Ok(false) => return,
-            Err(Failure::Transient(msg)) => {
-                tracing::warn!(map = %job.map, run = progress.run, "initial sync interrupted, continuing from its checkpoint: {msg}");
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(map = %job.map, run = progress.run, "initial sync interrupted, continuing from its checkpoint: {e}");
                 if backoff.wait(&cancel).await {
                     return;
                 }
             }
-            Err(Failure::Fatal(msg)) => {
-                tracing::error!(map = %job.map, run = progress.run, "initial sync failed: {msg}");
+            Err(e) => {
+                tracing::error!(map = %job.map, run = progress.run, "initial sync failed: {e}");
                 let _ = reports
                     .send(Report::Finished {
                         map: job.map.clone(),
-                        result: Err((progress, msg)),
+                        result: Err((progress, e.message)),
                     })
                     .await;
                 return;
@@ -241,16 +239,13 @@ async fn attempt<C: CopySide>(
 ) -> Result<bool, Failure> {
     let config = &job.config;
     let Some(map) = config.map(&job.map) else {
-        return Err(Failure::Fatal(format!(
-            "map `{}` is no longer configured",
-            job.map
-        )));
+        return Err(fatal(format!("map `{}` is no longer configured", job.map)));
     };
     // The mapping must fit both tables before anything is written.
     let problems = schema_problems::<C>(config, map).await?;
     if !problems.is_empty() {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        return Err(Failure::Fatal(format!(
+        return Err(fatal(format!(
             "the mapping does not fit the tables: {}",
             list.join("; ")
         )));
@@ -320,7 +315,7 @@ async fn ready(job: &Job, cancel: &CancellationToken) -> Result<bool, Failure> {
     }
     kafka::drain::appliers_drained(&job.config, cancel)
         .await
-        .map_err(Failure::Transient)
+        .map_err(transient)
 }
 
 /// Records the new snapshots, which cover every key after the checkpoint
@@ -588,9 +583,7 @@ impl CopyRun<'_> {
             .collect();
         kafka::send_all(&self.job.producer, &records)
             .await
-            .map_err(|e| {
-                Failure::Transient(format!("cannot record the failed rows on {topic}: {e}"))
-            })
+            .map_err(|e| transient(format!("cannot record the failed rows on {topic}: {e}")))
     }
 }
 
@@ -712,7 +705,7 @@ impl<C: CopySide> SideCopy<C> {
     /// transaction; only the writes it rejects fail.
     async fn write(&mut self, writes: &[(usize, Write)]) -> Result<Vec<Outcome>, Failure> {
         let writes: Vec<&Write> = writes.iter().map(|(_, w)| w).collect();
-        Ok(self.side.write(&writes).await?)
+        self.side.write(&writes).await
     }
 }
 

@@ -33,7 +33,7 @@ pub struct PgCopy {
     snapshot: SideSnapshot,
     rows: i64,
     exhausted: bool,
-    statements: HashMap<String, Statement>,
+    statements: pg::Prepared,
 }
 
 /// A failure of `what`: retried if it may pass, else the copy stops.
@@ -85,7 +85,7 @@ impl CopySide for PgCopy {
             snapshot,
             rows,
             exhausted: false,
-            statements: HashMap::new(),
+            statements: pg::Prepared::default(),
         })
     }
 
@@ -302,12 +302,7 @@ impl PgCopy {
     }
 
     async fn statement(&mut self, sql: String) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(&sql) {
-            return Ok(s.clone());
-        }
-        let s = self.writer.prepare(&sql).await?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
+        self.statements.get(&self.writer, sql).await
     }
 
     async fn exec(&mut self, w: &CopyWrite) -> Result<CopyOutcome, tokio_postgres::Error> {

@@ -79,6 +79,27 @@ pub fn setup_error(e: &tokio_postgres::Error) -> SideError {
     s
 }
 
+/// The statements prepared on one connection, by their text: each is
+/// prepared once and used again for the life of the connection.
+#[derive(Default)]
+pub struct Prepared(std::collections::HashMap<String, tokio_postgres::Statement>);
+
+impl Prepared {
+    /// The statement `sql`, prepared on `client` the first time.
+    pub async fn get(
+        &mut self,
+        client: &Client,
+        sql: String,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.0.get(&sql) {
+            return Ok(s.clone());
+        }
+        let s = client.prepare(&sql).await?;
+        self.0.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
 /// Connects to a side's database. The connection runs on its own task; the
 /// client errors out once it is closed.
 pub async fn connect(conn: &PgConnection, application_name: &str) -> Result<Client, ConnectError> {

@@ -18,7 +18,7 @@ use crate::target_sql as sql;
 /// A connection to the target with its prepared statements.
 pub struct PgTarget {
     client: Client,
-    statements: HashMap<String, Statement>,
+    statements: pg::Prepared,
 }
 
 fn failed(e: tokio_postgres::Error) -> SideError {
@@ -27,12 +27,7 @@ fn failed(e: tokio_postgres::Error) -> SideError {
 
 impl PgTarget {
     async fn prepared(&mut self, sql: String) -> Result<Statement, SideError> {
-        if let Some(s) = self.statements.get(&sql) {
-            return Ok(s.clone());
-        }
-        let s = self.client.prepare(&sql).await.map_err(failed)?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
+        self.statements.get(&self.client, sql).await.map_err(failed)
     }
 
     async fn simple(&mut self, sql: &str) -> Result<(), SideError> {
@@ -78,7 +73,7 @@ impl Target for PgTarget {
             .map_err(setup)?;
         Ok(PgTarget {
             client,
-            statements: HashMap::new(),
+            statements: pg::Prepared::default(),
         })
     }
 
