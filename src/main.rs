@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use dualwrite_initial_sync::Copier;
 use dualwrite_model::config::{Config, SideId, SideKind};
 use dualwrite_runtime::kafka::{self, Shard, TopicSpec};
-use dualwrite_side_postgres::{PgCopy, PgSource, PgTarget};
+use dualwrite_side_postgres::{PgCopy, PgInspect, PgSource, PgTarget};
 
 /// The services allocate many small, short-lived values per record (Avro
 /// values, fields, keys); mimalloc serves them with less CPU than the
@@ -187,9 +187,7 @@ async fn run(
             capture(config, s, shutdown).await?;
         }
         Command::Router => dualwrite_router::run(config, shard, shutdown).await?,
-        Command::PauseBuffer => {
-            dualwrite_pause_buffer::run(config.clone(), copier(&config), shutdown).await?
-        }
+        Command::PauseBuffer => pause_buffer(config, shutdown).await?,
         Command::Apply { side: s } => {
             let s = side(&config, &s)?;
             apply(config, s, shard, shutdown).await?;
@@ -205,8 +203,15 @@ async fn run(
                 options: option_env_vars(),
                 others: ENV_VARS,
             };
-            let control = dualwrite_pause_buffer::control_topics(&config);
-            dualwrite_ctl::cli::run(config, command, &env_vars, &control).await?;
+            let control = dualwrite_control::control_topics(&config);
+            match kinds(&config) {
+                (SideKind::Postgres, SideKind::Postgres) => {
+                    dualwrite_ctl::cli::run::<PgCopy, PgInspect>(
+                        config, command, &env_vars, &control,
+                    )
+                    .await?
+                }
+            }
         }
     }
     Ok(())
@@ -239,16 +244,30 @@ async fn apply(
     Ok(())
 }
 
-/// The initial write and schema check for the sides' kinds of database.
-fn copier(config: &Config) -> Copier {
-    match (config.sides.left.kind, config.sides.right.kind) {
-        (SideKind::Postgres, SideKind::Postgres) => Copier::of::<PgCopy>(),
+/// The kinds of database of the left and right sides. The services that
+/// read both sides (the pause buffer's initial write and drift check,
+/// `ctl`) take one implementation for the pair: a pair of two kinds needs
+/// one that serves both (an enum over the kinds' own).
+fn kinds(config: &Config) -> (SideKind, SideKind) {
+    (config.sides.left.kind, config.sides.right.kind)
+}
+
+/// The pause buffer, copying and comparing the sides' kinds of database.
+async fn pause_buffer(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) -> Result<(), dualwrite_control::ControlError> {
+    match kinds(&config) {
+        (SideKind::Postgres, SideKind::Postgres) => {
+            let copier = Copier::of::<PgCopy>();
+            dualwrite_control::run::<PgInspect>(config, copier, shutdown).await
+        }
     }
 }
 
 fn all_topics(config: &Config) -> Vec<TopicSpec> {
     let mut v = dualwrite_router::topics(config);
-    v.extend(dualwrite_pause_buffer::topics(config));
+    v.extend(dualwrite_control::topics(config));
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v.dedup_by(|a, b| a.name == b.name);
     v
@@ -274,14 +293,7 @@ async fn run_all(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
         )
     });
     let (c, t) = (config.clone(), shutdown.clone());
-    tasks.spawn(async move {
-        (
-            "pause-buffer",
-            dualwrite_pause_buffer::run(c.clone(), copier(&c), t)
-                .await
-                .map_err(Into::into),
-        )
-    });
+    tasks.spawn(async move { ("pause-buffer", pause_buffer(c, t).await.map_err(Into::into)) });
     tracing::info!("all services running");
 
     let mut first_error = None;

@@ -10,6 +10,7 @@ use clap::Subcommand;
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{Action, ControlCommand, MapStatus};
 use dualwrite_runtime::kafka::{self, TopicSpec};
+use dualwrite_runtime::side::{CopySide, Inspect};
 
 use crate::CommandResult;
 
@@ -205,8 +206,9 @@ fn selected_maps<'a>(
 /// Runs one `ctl` subcommand. `control_topics`: the control and events
 /// topics, created if missing before a command is sent. (Long as a
 /// dispatch table is: one short arm per subcommand, the work in the
-/// functions they call.)
-pub async fn run(
+/// functions they call.) The sides are read through `C` (the schema
+/// check) and `I` (verify, repair, the touch of `retry-errors`).
+pub async fn run<C: CopySide, I: Inspect>(
     config: Arc<Config>,
     command: CtlCommand,
     env: &CliEnv,
@@ -235,17 +237,18 @@ pub async fn run(
         CtlCommand::RetryErrors { map, class, at } => {
             let cfg = config.clone();
             let filter = crate::ErrorFilter { map, class, at };
-            tokio::task::spawn_blocking(move || {
+            let touches = tokio::task::spawn_blocking(move || {
                 crate::retry_errors(&cfg, &filter, &mut std::io::stdout())
             })
             .await??;
+            crate::touch::retry::<I>(&config, &touches, &mut std::io::stdout()).await?;
         }
         CtlCommand::EnvVars => {
             crate::print_env_vars(&config, &env.options, env.others, &mut std::io::stdout())?
         }
         CtlCommand::CheckSchema { maps } => {
             let maps = selected_maps(&config, &maps)?;
-            let problems = crate::check_schema(&config, &maps, &mut std::io::stdout()).await?;
+            let problems = crate::check_schema::<C>(&config, &maps, &mut std::io::stdout()).await?;
             if problems > 0 {
                 anyhow::bail!("{problems} problem(s) found");
             }
@@ -259,9 +262,9 @@ pub async fn run(
             let mut reports = Vec::new();
             for map in selected_maps(&config, &maps)? {
                 reports.push(
-                    crate::verify::verify_map(&config, map, one_way)
+                    crate::verify::verify_map::<I>(&config, map, one_way)
                         .await
-                        .map_err(anyhow::Error::msg)?,
+                        .map_err(|e| anyhow::Error::msg(e.message))?,
                 );
             }
             crate::verify::print(&reports, json, examples, &mut std::io::stdout())?;
@@ -279,7 +282,7 @@ pub async fn run(
                 .map(&map)
                 .ok_or_else(|| anyhow::anyhow!("unknown map `{map}`"))?;
             let wait = std::time::Duration::from_secs(wait_secs);
-            let r = crate::repair::repair(&config, m, &keys, wait)
+            let r = crate::repair::repair::<I>(&config, m, &keys, wait)
                 .await
                 .map_err(anyhow::Error::msg)?;
             crate::repair::print(&r, json, &mut std::io::stdout())?;

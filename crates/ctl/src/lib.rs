@@ -6,8 +6,7 @@ pub mod repair;
 pub mod touch;
 pub mod verify;
 
-use dualwrite_runtime::side::schema_problems;
-use dualwrite_side_postgres::PgCopy;
+use dualwrite_runtime::side::{schema_problems, CopySide};
 use std::io::Write;
 use std::time::Duration;
 
@@ -71,14 +70,14 @@ pub fn print_env_vars(
 
 /// Checks each map against both sides' tables and prints what does not
 /// fit (or that it fits); how many problems were found.
-pub async fn check_schema(
+pub async fn check_schema<C: CopySide>(
     config: &Config,
     maps: &[&dualwrite_model::config::MapConfig],
     out: &mut impl Write,
 ) -> Result<usize, CtlError> {
     let mut problems = 0;
     for map in maps {
-        let found = schema_problems::<PgCopy>(config, map)
+        let found = schema_problems::<C>(config, map)
             .await
             .map_err(|e| CtlError::Usage(e.message))?;
         if found.is_empty() {
@@ -795,12 +794,13 @@ pub struct ErrorFilter {
 /// an apply topic is made only if the target has no later write and is
 /// still in the state it expected; a captured change retried is skipped by
 /// the resolver when a later write of its side overtook it; so a retry
-/// never regresses a record. Returns (sent, not retryable).
+/// never regresses a record. Returns the rows to touch (changes too large
+/// to capture: [`touch::retry`] brings them back).
 pub fn retry_errors(
     config: &Config,
     filter: &ErrorFilter,
     out: &mut impl Write,
-) -> Result<(usize, usize), CtlError> {
+) -> Result<BTreeSet<touch::Touch>, CtlError> {
     let t = Topics::new(&config.kafka.topic_prefix);
     let mut records = Vec::new();
     let mut touches = BTreeSet::new();
@@ -849,8 +849,7 @@ pub fn retry_errors(
         "sent {} record(s) back to the topics they came from; {not_retryable} matching error(s) carry no record to retry; {refused} refused",
         records.len()
     )?;
-    let touched = touch::retry(config, &touches, out)?;
-    Ok((records.len() + touched, not_retryable + refused))
+    Ok(touches)
 }
 
 /// Whether the record `payload` may be sent back to `topic`: only to the

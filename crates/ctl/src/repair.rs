@@ -21,9 +21,8 @@ use dualwrite_model::record::{
 };
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::{self as kafka_rt, Outgoing};
-use dualwrite_side_postgres::pg;
+use dualwrite_runtime::side::Inspect;
 use serde::Serialize;
-use tokio_postgres::Client;
 
 /// What a repair did.
 #[derive(Debug, Default, Serialize)]
@@ -63,18 +62,18 @@ pub fn print(r: &RepairReport, json: bool, out: &mut impl std::io::Write) -> std
 
 /// Repairs `keys` (JSON arrays, as `ctl verify` prints them), or every
 /// differing record, and waits up to `wait` for the sides to agree.
-pub async fn repair(
+pub async fn repair<I: Inspect>(
     config: &Config,
     map: &MapConfig,
     keys: &[String],
     wait: Duration,
 ) -> Result<RepairReport, String> {
-    let clients = [
+    let mut sides: [I; 2] = [
         connect(config, SideId::Left).await?,
         connect(config, SideId::Right).await?,
     ];
     let keys: Vec<Key> = if keys.is_empty() {
-        differing(map, &clients).await?
+        differing(map, &mut sides).await?
     } else {
         keys.iter()
             .map(|k| {
@@ -89,7 +88,7 @@ pub async fn repair(
     };
     let mut events = Vec::new();
     for key in keys {
-        let (lsns, rows) = observe(map, &clients, &key).await?;
+        let (lsns, rows) = observe(map, &mut sides, &key).await?;
         if compare(map, rows[0].as_ref(), rows[1].as_ref()).is_none() {
             report.equal += 1;
             continue;
@@ -105,52 +104,44 @@ pub async fn repair(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    report.repaired = wait_equal(map, &clients, &report.sent, wait).await?;
+    report.repaired = wait_equal(map, &mut sides, &report.sent, wait).await?;
     Ok(report)
 }
 
-async fn connect(config: &Config, side: SideId) -> Result<Client, String> {
-    let c = pg::connect(&config.side(side).connection, "dualwrite-repair")
+async fn connect<I: Inspect>(config: &Config, side: SideId) -> Result<I, String> {
+    I::connect(config, side, "dualwrite-repair")
         .await
-        .map_err(|e| format!("side {}: cannot connect: {e}", config.side(side).name))?;
-    c.batch_execute("SET TimeZone = 'UTC'")
-        .await
-        .map_err(|e| pg::describe(&e))?;
-    Ok(c)
+        .map_err(|e| e.message)
 }
 
 /// Every record that differs, by a full comparison.
-async fn differing(map: &MapConfig, clients: &[Client; 2]) -> Result<Vec<Key>, String> {
-    let mut pass = Pass::open(&clients[0], &clients[1], map, 1000)
+async fn differing<I: Inspect>(map: &MapConfig, sides: &mut [I; 2]) -> Result<Vec<Key>, String> {
+    let [left, right] = sides;
+    let mut pass = Pass::open(left, right, map, 1000)
         .await
-        .map_err(|e| pg::describe(&e))?;
+        .map_err(|e| e.message)?;
     let mut keys = Vec::new();
-    while let Some(k) = pass.next(1000).await.map_err(|e| pg::describe(&e))? {
+    while let Some(k) = pass.next(1000).await.map_err(|e| e.message)? {
         keys.extend(k);
     }
-    pass.close().await.map_err(|e| pg::describe(&e))?;
+    pass.close().await.map_err(|e| e.message)?;
     Ok(keys)
 }
 
-/// Each side's WAL position, then its row of `key` (read after the
-/// position: a write not seen by the read is after it).
-async fn observe(
+/// Each side's change stream position, then its row of `key` (read after
+/// the position: a write not seen by the read is after it).
+async fn observe<I: Inspect>(
     map: &MapConfig,
-    clients: &[Client; 2],
+    sides: &mut [I; 2],
     key: &Key,
 ) -> Result<([i64; 2], [Option<Row>; 2]), String> {
     let mut lsns = [0i64; 2];
     let mut rows: [Option<Row>; 2] = [None, None];
     for (i, s) in SIDES.into_iter().enumerate() {
-        let lsn: String = clients[i]
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        lsns[i] = sides[i].position().await.map_err(|e| e.message)? as i64;
+        rows[i] = read_rows(&mut sides[i], map, s, std::slice::from_ref(key))
             .await
-            .map_err(|e| pg::describe(&e))?
-            .get(0);
-        lsns[i] = dualwrite_model::record::parse_lsn(&lsn).unwrap_or(0) as i64;
-        rows[i] = read_rows(&clients[i], map, s, std::slice::from_ref(key))
-            .await
-            .map_err(|e| pg::describe(&e))?
+            .map_err(|e| e.message)?
             .remove(key);
     }
     Ok((lsns, rows))
@@ -252,9 +243,9 @@ fn repair_event(
 }
 
 /// Waits until the records agree on both sides or `wait` passed; the keys that agree.
-async fn wait_equal(
+async fn wait_equal<I: Inspect>(
     map: &MapConfig,
-    clients: &[Client; 2],
+    sides: &mut [I; 2],
     keys: &[String],
     wait: Duration,
 ) -> Result<Vec<String>, String> {
@@ -265,12 +256,12 @@ async fn wait_equal(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let mut agree = Vec::new();
-        let l = read_rows(&clients[0], map, SideId::Left, &keys)
+        let l = read_rows(&mut sides[0], map, SideId::Left, &keys)
             .await
-            .map_err(|e| pg::describe(&e))?;
-        let r = read_rows(&clients[1], map, SideId::Right, &keys)
+            .map_err(|e| e.message)?;
+        let r = read_rows(&mut sides[1], map, SideId::Right, &keys)
             .await
-            .map_err(|e| pg::describe(&e))?;
+            .map_err(|e| e.message)?;
         for k in &keys {
             if compare(map, l.get(k), r.get(k)).is_none() {
                 agree.push(key_json(k));

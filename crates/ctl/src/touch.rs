@@ -28,8 +28,7 @@ use std::io::Write;
 
 use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::record::{ErrorRecord, Field};
-use dualwrite_side_postgres::pg;
-use postgres_protocol::escape::escape_identifier;
+use dualwrite_runtime::side::Inspect;
 
 /// A row to touch.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,7 +97,10 @@ pub struct Touched {
 }
 
 /// Touches each row once, on its side.
-pub async fn touch_rows(config: &Config, rows: &BTreeSet<Touch>) -> Result<Touched, String> {
+pub async fn touch_rows<I: Inspect>(
+    config: &Config,
+    rows: &BTreeSet<Touch>,
+) -> Result<Touched, String> {
     let mut done = Touched::default();
     for side in [SideId::Left, SideId::Right] {
         let mine: Vec<&Touch> = rows.iter().filter(|t| t.side == side).collect();
@@ -106,9 +108,9 @@ pub async fn touch_rows(config: &Config, rows: &BTreeSet<Touch>) -> Result<Touch
             continue;
         }
         let name = &config.side(side).name;
-        let client = pg::connect(&config.side(side).connection, "dualwrite-ctl")
+        let mut inspect = I::connect(config, side, "dualwrite-ctl")
             .await
-            .map_err(|e| format!("side {name}: cannot connect: {e}"))?;
+            .map_err(|e| e.message)?;
         for t in mine {
             let names = config
                 .captured_entities(side)
@@ -119,45 +121,23 @@ pub async fn touch_rows(config: &Config, rows: &BTreeSet<Touch>) -> Result<Touch
                 .zip(&t.key)
                 .map(|(n, v)| Field::new(n, Some(v)))
                 .collect();
-            let n = client
-                .execute(
-                    &touch_sql(&t.entity, &names),
-                    &[&pg::fields_json(key.iter())],
-                )
+            let there = inspect
+                .touch(&t.entity, &key)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "side {name}: touching {} {:?}: {}",
-                        t.entity,
-                        t.key,
-                        pg::describe(&e)
-                    )
-                })?;
-            if n == 0 {
+                .map_err(|e| format!("side {name}: {:?}: {}", t.key, e.message))?;
+            if there {
+                done.touched += 1;
+            } else {
                 done.gone.push(format!("{name}: {} {:?}", t.entity, t.key));
             }
-            done.touched += n as usize;
         }
     }
     Ok(done)
 }
 
-/// [`touch_rows`] from blocking code (`ctl retry-errors` runs on a
-/// blocking thread, or outside any runtime).
-pub fn touch_rows_blocking(config: &Config, rows: &BTreeSet<Touch>) -> Result<Touched, String> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => rt.block_on(touch_rows(config, rows)),
-        Err(_) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?
-            .block_on(touch_rows(config, rows)),
-    }
-}
-
 /// Touches the rows (`ctl retry-errors`) and says what it did; returns
 /// how many were touched.
-pub fn retry(
+pub async fn retry<I: Inspect>(
     config: &Config,
     rows: &BTreeSet<Touch>,
     out: &mut impl Write,
@@ -165,7 +145,9 @@ pub fn retry(
     if rows.is_empty() {
         return Ok(0);
     }
-    let done = touch_rows_blocking(config, rows).map_err(crate::CtlError::Usage)?;
+    let done = touch_rows::<I>(config, rows)
+        .await
+        .map_err(crate::CtlError::Usage)?;
     writeln!(
         out,
         "touched {} row(s) whose change was too large to capture: captured again with their current values \
@@ -177,23 +159,6 @@ pub fn retry(
         writeln!(out, "  gone (its delete was captured): {g}")?;
     }
     Ok(done.touched)
-}
-
-/// A no-op update of the row whose key (`$1`, a JSON object of text
-/// values, each read by its column type's input function) is given.
-fn touch_sql(entity: &str, key: &[String]) -> String {
-    let table = pg::table_ident(entity);
-    let col = |k: &String| escape_identifier(k);
-    let first = col(&key[0]);
-    let matches: Vec<String> = key
-        .iter()
-        .map(|k| format!("t.{0} = r.{0}", col(k)))
-        .collect();
-    format!(
-        "UPDATE {table} AS t SET {first} = t.{first} \
-         FROM json_populate_record(NULL::{table}, $1::text::json) AS r WHERE {}",
-        matches.join(" AND ")
-    )
 }
 
 #[cfg(test)]
@@ -245,18 +210,5 @@ mod tests {
                 "{key}: {got:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_touch_sets_the_key_to_itself() {
-        assert_eq!(
-            touch_sql(
-                "public.custtable",
-                &["dataareaid".into(), "accountnum".into()]
-            ),
-            "UPDATE \"public\".\"custtable\" AS t SET \"dataareaid\" = t.\"dataareaid\" \
-             FROM json_populate_record(NULL::\"public\".\"custtable\", $1::text::json) AS r \
-             WHERE t.\"dataareaid\" = r.\"dataareaid\" AND t.\"accountnum\" = r.\"accountnum\""
-        );
     }
 }

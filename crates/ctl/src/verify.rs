@@ -4,18 +4,19 @@
 //! side and records whose fields that sync both ways differ (with
 //! `--one-way`, also the one-way fields: a side's local edit of a field the
 //! other side owns is not synced back, so those may legitimately differ
-//! until the owner changes the record). Values are compared as text, read with `row_to_json`
+//! until the owner changes the record). Values are compared as text, read
 //! in UTC, after the field's transforms (a left value is compared, as the
-//! field maps it, with the right one). Each map's tables are read whole, one side at a time. Only
-//! records in the map's scope (filters, companies) are compared.
+//! field maps it, with the right one). Each map's tables are read whole,
+//! one side at a time, through the side's [`Inspect`]. Only records in the
+//! map's scope (filters, companies) are compared.
 
 use std::collections::BTreeMap;
 
+use dualwrite_drift::{key_json, reading};
 use dualwrite_model::config::{Config, Direction, MapConfig, SideId};
 use dualwrite_model::filter;
 use dualwrite_model::record::Field;
-use dualwrite_side_postgres::pg;
-use postgres_protocol::escape::escape_identifier;
+use dualwrite_runtime::side::{Inspect, Payload, SideError};
 use serde::Serialize;
 
 /// What `verify` found for one map.
@@ -89,65 +90,30 @@ pub fn print(
 
 type Rows = BTreeMap<String, BTreeMap<String, Option<String>>>;
 
-async fn read_side(config: &Config, map: &MapConfig, side: SideId) -> Result<Rows, String> {
-    let conn = &config.side(side).connection;
-    let client = pg::connect(conn, "dualwrite-verify")
-        .await
-        .map_err(|e| format!("side {}: cannot connect: {e}", config.side(side).name))?;
-    client
-        .batch_execute("SET TimeZone = 'UTC'")
-        .await
-        .map_err(|e| pg::describe(&e))?;
-    let entity = map.entity(side);
-    let (schema, table) = entity
-        .qualified()
-        .split_once('.')
-        .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        .unwrap_or_default();
-    let mut cols: Vec<String> = map
-        .fields
-        .iter()
-        .filter(|f| f.has_column(side))
-        .map(|f| escape_identifier(f.name(side)))
-        .collect();
-    // The columns the map's scope reads (filter, company field).
-    for c in filter::scope_columns(map, side) {
-        let c = escape_identifier(&c);
-        if !cols.contains(&c) {
-            cols.push(c);
+/// Rows read from the pass at a time.
+const FETCH: usize = 1000;
+
+async fn read_side<I: Inspect>(
+    config: &Config,
+    map: &MapConfig,
+    side: SideId,
+) -> Result<Rows, SideError> {
+    let mut inspect = I::connect(config, side, "dualwrite-verify").await?;
+    inspect.open_pass(&reading(map, side, false)).await?;
+    let mut out = Rows::new();
+    loop {
+        let rows = inspect.fetch(FETCH).await?;
+        let end = rows.len() < FETCH;
+        for (key, payload) in rows {
+            if let Payload::Row(row) = payload {
+                out.insert(key_json(&key), row);
+            }
+        }
+        if end {
+            break;
         }
     }
-    let sql = format!(
-        "SELECT {} FROM (SELECT {} FROM {}.{}) AS t",
-        dualwrite_side_postgres::pg::ROW_AS_TEXT_JSON,
-        cols.join(", "),
-        escape_identifier(&schema),
-        escape_identifier(&table)
-    );
-    let rows = client.query(&sql, &[]).await.map_err(|e| {
-        format!(
-            "side {}: {}: {}",
-            config.side(side).name,
-            entity.qualified(),
-            pg::describe(&e)
-        )
-    })?;
-    let mut out = Rows::new();
-    for r in rows {
-        let text: Option<String> = r.get(0);
-        let obj: BTreeMap<String, Option<String>> = text
-            .and_then(|t| serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&t).ok())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_str().map(str::to_owned)))
-            .collect();
-        let key: Vec<Option<&str>> = entity
-            .key
-            .iter()
-            .map(|k| obj.get(k).and_then(|v| v.as_deref()))
-            .collect();
-        out.insert(serde_json::to_string(&key).unwrap_or_default(), obj);
-    }
+    inspect.close_pass().await?;
     Ok(out)
 }
 
@@ -175,13 +141,13 @@ fn out_of_scope(map: &MapConfig, side: SideId, rows: &mut Rows) -> Vec<String> {
 
 /// Compares one map's two sides: the fields that sync both ways, and with
 /// `one_way` also the fields that sync in one direction.
-pub async fn verify_map(
+pub async fn verify_map<I: Inspect>(
     config: &Config,
     map: &MapConfig,
     one_way: bool,
-) -> Result<MapReport, String> {
-    let mut left = read_side(config, map, SideId::Left).await?;
-    let mut right = read_side(config, map, SideId::Right).await?;
+) -> Result<MapReport, SideError> {
+    let mut left = read_side::<I>(config, map, SideId::Left).await?;
+    let mut right = read_side::<I>(config, map, SideId::Right).await?;
     // Only records in the map's scope count: a record in scope on one side
     // with a row outside the scope on the other is left out (a copy kept
     // after it left the scope, or not yet synced into it).

@@ -13,15 +13,10 @@ use std::collections::{BTreeMap, VecDeque};
 use dualwrite_model::config::{Direction, MapConfig, SideId};
 use dualwrite_model::filter;
 use dualwrite_model::record::Field;
-use dualwrite_side_postgres::pg::{table_ident, ROW_AS_TEXT_JSON};
-use postgres_protocol::escape::escape_identifier;
+use dualwrite_runtime::side::{Inspect, Payload, Reading, SideError};
 use serde::Serialize;
-use tokio_postgres::Client;
 
-/// A record's alternate key values, as text.
-pub type Key = Vec<String>;
-/// A row's compared columns, as text.
-pub type Row = BTreeMap<String, Option<String>>;
+pub use dualwrite_runtime::side::{TextKey as Key, TextRow as Row};
 
 /// How a record differs between the sides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,7 +33,6 @@ pub enum Finding {
 }
 
 const SIDES: [SideId; 2] = [SideId::Left, SideId::Right];
-const CURSOR: &str = "dualwrite_drift";
 
 fn ix(side: SideId) -> usize {
     match side {
@@ -81,73 +75,28 @@ pub fn hashable(map: &MapConfig) -> bool {
         && SIDES.iter().all(|&s| !filter::is_scoped(map, s))
 }
 
-/// The side's table as the queries read it: its compared columns, as `t`.
-fn source(map: &MapConfig, side: SideId) -> String {
-    let cols: Vec<String> = columns(map, side)
-        .iter()
-        .map(|c| escape_identifier(c))
-        .collect();
-    format!(
-        "(SELECT {} FROM {}) AS t",
-        cols.join(", "),
-        table_ident(&map.entity(side).qualified())
-    )
-}
-
-fn key_texts(map: &MapConfig, side: SideId) -> Vec<String> {
-    map.entity(side)
-        .key
-        .iter()
-        .map(|k| format!("t.{}::text", escape_identifier(k)))
-        .collect()
-}
-
-/// The SELECT a side's pass reads: the key values as text, then the row's
-/// hash or its columns as a JSON object of text values.
-fn pass_query(map: &MapConfig, side: SideId, hashed: bool) -> String {
-    let payload = if hashed {
-        let cols: Vec<String> = map
-            .fields
+/// What a comparison reads of `map` on `side`: hashes of the both-way
+/// fields' values where [`hashable`] (and `hashes` asked), else the rows.
+pub fn reading(map: &MapConfig, side: SideId, hashes: bool) -> Reading {
+    let hashed = (hashes && hashable(map)).then(|| {
+        map.fields
             .iter()
             .filter(|f| f.direction == Direction::Both)
-            .map(|f| format!("t.{}::text", escape_identifier(f.name(side))))
-            .collect();
-        format!("md5(json_build_array({})::text)", cols.join(", "))
-    } else {
-        ROW_AS_TEXT_JSON.to_owned()
-    };
-    let order: Vec<String> = key_texts(map, side)
-        .into_iter()
-        .map(|k| format!("{k} COLLATE \"C\""))
-        .collect();
-    format!(
-        "SELECT {keys}, {payload} FROM {source} ORDER BY {order}",
-        keys = key_texts(map, side).join(", "),
-        source = source(map, side),
-        order = order.join(", "),
-    )
-}
-
-/// What a pass read of one record on one side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Payload {
-    Hash(String),
-    Row(Row),
-}
-
-fn row_of(json: Option<&str>) -> Row {
-    json.and_then(|t| serde_json::from_str::<BTreeMap<String, serde_json::Value>>(t).ok())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.as_str().map(str::to_owned)))
-        .collect()
+            .map(|f| f.name(side).to_owned())
+            .collect()
+    });
+    Reading {
+        table: map.entity(side).qualified(),
+        key: map.entity(side).key.clone(),
+        columns: columns(map, side),
+        hashed,
+    }
 }
 
 /// One pass over a map's two sides.
-pub struct Pass<'a> {
-    clients: [&'a Client; 2],
+pub struct Pass<'a, I: Inspect> {
+    sides: [&'a mut I; 2],
     map: &'a MapConfig,
-    hashed: bool,
     buffers: [VecDeque<(Key, Payload)>; 2],
     exhausted: [bool; 2],
     fetch: usize,
@@ -155,32 +104,21 @@ pub struct Pass<'a> {
     pub rows: [u64; 2],
 }
 
-impl<'a> Pass<'a> {
-    /// Opens a snapshot and a cursor on each side.
+impl<'a, I: Inspect> Pass<'a, I> {
+    /// Opens a snapshot on each side, read `fetch` rows at a time.
     pub async fn open(
-        left: &'a Client,
-        right: &'a Client,
+        left: &'a mut I,
+        right: &'a mut I,
         map: &'a MapConfig,
         fetch: usize,
-    ) -> Result<Pass<'a>, tokio_postgres::Error> {
-        let hashed = hashable(map);
-        let clients = [left, right];
+    ) -> Result<Pass<'a, I>, SideError> {
+        let sides = [left, right];
         for s in SIDES {
-            let c = clients[ix(s)];
-            c.batch_execute(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL TimeZone = 'UTC'",
-            )
-            .await?;
-            c.batch_execute(&format!(
-                "DECLARE {CURSOR} NO SCROLL CURSOR FOR {}",
-                pass_query(map, s, hashed)
-            ))
-            .await?;
+            sides[ix(s)].open_pass(&reading(map, s, true)).await?;
         }
         Ok(Pass {
-            clients,
+            sides,
             map,
-            hashed,
             buffers: Default::default(),
             exhausted: [false, false],
             fetch: fetch.max(1),
@@ -188,44 +126,30 @@ impl<'a> Pass<'a> {
         })
     }
 
-    /// Ends the pass (the snapshots and cursors).
-    pub async fn close(self) -> Result<(), tokio_postgres::Error> {
-        for c in self.clients {
-            c.batch_execute("COMMIT").await?;
+    /// Ends the pass (the snapshots).
+    pub async fn close(self) -> Result<(), SideError> {
+        for side in self.sides {
+            side.close_pass().await?;
         }
         Ok(())
     }
 
-    async fn refill(&mut self, side: SideId) -> Result<(), tokio_postgres::Error> {
+    async fn refill(&mut self, side: SideId) -> Result<(), SideError> {
         let i = ix(side);
         if self.exhausted[i] || !self.buffers[i].is_empty() {
             return Ok(());
         }
-        let n = self.map.entity(side).key.len();
-        let rows = self.clients[i]
-            .query(&format!("FETCH {} FROM {CURSOR}", self.fetch), &[])
-            .await?;
+        let rows = self.sides[i].fetch(self.fetch).await?;
         self.exhausted[i] = rows.len() < self.fetch;
         self.rows[i] += rows.len() as u64;
-        for r in rows {
-            let key: Key = (0..n)
-                .map(|c| r.get::<_, Option<String>>(c).unwrap_or_default())
-                .collect();
-            let payload: Option<String> = r.get(n);
-            let p = if self.hashed {
-                Payload::Hash(payload.unwrap_or_default())
-            } else {
-                Payload::Row(row_of(payload.as_deref()))
-            };
-            self.buffers[i].push_back((key, p));
-        }
+        self.buffers[i].extend(rows);
         Ok(())
     }
 
     /// Merges up to `n` records and returns those that differ (in hashed
     /// mode, whose hashes differ: [`compare_rows`] of their rows decides).
     /// `None` when both sides are read to the end.
-    pub async fn next(&mut self, n: usize) -> Result<Option<Vec<Key>>, tokio_postgres::Error> {
+    pub async fn next(&mut self, n: usize) -> Result<Option<Vec<Key>>, SideError> {
         let mut out = Vec::new();
         let mut seen = 0;
         while seen < n {
@@ -312,30 +236,13 @@ pub fn compare(map: &MapConfig, left: Option<&Row>, right: Option<&Row>) -> Opti
 
 /// The rows of `keys` on `side` (compared columns, as text); keys without
 /// a row are left out.
-pub async fn read_rows(
-    client: &Client,
+pub async fn read_rows<I: Inspect>(
+    inspect: &mut I,
     map: &MapConfig,
     side: SideId,
     keys: &[Key],
-) -> Result<BTreeMap<Key, Row>, tokio_postgres::Error> {
-    let n = map.entity(side).key.len();
-    let sql = format!(
-        "SELECT {keys}, {ROW_AS_TEXT_JSON} FROM {source} \
-         WHERE json_build_array({keys})::jsonb IN (SELECT value FROM jsonb_array_elements($1::text::jsonb))",
-        keys = key_texts(map, side).join(", "),
-        source = source(map, side),
-    );
-    let param = serde_json::to_string(keys).unwrap_or_default();
-    let rows = client.query(&sql, &[&param]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let key: Key = (0..n)
-                .map(|c| r.get::<_, Option<String>>(c).unwrap_or_default())
-                .collect();
-            (key, row_of(r.get::<_, Option<String>>(n).as_deref()))
-        })
-        .collect())
+) -> Result<BTreeMap<Key, Row>, SideError> {
+    inspect.read_rows(&reading(map, side, false), keys).await
 }
 
 #[cfg(test)]
@@ -403,18 +310,19 @@ field = [
     }
 
     #[test]
-    fn passes_read_in_key_order_with_hashes_where_they_compare() {
+    fn passes_read_hashes_of_the_both_way_fields_where_they_compare() {
         let c = config("");
         let m = &c.maps[0];
         assert!(hashable(m));
-        let q = pass_query(m, SideId::Right, true);
+        let r = reading(m, SideId::Right, true);
+        assert_eq!(r.table, "public.accounts");
+        assert_eq!(r.key, ["accountnumber"]);
+        assert_eq!(r.columns, ["accountnumber", "name", "creditlimit"]);
         assert_eq!(
-            q,
-            "SELECT t.\"accountnumber\"::text, md5(json_build_array(t.\"accountnumber\"::text, t.\"name\"::text)::text) \
-             FROM (SELECT \"accountnumber\", \"name\", \"creditlimit\" FROM \"public\".\"accounts\") AS t \
-             ORDER BY t.\"accountnumber\"::text COLLATE \"C\""
+            r.hashed.as_deref(),
+            Some(&["accountnumber".to_owned(), "name".to_owned()][..])
         );
-        assert!(pass_query(m, SideId::Left, false).contains("json_each_text(row_to_json(t))"));
+        assert_eq!(reading(m, SideId::Right, false).hashed, None);
         assert_eq!(key_json(&vec!["C1".into()]), "[\"C1\"]");
     }
 }

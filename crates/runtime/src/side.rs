@@ -1,9 +1,10 @@
 //! The seam between the services and a side's database.
 //!
 //! The capturer reads a side through a [`ChangeSource`], the applier
-//! writes it through a [`Target`] and the initial write copies it through
-//! a [`CopySide`]; none names a kind of database. A
-//! kind of database is one crate that implements both (PostgreSQL:
+//! writes it through a [`Target`], the initial write copies it through
+//! a [`CopySide`] and the comparisons read it through an [`Inspect`];
+//! none names a kind of database. A
+//! kind of database is one crate that implements them all (PostgreSQL:
 //! `dualwrite-side-postgres`), and `dualwrite` picks the implementation
 //! from the side's `kind`. Failures cross the seam as [`SideError`]s,
 //! classified once, where the database's own codes are known ([`Class`]).
@@ -11,6 +12,8 @@
 //! The traits are used through generics (the services are generic over
 //! them, instantiated once per kind), so their futures are spelled out as
 //! `impl Future + Send`: the services run on a multi-threaded runtime.
+
+mod inspect;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +25,8 @@ use dualwrite_model::schema::{SchemaProblem, TableInfo};
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::Shard;
+
+pub use inspect::{Inspect, Payload, Reading, TextKey, TextRow};
 
 /// What to do about a failure. One classification for every service; the
 /// side's implementation classifies its database's errors, the services

@@ -9,12 +9,16 @@
 //!   reports ([`target_sql`] holds the statements);
 //! - [`copy`]: the initial write's snapshot reads and guarded writes
 //!   ([`copy_sql`]), the wait for the slot to pass a snapshot, and the
-//!   table descriptions of the schema check.
+//!   table descriptions of the schema check;
+//! - [`inspect`]: the comparisons' key-ordered passes, row reads and
+//!   hashes (drift check, `ctl verify`, `ctl repair`) and the touch of a
+//!   row (`ctl retry-errors`).
 //!
 //! [`Class`]: dualwrite_runtime::side::Class
 
 pub mod copy;
 pub mod copy_sql;
+pub mod inspect;
 pub mod pg;
 pub mod source;
 pub mod target;
@@ -22,5 +26,6 @@ pub mod target_sql;
 pub mod wal2json;
 
 pub use copy::PgCopy;
+pub use inspect::PgInspect;
 pub use source::PgSource;
 pub use target::PgTarget;

@@ -18,9 +18,8 @@ use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka::{self, Outgoing, Producer};
 use dualwrite_runtime::metrics::metrics;
 use dualwrite_runtime::now_micros;
-use dualwrite_side_postgres::pg;
+use dualwrite_runtime::side::Inspect;
 use tokio::sync::watch;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::resolving::Resolving;
@@ -38,7 +37,7 @@ pub struct Watched {
 type Seen = BTreeMap<Key, (Option<Row>, Option<Row>)>;
 
 /// Runs the detector until shutdown.
-pub async fn run(
+pub async fn run<I: Inspect>(
     config: Arc<Config>,
     maps: BTreeMap<String, Watched>,
     producer: Producer,
@@ -59,7 +58,7 @@ pub async fn run(
             let Some(map) = config.map(name) else {
                 continue;
             };
-            match check(&config, map, watched, &shutdown).await {
+            match check::<I>(&config, map, watched, &shutdown).await {
                 Ok(Some(found)) => report(&config, &producer, name, &found).await,
                 Ok(None) => return,
                 Err(e) => tracing::warn!(map = %name, "drift check failed: {e}"),
@@ -73,18 +72,18 @@ fn running(w: &Watched) -> bool {
 }
 
 /// One check of a map: the confirmed differences (`None` on shutdown).
-async fn check(
+async fn check<I: Inspect>(
     config: &Config,
     map: &MapConfig,
     watched: &Watched,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<(Key, dualwrite_drift::Finding)>>, String> {
-    let left = connect(config, SideId::Left).await?;
-    let right = connect(config, SideId::Right).await?;
-    let Some(candidates) = pass(config, map, &left, &right, shutdown).await? else {
+    let mut left: I = connect(config, SideId::Left).await?;
+    let mut right: I = connect(config, SideId::Right).await?;
+    let Some(candidates) = pass(config, map, &mut left, &mut right, shutdown).await? else {
         return Ok(None);
     };
-    let first = read(map, &left, &right, &candidates).await?;
+    let first = read(map, &mut left, &mut right, &candidates).await?;
     let differing: Vec<Key> = first
         .iter()
         .filter(|(_, (l, r))| compare(map, l.as_ref(), r.as_ref()).is_some())
@@ -98,7 +97,7 @@ async fn check(
         _ = shutdown.cancelled() => return Ok(None),
         _ = tokio::time::sleep(confirm) => {}
     }
-    let second = read(map, &left, &right, &differing).await?;
+    let second = read(map, &mut left, &mut right, &differing).await?;
     let master = config.conflict_master(map);
     let resolver = watched.resolver.lock().unwrap_or_else(|e| e.into_inner());
     Ok(Some(
@@ -114,30 +113,30 @@ async fn check(
     ))
 }
 
-async fn connect(config: &Config, side: SideId) -> Result<Client, String> {
-    pg::connect(&config.side(side).connection, "dualwrite-drift")
+async fn connect<I: Inspect>(config: &Config, side: SideId) -> Result<I, String> {
+    I::connect(config, side, "dualwrite-drift")
         .await
-        .map_err(|e| format!("side {}: cannot connect: {e}", config.side(side).name))
+        .map_err(|e| e.message)
 }
 
 /// Reads both sides in key order, at most `rows_per_second` rows a
 /// second per side; the keys whose rows differ (`None` on shutdown).
-async fn pass(
+async fn pass<I: Inspect>(
     config: &Config,
     map: &MapConfig,
-    left: &Client,
-    right: &Client,
+    left: &mut I,
+    right: &mut I,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<Key>>, String> {
     let d = &config.pause_buffer.drift;
     let chunk = d.chunk_rows as usize;
     let mut p = Pass::open(left, right, map, chunk)
         .await
-        .map_err(|e| pg::describe(&e))?;
+        .map_err(|e| e.message)?;
     let started = tokio::time::Instant::now();
     let mut candidates = Vec::new();
     let mut seen = 0u64;
-    while let Some(keys) = p.next(chunk).await.map_err(|e| pg::describe(&e))? {
+    while let Some(keys) = p.next(chunk).await.map_err(|e| e.message)? {
         seen += chunk as u64;
         candidates.extend(keys);
         candidates.truncate(MAX_CANDIDATES);
@@ -155,23 +154,23 @@ async fn pass(
             .with_label_values(&[&map.name, s])
             .inc_by(n);
     }
-    p.close().await.map_err(|e| pg::describe(&e))?;
+    p.close().await.map_err(|e| e.message)?;
     Ok(Some(candidates))
 }
 
 /// Both sides' rows of `keys`.
-async fn read(
+async fn read<I: Inspect>(
     map: &MapConfig,
-    left: &Client,
-    right: &Client,
+    left: &mut I,
+    right: &mut I,
     keys: &[Key],
 ) -> Result<Seen, String> {
     let l = read_rows(left, map, SideId::Left, keys)
         .await
-        .map_err(|e| pg::describe(&e))?;
+        .map_err(|e| e.message)?;
     let r = read_rows(right, map, SideId::Right, keys)
         .await
-        .map_err(|e| pg::describe(&e))?;
+        .map_err(|e| e.message)?;
     Ok(keys
         .iter()
         .map(|k| (k.clone(), (l.get(k).cloned(), r.get(k).cloned())))
