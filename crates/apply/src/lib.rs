@@ -105,7 +105,6 @@ async fn run_inner<T: Target>(
     .await?;
     tracing::info!(%input, "applying");
     health().set(&format!("apply.{name}:database"), false);
-    let linger = Duration::from_millis(config.apply.linger_ms);
     let mut a = Applier::<T> {
         config: config.clone(),
         side,
@@ -129,50 +128,78 @@ async fn run_inner<T: Target>(
         let (cfg, sd) = (config.clone(), shutdown.clone());
         tokio::spawn(prune::run::<T>(cfg, side, sd).in_current_span());
     }
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    // Renewed while nothing comes, so the broker never expires them.
-    let mut keepalive = tokio::time::interval(kafka::KEEPALIVE);
-    loop {
-        // Priority: shutdown, then records, then retries of parked changes.
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = keepalive.tick() => {
-                kafka::keep_offsets_alive(&consumer, &input, &a.stored);
-                continue;
-            }
-            m = consumer.recv() => m,
-            _ = tick.tick(), if !a.parked.is_empty() => {
-                let Some(bad) = a.retry_parked(&shutdown).await? else { break };
-                if !a.finish(&producer, &consumer, &input, bad, &shutdown).await? {
-                    break;
+    let io = Io {
+        producer,
+        consumer,
+        input,
+    };
+    a.serve(&io, &shutdown).await
+}
+
+/// What the applier reads from and writes to.
+struct Io {
+    producer: Producer,
+    consumer: Arc<KafkaConsumer>,
+    /// The side's apply topic.
+    input: String,
+}
+
+impl<T: Target> Applier<T> {
+    /// Applies batches from the apply topic until shutdown; parked changes
+    /// are retried every half second.
+    async fn serve(&mut self, io: &Io, shutdown: &CancellationToken) -> Result<(), ApplyError> {
+        let Io {
+            producer,
+            consumer,
+            input,
+        } = io;
+        let linger = Duration::from_millis(self.config.apply.linger_ms);
+        let max_batch = self.config.apply.max_batch;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Renewed while nothing comes, so the broker never expires them.
+        let mut keepalive = tokio::time::interval(kafka::KEEPALIVE);
+        loop {
+            // Priority: shutdown, then records, then retries of parked changes.
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = keepalive.tick() => {
+                    kafka::keep_offsets_alive(consumer, input, &self.stored);
+                    continue;
                 }
-                continue;
-            }
-        };
-        let first = match first {
-            Ok(m) => m.detach(),
-            Err(e) => {
-                tracing::warn!("receive failed: {e}");
-                if a.backoff.brief(&shutdown).await {
-                    break;
+                m = consumer.recv() => m,
+                _ = tick.tick(), if !self.parked.is_empty() => {
+                    let Some(bad) = self.retry_parked(shutdown).await? else { break };
+                    if !self.finish(producer, consumer, input, bad, shutdown).await? {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
+            };
+            let first = match first {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!("receive failed: {e}");
+                    if self.backoff.brief(shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let batch = kafka::recv_more(consumer, first, max_batch, linger).await;
+            let Some(bad) = self.apply_batch(batch, shutdown).await? else {
+                break;
+            };
+            if !self
+                .finish(producer, consumer, input, bad, shutdown)
+                .await?
+            {
+                break;
             }
-        };
-        let batch = kafka::recv_more(&consumer, first, config.apply.max_batch, linger).await;
-        let Some(bad) = a.apply_batch(batch, &shutdown).await? else {
-            break;
-        };
-        if !a
-            .finish(&producer, &consumer, &input, bad, &shutdown)
-            .await?
-        {
-            break;
         }
+        kafka::commit_now(consumer);
+        Ok(())
     }
-    kafka::commit_now(&consumer);
-    Ok(())
 }
 
 /// A change waiting for its parent record (a foreign key the target has not got yet).

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use dualwrite_model::config::Config;
+use dualwrite_model::config::{Config, MapConfig};
 use dualwrite_model::lifecycle::{
     dependencies, Action, ControlCommand, ControlEvent, CopyPhase, InitialSync, MapState,
     MapStatus, Outcome, PartitionOffset,
@@ -101,6 +101,69 @@ fn needs_of(plan: &Plan, cmd: &ControlCommand) -> Needs {
     needs
 }
 
+/// A map's change of state by a command, with what it takes.
+struct Step<'a> {
+    cmd: &'a ControlCommand,
+    cfg: &'a MapConfig,
+    to: MapState,
+    /// The map topic's end offsets, when the step needs them.
+    ends: Option<Vec<PartitionOffset>>,
+    now: i64,
+}
+
+/// Checks the maps a command runs against their tables and takes the end
+/// offsets it needs, before anything changes: the end offsets by map, or
+/// the event refusing (a map does not fit) or failing the command.
+fn inputs<F, S>(
+    needs: &Needs,
+    id: Option<&str>,
+    now: i64,
+    mut end_offsets: F,
+    mut schema: S,
+) -> Result<BTreeMap<String, Vec<PartitionOffset>>, Box<ControlEvent>>
+where
+    F: FnMut(&str) -> Result<Vec<PartitionOffset>, String>,
+    S: FnMut(&str) -> Result<Vec<String>, String>,
+{
+    // A map runs only if its mapping fits both tables.
+    for m in &needs.schema {
+        let (outcome, message) = match schema(m) {
+            Ok(problems) if problems.is_empty() => continue,
+            Ok(problems) => (
+                Outcome::Rejected,
+                format!("map `{m}` does not fit its tables: {}; nothing changed", problems.join("; ")),
+            ),
+            Err(e) => (
+                Outcome::Failed,
+                format!("cannot check map `{m}` against its tables: {e}; nothing changed, send the command again"),
+            ),
+        };
+        return Err(Box::new(event(id, outcome, Some(m), None, message, now)));
+    }
+    // (A rerun keeps the generation's start: the records after the
+    // gate's position are filtered by the new snapshot instead.)
+    let mut ends = BTreeMap::new();
+    for m in &needs.ends {
+        match end_offsets(m) {
+            Ok(o) => {
+                ends.insert(m.clone(), o);
+            }
+            Err(e) => {
+                let message = format!("cannot read the end offsets of map `{m}`'s topic: {e}; nothing changed, send the command again");
+                return Err(Box::new(event(
+                    id,
+                    Outcome::Failed,
+                    Some(m),
+                    None,
+                    message,
+                    now,
+                )));
+            }
+        }
+    }
+    Ok(ends)
+}
+
 impl Controller {
     /// Builds the view from the status topic's records (latest per map wins)
     /// and the command ids of past events.
@@ -150,8 +213,8 @@ impl Controller {
         config: &Config,
         cmd: &ControlCommand,
         now: i64,
-        mut end_offsets: F,
-        mut schema: S,
+        end_offsets: F,
+        schema: S,
     ) -> Effects
     where
         F: FnMut(&str) -> Result<Vec<PartitionOffset>, String>,
@@ -160,12 +223,13 @@ impl Controller {
         let id = Some(cmd.id.as_str());
         let mut fx = Effects::default();
         if self.seen.contains(&cmd.id) {
+            let dup = "duplicate command id: this command was already applied; nothing changed";
             fx.events.push(event(
                 id,
                 Outcome::Completed,
                 Some(&cmd.map),
                 None,
-                "duplicate command id: this command was already applied; nothing changed",
+                dup,
                 now,
             ));
             return fx;
@@ -184,196 +248,145 @@ impl Controller {
                 return fx;
             }
         };
-        let needs = needs_of(&plan, cmd);
-        // A map runs only if its mapping fits both tables.
-        for m in &needs.schema {
-            match schema(m) {
-                Ok(problems) if problems.is_empty() => {}
-                Ok(problems) => {
-                    fx.events.push(event(
-                        id,
-                        Outcome::Rejected,
-                        Some(m),
-                        None,
-                        format!(
-                            "map `{m}` does not fit its tables: {}; nothing changed",
-                            problems.join("; ")
-                        ),
-                        now,
-                    ));
-                    return fx;
-                }
-                Err(e) => {
-                    fx.events.push(event(
-                        id,
-                        Outcome::Failed,
-                        Some(m),
-                        None,
-                        format!("cannot check map `{m}` against its tables: {e}; nothing changed, send the command again"),
-                        now,
-                    ));
-                    return fx;
-                }
+        let mut ends = match inputs(&needs_of(&plan, cmd), id, now, end_offsets, schema) {
+            Ok(ends) => ends,
+            Err(refused) => {
+                fx.events.push(*refused);
+                return fx;
             }
-        }
-        // Take the end offsets first: a failure here fails the command before anything changed.
-        // (A rerun keeps the generation's start: the records after the
-        // gate's position are filtered by the new snapshot instead.)
-        let mut ends = BTreeMap::new();
-        for m in &needs.ends {
-            match end_offsets(m) {
-                Ok(o) => {
-                    ends.insert(m.clone(), o);
-                }
-                Err(e) => {
-                    fx.events.push(event(
-                        id,
-                        Outcome::Failed,
-                        Some(m),
-                        None,
-                        format!("cannot read the end offsets of map `{m}`'s topic: {e}; nothing changed, send the command again"),
-                        now,
-                    ));
-                    return fx;
-                }
-            }
-        }
-        let mut accepted = event(
-            id,
-            Outcome::Accepted,
-            Some(&cmd.map),
-            None,
-            if plan.notes.is_empty() {
-                "accepted".to_owned()
-            } else {
-                plan.notes.join("; ")
-            },
-            now,
-        );
+        };
+        let notes = if plan.notes.is_empty() {
+            "accepted".to_owned()
+        } else {
+            plan.notes.join("; ")
+        };
+        let mut accepted = event(id, Outcome::Accepted, Some(&cmd.map), None, notes, now);
         accepted.maps = plan.steps.iter().map(|(m, _)| m.clone()).collect();
         fx.events.push(accepted);
         for (m, to) in &plan.steps {
-            let mut s = self.statuses[m].clone();
-            s.last_command_id = Some(cmd.id.clone());
-            s.last_action = Some(cmd.action.to_string());
-            s.updated_at = now;
-            s.reason = None;
-            s.state = *to;
             let cfg = config.map(m).expect("planned maps exist");
-            // A run (or going live from a failure) adopts the configured mapping.
-            if matches!(to, MapState::Initializing | MapState::Running) {
-                s.mapping_version = Some(cfg.version.clone());
-            }
-            match to {
-                MapState::Initializing if cmd.action == Action::RerunInitialSync => {
-                    if cmd.conflict_master.is_some() {
-                        s.conflict_master = cmd.conflict_master.clone();
-                    }
-                    s.initial_sync = true;
-                    s.initial = Some(InitialSync::new(next_run(&s), now));
-                    self.push(
-                        &mut fx,
-                        id,
-                        &s,
-                        "initializing: copying pre-existing rows again (rerun)",
-                        now,
-                    );
-                }
-                MapState::Initializing => {
-                    s.generation += 1;
-                    s.initial_sync = cmd.initial_sync.unwrap_or(cfg.initial_sync);
-                    s.conflict_master = cmd
-                        .conflict_master
-                        .clone()
-                        .or_else(|| cfg.conflict_master.clone());
-                    s.start_offsets = ends.remove(m).unwrap_or_default();
-                    s.resume_targets.clear();
-                    s.resume_policy = None;
-                    s.paused_at = None;
-                    if s.initial_sync {
-                        s.initial = Some(InitialSync::new(next_run(&s), now));
-                        self.push(
-                            &mut fx,
-                            id,
-                            &s,
-                            "initializing: copying pre-existing rows",
-                            now,
-                        );
-                    } else {
-                        self.push(&mut fx, id, &s, "initializing", now);
-                        s.state = MapState::Running;
-                        s.reason = Some(
-                            "initial sync off: live sync from the moment of the run".to_owned(),
-                        );
-                        self.push(&mut fx, id, &s, "running", now);
-                        fx.events.push(completed(id, m, s.state, "running", now));
-                    }
-                }
-                MapState::Running => {
-                    // SkipInitialSync: live sync of every change since the
-                    // run; what the copy did so far stays written.
-                    if let Some(init) = s.initial.as_mut() {
-                        init.phase = CopyPhase::Skipped;
-                        init.segments.clear();
-                        init.finished_at = Some(now);
-                    }
-                    s.reason = Some(
-                        "initial sync skipped: live sync of every change since the run".to_owned(),
-                    );
-                    self.push(&mut fx, id, &s, "running (initial sync skipped)", now);
-                    fx.events.push(completed(id, m, s.state, "running", now));
-                }
-                MapState::Resuming => {
-                    let policy = cmd.resume_policy.unwrap_or_default();
-                    s.resume_targets = ends.remove(m).unwrap_or_default();
-                    s.resume_policy = Some(policy);
-                    if cmd.conflict_master.is_some() {
-                        s.conflict_master = cmd.conflict_master.clone();
-                    }
-                    self.push(
-                        &mut fx,
-                        id,
-                        &s,
-                        format!(
-                            "resuming ({}): catching up on the queued changes",
-                            policy.as_str()
-                        ),
-                        now,
-                    );
-                }
-                MapState::Paused => {
-                    s.paused_at = Some(now);
-                    self.push(
-                        &mut fx,
-                        id,
-                        &s,
-                        "paused: changes queue until the map is run again",
-                        now,
-                    );
-                    fx.quiet.push(completed(
-                        id,
-                        m,
-                        s.state,
-                        "paused: nothing of the map is in flight any more",
-                        now,
-                    ));
-                }
-                MapState::NotRunning => {
-                    s.paused_at = None;
-                    s.resume_targets.clear();
-                    self.push(
-                        &mut fx,
-                        id,
-                        &s,
-                        "stopped: the map writes nothing until it is run again",
-                        now,
-                    );
-                    fx.events.push(completed(id, m, s.state, "stopped", now));
-                }
-                other => unreachable!("no action leads to {other}"),
-            }
+            let step = Step {
+                cmd,
+                cfg,
+                to: *to,
+                ends: ends.remove(m),
+                now,
+            };
+            self.step(&mut fx, step);
         }
         fx
+    }
+
+    /// One map's change of state by a command.
+    fn step(&self, fx: &mut Effects, step: Step<'_>) {
+        let Step {
+            cmd, cfg, to, now, ..
+        } = step;
+        let id = Some(cmd.id.as_str());
+        let mut s = self.statuses[&cfg.name].clone();
+        s.last_command_id = Some(cmd.id.clone());
+        s.last_action = Some(cmd.action.to_string());
+        s.updated_at = now;
+        s.reason = None;
+        s.state = to;
+        // A run (or going live from a failure) adopts the configured mapping.
+        if matches!(to, MapState::Initializing | MapState::Running) {
+            s.mapping_version = Some(cfg.version.clone());
+        }
+        match to {
+            MapState::Initializing if cmd.action == Action::RerunInitialSync => {
+                if cmd.conflict_master.is_some() {
+                    s.conflict_master = cmd.conflict_master.clone();
+                }
+                s.initial_sync = true;
+                s.initial = Some(InitialSync::new(next_run(&s), now));
+                let what = "initializing: copying pre-existing rows again (rerun)";
+                self.push(fx, id, &s, what, now);
+            }
+            MapState::Initializing => self.initialize(fx, s, step),
+            MapState::Running => {
+                // SkipInitialSync: live sync of every change since the
+                // run; what the copy did so far stays written.
+                if let Some(init) = s.initial.as_mut() {
+                    init.phase = CopyPhase::Skipped;
+                    init.segments.clear();
+                    init.finished_at = Some(now);
+                }
+                s.reason = Some(
+                    "initial sync skipped: live sync of every change since the run".to_owned(),
+                );
+                self.push(fx, id, &s, "running (initial sync skipped)", now);
+                fx.events
+                    .push(completed(id, &s.map, s.state, "running", now));
+            }
+            MapState::Resuming => self.resume(fx, s, step),
+            MapState::Paused => {
+                s.paused_at = Some(now);
+                let what = "paused: changes queue until the map is run again";
+                self.push(fx, id, &s, what, now);
+                let quiet = "paused: nothing of the map is in flight any more";
+                fx.quiet.push(completed(id, &s.map, s.state, quiet, now));
+            }
+            MapState::NotRunning => {
+                s.paused_at = None;
+                s.resume_targets.clear();
+                let what = "stopped: the map writes nothing until it is run again";
+                self.push(fx, id, &s, what, now);
+                fx.events
+                    .push(completed(id, &s.map, s.state, "stopped", now));
+            }
+            other => unreachable!("no action leads to {other}"),
+        }
+    }
+
+    /// A run: a new generation from the map topic's end; with the initial
+    /// sync off, straight to Running.
+    fn initialize(&self, fx: &mut Effects, mut s: MapStatus, step: Step<'_>) {
+        let Step {
+            cmd,
+            cfg,
+            now,
+            ends,
+            ..
+        } = step;
+        let id = Some(cmd.id.as_str());
+        s.generation += 1;
+        s.initial_sync = cmd.initial_sync.unwrap_or(cfg.initial_sync);
+        s.conflict_master = cmd
+            .conflict_master
+            .clone()
+            .or_else(|| cfg.conflict_master.clone());
+        s.start_offsets = ends.unwrap_or_default();
+        s.resume_targets.clear();
+        s.resume_policy = None;
+        s.paused_at = None;
+        if s.initial_sync {
+            s.initial = Some(InitialSync::new(next_run(&s), now));
+            self.push(fx, id, &s, "initializing: copying pre-existing rows", now);
+            return;
+        }
+        self.push(fx, id, &s, "initializing", now);
+        s.state = MapState::Running;
+        s.reason = Some("initial sync off: live sync from the moment of the run".to_owned());
+        self.push(fx, id, &s, "running", now);
+        fx.events
+            .push(completed(id, &s.map, s.state, "running", now));
+    }
+
+    /// A resume: catch up to the map topic's end as it was at the command.
+    fn resume(&self, fx: &mut Effects, mut s: MapStatus, step: Step<'_>) {
+        let Step { cmd, now, ends, .. } = step;
+        let policy = cmd.resume_policy.unwrap_or_default();
+        s.resume_targets = ends.unwrap_or_default();
+        s.resume_policy = Some(policy);
+        if cmd.conflict_master.is_some() {
+            s.conflict_master = cmd.conflict_master.clone();
+        }
+        let what = format!(
+            "resuming ({}): catching up on the queued changes",
+            policy.as_str()
+        );
+        self.push(fx, Some(cmd.id.as_str()), &s, what, now);
     }
 
     /// The gate of `map` caught up to `targets`: Resuming → Running.

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod controller;
 pub mod drift;
 mod freshness;
+pub mod links;
 pub mod quiet;
 pub mod scheduler;
 pub mod service;

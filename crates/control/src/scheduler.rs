@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::controller::Controller;
-use crate::service::MapLinks;
+use crate::links::MapLinks;
 
 /// The initial write under way.
 pub struct Copying {

@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use dualwrite_initial_sync::{self as initial_sync, Copier, Hold};
+use dualwrite_initial_sync::{self as initial_sync, Copier};
 use dualwrite_model::avro;
 use dualwrite_model::config::Config;
 use dualwrite_model::lifecycle::{
-    dependencies, parse_command, ControlCommand, ControlEvent, MapState, MapStatus, Outcome,
+    dependencies, parse_command, ControlCommand, ControlEvent, MapState, Outcome,
 };
 use dualwrite_model::record::ErrorRecord;
 use dualwrite_model::topics::Topics;
@@ -33,20 +33,9 @@ use tracing::Instrument;
 use crate::auto_pause::ErrorWindows;
 use crate::commands::{gather, unreadable, Signing};
 use crate::controller::{Controller, Effects};
+use crate::links::MapLinks;
 use crate::scheduler::{schedule_copy, CopyStarter, Copying};
 use crate::{drift, freshness, quiet, store, ControlError};
-
-/// What the loop holds of a map's gate.
-pub struct MapLinks {
-    /// The map's status, as the gate and the drift check see it.
-    status: watch::Sender<MapStatus>,
-    /// Whether a map it depends on is catching up.
-    parents: watch::Sender<bool>,
-    /// Whether, and where, the gate holds the map.
-    pub held: watch::Receiver<Hold>,
-    /// The map's initial writes still running (the gate waits for none).
-    pub copies: Arc<watch::Sender<u32>>,
-}
 
 /// The controller and what it acts through.
 pub struct Service {

@@ -45,7 +45,8 @@ pub enum CtlCommand {
         /// Side whose values win conflicts.
         #[arg(long)]
         conflict_master: Option<String>,
-        /// Order of the related maps, comma separated; must respect dependencies.
+        /// With --include-related: the maps to run, in order, comma separated
+        /// (related maps left out are not run); must respect dependencies.
         #[arg(long, value_delimiter = ',')]
         order: Option<Vec<String>>,
         /// On resume: catch_up (default), skip_to_live or discard.

@@ -180,19 +180,13 @@ pub fn describe_topics(config: &Config, out: &mut impl Write) -> std::io::Result
     Ok(())
 }
 
-/// Prints the records of a topic as JSON lines, from the beginning, up to
-/// `max` records: every record the topic held at the start (however long
-/// the broker takes), then new ones until nothing arrives for `idle`.
-/// `which` is `errors`, `capture:<side>`, `map:<map>` or `apply:<side>`.
-pub fn tail(
-    config: &Config,
-    which: &str,
-    max: usize,
-    idle: Duration,
-    out: &mut impl Write,
-) -> Result<usize, CtlError> {
+/// A record printer for a topic.
+type Printer = fn(&[u8]) -> String;
+
+/// The topic `which` names (see [`tail`]) and how its records print.
+fn printer_of(config: &Config, which: &str) -> Result<(String, Printer), CtlError> {
     let t = Topics::new(&config.kafka.topic_prefix);
-    let (topic, printer): (String, fn(&[u8]) -> String) = match which.split_once(':') {
+    Ok(match which.split_once(':') {
         None if which == "errors" => (t.errors(), render::<ErrorRecord>),
         Some(("capture", side)) => (t.capture(side), render::<ChangeRecord>),
         Some(("map", map)) => (t.map(map), render::<MappedChange>),
@@ -210,7 +204,21 @@ pub fn tail(
                 "unknown topic `{which}`: use errors, capture:<side>, map:<map>, apply:<side>, catchup-errors, initial-sync-errors, status, events or control"
             )))
         }
-    };
+    })
+}
+
+/// Prints the records of a topic as JSON lines, from the beginning, up to
+/// `max` records: every record the topic held at the start (however long
+/// the broker takes), then new ones until nothing arrives for `idle`.
+/// `which` is `errors`, `capture:<side>`, `map:<map>` or `apply:<side>`.
+pub fn tail(
+    config: &Config,
+    which: &str,
+    max: usize,
+    idle: Duration,
+    out: &mut impl Write,
+) -> Result<usize, CtlError> {
+    let (topic, printer) = printer_of(config, which)?;
     let marks = match kafka_rt::watermarks(&config.kafka, &topic) {
         Err(e) if kafka_rt::retry::classify(&e) == kafka_rt::retry::Retry::UnknownTopic => {
             return Err(CtlError::Usage(format!("topic {topic} does not exist")))
@@ -291,7 +299,7 @@ fn render_command(bytes: &[u8]) -> String {
 }
 
 /// One map's state and how far behind it is.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct MapRow {
     pub map: String,
     pub state: String,
@@ -573,23 +581,8 @@ pub fn send_command(
     wait: Duration,
     out: &mut impl Write,
 ) -> Result<CommandResult, CtlError> {
+    print_related(config, cmd, out)?;
     let t = Topics::new(&config.kafka.topic_prefix);
-    if cmd.action == dualwrite_model::lifecycle::Action::Run {
-        let deps = dependencies(config, &cmd.map);
-        if !deps.is_empty() {
-            writeln!(
-                out,
-                "related maps of {}: {}{}",
-                cmd.map,
-                deps.join(", "),
-                if cmd.include_related {
-                    " (run together, dependencies first)"
-                } else {
-                    " (add --include-related to run them too)"
-                }
-            )?;
-        }
-    }
     let start = kafka_rt::watermarks(&config.kafka, &t.events())?;
     let payload = avro::encode(cmd).map_err(|e| CtlError::Usage(e.to_string()))?;
     let signature = sign_command(config, &payload)?;
@@ -611,8 +604,7 @@ pub fn send_command(
     }
     let consumer = events_from(config, &start)?;
     let deadline = Instant::now() + wait;
-    let mut pending: Option<BTreeSet<String>> = None;
-    let mut answered = false;
+    let mut answer = Answer::default();
     while Instant::now() < deadline {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -628,7 +620,6 @@ pub fn send_command(
         if ev.command_id.as_deref() != Some(&cmd.id) {
             continue;
         }
-        answered = true;
         writeln!(
             out,
             "{:<13} {:<16} {:<13} {}",
@@ -637,30 +628,70 @@ pub fn send_command(
             ev.state.as_deref().unwrap_or(""),
             ev.message
         )?;
-        match ev.outcome {
-            Outcome::Rejected => return Ok(CommandResult::Rejected(ev.message)),
-            Outcome::Failed => return Ok(CommandResult::Failed(ev.message)),
-            Outcome::Accepted => pending = Some(ev.maps.iter().cloned().collect()),
-            Outcome::Completed => match pending.as_mut() {
-                // A duplicate id completes without being accepted again.
-                None => return Ok(CommandResult::Completed),
-                Some(p) => {
-                    if let Some(map) = &ev.map {
-                        p.remove(map);
-                    }
-                    if p.is_empty() {
-                        return Ok(CommandResult::Completed);
-                    }
-                }
-            },
-            Outcome::StateChanged | Outcome::Drift => {}
+        if let Some(done) = answer.hear(ev) {
+            return Ok(done);
         }
     }
-    Ok(if answered {
+    Ok(if answer.heard {
         CommandResult::Pending
     } else {
         CommandResult::Unanswered
     })
+}
+
+/// A run's related maps, and whether they run with it.
+fn print_related(
+    config: &Config,
+    cmd: &ControlCommand,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    if cmd.action != dualwrite_model::lifecycle::Action::Run {
+        return Ok(());
+    }
+    let deps = dependencies(config, &cmd.map);
+    if deps.is_empty() {
+        return Ok(());
+    }
+    let how = if cmd.include_related {
+        " (run together, dependencies first)"
+    } else {
+        " (add --include-related to run them too)"
+    };
+    writeln!(out, "related maps of {}: {}{how}", cmd.map, deps.join(", "))
+}
+
+/// What a command's events said so far.
+#[derive(Default)]
+struct Answer {
+    heard: bool,
+    /// The maps it acts on that have not completed (once accepted).
+    pending: Option<BTreeSet<String>>,
+}
+
+impl Answer {
+    /// Takes one of the command's events; the result once it ended.
+    fn hear(&mut self, ev: ControlEvent) -> Option<CommandResult> {
+        self.heard = true;
+        match ev.outcome {
+            Outcome::Rejected => Some(CommandResult::Rejected(ev.message)),
+            Outcome::Failed => Some(CommandResult::Failed(ev.message)),
+            Outcome::Accepted => {
+                self.pending = Some(ev.maps.into_iter().collect());
+                None
+            }
+            Outcome::Completed => {
+                // A duplicate id completes without being accepted again.
+                let Some(p) = self.pending.as_mut() else {
+                    return Some(CommandResult::Completed);
+                };
+                if let Some(map) = &ev.map {
+                    p.remove(map);
+                }
+                p.is_empty().then_some(CommandResult::Completed)
+            }
+            Outcome::StateChanged | Outcome::Drift => None,
+        }
+    }
 }
 
 /// The signature header of a command (none without `control.signing_keys`),

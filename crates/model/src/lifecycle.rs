@@ -582,8 +582,10 @@ pub fn dependents(config: &Config, map: &str) -> Vec<String> {
 }
 
 /// The maps a command acts on, in the order to act: the map alone, or with
-/// its dependencies, dependencies first (the operator's `order` when it
-/// names exactly those maps and runs every map after its dependencies).
+/// its dependencies, dependencies first. With related maps, the operator's
+/// `order` may name some of them (those left out are not acted on, as in
+/// the reference's Run dialog where related maps can be unticked); it must
+/// name the map itself and run every map after those it depends on.
 pub fn command_order(
     config: &Config,
     map: &str,
@@ -612,8 +614,10 @@ pub fn command_order(
             set.join(", ")
         ));
     }
-    if let Some(missing) = wanted.difference(&given).next() {
-        return Err(format!("order leaves out `{missing}`"));
+    if !given.contains(map) {
+        return Err(format!(
+            "order leaves out `{map}`, the map the command is for"
+        ));
     }
     for (i, m) in order.iter().enumerate() {
         for d in &config
@@ -985,10 +989,16 @@ mod tests {
             e.contains("inconsistent order: `customers` depends on"),
             "{e}"
         );
+        // Related maps left out are not acted on; the map itself must be there.
         let short: Vec<String> = ["currencies", "customers"].map(String::from).to_vec();
-        assert!(command_order(&c, "customers", true, Some(&short))
+        assert_eq!(
+            command_order(&c, "customers", true, Some(&short)).unwrap(),
+            short
+        );
+        let headless: Vec<String> = ["currencies"].map(String::from).to_vec();
+        assert!(command_order(&c, "customers", true, Some(&headless))
             .unwrap_err()
-            .contains("leaves out `customer_groups`"));
+            .contains("leaves out `customers`"));
         let extra: Vec<String> = ["contacts", "customer_groups", "currencies", "customers"]
             .map(String::from)
             .to_vec();

@@ -52,47 +52,18 @@ fn map_unscoped(
     source: SideId,
     change: &ChangeRecord,
 ) -> Result<Vec<MappedChange>, MappingError> {
-    let target = source.other();
-    let src_ent = map.entity(source);
-    let dst_ent = map.entity(target);
-
-    let key_of = |values: &[Field], which: &'static str| -> Result<Vec<Field>, MappingError> {
-        src_ent
-            .key
-            .iter()
-            .zip(&dst_ent.key)
-            .map(|(s, t)| match field(values, s) {
-                None => Err(MappingError::MissingKey {
-                    map: map.name.clone(),
-                    entity: change.entity.clone(),
-                    field: s.clone(),
-                    which,
-                }),
-                Some(Field { value: None, .. }) => Err(MappingError::NullKey {
-                    map: map.name.clone(),
-                    entity: change.entity.clone(),
-                    field: s.clone(),
-                }),
-                Some(f) => Ok(Field {
-                    name: t.clone(),
-                    value: f.value.clone(),
-                }),
-            })
-            .collect()
-    };
+    let key_of = |values: &[Field], which| target_key(map, source, change, values, which);
     let missing_image = |which| MappingError::MissingImage {
         map: map.name.clone(),
         entity: change.entity.clone(),
         op: change.op,
         which,
     };
-
     let master = config.side(config.conflict_master(map)).name.clone();
     let base = |op: ApplyOp, key: Vec<Field>, values: Vec<Field>| MappedChange {
         conflict_master: Some(master.clone()),
         ..mapped(config, map, source, change, op, key, values)
     };
-
     // The other half of a key change, when the source split it.
     let partner = || {
         change
@@ -101,70 +72,23 @@ fn map_unscoped(
             .and_then(|m| key_of(m, "moved").ok())
             .unwrap_or_default()
     };
+    let (before, after) = (change.before.as_deref(), change.after.as_deref());
     match change.op {
         ChangeOp::Applied => Ok(Vec::new()),
         ChangeOp::Delete => {
-            let before = change
-                .before
-                .as_deref()
-                .ok_or_else(|| missing_image("old"))?;
+            let before = before.ok_or_else(|| missing_image("old"))?;
             let mut mc = base(ApplyOp::Delete, key_of(before, "old")?, Vec::new());
             mc.moved = partner();
             Ok(vec![mc])
         }
         ChangeOp::Insert | ChangeOp::Update | ChangeOp::Moved => {
-            let after = change
-                .after
-                .as_deref()
-                .ok_or_else(|| missing_image("new"))?;
-            let key = key_of(after, "new")?;
-            let mut values = Vec::with_capacity(map.fields.len());
-            for f in map
-                .fields
-                .iter()
-                .filter(|f| f.direction.carries_from(source))
-            {
-                let src = f.name(source);
-                if !f.has_column(source) {
-                    // A constant: nothing to read on the source.
-                    values.push(Field {
-                        name: f.name(target).to_owned(),
-                        value: f.map_value(source, None).unwrap_or_default(),
-                    });
-                    continue;
-                }
-                // An update leaves out unchanged TOASTed values; the old row
-                // (replica identity FULL) still has them.
-                let unchanged = || match change.op {
-                    ChangeOp::Update => change.before.as_deref().and_then(|b| field(b, src)),
-                    _ => None,
-                };
-                let v = field(after, src).or_else(unchanged).ok_or_else(|| {
-                    MappingError::MissingField {
-                        map: map.name.clone(),
-                        entity: change.entity.clone(),
-                        field: src.to_owned(),
-                    }
-                })?;
-                let value = f.map_value(source, v.value.as_deref()).map_err(|failure| {
-                    MappingError::Transform {
-                        map: map.name.clone(),
-                        entity: change.entity.clone(),
-                        field: src.to_owned(),
-                        target_field: f.name(target).to_owned(),
-                        failure: Box::new(failure),
-                    }
-                })?;
-                values.push(Field {
-                    name: f.name(target).to_owned(),
-                    value,
-                });
-            }
-            let mut out = Vec::with_capacity(2);
-            let mut upsert = base(ApplyOp::Upsert, key, values);
+            let after = after.ok_or_else(|| missing_image("new"))?;
+            let values = target_values(map, source, change, after)?;
+            let mut upsert = base(ApplyOp::Upsert, key_of(after, "new")?, values);
             upsert.own = own_values(map, source, change, after);
             upsert.moved = partner();
-            match (change.op, change.before.as_deref()) {
+            let mut out = Vec::with_capacity(2);
+            match (change.op, before) {
                 // The old identity carries the old key only when the source
                 // sent it (the capturer splits key changes already).
                 (ChangeOp::Update, Some(before)) => match key_of(before, "old") {
@@ -185,6 +109,89 @@ fn map_unscoped(
             Ok(out)
         }
     }
+}
+
+/// The target's alternate key of the source row `values` (`which` image).
+fn target_key(
+    map: &MapConfig,
+    source: SideId,
+    change: &ChangeRecord,
+    values: &[Field],
+    which: &'static str,
+) -> Result<Vec<Field>, MappingError> {
+    let target = map.entity(source.other());
+    map.entity(source)
+        .key
+        .iter()
+        .zip(&target.key)
+        .map(|(s, t)| match field(values, s) {
+            None => Err(MappingError::MissingKey {
+                map: map.name.clone(),
+                entity: change.entity.clone(),
+                field: s.clone(),
+                which,
+            }),
+            Some(Field { value: None, .. }) => Err(MappingError::NullKey {
+                map: map.name.clone(),
+                entity: change.entity.clone(),
+                field: s.clone(),
+            }),
+            Some(f) => Ok(Field {
+                name: t.clone(),
+                value: f.value.clone(),
+            }),
+        })
+        .collect()
+}
+
+/// The target's values of the fields carried from `source`, mapped from
+/// the new image `after`.
+fn target_values(
+    map: &MapConfig,
+    source: SideId,
+    change: &ChangeRecord,
+    after: &[Field],
+) -> Result<Vec<Field>, MappingError> {
+    let target = source.other();
+    let mut values = Vec::with_capacity(map.fields.len());
+    for f in map
+        .fields
+        .iter()
+        .filter(|f| f.direction.carries_from(source))
+    {
+        let name = f.name(target).to_owned();
+        let src = f.name(source);
+        if !f.has_column(source) {
+            // A constant: nothing to read on the source.
+            let value = f.map_value(source, None).unwrap_or_default();
+            values.push(Field { name, value });
+            continue;
+        }
+        // An update leaves out unchanged TOASTed values; the old row
+        // (replica identity FULL) still has them.
+        let unchanged = || match change.op {
+            ChangeOp::Update => change.before.as_deref().and_then(|b| field(b, src)),
+            _ => None,
+        };
+        let v = field(after, src)
+            .or_else(unchanged)
+            .ok_or_else(|| MappingError::MissingField {
+                map: map.name.clone(),
+                entity: change.entity.clone(),
+                field: src.to_owned(),
+            })?;
+        let value =
+            f.map_value(source, v.value.as_deref())
+                .map_err(|failure| MappingError::Transform {
+                    map: map.name.clone(),
+                    entity: change.entity.clone(),
+                    field: src.to_owned(),
+                    target_field: name.clone(),
+                    failure: Box::new(failure),
+                })?;
+        values.push(Field { name, value });
+    }
+    Ok(values)
 }
 
 /// The names, on `side`, of the columns the other side writes into it:

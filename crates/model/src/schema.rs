@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::config::{Config, MapConfig, SideId};
+use crate::config::{Config, FieldMapping, MapConfig, SideId};
 use crate::transform::{convert, ColumnType, Unmapped};
 
 /// What a side's database says about a table.
@@ -101,45 +101,86 @@ pub fn check_map(
     left: Option<&TableInfo>,
     right: Option<&TableInfo>,
 ) -> Vec<SchemaProblem> {
-    let mut out = Vec::new();
-    let side_name = |s: SideId| config.side(s).name.clone();
-    let problem = |s: SideId, field: Option<&str>, problem: String, fix: String| SchemaProblem {
-        map: map.name.clone(),
-        side: side_name(s),
-        field: field.map(str::to_owned),
-        problem,
-        fix,
+    let mut c = Checker {
+        config,
+        map,
+        out: Vec::new(),
     };
-    let tables = [(SideId::Left, left), (SideId::Right, right)];
-    for (side, table) in tables {
+    for (side, table) in [(SideId::Left, left), (SideId::Right, right)] {
+        c.table(side, table);
+    }
+    if let (Some(l), Some(r)) = (left, right) {
+        for f in &map.fields {
+            let types = [l.columns.get(&f.left), r.columns.get(&f.right)];
+            c.declared_conversion(f, types);
+            for from_side in [SideId::Left, SideId::Right] {
+                if f.direction.carries_from(from_side) {
+                    c.values_into(f, from_side, types);
+                }
+            }
+        }
+        c.out.extend(one_sided_delete_actions(config, map, [l, r]));
+    }
+    c.out
+}
+
+/// The problems found so far with one map.
+struct Checker<'a> {
+    config: &'a Config,
+    map: &'a MapConfig,
+    out: Vec<SchemaProblem>,
+}
+
+/// A column's type on the left and on the right (`None`: no such column).
+type Types<'a> = [Option<&'a String>; 2];
+
+fn on(types: Types<'_>, side: SideId) -> Option<&String> {
+    match side {
+        SideId::Left => types[0],
+        SideId::Right => types[1],
+    }
+}
+
+impl Checker<'_> {
+    fn side_name(&self, s: SideId) -> &str {
+        &self.config.side(s).name
+    }
+
+    fn push(&mut self, s: SideId, field: Option<&str>, problem: String, fix: String) {
+        self.out.push(SchemaProblem {
+            map: self.map.name.clone(),
+            side: self.side_name(s).to_owned(),
+            field: field.map(str::to_owned),
+            problem,
+            fix,
+        });
+    }
+
+    /// The table exists and has the columns the map reads and a unique
+    /// index on the alternate key.
+    fn table(&mut self, side: SideId, table: Option<&TableInfo>) {
+        let map = self.map;
         let entity = map.entity(side).qualified();
         let Some(t) = table else {
-            out.push(problem(
-                side,
-                None,
-                format!("table {entity} does not exist"),
-                format!("create it, or correct `{}.entity`", side.as_str()),
-            ));
-            continue;
+            let fix = format!("create it, or correct `{}.entity`", side.as_str());
+            self.push(side, None, format!("table {entity} does not exist"), fix);
+            return;
         };
         for col in crate::filter::scope_columns(map, side) {
             if !t.columns.contains_key(&col) {
-                out.push(problem(
+                let s = side.as_str();
+                self.push(
                     side,
                     Some(&col),
                     format!("column {col} (read by the map's scope) does not exist in {entity}"),
-                    format!(
-                        "add the column, or correct `{}.filter` / `{}.company_field`",
-                        side.as_str(),
-                        side.as_str()
-                    ),
-                ));
+                    format!("add the column, or correct `{s}.filter` / `{s}.company_field`"),
+                );
             }
         }
         for f in map.fields.iter().filter(|f| f.has_column(side)) {
             let col = f.name(side);
             if !t.columns.contains_key(col) {
-                out.push(problem(
+                self.push(
                     side,
                     Some(col),
                     format!("column {col} does not exist in {entity}"),
@@ -147,10 +188,14 @@ pub fn check_map(
                         "add the column, or correct the field mapping `{}` ↔ `{}`",
                         f.left, f.right
                     ),
-                ));
+                );
             }
         }
-        let key = &map.entity(side).key;
+        self.unique_key(side, t, &entity);
+    }
+
+    fn unique_key(&mut self, side: SideId, t: &TableInfo, entity: &str) {
+        let key = &self.map.entity(side).key;
         let mut sorted_key = key.clone();
         sorted_key.sort();
         let indexed = t.unique.iter().any(|u| {
@@ -159,120 +204,118 @@ pub fn check_map(
             u == sorted_key
         });
         if key.iter().all(|k| t.columns.contains_key(k)) && !indexed {
-            out.push(problem(
+            let cols = key.join(", ");
+            self.push(
                 side,
-                Some(&key.join(", ")),
+                Some(&cols),
                 format!(
-                    "the alternate key ({}) of {entity} has no unique index: upserts need one",
-                    key.join(", ")
+                    "the alternate key ({cols}) of {entity} has no unique index: upserts need one"
                 ),
-                format!(
-                    "CREATE UNIQUE INDEX ON {entity} ({}) (after removing duplicates)",
-                    key.join(", ")
-                ),
-            ));
+                format!("CREATE UNIQUE INDEX ON {entity} ({cols}) (after removing duplicates)"),
+            );
         }
     }
-    if let (Some(l), Some(r)) = (left, right) {
-        for f in &map.fields {
-            let column_type = |s: SideId| match s {
-                SideId::Left => l.columns.get(&f.left),
-                SideId::Right => r.columns.get(&f.right),
+
+    /// A declared conversion must name the columns' actual types.
+    fn declared_conversion(&mut self, f: &FieldMapping, types: Types<'_>) {
+        let Some(c) = &f.transform.convert else {
+            return;
+        };
+        for (side, written) in [(SideId::Left, &c.left), (SideId::Right, &c.right)] {
+            let (Some(actual), Some(declared)) = (on(types, side), c.get(side)) else {
+                continue;
             };
-            let tr = &f.transform;
-            // A declared conversion must name the columns' actual types.
-            if let Some(c) = &tr.convert {
-                for (side, written) in [(SideId::Left, &c.left), (SideId::Right, &c.right)] {
-                    let (Some(actual), Some(declared)) = (column_type(side), c.get(side)) else {
-                        continue;
-                    };
-                    if ColumnType::of_column(actual) != Some(declared) {
-                        out.push(problem(
-                            side,
-                            Some(f.name(side)),
-                            format!(
-                                "convert declares the {side} column `{written}` but {} {} is {actual}",
-                                side_name(side),
-                                f.name(side)
-                            ),
-                            format!(
-                                "set `convert.{side}` to the column's type ({}), or change the column",
-                                ColumnType::of_column(actual)
-                                    .map(|t| t.as_str())
-                                    .unwrap_or("a type convert does not handle: remove the conversion")
-                            ),
-                        ));
-                    }
-                }
+            if ColumnType::of_column(actual) == Some(declared) {
+                continue;
             }
-            for from_side in [SideId::Left, SideId::Right] {
-                let to_side = from_side.other();
-                if !f.direction.carries_from(from_side) {
-                    continue;
-                }
-                let Some(to) = column_type(to_side) else {
-                    continue;
-                };
-                // Values the configuration writes into the target as they are.
-                let mut literals: Vec<(&str, &str)> = Vec::new();
-                if let Some(v) = &tr.constant {
-                    literals.push(("constant", v));
-                }
-                if let Some(v) = tr.default.as_ref().and_then(|d| d.get(to_side)) {
-                    literals.push(("default", v));
-                }
-                if let Some(Unmapped::Default(d)) = &tr.unmapped {
-                    if let Some(v) = d.get(to_side) {
-                        literals.push(("unmapped", v));
-                    }
-                }
-                if let Some(table) = &tr.value_map {
-                    for (lv, rv) in table {
-                        literals.push(("value_map", if to_side == SideId::Left { lv } else { rv }));
-                    }
-                }
-                for (what, v) in literals {
-                    if let Some(ty) = ColumnType::of_column(to) {
-                        if let Err(reason) = convert(v, ColumnType::Text, ty) {
-                            out.push(problem(
-                                to_side,
-                                Some(f.name(to_side)),
-                                format!(
-                                    "{what} value `{v}` written to {} {} ({to}) {reason}",
-                                    side_name(to_side),
-                                    f.name(to_side)
-                                ),
-                                format!("correct the field's `{what}`"),
-                            ));
-                        }
-                    }
-                }
-                // Without a transform that produces the target's values,
-                // the source's text must suit the target column.
-                let produces_target_values =
-                    tr.constant.is_some() || tr.value_map.is_some() || tr.convert.is_some();
-                let Some(from) = column_type(from_side) else {
-                    continue;
-                };
-                if !produces_target_values && !convertible(from, to) {
-                    out.push(problem(
-                        to_side,
-                        Some(f.name(to_side)),
-                        format!(
-                            "{} {} ({from}) cannot be converted to {} {} ({to})",
-                            side_name(from_side),
-                            f.name(from_side),
-                            side_name(to_side),
-                            f.name(to_side)
-                        ),
-                        "change a column's type, declare the conversion (`convert = { left = \"<type>\", right = \"<type>\" }`) or a `value_map`, or sync the field one way only".to_owned(),
-                    ));
-                }
+            let should = ColumnType::of_column(actual)
+                .map(|t| t.as_str())
+                .unwrap_or("a type convert does not handle: remove the conversion");
+            self.push(
+                side,
+                Some(f.name(side)),
+                format!(
+                    "convert declares the {side} column `{written}` but {} {} is {actual}",
+                    self.side_name(side),
+                    f.name(side)
+                ),
+                format!(
+                    "set `convert.{side}` to the column's type ({should}), or change the column"
+                ),
+            );
+        }
+    }
+
+    /// The values `f` writes from `from_side` suit the other side's column:
+    /// the configuration's literals, and the source's text where no
+    /// transform produces the target's values.
+    fn values_into(&mut self, f: &FieldMapping, from_side: SideId, types: Types<'_>) {
+        let to_side = from_side.other();
+        let Some(to) = on(types, to_side) else {
+            return;
+        };
+        self.literals(f, to_side, to);
+        let tr = &f.transform;
+        let produces_target_values =
+            tr.constant.is_some() || tr.value_map.is_some() || tr.convert.is_some();
+        let Some(from) = on(types, from_side) else {
+            return;
+        };
+        if produces_target_values || convertible(from, to) {
+            return;
+        }
+        self.push(
+            to_side,
+            Some(f.name(to_side)),
+            format!(
+                "{} {} ({from}) cannot be converted to {} {} ({to})",
+                self.side_name(from_side),
+                f.name(from_side),
+                self.side_name(to_side),
+                f.name(to_side)
+            ),
+            "change a column's type, declare the conversion (`convert = { left = \"<type>\", right = \"<type>\" }`) or a `value_map`, or sync the field one way only".to_owned(),
+        );
+    }
+
+    /// Values the configuration writes into the target as they are.
+    fn literals(&mut self, f: &FieldMapping, to_side: SideId, to: &str) {
+        let tr = &f.transform;
+        let mut literals: Vec<(&str, &str)> = Vec::new();
+        if let Some(v) = &tr.constant {
+            literals.push(("constant", v));
+        }
+        if let Some(v) = tr.default.as_ref().and_then(|d| d.get(to_side)) {
+            literals.push(("default", v));
+        }
+        if let Some(Unmapped::Default(d)) = &tr.unmapped {
+            if let Some(v) = d.get(to_side) {
+                literals.push(("unmapped", v));
             }
         }
-        out.extend(one_sided_delete_actions(config, map, [l, r]));
+        if let Some(table) = &tr.value_map {
+            for (lv, rv) in table {
+                literals.push(("value_map", if to_side == SideId::Left { lv } else { rv }));
+            }
+        }
+        let Some(ty) = ColumnType::of_column(to) else {
+            return;
+        };
+        for (what, v) in literals {
+            if let Err(reason) = convert(v, ColumnType::Text, ty) {
+                self.push(
+                    to_side,
+                    Some(f.name(to_side)),
+                    format!(
+                        "{what} value `{v}` written to {} {} ({to}) {reason}",
+                        self.side_name(to_side),
+                        f.name(to_side)
+                    ),
+                    format!("correct the field's `{what}`"),
+                );
+            }
+        }
     }
-    out
 }
 
 /// Foreign keys whose delete action changes the rows of another map on one

@@ -360,10 +360,6 @@ impl Transform {
     /// as (what, message); `what` is the TOML key at fault.
     pub fn problems(&self, direction: Direction) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        let directions: Vec<SideId> = [SideId::Left, SideId::Right]
-            .into_iter()
-            .filter(|s| direction.carries_from(*s))
-            .collect();
         if self.constant.is_some()
             && (self.value_map.is_some()
                 || self.convert.is_some()
@@ -389,39 +385,7 @@ impl Transform {
             ));
         }
         if let Some(table) = &self.value_map {
-            if table.is_empty() {
-                out.push((
-                    "value_map",
-                    "is empty: give at least one `<left value> = \"<right value>\"`".to_owned(),
-                ));
-            }
-            // Right → left looks the table up inverted: each right value once.
-            if direction.carries_from(SideId::Right) {
-                let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-                for (l, r) in table {
-                    if let Some(prev) = seen.insert(r, l) {
-                        out.push((
-                            "value_map",
-                            format!(
-                                "right value `{r}` is mapped from both `{prev}` and `{l}`: it cannot be mapped back right to left (make the values unique, or sync the field left_to_right)"
-                            ),
-                        ));
-                    }
-                }
-            }
-            if let Some(Unmapped::Default(d)) = &self.unmapped {
-                for source in &directions {
-                    let target = source.other();
-                    if d.get(target).is_none() {
-                        out.push((
-                            "unmapped",
-                            format!(
-                                "gives no value for the {target} side, which this field writes"
-                            ),
-                        ));
-                    }
-                }
-            }
+            self.value_map_problems(table, direction, &mut out);
         }
         if let Some(PerSide::Sides(d)) = &self.default {
             if d.left.is_none() && d.right.is_none() {
@@ -432,34 +396,84 @@ impl Transform {
             }
         }
         if let Some(c) = &self.convert {
-            let mut ok = true;
-            for (side, name) in [(SideId::Left, &c.left), (SideId::Right, &c.right)] {
-                if ColumnType::parse(name).is_none() {
-                    ok = false;
+            convert_problems(c, direction, &mut out);
+        }
+        out
+    }
+
+    fn value_map_problems(
+        &self,
+        table: &BTreeMap<String, String>,
+        direction: Direction,
+        out: &mut Vec<(&'static str, String)>,
+    ) {
+        if table.is_empty() {
+            out.push((
+                "value_map",
+                "is empty: give at least one `<left value> = \"<right value>\"`".to_owned(),
+            ));
+        }
+        // Right → left looks the table up inverted: each right value once.
+        if direction.carries_from(SideId::Right) {
+            let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+            for (l, r) in table {
+                if let Some(prev) = seen.insert(r, l) {
                     out.push((
-                        "convert",
+                        "value_map",
                         format!(
-                            "{side} type `{name}` is not one of {}",
-                            ColumnType::ALL.map(|t| t.as_str()).join(", ")
+                            "right value `{r}` is mapped from both `{prev}` and `{l}`: it cannot be mapped back right to left (make the values unique, or sync the field left_to_right)"
                         ),
                     ));
                 }
             }
-            if ok {
-                for source in &directions {
-                    let (from, to) = (c.get(*source), c.get(source.other()));
-                    if let (Some(from), Some(to)) = (from, to) {
-                        if !conversion_supported(from, to) {
-                            out.push((
-                                "convert",
-                                format!("there is no conversion from {from} to {to}"),
-                            ));
-                        }
-                    }
+        }
+        if let Some(Unmapped::Default(d)) = &self.unmapped {
+            for source in sources(direction) {
+                let target = source.other();
+                if d.get(target).is_none() {
+                    out.push((
+                        "unmapped",
+                        format!("gives no value for the {target} side, which this field writes"),
+                    ));
                 }
             }
         }
-        out
+    }
+}
+
+/// The sides a field that syncs in `direction` carries values from.
+fn sources(direction: Direction) -> impl Iterator<Item = SideId> {
+    [SideId::Left, SideId::Right]
+        .into_iter()
+        .filter(move |s| direction.carries_from(*s))
+}
+
+fn convert_problems(c: &Convert, direction: Direction, out: &mut Vec<(&'static str, String)>) {
+    let mut ok = true;
+    for (side, name) in [(SideId::Left, &c.left), (SideId::Right, &c.right)] {
+        if ColumnType::parse(name).is_none() {
+            ok = false;
+            out.push((
+                "convert",
+                format!(
+                    "{side} type `{name}` is not one of {}",
+                    ColumnType::ALL.map(|t| t.as_str()).join(", ")
+                ),
+            ));
+        }
+    }
+    if !ok {
+        return;
+    }
+    for source in sources(direction) {
+        if let (Some(from), Some(to)) = (c.get(source), c.get(source.other())) {
+            if !conversion_supported(from, to) {
+                out.push((
+                    "convert",
+                    format!("there is no conversion from {from} to {to}"),
+                ));
+            }
+        }
     }
 }
 

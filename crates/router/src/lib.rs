@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use dualwrite_model::avro;
-use dualwrite_model::config::Config;
+use dualwrite_model::config::{Config, MapConfig, SideId};
 use dualwrite_model::mapping::{map_applied, map_change, maps_for};
 use dualwrite_model::record::{ChangeOp, ChangeRecord, MappedChange};
 use dualwrite_model::topics::Topics;
@@ -52,46 +52,22 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
     let mut r = Output::default();
     let mut skipped = 0usize;
     for m in batch {
-        let Some(payload) = m.payload() else {
-            r.errors
-                .push(errors.about(m, "malformed_record", "empty capture record (no value)"));
-            continue;
-        };
-        let change: ChangeRecord = match avro::decode(payload) {
-            Ok(c) => c,
-            Err(e) => {
-                r.errors
-                    .push(errors.about(m, "malformed_record", format!("capture record: {e}")));
-                continue;
-            }
-        };
-        let Some(side) = config.side_id(&change.side) else {
-            let mut e = errors.about(
-                m,
-                "unknown_side",
-                format!(
-                    "capture record from side `{}`, which is not configured",
-                    change.side
-                ),
-            );
-            e.source_lsn = Some(change.commit_lsn);
-            r.errors.push(e);
+        let Some((side, change)) = read(config, errors, m, &mut r) else {
             continue;
         };
         let mut any = false;
         for map in maps_for(config, side, &change.entity) {
             any = true;
+            let to = Routed {
+                t: &t,
+                errors,
+                m,
+                map,
+            };
             if change.op == ChangeOp::Applied {
                 // An applier's report goes to its map, keyed like the record.
                 if let Some(mc) = map_applied(config, map, side, &change) {
-                    match avro::encode::<MappedChange>(&mc) {
-                        Ok(payload) => r.records.push(Outgoing {
-                            topic: t.map(&map.name),
-                            key: mc.kafka_key(),
-                            payload,
-                        }),
-                        Err(e) => r.errors.push(errors.about(m, "encode", e.to_string())),
-                    }
+                    to.push(&mc, &mut r);
                 }
                 continue;
             }
@@ -105,25 +81,9 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
                             .inc();
                     }
                     for mc in mapped {
-                        metrics()
-                            .routed
-                            .with_label_values(&[
-                                &mc.map,
-                                &direction(&mc.source_side, &mc.target_side),
-                            ])
-                            .inc();
-                        match avro::encode::<MappedChange>(&mc) {
-                            Ok(payload) => r.records.push(Outgoing {
-                                topic: t.map(&map.name),
-                                key: mc.kafka_key(),
-                                payload,
-                            }),
-                            Err(e) => {
-                                let mut er = errors.about(m, "encode", e.to_string());
-                                er.map = Some(map.name.clone());
-                                r.errors.push(er);
-                            }
-                        }
+                        let dir = direction(&mc.source_side, &mc.target_side);
+                        metrics().routed.with_label_values(&[&mc.map, &dir]).inc();
+                        to.push(&mc, &mut r);
                     }
                 }
                 Err(e) => {
@@ -148,6 +108,66 @@ pub fn route(config: &Config, errors: &ErrorSink, batch: &[OwnedMessage]) -> Out
         tracing::debug!(skipped, "changes of entities no map syncs");
     }
     r
+}
+
+/// A capture record and its side; `None` (with an error record in `r`)
+/// when it cannot be read or comes from a side not configured.
+fn read(
+    config: &Config,
+    errors: &ErrorSink,
+    m: &OwnedMessage,
+    r: &mut Output,
+) -> Option<(SideId, ChangeRecord)> {
+    let Some(payload) = m.payload() else {
+        let why = "empty capture record (no value)";
+        r.errors.push(errors.about(m, "malformed_record", why));
+        return None;
+    };
+    let change: ChangeRecord = match avro::decode(payload) {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!("capture record: {e}");
+            r.errors.push(errors.about(m, "malformed_record", why));
+            return None;
+        }
+    };
+    let Some(side) = config.side_id(&change.side) else {
+        let why = format!(
+            "capture record from side `{}`, which is not configured",
+            change.side
+        );
+        let mut e = errors.about(m, "unknown_side", why);
+        e.source_lsn = Some(change.commit_lsn);
+        r.errors.push(e);
+        return None;
+    };
+    Some((side, change))
+}
+
+/// Where a capture record's mapped changes go: its map's topic.
+struct Routed<'a> {
+    t: &'a Topics,
+    errors: &'a ErrorSink,
+    m: &'a OwnedMessage,
+    map: &'a MapConfig,
+}
+
+impl Routed<'_> {
+    /// Encodes `mc` into the map's topic, or records why it could not be.
+    fn push(&self, mc: &MappedChange, r: &mut Output) {
+        match avro::encode::<MappedChange>(mc) {
+            Ok(payload) => r.records.push(Outgoing {
+                topic: self.t.map(&self.map.name),
+                key: mc.kafka_key(),
+                payload,
+            }),
+            Err(e) => {
+                let mut er = self.errors.about(self.m, "encode", e.to_string());
+                er.map = Some(self.map.name.clone());
+                r.errors.push(er);
+            }
+        }
+    }
 }
 
 /// Runs the router (this instance's share of the capture partitions) until `shutdown` is cancelled.
