@@ -4,7 +4,8 @@
 #      fetched from Maven Central; needs Java 17+ and Maven),
 #   2. builds dualwrite,
 #   3. creates the two demo databases with a few hundred rows each,
-#   4. runs every service (one process, in the background),
+#   4. runs every service (one process, in the background) and the operator
+#      console (its address and token are printed at the end),
 #   5. makes changes on each side and shows them arrive on the other.
 # The sync keeps running afterwards; `scripts/demo.sh stop` stops it.
 set -euo pipefail
@@ -58,7 +59,11 @@ export DUALWRITE_TOPIC_PREFIX="demo-$(date +%s)"
 export DUALWRITE_BOOTSTRAP_SERVERS
 step "Running every service in one process (log: $DEMO/dualwrite.log, topics: $DUALWRITE_TOPIC_PREFIX.*)"
 METRICS_ADDR="${DUALWRITE_METRICS_ADDR:-127.0.0.1:9464}"
-nohup "$BIN" --config "$CONFIG" --metrics-addr "$METRICS_ADDR" run >"$DEMO/dualwrite.log" 2>&1 &
+# The operator console, on loopback; its token signs an operator in (a new
+# one per demo run unless DUALWRITE_CONSOLE_TOKEN is set).
+CONSOLE_ADDR="${DUALWRITE_CONSOLE_ADDR:-127.0.0.1:8080}"
+export DUALWRITE_CONSOLE_TOKEN="${DUALWRITE_CONSOLE_TOKEN:-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}"
+nohup "$BIN" --config "$CONFIG" --metrics-addr "$METRICS_ADDR" run --console "$CONSOLE_ADDR" >"$DEMO/dualwrite.log" 2>&1 &
 echo $! >"$PIDFILE"
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
@@ -135,7 +140,9 @@ Try it yourself:
 Metrics (Prometheus text format) and health:
   curl http://$METRICS_ADDR/metrics      curl http://$METRICS_ADDR/readyz      curl http://$METRICS_ADDR/healthz
   (a Prometheus scrape config, alert rules and a Grafana dashboard are in deploy/prometheus and deploy/grafana)
-Operate the maps:
+Operate the maps in the console (sign in with any name and the token $DUALWRITE_CONSOLE_TOKEN):
+  http://$CONSOLE_ADDR/
+or with the CLI:
   $BIN -c $CONFIG ctl maps            (and: ctl pause|run|stop MAP, ctl watch)
 Inspect the topics:
   $BIN -c $CONFIG ctl tail map:customers

@@ -77,7 +77,23 @@ enum Command {
         side: String,
     },
     /// Run every service in this one process (capture and apply for both sides, router, pause buffer).
-    Run,
+    Run {
+        /// Also serve the operator console on this address (e.g. 127.0.0.1:8080).
+        #[arg(long, env = "DUALWRITE_CONSOLE_ADDR")]
+        console: Option<std::net::SocketAddr>,
+        /// The console's operator token, from this file (else DUALWRITE_CONSOLE_TOKEN).
+        #[arg(long, env = "DUALWRITE_CONSOLE_TOKEN_FILE")]
+        console_token_file: Option<PathBuf>,
+    },
+    /// Serve the operator console (commands need the operator token).
+    Console {
+        /// Address to serve on (port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The operator token, from this file (else DUALWRITE_CONSOLE_TOKEN).
+        #[arg(long, env = "DUALWRITE_CONSOLE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Create the topics and check the configuration, then exit.
     Setup,
     /// Operator commands.
@@ -90,6 +106,10 @@ enum Command {
 /// Environment variables read by the binary besides its options'
 /// (`option_env_vars`), the configuration's overrides and secrets.
 const ENV_VARS: &[(&str, &str)] = &[
+    (
+        dualwrite_console::TOKEN_ENV,
+        "the console's operator token (without it the console is read-only)",
+    ),
     ("DUALWRITE_LOG_FORMAT", "json for JSON logs"),
     ("RUST_LOG", "log filter"),
 ];
@@ -192,7 +212,19 @@ async fn run(
             let s = side(&config, &s)?;
             apply(config, s, shard, shutdown).await?;
         }
-        Command::Run => run_all(config, shutdown).await?,
+        Command::Run {
+            console: addr,
+            console_token_file: file,
+        } => {
+            if let Some(addr) = addr {
+                console(&config, addr, file, &shutdown).await?;
+            }
+            run_all(config, shutdown).await?
+        }
+        Command::Console { listen, token_file } => {
+            console(&config, listen, token_file, &shutdown).await?;
+            shutdown.cancelled().await;
+        }
         Command::Setup => {
             kafka::ensure_topics(&config.kafka, &all_topics(&config)).await?;
             println!("topics ready:");
@@ -214,6 +246,34 @@ async fn run(
             }
         }
     }
+    Ok(())
+}
+
+/// Starts the operator console on `listen`; the operator token from
+/// `token_file`, else from the environment.
+async fn console(
+    config: &Arc<Config>,
+    listen: std::net::SocketAddr,
+    token_file: Option<PathBuf>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let token = match token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the console token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var(dualwrite_console::TOKEN_ENV).ok(),
+    };
+    let sd = shutdown.clone();
+    let bound = match kinds(config) {
+        (SideKind::Postgres, SideKind::Postgres) => {
+            dualwrite_console::serve::<PgCopy, PgInspect>(config.clone(), listen, token, sd).await
+        }
+    }
+    .with_context(|| format!("cannot serve the console on {listen}"))?;
+    eprintln!("console: http://{bound}/");
     Ok(())
 }
 

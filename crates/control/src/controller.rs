@@ -44,6 +44,7 @@ pub fn event(
         maps: Vec::new(),
         message: message.into(),
         at,
+        sent_by: None,
     }
 }
 
@@ -207,7 +208,8 @@ impl Controller {
     /// Applies a command. `end_offsets(map)` gives the map topic's current
     /// end offsets (taken where a run starts live sync or a resume begins);
     /// `schema(map)` checks a map to be run against both databases' tables
-    /// (the problems found: the command is rejected with them).
+    /// (the problems found: the command is rejected with them). Every
+    /// event answering it names who sent it (as the command says).
     pub fn command<F, S>(
         &self,
         config: &Config,
@@ -220,6 +222,22 @@ impl Controller {
         F: FnMut(&str) -> Result<Vec<PartitionOffset>, String>,
         S: FnMut(&str) -> Result<Vec<String>, String>,
     {
+        let mut fx = self.answer(config, cmd, now, end_offsets, schema);
+        for e in fx.events.iter_mut().chain(fx.quiet.iter_mut()) {
+            e.sent_by.clone_from(&cmd.sent_by);
+        }
+        fx
+    }
+
+    /// [`Controller::command`], before the sender is named on its events.
+    fn answer(
+        &self,
+        config: &Config,
+        cmd: &ControlCommand,
+        now: i64,
+        end_offsets: impl FnMut(&str) -> Result<Vec<PartitionOffset>, String>,
+        schema: impl FnMut(&str) -> Result<Vec<String>, String>,
+    ) -> Effects {
         let id = Some(cmd.id.as_str());
         let mut fx = Effects::default();
         if self.seen.contains(&cmd.id) {
@@ -660,6 +678,7 @@ mod tests {
             conflict_master: None,
             order: None,
             resume_policy: None,
+            sent_by: Some("ctl: test".into()),
         }
     }
 
@@ -729,6 +748,11 @@ mod tests {
                 Outcome::Completed
             ]
         );
+        // Every event answering the command names its sender.
+        assert!(fx
+            .events
+            .iter()
+            .all(|e| e.sent_by.as_deref() == Some("ctl: test")));
         let s = &c.statuses["currencies"];
         assert_eq!((s.state, s.generation), (MapState::Running, 1));
         assert_eq!(s.start_offsets, ends("").unwrap());

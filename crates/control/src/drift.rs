@@ -206,6 +206,7 @@ async fn report(
         maps: vec![map.to_owned()],
         message,
         at: now_micros(),
+        sent_by: None,
     };
     let Ok(payload) = avro::encode(&event) else {
         return;

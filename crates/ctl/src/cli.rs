@@ -325,6 +325,7 @@ pub async fn run<C: CopySide, I: Inspect>(
                 conflict_master,
                 order,
                 resume_policy,
+                sent_by: None,
             };
             send_command(config, cmd, send, control_topics).await?;
         }
@@ -406,6 +407,7 @@ async fn send_command(
 ) -> anyhow::Result<()> {
     let resent = send.id.is_some();
     cmd.id = send.id.unwrap_or_else(crate::new_command_id);
+    cmd.sent_by = Some(crate::sender());
     let known = if resent {
         None
     } else {

@@ -348,8 +348,15 @@ pub fn read_statuses(config: &Config) -> Result<BTreeMap<String, MapStatus>, Ctl
 
 /// Every configured map with its state and backlog.
 pub fn map_rows(config: &Config) -> Result<Vec<MapRow>, CtlError> {
+    map_rows_of(config, &read_statuses(config)?)
+}
+
+/// [`map_rows`] from statuses already read (`read_statuses`).
+pub fn map_rows_of(
+    config: &Config,
+    statuses: &BTreeMap<String, MapStatus>,
+) -> Result<Vec<MapRow>, CtlError> {
     let t = Topics::new(&config.kafka.topic_prefix);
-    let statuses = read_statuses(config)?;
     let mut rows = Vec::new();
     for m in &config.maps {
         let status = statuses.get(&m.name);
@@ -525,6 +532,15 @@ pub fn new_command_id() -> String {
         dualwrite_runtime::now_micros(),
         std::process::id()
     )
+}
+
+/// Who sends `ctl`'s commands: `ctl: <user>` (the login name from the
+/// environment), as recorded on the command and its events.
+pub fn sender() -> String {
+    let user = ["USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()));
+    format!("ctl: {}", user.as_deref().unwrap_or("unknown user"))
 }
 
 /// What happened to a command.

@@ -35,6 +35,10 @@ pub const MAPPED_CHANGE_V1_AVSC: &str =
     include_str!("../../../schemas/legacy/mapped_change.v1.avsc");
 pub const CONTROL_EVENT_V1_AVSC: &str =
     include_str!("../../../schemas/legacy/control_event.v1.avsc");
+pub const CONTROL_EVENT_V2_AVSC: &str =
+    include_str!("../../../schemas/legacy/control_event.v2.avsc");
+pub const CONTROL_COMMAND_V1_AVSC: &str =
+    include_str!("../../../schemas/legacy/control_command.v1.avsc");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AvroError {
@@ -109,7 +113,7 @@ macro_rules! avro_record {
             }
         }
     };
-    ($ty:ty, $kind:literal, $src:expr, legacy $old:expr) => {
+    ($ty:ty, $kind:literal, $src:expr, legacy $($old:expr),+) => {
         impl $crate::avro::AvroRecord for $ty {
             const KIND: &'static str = $kind;
             fn schema() -> &'static $crate::avro::Compiled {
@@ -119,7 +123,7 @@ macro_rules! avro_record {
             fn legacy() -> &'static [$crate::avro::Compiled] {
                 static L: std::sync::OnceLock<Vec<$crate::avro::Compiled>> =
                     std::sync::OnceLock::new();
-                L.get_or_init(|| vec![$crate::avro::compile($old)])
+                L.get_or_init(|| vec![$($crate::avro::compile($old)),+])
             }
         }
     };

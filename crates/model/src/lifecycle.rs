@@ -26,7 +26,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::avro::{
-    self, avro_record, CONTROL_COMMAND_AVSC, CONTROL_EVENT_AVSC, CONTROL_EVENT_V1_AVSC,
+    self, avro_record, CONTROL_COMMAND_AVSC, CONTROL_COMMAND_V1_AVSC, CONTROL_EVENT_AVSC,
+    CONTROL_EVENT_V1_AVSC, CONTROL_EVENT_V2_AVSC,
 };
 use crate::avro::{MAP_STATUS_AVSC, MAP_STATUS_V1_AVSC};
 use crate::config::Config;
@@ -234,6 +235,9 @@ pub struct ControlCommand {
     pub order: Option<Vec<String>>,
     #[serde(default)]
     pub resume_policy: Option<ResumePolicy>,
+    /// Who sent it, as the sender names them (recorded, not checked).
+    #[serde(default)]
+    pub sent_by: Option<String>,
 }
 
 impl ControlCommand {
@@ -248,6 +252,7 @@ impl ControlCommand {
             conflict_master: None,
             order: None,
             resume_policy: None,
+            sent_by: None,
         }
     }
 }
@@ -543,6 +548,9 @@ pub struct ControlEvent {
     pub maps: Vec<String>,
     pub message: String,
     pub at: i64,
+    /// Who sent the command the event answers (as the command says).
+    #[serde(default)]
+    pub sent_by: Option<String>,
 }
 
 /// The maps `map` depends on, transitively (not itself), in config order.
@@ -663,9 +671,15 @@ fn topological(config: &Config, set: &[String]) -> Vec<String> {
     out
 }
 
-avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC);
+avro_record!(ControlCommand, "ControlCommand", CONTROL_COMMAND_AVSC, legacy CONTROL_COMMAND_V1_AVSC);
 avro_record!(MapStatus, "MapStatus", MAP_STATUS_AVSC, legacy MAP_STATUS_V1_AVSC);
-avro_record!(ControlEvent, "ControlEvent", CONTROL_EVENT_AVSC, legacy CONTROL_EVENT_V1_AVSC);
+avro_record!(
+    ControlEvent,
+    "ControlEvent",
+    CONTROL_EVENT_AVSC,
+    legacy CONTROL_EVENT_V1_AVSC,
+    CONTROL_EVENT_V2_AVSC
+);
 
 #[cfg(test)]
 mod tests {
@@ -708,6 +722,7 @@ mod tests {
             maps: vec!["a".into(), "b".into()],
             message: "m".into(),
             at: 1,
+            sent_by: Some("console: ana".into()),
         };
         assert_eq!(
             avro::decode::<ControlEvent>(&avro::encode(&ev).unwrap()).unwrap(),
@@ -722,10 +737,57 @@ mod tests {
             conflict_master: None,
             order: None,
             resume_policy: Some(ResumePolicy::Discard),
+            sent_by: Some("ctl: ana".into()),
         };
         assert_eq!(
             avro::decode::<ControlCommand>(&avro::encode(&cmd).unwrap()).unwrap(),
             cmd
+        );
+    }
+
+    /// `record` written with the older schema `old`, without `field`.
+    fn written_before<T: AvroRecord + Serialize>(
+        record: &T,
+        old: &avro::Compiled,
+        field: &str,
+    ) -> Vec<u8> {
+        let apache_avro::types::Value::Record(mut fields) = apache_avro::to_value(record).unwrap()
+        else {
+            panic!("a record")
+        };
+        fields.retain(|(n, _)| n != field);
+        let value = apache_avro::types::Value::Record(fields)
+            .resolve(&old.schema)
+            .unwrap();
+        let mut bytes = avro::MAGIC.to_vec();
+        bytes.extend_from_slice(&old.fingerprint);
+        bytes.extend(apache_avro::to_avro_datum(&old.schema, value).unwrap());
+        bytes
+    }
+
+    /// Commands and events written before `sent_by` existed still read.
+    #[test]
+    fn commands_and_events_without_a_sender_still_decode() {
+        let cmd = ControlCommand::new(Action::Pause, "customers");
+        let old = &ControlCommand::legacy()[0];
+        assert_eq!(
+            avro::decode::<ControlCommand>(&written_before(&cmd, old, "sent_by")).unwrap(),
+            cmd
+        );
+        let ev = ControlEvent {
+            command_id: Some("c".into()),
+            outcome: Outcome::Accepted,
+            map: Some("customers".into()),
+            state: None,
+            maps: vec!["customers".into()],
+            message: "accepted".into(),
+            at: 1,
+            sent_by: None,
+        };
+        let old = &ControlEvent::legacy()[1];
+        assert_eq!(
+            avro::decode::<ControlEvent>(&written_before(&ev, old, "sent_by")).unwrap(),
+            ev
         );
     }
 
@@ -737,17 +799,7 @@ mod tests {
         let mut st = MapStatus::initial("customers", 7);
         st.state = MapState::Paused;
         st.initial = Some(InitialSync::new(2, 3));
-        let value = apache_avro::to_value(&st).unwrap();
-        let apache_avro::types::Value::Record(mut fields) = value else {
-            panic!("a record")
-        };
-        fields.retain(|(n, _)| n != "mapping_version");
-        let value = apache_avro::types::Value::Record(fields)
-            .resolve(&old.schema)
-            .unwrap();
-        let mut bytes = avro::MAGIC.to_vec();
-        bytes.extend_from_slice(&old.fingerprint);
-        bytes.extend(apache_avro::to_avro_datum(&old.schema, value).unwrap());
+        let bytes = written_before(&st, old, "mapping_version");
         assert_eq!(avro::decode::<MapStatus>(&bytes).unwrap(), st);
         st.mapping_version = Some("a820a787357b".into());
         assert_eq!(
