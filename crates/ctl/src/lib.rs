@@ -746,12 +746,16 @@ pub fn watch(config: &Config, idle: Duration, out: &mut impl Write) -> Result<()
         if let Some(Ok(ev)) = m.payload().map(avro::decode::<ControlEvent>) {
             writeln!(
                 out,
-                "{:<13} {:<16} {:<13} {:<28} {}",
+                "{:<13} {:<16} {:<13} {:<28} {}{}",
                 outcome_label(ev.outcome),
                 ev.map.as_deref().unwrap_or("-"),
                 ev.state.as_deref().unwrap_or(""),
                 ev.command_id.as_deref().unwrap_or("-"),
-                ev.message
+                ev.message,
+                ev.sent_by
+                    .as_deref()
+                    .map(|by| format!(" (sent by {by})"))
+                    .unwrap_or_default()
             )?;
             out.flush()?;
         }
