@@ -14,7 +14,7 @@ use axum::http::header::COOKIE;
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::pages::Viewer;
+use crate::pages::{Notice, Viewer};
 
 const COOKIE_NAME: &str = "dw_console";
 const LIFETIME: Duration = Duration::from_secs(12 * 3600);
@@ -22,6 +22,8 @@ const LIFETIME: Duration = Duration::from_secs(12 * 3600);
 struct Session {
     csrf: String,
     name: String,
+    /// A command's outcome, shown once by the next page (post, redirect, get).
+    flash: Option<Notice>,
     since: Instant,
 }
 
@@ -38,7 +40,7 @@ fn digest(s: &str) -> [u8; 32] {
 }
 
 /// 32 random bytes as hex.
-fn random_id() -> String {
+pub fn random_id() -> String {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).expect("the system's random source");
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -89,6 +91,7 @@ impl Auth {
         let session = Session {
             csrf: random_id(),
             name: name.trim().chars().take(100).collect(),
+            flash: None,
             since: Instant::now(),
         };
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -97,6 +100,22 @@ impl Auth {
             "{COOKIE_NAME}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
             LIFETIME.as_secs()
         ))
+    }
+
+    /// Keeps `notice` for the session's next page.
+    pub fn set_flash(&self, headers: &HeaderMap, notice: Notice) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = Self::session_id(headers).and_then(|id| sessions.get_mut(&id)) {
+            s.flash = Some(notice);
+        }
+    }
+
+    /// The notice kept for this page, if any (once).
+    pub fn take_flash(&self, headers: &HeaderMap) -> Option<Notice> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        Self::session_id(headers)
+            .and_then(|id| sessions.get_mut(&id))
+            .and_then(|s| s.flash.take())
     }
 
     /// Whether a command form may be acted on: a session, and its form

@@ -103,13 +103,10 @@ fn page(title: &str, viewer: &Viewer, notice: Option<&Notice>, body: maud::Marku
 
 async fn maps_page(State(c): Shared, headers: HeaderMap) -> Response {
     let viewer = c.auth.viewer(&headers);
+    let notice = c.auth.take_flash(&headers);
     let snap = c.maps.borrow().clone();
-    page(
-        "Entity maps",
-        &viewer,
-        None,
-        pages::maps(&c.config, &snap, &viewer),
-    )
+    let body = pages::maps(&c.config, &snap, &viewer);
+    page("Entity maps", &viewer, notice.as_ref(), body)
 }
 
 /// The maps table again each time it changes (server-sent events).
@@ -154,7 +151,6 @@ async fn command(State(c): Shared, headers: HeaderMap, body: Bytes) -> Response 
         Ok(sender) => sender,
         Err(why) => return (StatusCode::FORBIDDEN, why).into_response(),
     };
-    let viewer = c.auth.viewer(&headers);
     let snap = c.maps.borrow().clone();
     let notice = match send::command_of(&form, sender) {
         Ok(cmd) => send::send(&c.config, &snap, cmd).await,
@@ -163,14 +159,9 @@ async fn command(State(c): Shared, headers: HeaderMap, body: Bytes) -> Response 
             text: why,
         },
     };
-    let snap = c.maps.borrow().clone();
-    let status = if notice.ok {
-        StatusCode::OK
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    };
-    let body = pages::maps(&c.config, &snap, &viewer);
-    (status, page("Entity maps", &viewer, Some(&notice), body)).into_response()
+    // Post, redirect, get: reloading the page does not send it again.
+    c.auth.set_flash(&headers, notice);
+    Redirect::to("/").into_response()
 }
 
 async fn details_page(
@@ -224,7 +215,8 @@ async fn mapping_page<C: CopySide>(
 
 async fn errors_page(State(c): Shared, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
     let query = ErrorsQuery::parse(query.as_deref().unwrap_or_default());
-    errors_with(&c, &headers, &query, None).await
+    let notice = c.auth.take_flash(&headers);
+    errors_with(&c, &headers, &query, notice.as_ref()).await
 }
 
 /// The errors page, with a command's outcome.
@@ -254,7 +246,8 @@ async fn retry_catchup(State(c): Shared, headers: HeaderMap, body: Bytes) -> Res
         Ok(text) => Notice { ok: true, text },
         Err(text) => Notice { ok: false, text },
     };
-    errors_with(&c, &headers, &ErrorsQuery::default(), Some(&notice)).await
+    c.auth.set_flash(&headers, notice);
+    Redirect::to("/errors").into_response()
 }
 
 /// Retries the selected error records, as `ctl retry-errors --at` does.
@@ -267,7 +260,8 @@ async fn retry<I: Inspect>(State(c): Shared, headers: HeaderMap, body: Bytes) ->
         Ok(text) => Notice { ok: true, text },
         Err(text) => Notice { ok: false, text },
     };
-    errors_with(&c, &headers, &ErrorsQuery::default(), Some(&notice)).await
+    c.auth.set_flash(&headers, notice);
+    Redirect::to("/errors").into_response()
 }
 
 async fn login_page(State(c): Shared, headers: HeaderMap) -> Response {

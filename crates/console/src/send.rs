@@ -52,7 +52,16 @@ pub fn command_of(form: &Form, sender: String) -> Result<ControlCommand, String>
         .find(|a| a.to_string() == name)
         .ok_or_else(|| format!("unknown action `{name}`"))?;
     let mut cmd = ControlCommand::new(action, map);
-    cmd.id = format!("console-{}", dualwrite_runtime::now_micros());
+    // The form's own id: sent twice (a double click, a form posted again)
+    // it is one command, which the controller applies once.
+    let id = form
+        .get("id")
+        .filter(|i| !i.is_empty() && i.len() <= 100 && i.chars().all(|c| c.is_ascii_alphanumeric()))
+        .map_or_else(
+            || dualwrite_runtime::now_micros().to_string(),
+            str::to_owned,
+        );
+    cmd.id = format!("console-{id}");
     cmd.sent_by = Some(sender);
     if action != Action::Run {
         return Ok(cmd);
@@ -157,6 +166,11 @@ mod tests {
 &order=customers&include=customers&order=contacts&include=contacts&conflict_master=fno&initial_sync=on";
         let cmd = command_of(&Form::parse(body), "console: ana".into()).unwrap();
         assert_eq!(cmd.sent_by.as_deref(), Some("console: ana"));
+        let again = command_of(
+            &Form::parse(b"map=contacts&action=Pause&id=f00d"),
+            String::new(),
+        );
+        assert_eq!(again.unwrap().id, "console-f00d");
         assert_eq!(cmd.action, Action::Run);
         assert!(cmd.include_related);
         assert_eq!(

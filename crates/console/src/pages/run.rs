@@ -21,7 +21,10 @@ pub fn run_dialog(config: &Config, snap: &Snapshot, map: &MapConfig, viewer: &Vi
         form method="post" action="/command" class="dialog" aria-labelledby="title" {
             input type="hidden" name="map" value=(map.name);
             input type="hidden" name="action" value="Run";
-            @if let Some(csrf) = viewer.csrf() { input type="hidden" name="csrf" value=(csrf); }
+            @if let Some(csrf) = viewer.csrf() {
+                input type="hidden" name="csrf" value=(csrf);
+                input type="hidden" name="id" value=(crate::auth::random_id());
+            }
             (related(&map.name, &order))
             p {
                 label for="conflict_master" { "Conflict master " }
