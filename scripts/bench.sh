@@ -12,11 +12,16 @@
 #   scripts/bench.sh --scenario capture-hop --live-rows 100000 --latency-secs 20
 #                                          # dualwrite's capturer beside Debezium (Kafka Connect);
 #                                          # fetches their jars with Maven on first use
+#   scripts/bench.sh --scenario end-to-end --live-rows 50000 --latency-secs 20
+#                                          # one direction end to end beside Debezium's source +
+#                                          # JDBC sink on one Kafka Connect worker
+#   scripts/bench.sh --scenario scaling    # 1, 2, 4 partitions; 1 or 2 router/applier instances
 #
 # Every other argument goes to the benchmark binary (`--help` lists them:
 # --runs, --big-runs, --rows, --live-rows, --latency-secs, --rate,
-# --scenario all|live-one|live-both|latency|capture-hop|catch-up|initial-sync, --json FILE,
-# --keep-logs, --peer-cache DIR, --debezium-extra PROPERTIES).
+# --scenario all|end-to-end|live-one|live-both|latency|capture-hop|scaling|catch-up|initial-sync,
+# --json FILE, --keep-logs, --peer-cache DIR, --debezium-extra PROPERTIES,
+# --debezium-sink-extra PROPERTIES).
 #
 # Environment:
 #   DUALWRITE_BENCH_STATE_DIR   the benchmark stack's folder (default /tmp/dualwrite-bench-stack; wiped first)

@@ -1,9 +1,12 @@
-//! The Debezium peer of the capture hop: Debezium's PostgreSQL connector
-//! (pgoutput, a slot and a filtered publication of its own, no snapshot)
-//! on Kafka Connect standalone, as a child JVM. Its jars are fetched from
-//! Maven Central once, with `peers/debezium/pom.xml`, into the cache
-//! (`<cache>/peers/debezium-<version>-connect-<version>/libs`); nothing of
-//! it is built or copied into the project.
+//! The Debezium peers: Debezium's PostgreSQL connector (pgoutput, a slot
+//! and a filtered publication of its own, no snapshot) on Kafka Connect
+//! standalone, as a child JVM, alone (the capture hop) or with Debezium's
+//! JDBC sink writing the other database (one direction end to end). Their
+//! jars are fetched from Maven Central once, with `peers/debezium/pom.xml`
+//! (the worker and the source, on its class path) and
+//! `peers/debezium-jdbc/pom.xml` (the sink, a plugin with a class loader of
+//! its own), into the cache; nothing of them is built or copied into the
+//! project.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,10 +22,13 @@ use crate::measure::wait_for;
 /// converter, a log4j2 binding.
 const POM: &str = include_str!("../peers/debezium/pom.xml");
 
-/// A `<name>value</name>` property of [`POM`].
-fn pom_property(name: &str) -> &'static str {
+/// Debezium's JDBC sink connector, without the Kafka artifacts.
+const SINK_POM: &str = include_str!("../peers/debezium-jdbc/pom.xml");
+
+/// A `<name>value</name>` property of a pom.
+fn pom_property(pom: &'static str, name: &str) -> &'static str {
     let open = format!("<{name}>");
-    POM.split_once(open.as_str())
+    pom.split_once(open.as_str())
         .and_then(|(_, rest)| rest.split_once('<'))
         .map_or("unknown", |(v, _)| v)
 }
@@ -31,33 +37,66 @@ fn pom_property(name: &str) -> &'static str {
 pub fn describe() -> String {
     format!(
         "Debezium {} on Kafka Connect {}",
-        pom_property("debezium.version"),
-        pom_property("kafka.version")
+        pom_property(POM, "debezium.version"),
+        pom_property(POM, "kafka.version")
     )
 }
 
-/// The folder of the peer's jars, fetched with Maven on first use (through
-/// a Maven repository of its own, removed afterwards: the cache holds only
-/// the jars). Blocking.
+/// `Debezium's JDBC sink 3.5.0.Final`, for the report.
+pub fn describe_sink() -> String {
+    format!(
+        "Debezium's JDBC sink {}",
+        pom_property(SINK_POM, "debezium.version")
+    )
+}
+
+/// The folder of the worker's and the source's jars, fetched with Maven on
+/// first use. Blocking.
 pub fn libs(cache: &Path) -> Result<PathBuf> {
     let home = cache.join(format!(
         "debezium-{}-connect-{}",
-        pom_property("debezium.version"),
-        pom_property("kafka.version")
+        pom_property(POM, "debezium.version"),
+        pom_property(POM, "kafka.version")
     ));
-    let libs = home.join("libs");
-    if libs.join(".complete").is_file() {
+    fetch(&home, POM, "libs", &[])
+}
+
+/// The worker's `plugin.path`: a folder holding one plugin, the JDBC
+/// sink's jars (fetched with Maven on first use). Blocking.
+pub fn sink_plugins(cache: &Path) -> Result<PathBuf> {
+    let home = cache.join(format!(
+        "debezium-jdbc-{}",
+        pom_property(SINK_POM, "debezium.version")
+    ));
+    // The worker provides Connect's API and the Kafka client.
+    fetch(
+        &home,
+        SINK_POM,
+        "plugins/debezium-connector-jdbc",
+        &["-DexcludeGroupIds=org.apache.kafka"],
+    )?;
+    Ok(home.join("plugins"))
+}
+
+/// Fetches the runtime dependencies of `pom` into `<home>/<into>` (through
+/// a Maven repository of its own, removed afterwards: the cache holds only
+/// the jars), unless they are there already.
+fn fetch(home: &Path, pom: &'static str, into: &str, args: &[&str]) -> Result<PathBuf> {
+    let libs = home.join(into);
+    // `.complete` holds the pom the jars came from: a changed pom is
+    // fetched again.
+    if std::fs::read_to_string(libs.join(".complete")).is_ok_and(|s| s == pom) {
         return Ok(libs);
     }
     let tmp = home.join(format!("fetch.{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    let pom = tmp.join("pom.xml");
-    std::fs::write(&pom, POM)?;
+    let pom_path = tmp.join("pom.xml");
+    std::fs::write(&pom_path, pom)?;
     let log = tmp.join("mvn.log");
     let out = std::fs::File::create(&log)?;
     eprintln!(
         "bench: fetching {} from Maven Central into {} (first run only)",
-        describe(),
+        pom_property(pom, "artifactId"),
         libs.display()
     );
     let status = Command::new("mvn")
@@ -65,31 +104,35 @@ pub fn libs(cache: &Path) -> Result<PathBuf> {
         .arg("-B")
         .arg(format!("-Dmaven.repo.local={}", tmp.join("m2").display()))
         .arg("-f")
-        .arg(&pom)
+        .arg(&pom_path)
         .arg("dependency:copy-dependencies")
         .arg("-DincludeScope=runtime")
+        .args(args)
         .arg(format!("-DoutputDirectory={}", tmp.join("libs").display()))
         .stdout(out.try_clone()?)
         .stderr(out)
         .status()
-        .context("run mvn (Maven) to fetch the Debezium peer: is it installed?")?;
+        .context("run mvn (Maven) to fetch a Debezium peer: is it installed?")?;
     if !status.success() {
         let out = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_dir_all(&tmp);
         bail!(
             "fetching {} with Maven failed ({status}):\n{out}",
-            describe()
+            libs.display()
         );
     }
     let _ = std::fs::remove_dir_all(&libs);
+    if let Some(parent) = libs.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
     std::fs::rename(tmp.join("libs"), &libs)?;
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::write(libs.join(".complete"), "")?;
+    std::fs::write(libs.join(".complete"), pom)?;
     Ok(libs)
 }
 
 /// A Kafka Connect standalone worker running Debezium's PostgreSQL
-/// connector on one table.
+/// connector on one table, and in a pipeline Debezium's JDBC sink too.
 pub struct Connect {
     service: Service,
     /// Its replication slot (and publication).
@@ -101,9 +144,19 @@ pub struct Connect {
 /// Log line of a task that failed for good (the worker itself goes on).
 const TASK_FAILED: &str = "Task threw an uncaught and unrecoverable exception";
 
+/// What a worker runs: its jars, its converters, its connectors.
+struct Worker<'a> {
+    libs: &'a Path,
+    /// `plugin.path`, when a connector is a plugin.
+    plugins: Option<&'a Path>,
+    /// JSON with schemas (the JDBC sink needs them) or plain JSON.
+    schemas: bool,
+    /// (file name, properties) of each connector.
+    connectors: Vec<(&'static str, String)>,
+}
+
 impl Connect {
-    /// Writes the worker's and the connector's properties into `dir` and
-    /// starts the worker, capturing `bench_items` of `db` into
+    /// Starts a worker capturing `bench_items` of `db` into
     /// `<topic_prefix>.public.bench_items` (which must exist: the broker
     /// does not create topics on use). `extra` is appended to the
     /// connector's properties. Returns once its slot is being read.
@@ -115,60 +168,65 @@ impl Connect {
         topic_prefix: &str,
         extra: &str,
     ) -> Result<Connect> {
-        let slot = format!("{db}_dbz");
-        let offsets = dir.join("connect.offsets");
-        let worker = format!(
-            "# written by dualwrite-bench\n\
-             bootstrap.servers={}\n\
-             key.converter=org.apache.kafka.connect.json.JsonConverter\n\
-             value.converter=org.apache.kafka.connect.json.JsonConverter\n\
-             key.converter.schemas.enable=false\n\
-             value.converter.schemas.enable=false\n\
-             offset.storage.file.filename={}\n\
-             offset.flush.interval.ms=10000\n\
-             listeners=http://127.0.0.1:0\n",
-            ctx.bootstrap,
-            offsets.display()
-        );
-        let connector = format!(
-            "# written by dualwrite-bench\n\
-             name=dualwrite-bench-debezium\n\
-             connector.class=io.debezium.connector.postgresql.PostgresConnector\n\
-             tasks.max=1\n\
-             database.hostname={}\n\
-             database.port={}\n\
-             database.user={}\n\
-             database.dbname={db}\n\
-             topic.prefix={topic_prefix}\n\
-             plugin.name=pgoutput\n\
-             slot.name={slot}\n\
-             publication.name={slot}\n\
-             publication.autocreate.mode=filtered\n\
-             table.include.list=public.bench_items\n\
-             snapshot.mode=no_data\n\
-             {extra}\n",
-            ctx.pg_host, ctx.pg_port, ctx.pg_user
-        );
-        let log4j = "status = warn\n\
-             appender.out.type = Console\n\
-             appender.out.name = out\n\
-             appender.out.layout.type = PatternLayout\n\
-             appender.out.layout.pattern = [%d] %p %m (%c)%n\n\
-             rootLogger.level = info\n\
-             rootLogger.appenderRef.out.ref = out\n";
-        let worker_path = dir.join("connect-worker.properties");
-        let connector_path = dir.join("connect-debezium.properties");
-        let log4j_path = dir.join("connect-log4j2.properties");
-        std::fs::write(&worker_path, worker)?;
-        std::fs::write(&connector_path, connector)?;
-        std::fs::write(&log4j_path, log4j)?;
+        let worker = Worker {
+            libs,
+            plugins: None,
+            schemas: false,
+            connectors: vec![("connect-debezium", source(ctx, db, topic_prefix, extra))],
+        };
+        Self::launch(ctx, dir, worker, db, topic_prefix).await
+    }
 
+    /// Starts a worker running one direction end to end: the source on
+    /// `from` (without `arrived_at`, which the target fills in) and the
+    /// JDBC sink upserting by key into `bench_items` of `to`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_pipeline(
+        ctx: &Ctx,
+        libs: &Path,
+        plugins: &Path,
+        dir: &Path,
+        from: &str,
+        to: &str,
+        topic_prefix: &str,
+        extra: &str,
+    ) -> Result<Connect> {
+        let extra = format!("column.exclude.list=public.bench_items.arrived_at\n{extra}");
+        let topic = format!("{topic_prefix}.public.bench_items");
+        let worker = Worker {
+            libs,
+            plugins: Some(plugins),
+            schemas: true,
+            connectors: vec![
+                ("connect-debezium", source(ctx, from, topic_prefix, &extra)),
+                ("connect-jdbc-sink", jdbc_sink(ctx, to, &topic)),
+            ],
+        };
+        Self::launch(ctx, dir, worker, from, topic_prefix).await
+    }
+
+    async fn launch(
+        ctx: &Ctx,
+        dir: &Path,
+        worker: Worker<'_>,
+        db: &str,
+        topic_prefix: &str,
+    ) -> Result<Connect> {
+        let mut files = vec![write(
+            dir,
+            "connect-worker",
+            &worker_properties(ctx, dir, &worker),
+        )?];
+        for (name, text) in &worker.connectors {
+            files.push(write(dir, name, text)?);
+        }
+        let log4j_path = write(dir, "connect-log4j2", LOG4J)?;
         let java = match std::env::var_os("JAVA_HOME") {
             Some(h) => PathBuf::from(h).join("bin/java"),
             None => PathBuf::from("java"),
         };
         let log4j = format!("-Dlog4j2.configurationFile={}", log4j_path.display());
-        let classpath = format!("{}/*", libs.display());
+        let classpath = format!("{}/*", worker.libs.display());
         let recipe = Box::new(move || {
             let mut cmd = Command::new(&java);
             cmd.args([
@@ -181,13 +239,12 @@ impl Connect {
             .arg("-cp")
             .arg(&classpath)
             .arg("org.apache.kafka.connect.cli.ConnectStandalone")
-            .arg(&worker_path)
-            .arg(&connector_path);
+            .args(&files);
             cmd
         });
         let c = Connect {
             service: Service::start("debezium-connect", dir, recipe)?,
-            slot,
+            slot: format!("{db}_dbz"),
             topic: format!("{topic_prefix}.public.bench_items"),
         };
         let admin = ctx.connect("postgres").await?;
@@ -247,4 +304,92 @@ impl Connect {
     pub fn stop(&self) {
         self.service.stop();
     }
+}
+
+const LOG4J: &str = "status = warn\n\
+     appender.out.type = Console\n\
+     appender.out.name = out\n\
+     appender.out.layout.type = PatternLayout\n\
+     appender.out.layout.pattern = [%d] %p %m (%c)%n\n\
+     rootLogger.level = info\n\
+     rootLogger.appenderRef.out.ref = out\n";
+
+/// Writes `<dir>/<name>.properties`.
+fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.properties"));
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+fn worker_properties(ctx: &Ctx, dir: &Path, w: &Worker<'_>) -> String {
+    let plugins = w
+        .plugins
+        .map(|p| format!("plugin.path={}\n", p.display()))
+        .unwrap_or_default();
+    format!(
+        "# written by dualwrite-bench\n\
+         bootstrap.servers={}\n\
+         key.converter=org.apache.kafka.connect.json.JsonConverter\n\
+         value.converter=org.apache.kafka.connect.json.JsonConverter\n\
+         key.converter.schemas.enable={schemas}\n\
+         value.converter.schemas.enable={schemas}\n\
+         offset.storage.file.filename={}\n\
+         offset.flush.interval.ms=10000\n\
+         listeners=http://127.0.0.1:0\n\
+         {plugins}",
+        ctx.bootstrap,
+        dir.join("connect.offsets").display(),
+        schemas = w.schemas,
+    )
+}
+
+/// Debezium's PostgreSQL connector on `bench_items` of `db`, slot and
+/// publication `<db>_dbz`.
+fn source(ctx: &Ctx, db: &str, topic_prefix: &str, extra: &str) -> String {
+    format!(
+        "# written by dualwrite-bench\n\
+         name=dualwrite-bench-debezium\n\
+         connector.class=io.debezium.connector.postgresql.PostgresConnector\n\
+         tasks.max=1\n\
+         database.hostname={}\n\
+         database.port={}\n\
+         database.user={}\n\
+         database.dbname={db}\n\
+         topic.prefix={topic_prefix}\n\
+         plugin.name=pgoutput\n\
+         slot.name={db}_dbz\n\
+         publication.name={db}_dbz\n\
+         publication.autocreate.mode=filtered\n\
+         table.include.list=public.bench_items\n\
+         snapshot.mode=no_data\n\
+         {extra}\n",
+        ctx.pg_host, ctx.pg_port, ctx.pg_user
+    )
+}
+
+/// Debezium's JDBC sink: the records of `topic` upserted by key into
+/// `bench_items` of `db`, deletes off, the table as it is; then
+/// `--debezium-sink-extra`, where `{db}` stands for `db` (so that
+/// `connection.url` can be given again with parameters).
+fn jdbc_sink(ctx: &Ctx, db: &str, topic: &str) -> String {
+    format!(
+        "# written by dualwrite-bench\n\
+         name=dualwrite-bench-jdbc-sink\n\
+         connector.class=io.debezium.connector.jdbc.JdbcSinkConnector\n\
+         tasks.max=1\n\
+         topics={topic}\n\
+         connection.url=jdbc:postgresql://{}:{}/{db}\n\
+         connection.username={}\n\
+         connection.password=\n\
+         insert.mode=upsert\n\
+         primary.key.mode=record_key\n\
+         delete.enabled=false\n\
+         schema.evolution=none\n\
+         collection.name.format=bench_items\n\
+         {}\n",
+        ctx.pg_host,
+        ctx.pg_port,
+        ctx.pg_user,
+        ctx.debezium_sink_extra.replace("{db}", db)
+    )
 }

@@ -38,6 +38,8 @@ pub struct Ctx {
     pub peer_cache: PathBuf,
     /// Properties appended to the Debezium connector's configuration.
     pub debezium_extra: String,
+    /// Properties appended to the JDBC sink's configuration.
+    pub debezium_sink_extra: String,
 }
 
 impl Ctx {
@@ -79,6 +81,7 @@ impl Ctx {
             config_extra,
             peer_cache: PathBuf::new(),
             debezium_extra: String::new(),
+            debezium_sink_extra: String::new(),
         })
     }
 
@@ -102,7 +105,13 @@ impl Ctx {
 
     /// A dualwrite configuration linking `left_db` and `right_db` by the
     /// benchmark map, with the product's default settings.
-    pub fn config_text(&self, prefix: &str, left_db: &str, right_db: &str) -> String {
+    pub fn config_text(
+        &self,
+        prefix: &str,
+        left_db: &str,
+        right_db: &str,
+        partitions: i32,
+    ) -> String {
         let side = |name: &str, db: &str| {
             format!(
                 "name = \"{name}\"\nkind = \"postgres\"\n\
@@ -115,7 +124,7 @@ impl Ctx {
              topic_prefix = \"{prefix}\"\npartitions = {}\nreplication_factor = 1\n\n\
              [sides.left]\n{}\n[sides.right]\n{}\n{}\n{}\n",
             self.bootstrap,
-            self.partitions,
+            partitions,
             side("fno", left_db),
             side("dataverse", right_db),
             rows::map_toml(),
@@ -256,6 +265,30 @@ pub const SERVICES: &[&[&str]] = &[
     &["apply", "--side", "dataverse"],
 ];
 
+/// The services of one deployment with the router and each side's applier
+/// as `instances` instances (`--instance-index i --instances N`).
+pub fn scaled_services(instances: u32) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for args in SERVICES {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if !matches!(args[0].as_str(), "router" | "apply") || instances == 1 {
+            out.push(args);
+            continue;
+        }
+        for i in 0..instances {
+            let mut a = args.clone();
+            a.extend([
+                "--instance-index".to_owned(),
+                i.to_string(),
+                "--instances".to_owned(),
+                instances.to_string(),
+            ]);
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// A dualwrite deployment: two fresh databases, a configuration with a
 /// fresh topic prefix, and (once started) every service as its own process.
 pub struct Deployment {
@@ -269,12 +302,17 @@ pub struct Deployment {
 
 impl Deployment {
     pub async fn create(ctx: &Ctx, scenario: &str) -> Result<Deployment> {
+        Self::create_with(ctx, scenario, ctx.partitions).await
+    }
+
+    /// A deployment whose topics have `partitions` partitions.
+    pub async fn create_with(ctx: &Ctx, scenario: &str, partitions: i32) -> Result<Deployment> {
         let id = new_id();
         let dbs = DbPair::create(ctx, &id).await?;
         let prefix = format!("bench-{scenario}-{id}");
         let dir = ctx.work.join(&prefix);
         std::fs::create_dir_all(&dir)?;
-        let text = ctx.config_text(&prefix, &dbs.left, &dbs.right);
+        let text = ctx.config_text(&prefix, &dbs.left, &dbs.right, partitions);
         let config_path = dir.join("dualwrite.toml");
         std::fs::write(&config_path, &text)?;
         let config = Arc::new(Config::parse(&text).map_err(anyhow::Error::msg)?);
@@ -298,9 +336,14 @@ impl Deployment {
 
     /// Starts the given services only (e.g. one capturer) and waits until
     /// each says it is ready.
-    pub async fn start_some(&mut self, ctx: &Ctx, services: &[&[&str]]) -> Result<()> {
+    pub async fn start_some<A: AsRef<[S]>, S: AsRef<str>>(
+        &mut self,
+        ctx: &Ctx,
+        services: &[A],
+    ) -> Result<()> {
         for args in services {
-            let s = start_service(ctx, &self.config_path, &self.dir, args)?;
+            let args: Vec<&str> = args.as_ref().iter().map(AsRef::as_ref).collect();
+            let s = start_service(ctx, &self.config_path, &self.dir, &args)?;
             self.services.push(s);
         }
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -8,11 +8,13 @@
 //! in the test suite.
 
 mod debezium;
+mod end_to_end;
 mod env;
 mod hops;
 mod measure;
 mod report;
 mod rows;
+mod scaling;
 mod scenarios;
 mod topic;
 
@@ -45,14 +47,23 @@ enum Scenario {
     /// steady --rate), dualwrite's capturer beside Debezium's PostgreSQL
     /// connector on Kafka Connect (fetched with Maven on first use).
     CaptureHop,
+    /// One direction end to end (--live-rows rows, then a steady --rate),
+    /// dualwrite beside Debezium's PostgreSQL connector and JDBC sink on
+    /// one Kafka Connect worker (fetched with Maven on first use).
+    EndToEnd,
+    /// Live sync one way (--live-rows rows) with 1, 2 and 4 partitions and
+    /// 1 or 2 instances of the router and of each applier.
+    Scaling,
 }
 
 impl Scenario {
-    const ORDER: [Scenario; 6] = [
+    const ORDER: [Scenario; 8] = [
+        Scenario::EndToEnd,
         Scenario::LiveOne,
         Scenario::LiveBoth,
         Scenario::Latency,
         Scenario::CaptureHop,
+        Scenario::Scaling,
         Scenario::CatchUp,
         Scenario::InitialSync,
     ];
@@ -66,6 +77,8 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::CatchUp => "catch-up",
             Scenario::CaptureHop => "capture-hop",
+            Scenario::EndToEnd => "end-to-end",
+            Scenario::Scaling => "scaling",
         }
     }
 
@@ -134,10 +147,15 @@ struct Args {
     #[arg(long)]
     peer_cache: Option<PathBuf>,
     /// Properties appended to the Debezium connector's configuration
-    /// (capture-hop), e.g. `poll.interval.ms=50`; lines separated by `\n`
+    /// (capture-hop, end-to-end), e.g. `poll.interval.ms=50`; lines separated by `\n`
     /// or newlines.
     #[arg(long)]
     debezium_extra: Option<String>,
+    /// Properties appended to the JDBC sink's configuration (end-to-end),
+    /// e.g. `batch.size=2000`; `{db}` stands for the target database, e.g.
+    /// `connection.url=jdbc:postgresql://127.0.0.1:55434/{db}?reWriteBatchedInserts=true`.
+    #[arg(long)]
+    debezium_sink_extra: Option<String>,
     /// Keep every run's service logs (a failed run's are always kept).
     #[arg(long)]
     keep_logs: bool,
@@ -197,6 +215,11 @@ async fn run(args: Args) -> Result<bool> {
         .clone()
         .unwrap_or_default()
         .replace("\\n", "\n");
+    ctx.debezium_sink_extra = args
+        .debezium_sink_extra
+        .clone()
+        .unwrap_or_default()
+        .replace("\\n", "\n");
     let params = Params {
         rows: args.rows,
         live_rows: args.live_rows,
@@ -232,6 +255,8 @@ async fn run(args: Args) -> Result<bool> {
                 Scenario::CatchUp => scenarios::catch_up(&ctx, &params).await,
                 Scenario::InitialSync => scenarios::initial_sync(&ctx, &params).await,
                 Scenario::CaptureHop => scenarios::capture_hop(&ctx, &params).await,
+                Scenario::EndToEnd => end_to_end::end_to_end(&ctx, &params).await,
+                Scenario::Scaling => scaling::scaling(&ctx, &params).await,
                 Scenario::All => unreachable!("expanded above"),
             };
             match r {

@@ -322,8 +322,8 @@ impl Native {
 /// services' producer and consumer settings. Returns rows/s.
 pub async fn kafka_hop(ctx: &Ctx, n: u64, size: usize) -> Result<f64> {
     let prefix = format!("bench-hop-{}", new_id());
-    let config =
-        Config::parse(&ctx.config_text(&prefix, "unused", "unused")).map_err(anyhow::Error::msg)?;
+    let config = Config::parse(&ctx.config_text(&prefix, "unused", "unused", ctx.partitions))
+        .map_err(anyhow::Error::msg)?;
     let topic = format!("{prefix}.hop");
     let result = async {
         kafka::ensure_topics(&config.kafka, &[TopicSpec::new(&topic, 1)]).await?;
@@ -378,8 +378,8 @@ pub async fn kafka_hop(ctx: &Ctx, n: u64, size: usize) -> Result<f64> {
 /// producer and consumer settings. Returns (p50, p99) in ms.
 pub async fn kafka_hop_latency(ctx: &Ctx, rate: u64, secs: u64, size: usize) -> Result<(f64, f64)> {
     let prefix = format!("bench-hoplat-{}", new_id());
-    let config =
-        Config::parse(&ctx.config_text(&prefix, "unused", "unused")).map_err(anyhow::Error::msg)?;
+    let config = Config::parse(&ctx.config_text(&prefix, "unused", "unused", ctx.partitions))
+        .map_err(anyhow::Error::msg)?;
     let topic = format!("{prefix}.hop");
     kafka::ensure_topics(&config.kafka, &[TopicSpec::new(&topic, 1)]).await?;
     let producer = kafka::producer(&config.kafka, "dualwrite-bench-producer")?;

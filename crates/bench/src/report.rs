@@ -172,6 +172,55 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 ratio("dualwrite p99 / Debezium p99", "ours_p99", "dbz_p99"),
             ],
         },
+        "end-to-end" => Spec {
+            title: format!(
+                "One direction end to end: dualwrite beside {} + {} (upsert by key) on one worker, \
+                 {} rows inserted in transactions of 1,000, then {} rows/s for {secs} s",
+                crate::debezium::describe(),
+                crate::debezium::describe_sink(),
+                thousands(live_rows as f64, 0),
+                thousands(rate as f64, 0)
+            ),
+            lines: vec![
+                line("ours", "dualwrite: first source insert to last target write", "rows/s", 0),
+                line("dbz", "Debezium source + JDBC sink: the same", "rows/s", 0),
+                line("ours_insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
+                line("dbz_insert", "load generator's insert rate (Debezium run)", "rows/s", 0),
+                line("ours_p50", "dualwrite latency, source commit to target write, p50", "ms", 1),
+                line("ours_p99", "dualwrite latency p99", "ms", 1),
+                line("ours_max", "dualwrite latency max", "ms", 1),
+                line("dbz_p50", "Debezium pipeline latency p50", "ms", 1),
+                line("dbz_p99", "Debezium pipeline latency p99", "ms", 1),
+                line("dbz_max", "Debezium pipeline latency max", "ms", 1),
+                line("ours_achieved", "achieved steady rate (dualwrite run)", "rows/s", 0),
+                line("dbz_achieved", "achieved steady rate (Debezium run)", "rows/s", 0),
+                line("dbz_rss", "Kafka Connect JVM peak RSS (-Xmx512m)", "MiB", 1),
+            ],
+            ratios: vec![
+                ratio("dualwrite / Debezium pipeline, rows/s", "ours", "dbz"),
+                ratio("dualwrite p50 / Debezium pipeline p50", "ours_p50", "dbz_p50"),
+                ratio("dualwrite p99 / Debezium pipeline p99", "ours_p99", "dbz_p99"),
+            ],
+        },
+        "scaling" => Spec {
+            title: format!(
+                "Scaling: live sync one way, {} rows, by topic partitions and instances of the router and each applier",
+                thousands(live_rows as f64, 0)
+            ),
+            lines: vec![
+                line("p1_i1", "1 partition, 1 instance", "rows/s", 0),
+                line("p2_i1", "2 partitions, 1 instance", "rows/s", 0),
+                line("p4_i1", "4 partitions, 1 instance", "rows/s", 0),
+                line("p2_i2", "2 partitions, 2 instances", "rows/s", 0),
+                line("p4_i2", "4 partitions, 2 instances", "rows/s", 0),
+            ],
+            ratios: vec![
+                ratio("2 partitions / 1 (1 instance)", "p2_i1", "p1_i1"),
+                ratio("4 partitions / 1 (1 instance)", "p4_i1", "p1_i1"),
+                ratio("2 instances / 1 (2 partitions)", "p2_i2", "p2_i1"),
+                ratio("2 instances / 1 (4 partitions)", "p4_i2", "p4_i1"),
+            ],
+        },
         other => Spec {
             title: other.to_owned(),
             lines: vec![],

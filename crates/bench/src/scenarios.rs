@@ -46,14 +46,18 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    fn set(&mut self, key: &str, v: f64) {
+    pub(crate) fn set(&mut self, key: &str, v: f64) {
         self.values.insert(key.to_owned(), v);
     }
 }
 
 /// Stops the deployment (reading its services' peak memory first) and
 /// removes it, whatever the outcome of the measurement.
-async fn finish(ctx: &Ctx, mut d: Deployment, r: Result<RunResult>) -> Result<RunResult> {
+pub(crate) async fn finish(
+    ctx: &Ctx,
+    mut d: Deployment,
+    r: Result<RunResult>,
+) -> Result<RunResult> {
     if r.is_err() {
         d.mark_failed();
     }
@@ -65,8 +69,13 @@ async fn finish(ctx: &Ctx, mut d: Deployment, r: Result<RunResult>) -> Result<Ru
 }
 
 /// Starts the services and runs the map without initial sync.
-async fn start_running(ctx: &Ctx, d: &mut Deployment) -> Result<()> {
+pub(crate) async fn start_running(ctx: &Ctx, d: &mut Deployment) -> Result<()> {
     d.start(ctx).await?;
+    run_map(ctx, d).await
+}
+
+/// Runs the map of a started deployment without initial sync.
+pub(crate) async fn run_map(ctx: &Ctx, d: &Deployment) -> Result<()> {
     d.ctl(
         ctx,
         &[
@@ -84,7 +93,7 @@ async fn start_running(ctx: &Ctx, d: &mut Deployment) -> Result<()> {
 
 /// A few rows each way through the pipeline before measuring, so that
 /// connections, consumers and subscription workers are up.
-async fn warm_up(
+pub(crate) async fn warm_up(
     left: &Client,
     right: &Client,
     both: bool,
@@ -110,7 +119,7 @@ async fn warm_up(
 /// at once) and waits until all are on the other side. Returns (rows/s
 /// from the first source insert to the last target write, source insert
 /// rows/s).
-async fn live_measure(
+pub(crate) async fn live_measure(
     left: &Client,
     right: &Client,
     n: u64,
@@ -267,7 +276,7 @@ pub async fn latency(ctx: &Ctx, p: &Params) -> Result<RunResult> {
 
 /// Steady inserts on the left, then the latencies of those rows on the
 /// right, and the achieved source rate (rows/s).
-async fn steady(
+pub(crate) async fn steady(
     left: &Client,
     right: &Client,
     p: &Params,
