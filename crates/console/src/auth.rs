@@ -15,6 +15,7 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::pages::{Notice, Viewer};
+use crate::random;
 
 const COOKIE_NAME: &str = "dw_console";
 const LIFETIME: Duration = Duration::from_secs(12 * 3600);
@@ -37,13 +38,6 @@ pub struct Auth {
 
 fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
-}
-
-/// 32 random bytes as hex.
-pub fn random_id() -> String {
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).expect("the system's random source");
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl Auth {
@@ -87,9 +81,9 @@ impl Auth {
         if self.token? != digest(token) {
             return None;
         }
-        let id = random_id();
+        let id = random::id();
         let session = Session {
-            csrf: random_id(),
+            csrf: random::id(),
             name: name.trim().chars().take(100).collect(),
             flash: None,
             since: Instant::now(),

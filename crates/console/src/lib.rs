@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod catchup;
 pub mod pages;
+pub mod random;
 pub mod send;
 pub mod snapshot;
 

@@ -102,7 +102,7 @@ pub fn command_button(map: &str, action: Action, viewer: &Viewer) -> Markup {
         @if let Some(csrf) = viewer.csrf() {
             form method="post" action="/command" {
                 input type="hidden" name="csrf" value=(csrf);
-                input type="hidden" name="id" value=(crate::auth::random_id());
+                input type="hidden" name="id" value=(crate::random::id());
                 input type="hidden" name="map" value=(map);
                 input type="hidden" name="action" value=(action.to_string());
                 button type="submit" { (action_label(action)) }

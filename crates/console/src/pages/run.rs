@@ -23,7 +23,7 @@ pub fn run_dialog(config: &Config, snap: &Snapshot, map: &MapConfig, viewer: &Vi
             input type="hidden" name="action" value="Run";
             @if let Some(csrf) = viewer.csrf() {
                 input type="hidden" name="csrf" value=(csrf);
-                input type="hidden" name="id" value=(crate::auth::random_id());
+                input type="hidden" name="id" value=(crate::random::id());
             }
             (related(&map.name, &order))
             p {
