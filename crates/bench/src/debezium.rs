@@ -131,6 +131,13 @@ fn fetch(home: &Path, pom: &'static str, into: &str, args: &[&str]) -> Result<Pa
     Ok(libs)
 }
 
+/// The topic Debezium writes `bench_items` to under `topic_prefix` (which
+/// must exist before the worker starts: the broker does not create topics
+/// on use).
+pub fn table_topic(topic_prefix: &str) -> String {
+    format!("{topic_prefix}.public.bench_items")
+}
+
 /// A Kafka Connect standalone worker running Debezium's PostgreSQL
 /// connector on one table, and in a pipeline Debezium's JDBC sink too.
 pub struct Connect {
@@ -192,7 +199,7 @@ impl Connect {
         extra: &str,
     ) -> Result<Connect> {
         let extra = format!("column.exclude.list=public.bench_items.arrived_at\n{extra}");
-        let topic = format!("{topic_prefix}.public.bench_items");
+        let topic = table_topic(topic_prefix);
         let worker = Worker {
             libs,
             plugins: Some(plugins),
@@ -245,7 +252,7 @@ impl Connect {
         let c = Connect {
             service: Service::start("debezium-connect", dir, recipe)?,
             slot: format!("{db}_dbz"),
-            topic: format!("{topic_prefix}.public.bench_items"),
+            topic: table_topic(topic_prefix),
         };
         let admin = ctx.connect("postgres").await?;
         c.wait_streaming(&admin).await?;

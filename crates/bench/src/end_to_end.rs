@@ -74,7 +74,7 @@ pub async fn end_to_end(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         let mut out = RunResult::default();
         let kcfg = d.config.kafka.clone();
         let prefix = format!("{}.dbz", kcfg.topic_prefix);
-        let topic = format!("{prefix}.public.bench_items");
+        let topic = debezium::table_topic(&prefix);
         kafka::ensure_topics(&kcfg, &[append_time_topic(&topic, ctx.partitions)]).await?;
         let dbs = DbPair::create(ctx, &new_id()).await?;
         let peer = async {

@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 
 use crate::env::{scaled_services, Ctx, Deployment};
-use crate::scenarios::{live_measure, run_map, warm_up, Params, RunResult};
+use crate::scenarios::{finish, live_measure, run_map, warm_up, Params, RunResult};
 
 /// (partitions, instances of the router and of each applier).
 const LAYOUTS: [(i32, u32); 5] = [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)];
@@ -22,17 +22,25 @@ fn key(partitions: i32, instances: u32) -> String {
 pub async fn scaling(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     let mut out = RunResult::default();
     for (partitions, instances) in LAYOUTS {
-        let rate = layout(ctx, p, partitions, instances)
+        let key = key(partitions, instances);
+        let r = layout(ctx, p, partitions, instances, &key)
             .await
             .with_context(|| format!("{partitions} partitions, {instances} instances"))?;
+        let rate = r.values[&key];
         eprintln!("bench:   {partitions} partitions, {instances} instance(s): {rate:.0} rows/s");
-        out.set(&key(partitions, instances), rate);
+        out.set(&key, rate);
     }
     Ok(out)
 }
 
-/// Rows/s of one layout.
-async fn layout(ctx: &Ctx, p: &Params, partitions: i32, instances: u32) -> Result<f64> {
+/// Rows/s of one layout, as the figure `key`.
+async fn layout(
+    ctx: &Ctx,
+    p: &Params,
+    partitions: i32,
+    instances: u32,
+    key: &str,
+) -> Result<RunResult> {
     let mut d = Deployment::create_with(ctx, "scale", partitions).await?;
     let r = async {
         d.start_some(ctx, &scaled_services(instances)).await?;
@@ -42,15 +50,12 @@ async fn layout(ctx: &Ctx, p: &Params, partitions: i32, instances: u32) -> Resul
         let alive = || d.check_alive();
         warm_up(&left, &right, false, &alive).await?;
         let (rate, _) = live_measure(&left, &right, p.live_rows, false, &alive).await?;
-        Ok(rate)
+        let mut o = RunResult::default();
+        o.set(key, rate);
+        Ok(o)
     }
     .await;
-    if r.is_err() {
-        d.mark_failed();
-    }
-    d.stop();
-    d.cleanup(ctx).await;
-    r
+    finish(ctx, d, r).await
 }
 
 #[cfg(test)]

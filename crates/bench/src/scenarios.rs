@@ -473,7 +473,7 @@ pub async fn capture_hop(ctx: &Ctx, p: &Params) -> Result<RunResult> {
 
         // Debezium, on the right database (nothing of dualwrite runs there).
         let dbz_prefix = format!("{}.dbz", kcfg.topic_prefix);
-        let dbz_topic = format!("{dbz_prefix}.public.bench_items");
+        let dbz_topic = debezium::table_topic(&dbz_prefix);
         kafka::ensure_topics(&kcfg, &[append_time_topic(&dbz_topic, ctx.partitions)]).await?;
         let connect = Connect::start(
             ctx,

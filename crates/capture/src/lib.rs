@@ -204,10 +204,10 @@ fn next_poll(poll: Duration, quiet: u32) -> Duration {
 /// writer fills the WAL with what this capturer leaves out (the initial
 /// write's rows, the appliers' writes) each empty read costs more than the
 /// last; read back to back, the two capturers' backends took a third of
-/// this 2-core machine's CPU during an initial sync. The factor bounds a
-/// capturer's backend to a fifth of a core however slow its reads get; a
-/// read that finds changes is followed at once, so a busy side is not
-/// slowed.
+/// this 2-core machine's CPU during an initial sync. The factor keeps an
+/// idle capturer's backend to about a fifth of a core however slow its
+/// reads get (the read after a heartbeat, which finds its commit, follows
+/// at once, like any read that finds changes: a busy side is not slowed).
 fn idle_wait(soon: Duration, took: Duration) -> Duration {
     soon.max((took * IDLE_COST_FACTOR).min(IDLE_WAIT_MAX))
 }
