@@ -43,7 +43,11 @@ step "Creating the demo databases (fno: finance-and-operations-like; dataverse: 
 stop_demo
 mkdir -p "$DEMO"
 for db in dualwrite_fno dualwrite_dataverse; do
-  psql -X -q "$PG/postgres" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$db'" >/dev/null
+  psql -X -q "$PG/postgres" -c "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '$db' AND active_pid IS NOT NULL" >/dev/null
+  for _ in $(seq 1 60); do
+    psql -X -q "$PG/postgres" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$db'" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
   psql -X -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
 done
 psql_fno -f deploy/demo/fno.sql

@@ -81,7 +81,7 @@ port = $PG_PORT
 unix_socket_directories = '$STATE'
 wal_level = logical
 max_replication_slots = 200
-max_wal_senders = 20
+max_wal_senders = 100
 max_connections = 300
 max_worker_processes = 16
 # A disposable development stack: trade durability across an OS crash for speed.

@@ -498,8 +498,73 @@ async fn verify_full_refuses_a_server_certificate_for_another_host() {
         .unwrap()
         .get(0);
     assert_eq!(dn.as_deref(), Some("/CN=dualwrite"));
+    replication_connections_use_the_same_tls_and_scram(&admin, port, &ca).await;
     drop(private);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The capturer's replication connection (its own client): the same TLS
+/// checks, and SCRAM-SHA-256 for a role with a password.
+async fn replication_connections_use_the_same_tls_and_scram(
+    admin: &tokio_postgres::Client,
+    port: u16,
+    ca: &Path,
+) {
+    use dualwrite_side_postgres::replication::Replication;
+    let hba: String = admin.query_one("SHOW hba_file", &[]).await.unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all dw_scram all scram-sha-256\n{rules}"),
+    )
+    .unwrap();
+    admin
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE dw_scram LOGIN REPLICATION PASSWORD 'scram-secret'; \
+             SELECT pg_reload_conf()",
+        )
+        .await
+        .unwrap();
+    let mut c = connection(port, "localhost", "verify-full", Some(ca));
+    c.user = "dw_scram".into();
+    c.password = Some(dualwrite_model::config::Secret::new("scram-secret"));
+    let r = Replication::connect(&c, "dualwrite-repl-test")
+        .await
+        .unwrap();
+    let ssl: bool = admin
+        .query_one(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'dualwrite-repl-test' AND a.backend_type = 'walsender'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the replication connection is encrypted");
+    drop(r);
+    c.password = Some(dualwrite_model::config::Secret::new("wrong"));
+    let e = Replication::connect(&c, "dualwrite-repl-test")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        e.message.contains("password authentication failed"),
+        "{}",
+        e.message
+    );
+    assert!(!e.is_retryable(), "a refused password is not retried");
+    c.password = Some(dualwrite_model::config::Secret::new("scram-secret"));
+    c.host = "127.0.0.1".into();
+    let e = Replication::connect(&c, "dualwrite-repl-test")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        e.message.contains("certificate verify failed") || e.message.contains("hostname mismatch"),
+        "{}",
+        e.message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -449,12 +449,7 @@ impl TestEnv {
         }
         let admin = connect(&format!("{}/postgres", self.stack.pg_url)).await;
         for db in [&self.fno_db, &self.dv_db] {
-            let _ = admin
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
-                    &[db],
-                )
-                .await;
+            drop_slots(&admin, db).await;
             let _ = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                 .await;
@@ -801,4 +796,26 @@ pub async fn send_decisions(env: &TestEnv, writes: &[ApplyWrite]) {
     for w in writes {
         produce(&p, &topic, &w.kafka_key(), &avro::encode(w).unwrap(), None).await;
     }
+}
+
+/// Drops the slots of database `db`. A slot is held by the server's
+/// process streaming it until that process sees its capturer gone: ended
+/// first, then dropped.
+async fn drop_slots(admin: &tokio_postgres::Client, db: &str) {
+    let _ = admin
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active_pid IS NOT NULL",
+            &[&db],
+        )
+        .await;
+    eventually("replication slots dropped", Duration::from_secs(30), || async {
+        admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+                &[&db],
+            )
+            .await
+            .is_ok()
+    })
+    .await;
 }

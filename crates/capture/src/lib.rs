@@ -24,7 +24,7 @@
 //! the side holds.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
@@ -141,7 +141,6 @@ async fn capture<S: ChangeSource>(
     // Empty reads since the last one that found changes.
     let mut quiet = 0u32;
     loop {
-        let started = Instant::now();
         // Priority: shutdown first, then the next read of the source.
         let (acked, result) = tokio::select! {
             biased;
@@ -171,7 +170,7 @@ async fn capture<S: ChangeSource>(
             continue;
         }
         quiet = quiet.saturating_add(1);
-        let wait = idle_wait(next_poll(poll, quiet), started.elapsed());
+        let wait = next_poll(poll, quiet);
         if let Err(e) = source.idle().await {
             tracing::warn!("{e}");
             if e.is_retryable() {
@@ -186,37 +185,16 @@ async fn capture<S: ChangeSource>(
     }
 }
 
-/// How long to wait before reading the slot again after `quiet` empty
-/// reads in a row: a slot that just gave changes is read again soon (the
-/// next commit of a busy side is likely moments away, and waiting the
-/// whole interval for it is latency), one that stays empty backs off to
-/// `poll` (`capture.poll_interval_ms`).
+/// How long to wait before reading the source again after `quiet` reads
+/// in a row that gave no commit: soon at first (the next commit of a busy
+/// side is likely moments away, and waiting the whole interval for it is
+/// latency), backing off to `poll` (`capture.poll_interval_ms`). A source
+/// that streams (PostgreSQL's) waits for its next transaction inside the
+/// read, so its reads end without a commit only rarely.
 fn next_poll(poll: Duration, quiet: u32) -> Duration {
     let soon = Duration::from_millis(2) * 2u32.saturating_pow(quiet.saturating_sub(1).min(8));
     soon.min(poll)
 }
-
-/// The wait after an empty read that took `took`: at least `soon`, and
-/// [`IDLE_COST_FACTOR`] times the read itself (up to [`IDLE_WAIT_MAX`]).
-/// A read decodes the WAL from where the slot's decoding restarts, which
-/// the database moves only now and then (PostgreSQL 15: at its
-/// running-transactions records, about every 15 s), so while another
-/// writer fills the WAL with what this capturer leaves out (the initial
-/// write's rows, the appliers' writes) each empty read costs more than the
-/// last; read back to back, the two capturers' backends took a third of
-/// this 2-core machine's CPU during an initial sync. The factor keeps an
-/// idle capturer's backend to about a fifth of a core however slow its
-/// reads get (the read after a heartbeat, which finds its commit, follows
-/// at once, like any read that finds changes: a busy side is not slowed).
-fn idle_wait(soon: Duration, took: Duration) -> Duration {
-    soon.max((took * IDLE_COST_FACTOR).min(IDLE_WAIT_MAX))
-}
-
-/// See [`idle_wait`].
-const IDLE_COST_FACTOR: u32 = 4;
-/// The longest wait after an empty read: what a change committed meanwhile
-/// may wait more, at worst, while the slot is that slow to read.
-const IDLE_WAIT_MAX: Duration = Duration::from_millis(500);
 
 /// Most bytes of encoded records the capturer holds before publishing
 /// them (plus the record that crossed it): with the producer's copy and
@@ -377,16 +355,5 @@ mod tests {
         let waits: Vec<u128> = (1..=7).map(|q| next_poll(poll, q).as_millis()).collect();
         assert_eq!(waits, [2, 4, 8, 16, 32, 50, 50]);
         assert_eq!(next_poll(Duration::from_millis(1), 1).as_millis(), 1);
-    }
-
-    #[test]
-    fn a_slow_empty_read_is_followed_by_a_longer_wait() {
-        let ms = Duration::from_millis;
-        // A cheap read: the poll schedule.
-        assert_eq!(idle_wait(ms(2), ms(1)), ms(4));
-        assert_eq!(idle_wait(ms(50), ms(3)), ms(50));
-        // A slow one: four times its cost, at most half a second.
-        assert_eq!(idle_wait(ms(50), ms(40)), ms(160));
-        assert_eq!(idle_wait(ms(50), ms(400)), IDLE_WAIT_MAX);
     }
 }

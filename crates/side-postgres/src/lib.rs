@@ -4,7 +4,8 @@
 //!   PostgreSQL's errors into the services' [`Class`]es, replication
 //!   origins, table descriptions for the schema check;
 //! - [`source`]: the change source, a wal2json logical replication slot
-//!   ([`wal2json`] decodes it);
+//!   streamed through [`replication`] ([`wal2json`] decodes it, [`position`]
+//!   keeps what the slot may be moved to);
 //! - [`target`]: the applier's compare-and-set writes, bookkeeping and
 //!   reports ([`target_sql`] holds the statements);
 //! - [`copy`]: the initial write's snapshot reads and guarded writes
@@ -20,6 +21,8 @@ pub mod copy;
 pub mod copy_sql;
 pub mod inspect;
 pub mod pg;
+pub mod position;
+pub mod replication;
 pub mod source;
 pub mod target;
 pub mod target_sql;

@@ -143,7 +143,7 @@ pub async fn connect(conn: &PgConnection, application_name: &str) -> Result<Clie
 /// `require` encrypt without verifying the server; `verify-ca` checks that
 /// its certificate chains to `sslrootcert`; `verify-full` also that it
 /// names the host connected to. A client certificate is sent when set.
-fn tls_connector(conn: &PgConnection) -> Result<MakeTlsConnector, ConnectError> {
+pub(crate) fn tls_connector(conn: &PgConnection) -> Result<MakeTlsConnector, ConnectError> {
     fn file(what: &'static str, path: &str) -> impl FnOnce(ErrorStack) -> ConnectError {
         let path = path.to_owned();
         move |source| ConnectError::TlsFile { what, path, source }
@@ -224,17 +224,19 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     }
     match e.code() {
         None => true, // IO or protocol error: the connection is in doubt.
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08") // connection exception
-                || c.starts_with("53") // insufficient resources
-                || c.starts_with("57") // operator intervention (shutdown, cancel)
-                || c == "40001" // serialization_failure
-                || c == "40P01" // deadlock_detected
-                || c == "55P03" // lock_not_available
-                || c == "55006" // object_in_use (e.g. replication origin still held)
-        }
+        Some(code) => is_transient_code(code.code()),
     }
+}
+
+/// Whether a SQLSTATE is one of [`is_transient`]'s.
+pub fn is_transient_code(c: &str) -> bool {
+    c.starts_with("08") // connection exception
+        || c.starts_with("53") // insufficient resources
+        || c.starts_with("57") // operator intervention (shutdown, cancel)
+        || c == "40001" // serialization_failure
+        || c == "40P01" // deadlock_detected
+        || c == "55P03" // lock_not_available
+        || c == "55006" // object_in_use (e.g. replication origin or slot still held)
 }
 
 /// Creates the replication origin if it does not exist, and returns its id.

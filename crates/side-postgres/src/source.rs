@@ -1,12 +1,39 @@
 //! The change source of a PostgreSQL side: a logical replication slot
-//! (wal2json), read with SQL.
+//! (wal2json), streamed over a replication connection ([`Replication`]).
 //!
-//! The slot is only *peeked*; it is advanced past a transaction
-//! ([`ChangeSource::confirm`]) only after the capturer published every
-//! record of it. A crash between the two reads those transactions again,
-//! with the same positions: at least once, never lost. A peek's rows are
-//! streamed and decoded one at a time, so no transaction, however large,
-//! is held whole.
+//! Reading the slot with `pg_logical_slot_peek_changes` decoded the WAL
+//! again from the slot's restart position on every read (PostgreSQL moves
+//! it only every running-transactions record, about 15 s), so each read
+//! cost more the more the side wrote; streamed, the server decodes each
+//! record once and sends a transaction as soon as it commits.
+//!
+//! # Why nothing is lost or skipped
+//!
+//! The slot's confirmed position is what the server resumes from: it never
+//! streams a transaction whose commit ends at or before it again. Only two
+//! things move it, both through [`Replication::status`], and both only to a
+//! position everything before which the capturer has published:
+//!
+//! 1. [`ChangeSource::confirm`] with the commit the capturer saw Kafka
+//!    acknowledge, together with every record before it (the position
+//!    only grows, and is a fact about Kafka, not about the server).
+//! 2. A keepalive's position (everything before it was sent or left out by
+//!    wal2json: the server sends it after what precedes it) while *nothing
+//!    received is unpublished*: no transaction open, and the last commit
+//!    received at or before `confirmed`. The stream is in order, so every
+//!    transaction committed before that position was received, hence
+//!    published. This is what moves the slot on a side whose only writes
+//!    are left out (the initial write's, under its origin).
+//!
+//! A read that did not end with everything it received confirmed (a
+//! failed publish, a connection lost) makes the next read start a new
+//! stream from the slot's position: what was not confirmed comes again,
+//! at the same positions. The server keeps only the slot's position, so a
+//! crash (even `kill -9`) gives the same: at least once, never lost. A
+//! transaction is streamed whole, row by row, so none is held whole,
+//! however large. [`Position`] keeps this bookkeeping; its tests run it
+//! against a model of the server over random schedules of reads,
+//! keepalives, publishes, failed publishes and crashes.
 //!
 //! Loop prevention: the appliers write under replication origins; the
 //! source asks wal2json for each transaction's origin (`include-origin`)
@@ -14,28 +41,33 @@
 //! their reports (`dualwrite.ack` messages). The initial write's origin is
 //! left out entirely (`filter-origins`).
 
-use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use dualwrite_model::config::{Config, SideId};
+use dualwrite_model::config::{Config, PgConnection, SideId};
 use dualwrite_runtime::side::{ChangeSource, Class, Decoded, SideError};
-use futures::TryStreamExt;
-use tokio_postgres::{Client, RowStream};
+use futures::FutureExt;
+use tokio_postgres::Client;
 
-use crate::pg::{self, setup_error, side_error};
-use crate::wal2json::{self, format_lsn, parse_lsn, Context, Decoder, SlotRow};
+use crate::pg::{self, setup_error};
+use crate::position::Position;
+use crate::replication::{Event, Replication};
+use crate::wal2json::{self, parse_lsn, Context, Decoder, SlotRow};
 
-/// A side's wal2json slot, with the connection that reads it.
+/// A side's wal2json slot, streamed.
 pub struct PgSource {
-    client: Client,
+    conn: PgConnection,
     slot: String,
-    peek: String,
+    options: Vec<(&'static str, String)>,
     ctx: Arc<Context>,
-    /// The read under way: its rows and their decoder.
-    read: Option<(Pin<Box<RowStream>>, Decoder)>,
+    stream: Option<Replication>,
+    decoder: Decoder,
+    /// What the server may be told (see the module's documentation).
+    position: Position,
+    /// Rows of the read under way, and the most it reads (then it ends at
+    /// the next commit).
     rows: u64,
-    /// Empty reads since the last heartbeat.
-    idle_reads: u32,
+    budget: u64,
 }
 
 impl ChangeSource for PgSource {
@@ -44,61 +76,64 @@ impl ChangeSource for PgSource {
         let client = pg::connect(&side_cfg.connection, "dualwrite-capture").await?;
         let slot = config.slot_name(side);
         let mut origin_ids = prepare(&client, config, side, &slot).await?;
+        let confirmed = confirmed_position(&client, &slot).await?;
         // The last origin is the initial write's: left out entirely.
         let init = origin_ids.pop().into_iter().collect::<Vec<_>>();
-        let ctx = Context {
+        let ctx = Arc::new(Context {
             side: side_cfg.name.clone(),
             applier_origins: origin_ids.into_iter().collect(),
             keys: config.captured_entities(side),
             columns: dualwrite_model::columns::read_columns(config, side),
-        };
+        });
         let tables: Vec<String> = config.captured_entities(side).into_keys().collect();
         Ok(PgSource {
-            client,
-            peek: peek_sql(&tables, &init),
+            conn: side_cfg.connection.clone(),
+            options: plugin_options(&tables, &init),
             slot,
-            ctx: Arc::new(ctx),
-            read: None,
+            decoder: Decoder::new(ctx.clone()),
+            ctx,
+            stream: None,
+            position: Position::new(confirmed),
             rows: 0,
-            idle_reads: 0,
+            budget: 0,
         })
     }
 
     async fn start(&mut self, max_changes: i32) -> Result<(), SideError> {
-        self.read = None;
+        if self.stream.is_none() || !self.position.settled() {
+            self.restart().await?;
+        }
         self.rows = 0;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.slot, &max_changes];
-        let rows = self
-            .client
-            .query_raw(&self.peek, params)
-            .await
-            .map_err(|e| self.failed(&e))?;
-        self.read = Some((Box::pin(rows), Decoder::new(self.ctx.clone())));
+        self.budget = max_changes.max(1) as u64;
         Ok(())
     }
 
+    /// Gives the next row. A read ends at a commit: when its budget is
+    /// spent, or when no more rows have arrived (so that what it read is
+    /// published at once); a read with nothing yet waits for the server.
     async fn next(&mut self, out: &mut Decoded) -> Result<bool, SideError> {
-        let Some((rows, decoder)) = self.read.as_mut() else {
-            return Ok(false);
-        };
-        let row = match rows.try_next().await {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                self.read = None;
+        loop {
+            let open = self.decoder.in_transaction();
+            if !open && self.rows >= self.budget {
                 return Ok(false);
             }
-            Err(e) => {
-                self.read = None;
-                return Err(self.failed(&e));
+            let stream = self.stream.as_mut().ok_or_else(not_started)?;
+            let event = if open || self.rows == 0 {
+                stream.recv().await?
+            } else {
+                match stream.recv().now_or_never() {
+                    Some(event) => event?,
+                    None => return Ok(false),
+                }
+            };
+            match event {
+                Event::Data { lsn, data } => {
+                    self.take(lsn, data, out);
+                    return Ok(true);
+                }
+                Event::Keepalive { end, reply } => self.keepalive(end, reply).await?,
             }
-        };
-        self.rows += 1;
-        let row = SlotRow {
-            lsn: parse_lsn(row.get::<_, &str>(0)).unwrap_or(0),
-            data: row.get::<_, String>(1),
-        };
-        decoder.push(&row, out);
-        Ok(true)
+        }
     }
 
     fn read_so_far(&self) -> u64 {
@@ -106,90 +141,122 @@ impl ChangeSource for PgSource {
     }
 
     async fn confirm(&mut self, lsn: u64) -> Result<(), SideError> {
-        self.idle_reads = 0;
-        self.client
-            .execute(
-                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                &[&self.slot, &format_lsn(lsn)],
-            )
+        let Some(lsn) = self.position.published(lsn) else {
+            return Ok(());
+        };
+        let stream = self.stream.as_mut().ok_or_else(not_started)?;
+        stream
+            .status(lsn)
             .await
-            .map(|_| ())
-            .map_err(|e| side_error(&e).context(&format!("advancing slot {}", self.slot)))
+            .map_err(|e| e.context(&format!("confirming slot {}", self.slot)))
     }
 
+    /// Nothing to do: keepalives move the slot of a quiet side.
     async fn idle(&mut self) -> Result<(), SideError> {
-        if self.rows > 0 {
-            return Ok(());
-        }
-        self.idle_reads += 1;
-        if self.idle_reads < HEARTBEAT_EVERY_IDLE_READS {
-            return Ok(());
-        }
-        self.idle_reads = 0;
-        heartbeat(&self.client, &self.slot)
-            .await
-            .map_err(|e| side_error(&e).context(&format!("heartbeat on slot {}", self.slot)))
+        Ok(())
     }
 }
 
 impl PgSource {
-    /// A failed read: a connection's trouble is retried, anything else
-    /// (the slot dropped, wal2json missing) stops the capturer.
-    fn failed(&self, e: &tokio_postgres::Error) -> SideError {
-        setup_error(e).context(&format!("reading slot {}", self.slot))
+    /// Decodes one row of the plugin.
+    fn take(&mut self, lsn: u64, data: bytes::Bytes, out: &mut Decoded) {
+        self.rows += 1;
+        let was_open = self.decoder.in_transaction();
+        let data = String::from_utf8(data.into())
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        self.decoder.push(&SlotRow { lsn, data }, out);
+        match (was_open, self.decoder.in_transaction()) {
+            (false, true) => self.position.begin(),
+            (true, false) => self.position.commit(lsn),
+            _ => {}
+        }
+    }
+
+    /// A keepalive: moves the slot to its position when nothing received
+    /// is unpublished, and answers when asked.
+    async fn keepalive(&mut self, end: u64, reply: bool) -> Result<(), SideError> {
+        let moved = self.position.keepalive(end);
+        if moved.is_some() || reply {
+            let stream = self.stream.as_mut().ok_or_else(not_started)?;
+            stream.status(self.position.confirmed()).await?;
+        }
+        Ok(())
+    }
+
+    /// A new stream from the slot's position. The server may still hold
+    /// the slot for a stream just dropped (its process ends when it sees
+    /// the connection closed): that is waited for, a while.
+    async fn restart(&mut self) -> Result<(), SideError> {
+        self.stream = None;
+        self.decoder = Decoder::new(self.ctx.clone());
+        self.position.restart();
+        let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+        loop {
+            let mut r = Replication::connect(&self.conn, "dualwrite-capture").await?;
+            match r.start(&self.slot, &self.options).await {
+                Ok(()) => {
+                    self.stream = Some(r);
+                    return Ok(());
+                }
+                Err(e) if e.code.as_deref() == Some("55006") && Instant::now() < deadline => {
+                    tracing::debug!("{e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
-/// Empty reads in a row after which a lagging slot gets a heartbeat. Every
-/// empty read decodes the WAL since the slot's position again (e.g. the
-/// appliers' writes, filtered out by origin), so the heartbeat comes soon:
-/// with 20 (one a second), replaying a backlog onto this side kept each
-/// capturer's backend at 16 % of a core re-decoding the same WAL.
-const HEARTBEAT_EVERY_IDLE_READS: u32 = 2;
+/// How long a new stream waits for the server to release the slot.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
-/// A side whose only changes are the appliers' own writes (left out by
-/// origin) gives empty reads, and the slot, which advances only to a commit
-/// it read, would stay behind: every read would decode the same WAL again
-/// and the slot would hold it on disk. When the slot lags, a transactional
-/// logical message (`pg_logical_emit_message`, ignored by the decoder) gives
-/// the next read a commit of this database to advance to, through the same
-/// path as any other commit.
-async fn heartbeat(client: &Client, slot: &str) -> Result<(), tokio_postgres::Error> {
-    let lagging: Option<bool> = client
-        .query_opt(
-            "SELECT pg_current_wal_lsn() - confirmed_flush_lsn > 65536 FROM pg_replication_slots WHERE slot_name = $1",
+fn not_started() -> SideError {
+    SideError::new(Class::RetryLater, "the slot is not being streamed")
+}
+
+/// The slot's confirmed position: where the server resumes.
+async fn confirmed_position(client: &Client, slot: &str) -> Result<u64, SideError> {
+    let row = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
-        .await?
-        .and_then(|r| r.get(0));
-    if lagging == Some(true) {
-        client
-            .execute(
-                "SELECT pg_logical_emit_message(true, 'dualwrite', 'heartbeat')",
-                &[],
-            )
-            .await?;
-    }
-    Ok(())
+        .await
+        .map_err(|e| setup_error(&e).context("reading the slot's position"))?;
+    Ok(row
+        .get::<_, Option<&str>>(0)
+        .and_then(parse_lsn)
+        .unwrap_or(0))
 }
 
-fn peek_sql(tables: &[String], origin_ids: &[i64]) -> String {
+/// wal2json's options: format 2 with every transaction's position, time,
+/// id and origin, the keys, the appliers' reports, the captured tables
+/// only; the initial write's transactions left out.
+fn plugin_options(tables: &[String], origin_ids: &[i64]) -> Vec<(&'static str, String)> {
     let add_tables = tables
         .iter()
-        .map(|t| t.replace('\'', "''").replace(',', "\\,"))
+        .map(|t| t.replace(',', "\\,"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut opts = format!(
-        "'format-version','2','include-lsn','true','include-timestamp','true',\
-         'include-xids','true','include-pk','true','include-origin','true',\
-         'add-msg-prefixes','{ack}','add-tables','{add_tables}'",
-        ack = wal2json::ACK_PREFIX
-    );
+    let mut opts: Vec<(&'static str, String)> = [
+        ("format-version", "2"),
+        ("include-lsn", "true"),
+        ("include-timestamp", "true"),
+        ("include-xids", "true"),
+        ("include-pk", "true"),
+        ("include-origin", "true"),
+        ("add-msg-prefixes", wal2json::ACK_PREFIX),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.to_owned()))
+    .collect();
+    opts.push(("add-tables", add_tables));
     if !origin_ids.is_empty() {
         let ids: Vec<String> = origin_ids.iter().map(i64::to_string).collect();
-        opts.push_str(&format!(",'filter-origins','{}'", ids.join(",")));
+        opts.push(("filter-origins", ids.join(",")));
     }
-    format!("SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2, {opts})")
+    opts
 }
 
 /// Checks the captured tables, creates the slot and the appliers'

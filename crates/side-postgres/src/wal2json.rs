@@ -1,7 +1,7 @@
 //! Decoding of wal2json (format version 2) output into change records.
 //!
-//! The capturer reads the slot with `pg_logical_slot_peek_changes`, which
-//! returns whole transactions: a `B` row, one row per change, a `C` row.
+//! The capturer streams the slot ([`crate::replication`]), which gives
+//! whole transactions: a `B` row, one row per change, a `C` row.
 //! Every record of a transaction is stamped with the commit's end LSN (the
 //! source position) and commit time, which wal2json also puts on the `B`
 //! row (`nextlsn`, `timestamp`), and with its position in the transaction
@@ -160,6 +160,8 @@ pub fn decode(ctx: &Context, rows: &[SlotRow]) -> Decoded {
 pub struct Decoder {
     ctx: Arc<Context>,
     txn: Txn,
+    /// Between a `B` row and its `C` row.
+    open: bool,
 }
 
 /// The transaction being read.
@@ -181,7 +183,14 @@ impl Decoder {
         Decoder {
             ctx,
             txn: Txn::default(),
+            open: false,
         }
+    }
+
+    /// Whether a transaction was begun and not committed yet: the rows
+    /// that follow belong to it.
+    pub fn in_transaction(&self) -> bool {
+        self.open
     }
 
     /// Decodes one row, adding what it gives to `out`.
@@ -196,7 +205,10 @@ impl Decoder {
         };
         let applier = self.txn.applier;
         match msg.action {
-            "B" => self.begin(&msg),
+            "B" => {
+                self.open = true;
+                self.begin(&msg)
+            }
             "C" => self.commit(row, &msg, out),
             "M" if applier && msg.prefix == Some(ACK_PREFIX) => {
                 match ack_records(&self.ctx, msg.content.as_deref().unwrap_or_default()) {
@@ -245,6 +257,7 @@ impl Decoder {
         }
         out.last_commit = Some(row.lsn);
         self.txn = Txn::default();
+        self.open = false;
     }
 
     /// Gives out a change of the transaction (held until its stamp is known).

@@ -141,7 +141,7 @@ pub struct SideConfig {
     pub origin: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PgConnection {
     pub host: String,
