@@ -517,10 +517,18 @@ fn is_report(mc: &MappedChange) -> bool {
     matches!(mc.op, ApplyOp::Applied | ApplyOp::Superseded)
 }
 
-/// What a gate's consumer fetches ahead: 8 MiB, several of its batches of
-/// 1,000 records, instead of librdkafka's 64 MiB per consumer, which every
-/// map resuming at once would hold (one pause buffer runs a gate per map).
+/// What a gate's consumer fetches ahead: 8 MiB, a batch or two
+/// ([`RELEASE_BATCH`]), instead of librdkafka's 64 MiB per consumer, which
+/// every map resuming at once would hold (one pause buffer runs a gate per
+/// map).
 const PREFETCH: &[(&str, &str)] = &[("queued.max.messages.kbytes", "8192")];
+
+/// Most records a gate folds and releases at once. A batch's writes are
+/// acknowledged before the next batch is read, so larger batches spend
+/// less of a catch-up waiting: 4,000 replayed a 200,000-change backlog at
+/// 1.10× the rate of 1,000 (BENCHMARKS.md, 2026-12-03), for about 12 MiB
+/// more in the pause buffer.
+const RELEASE_BATCH: usize = 4000;
 
 /// How often the resolver's states are saved (with the positions that
 /// go with them) while records flow.
@@ -628,7 +636,8 @@ pub async fn run(
                 continue;
             }
         };
-        let batch = kafka::recv_more(&consumer, first, 1000, Duration::from_millis(5)).await;
+        let batch =
+            kafka::recv_more(&consumer, first, RELEASE_BATCH, Duration::from_millis(5)).await;
         if !gate.release(&batch, &mut backoff, &shutdown).await? {
             break;
         }
