@@ -116,6 +116,8 @@ def kubernetes():
             check_command(f"{overlay}/{name}", c["args"], env.keys(), known, port)
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
             check(f"{overlay}/{name}: config mounted at DUALWRITE_CONFIG", str(Path(env["DUALWRITE_CONFIG"]["value"]).parent) in mounts, mounts)
+            if c["args"][0] == "pause-buffer" and c.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                check(f"{overlay}/{name}: a writable /tmp for the resolver's spill files", "/tmp" in mounts, mounts)
 
 
 def compose():

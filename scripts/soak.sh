@@ -18,8 +18,9 @@
 #
 # One huge source transaction (tests/capture.rs): ROWS rows (default
 # 1,000,000; CI runs 20,000) inserted in one transaction, then updated in
-# another, synced end to end with the release build, and the capturer's
-# peak RSS checked against its bound.
+# another, synced end to end with the release build (the pause buffer with
+# its default cache of resolver states), and the capturer's and the pause
+# buffer's peak RSS checked against their bounds.
 #
 #   scripts/soak.sh huge [ROWS]
 set -euo pipefail
@@ -71,7 +72,7 @@ storm_summary() {
 if [ "${1:-}" = huge ]; then
   eval "$(scripts/stack.sh up)"
   export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
-  DUALWRITE_HUGE_TXN_ROWS="${2:-1000000}" cargo test --release -p dualwrite --test capture \
+  DUALWRITE_TEST_RESOLVER_CACHE=10000 DUALWRITE_HUGE_TXN_ROWS="${2:-1000000}" cargo test --release -p dualwrite --test capture \
     huge_transaction -- --nocapture
   exit
 fi

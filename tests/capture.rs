@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{eventually, text, TestEnv, APPLY_DV, CAPTURE_FNO};
+use support::{eventually, text, TestEnv, APPLY_DV, CAPTURE_FNO, PAUSE_BUFFER};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -25,6 +25,12 @@ fn huge_rows() -> u64 {
 /// The capturer's peak resident set size, whatever the size of a
 /// transaction (README, "Guarantees and how").
 const CAPTURE_PEAK_RSS_MIB: u64 = 64;
+
+/// The pause buffer's peak resident set size over the same transaction (a
+/// million records in flight at once): its resolver keeps at most its
+/// cache of states in memory and the rest in a spill file (README,
+/// "Limits"); the memory goal of every service (BENCHMARKS.md).
+const PAUSE_BUFFER_PEAK_RSS_MIB: u64 = 256;
 
 /// Waits until `sql` (a count) gives `n`, polling once a second (the count
 /// reads up to a million rows).
@@ -48,7 +54,8 @@ async fn wait_count(c: &tokio_postgres::Client, what: &str, sql: &str, n: u64, t
 
 /// One transaction inserting `n` customers, then one updating all of them
 /// (`REPLICA IDENTITY FULL`: old and new rows), both synced, with the
-/// capturer's peak RSS under [`CAPTURE_PEAK_RSS_MIB`] throughout. Before
+/// capturer's peak RSS under [`CAPTURE_PEAK_RSS_MIB`] and the pause
+/// buffer's under [`PAUSE_BUFFER_PEAK_RSS_MIB`] throughout. Before
 /// the capturer streamed transactions it held each whole (wal2json rows,
 /// decoded records and Avro bytes at once): 100,000 rows took it past
 /// that bound, a few hundred thousand past a Kubernetes memory limit.
@@ -116,6 +123,15 @@ async fn a_huge_transaction_syncs_with_the_capturer_in_bounded_memory() {
         peak <= CAPTURE_PEAK_RSS_MIB << 20,
         "the capturer's peak RSS was {} MiB over a {n}-row transaction, above the {CAPTURE_PEAK_RSS_MIB} MiB bound",
         peak >> 20
+    );
+    let held = env
+        .service(PAUSE_BUFFER)
+        .peak_rss()
+        .expect("the pause buffer runs");
+    assert!(
+        held <= PAUSE_BUFFER_PEAK_RSS_MIB << 20,
+        "the pause buffer's peak RSS was {} MiB over a {n}-row transaction, above the {PAUSE_BUFFER_PEAK_RSS_MIB} MiB bound",
+        held >> 20
     );
     env.cleanup().await;
 }

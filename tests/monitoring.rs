@@ -7,6 +7,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::resolver_cache;
 use support::{eventually, http_get, sample, TestEnv, APPLY_DV, PAUSE_BUFFER};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -112,6 +113,20 @@ async fn metrics_move_with_the_records_and_pass_promtool() {
                     &text,
                     r#"dualwrite_map_state{map="customers",state="Running"}"#,
                 ) == 1.0
+        }
+    })
+    .await;
+    // The resolver holds the N records' states, at most its cache of
+    // them in memory once saved: the rest are in its spill file.
+    eventually("resolver states spilled beyond the cache", WAIT, || {
+        let text = http_get(&pause_buffer, "/metrics").1;
+        async move {
+            let memory = sample(
+                &text,
+                r#"dualwrite_resolver_records_in_memory{map="customers"}"#,
+            );
+            sample(&text, r#"dualwrite_resolver_records{map="customers"}"#) == N
+                && memory <= resolver_cache() as f64
         }
     })
     .await;

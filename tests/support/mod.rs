@@ -30,6 +30,16 @@ pub const PAUSE_BUFFER: usize = 3;
 pub const APPLY_FNO: usize = 4;
 pub const APPLY_DV: usize = 5;
 pub const BIN: &str = env!("CARGO_BIN_EXE_dualwrite");
+/// `pause_buffer.resolver_cache_records` in every test's configuration:
+/// 16, so that every test that changes more records than that runs the
+/// resolver through its spill file, unless `DUALWRITE_TEST_RESOLVER_CACHE`
+/// says otherwise (`scripts/soak.sh huge` measures the default, 10,000).
+pub fn resolver_cache() -> usize {
+    std::env::var("DUALWRITE_TEST_RESOLVER_CACHE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
 
 /// Endpoints of the local stack.
 #[derive(Debug, Clone)]
@@ -262,6 +272,11 @@ impl TestEnv {
                 .replace(
                     "dbname = \"dualwrite_dataverse\"",
                     &format!("dbname = \"{dv_db}\""),
+                )
+                + &format!(
+                    "\n[pause_buffer]\nresolver_cache_records = {}\nstate_dir = \"{}\"\n",
+                    resolver_cache(),
+                    dir.join("spill").display()
                 )
                 + "\n[capture]\npoll_interval_ms = 20\n"
                 + extra;

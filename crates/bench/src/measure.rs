@@ -79,7 +79,7 @@ pub async fn wait_arrived(
         every,
         || {
             polls += 1;
-            let force = polls % 10 == 0;
+            let force = polls.is_multiple_of(10);
             async move {
                 alive()?;
                 if !force && inserted(db).await? < gate {

@@ -5,13 +5,16 @@
 //!   it is paused (changes queue in Kafka), replays the backlog in order
 //!   on resume (catch-up), then reports back;
 //! - [`resolving`]: the conflict decision the gate makes once per event,
-//!   kept on a compacted changelog.
+//!   kept on a compacted changelog;
+//! - [`states`]: where the resolver keeps its records' states (a bounded
+//!   memory over a spill file).
 //!
 //! The controller that drives the gates (commands, states, the initial
 //! write, the automatic pause) is `dualwrite-control`'s.
 
 pub mod gate;
 pub mod resolving;
+pub mod states;
 
 use std::sync::Arc;
 

@@ -1,24 +1,27 @@
 //! A gate's resolver: folds each record's events of the map topic into the
 //! record's state ([`dualwrite_resolve`]) and turns the decisions into
-//! writes for the appliers. The states live in memory and, for restarts,
-//! on the compacted topic `<prefix>.resolver.<map>`: a batch's states are
+//! writes for the appliers. The states live in a bounded memory over a
+//! spill file ([`crate::states`]) and, for restarts, on the compacted
+//! topic `<prefix>.resolver.<map>`: a batch's states are
 //! written there after its writes were acknowledged and before its offsets
 //! are stored, so a restart reads states that include every event below
 //! the committed offset (events already folded in, read again, change
 //! nothing: each side's position is in the state).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::record::{ApplyWrite, MappedChange, ResolverState};
 use dualwrite_model::topics::Topics;
-use dualwrite_resolve::records::{apply_write, event, state_of, state_record, version, NotAnEvent};
-use dualwrite_resolve::{apply, KeyState, Shape};
+use dualwrite_resolve::records::{apply_write, event, state_record, version, NotAnEvent};
+use dualwrite_resolve::{apply, Shape};
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
-use dualwrite_runtime::kafka::rdkafka::message::Message;
+use dualwrite_runtime::kafka::rdkafka::message::{BorrowedMessage, Message};
 use dualwrite_runtime::kafka::{self, Outgoing, Producer, TopicSpec};
 use dualwrite_runtime::metrics::metrics;
+
+use crate::states::States;
 
 /// Largest state record: a record's state holds its row up to about four
 /// times (the content for each side, what a side is known to hold, the
@@ -55,9 +58,12 @@ pub struct Resolving {
     topic: String,
     generation: i64,
     run: i64,
-    states: HashMap<String, KeyState>,
+    states: States,
     dirty: BTreeSet<String>,
 }
+
+/// Changelog records loaded into the spill file per write.
+const LOAD_CHUNK: usize = 10_000;
 
 impl Resolving {
     /// Reads the map's states back (blocking: call from a blocking task);
@@ -69,24 +75,25 @@ impl Resolving {
         run: i64,
     ) -> Result<Resolving, KafkaError> {
         let topic = changelog_topic(config, map).name;
-        let mut states = HashMap::new();
-        for m in kafka::read_to_end(&config.kafka, &topic)? {
-            let Some(key) = kafka::key_text(&m) else {
-                continue;
-            };
-            match m.payload().map(avro::decode::<ResolverState>) {
-                Some(Ok(r)) if r.generation == generation && r.run == run => {
-                    states.insert(key, state_of(&r));
-                }
-                Some(Ok(_)) | None => {
-                    states.remove(&key);
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(%map, %key, "unreadable resolver state, left out: {e}")
-                }
+        let pb = &config.pause_buffer;
+        let mut states = States::new(pb.state_dir.as_deref(), pb.resolver_cache_records)
+            .unwrap_or_else(|e| crate::states::fatal("be created", e));
+        let mut chunk: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(LOAD_CHUNK);
+        let flush = |states: &mut States, chunk: &mut Vec<(String, Option<Vec<u8>>)>| {
+            states.load(chunk.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
+            chunk.clear();
+        };
+        kafka::for_each_until_end(&config.kafka, &topic, &BTreeMap::new(), |m| {
+            if let Some(entry) = loaded(map, m, generation, run) {
+                chunk.push(entry);
             }
-        }
-        tracing::info!(%map, records = states.len(), generation, run, "resolver states loaded");
+            if chunk.len() >= LOAD_CHUNK {
+                flush(&mut states, &mut chunk);
+            }
+        })?;
+        flush(&mut states, &mut chunk);
+        let records = states.spilled();
+        tracing::info!(%map, records, generation, run, "resolver states loaded");
         Ok(Resolving {
             map: map.to_owned(),
             topic,
@@ -132,7 +139,7 @@ impl Resolving {
             }
         };
         let shape = Shape::of(map, master);
-        let state = self.states.entry(key.to_owned()).or_default();
+        let state = self.states.get_mut(key);
         let writes = apply(state, &shape, version(self.generation, offset), &ev);
         self.dirty.insert(key.to_owned());
         let t = Topics::new(&config.kafka.topic_prefix);
@@ -158,15 +165,17 @@ impl Resolving {
         self.dirty.len()
     }
 
-    /// The changelog records of the states changed since the last call.
+    /// The changelog records of the states changed since the last call,
+    /// which are spilled too ([`States::spill`]).
     pub fn changelog(&mut self) -> Vec<Outgoing> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut out = Vec::with_capacity(dirty.len());
+        let mut failed = Vec::new();
         for key in dirty {
             let Some(s) = self.states.get(&key) else {
                 continue;
             };
-            let rec = state_record(&self.map, self.generation, self.run, s);
+            let rec = state_record(&self.map, self.generation, self.run, &s);
             match avro::encode(&rec) {
                 Ok(payload) => out.push(Outgoing {
                     topic: self.topic.clone(),
@@ -174,14 +183,22 @@ impl Resolving {
                     payload,
                 }),
                 Err(e) => {
-                    tracing::error!(map = %self.map, %key, "cannot encode the resolver state: {e}")
+                    tracing::error!(map = %self.map, %key, "cannot encode the resolver state: {e}");
+                    failed.push(key);
                 }
             }
         }
-        metrics()
-            .resolver_records
+        // A state that could not be encoded stays changed, and in memory.
+        self.dirty.extend(failed);
+        let records = out.iter().map(|o| (o.key.as_str(), o.payload.as_slice()));
+        self.states.spill(records, self.dirty.is_empty());
+        let m = metrics();
+        m.resolver_records
             .with_label_values(&[&self.map])
-            .set(self.states.len() as i64);
+            .set(self.states.spilled() as i64);
+        m.resolver_in_memory
+            .with_label_values(&[&self.map])
+            .set(self.states.in_memory() as i64);
         out
     }
 
@@ -195,4 +212,25 @@ impl Resolving {
             .get(key)
             .is_none_or(|s| s.settled(&Shape::of(map, master)))
     }
+}
+
+/// A changelog record as loaded: the key and its state's bytes, or `None`
+/// to forget the key (a tombstone, or a state of another generation or
+/// run); nothing for a record without a key.
+fn loaded(
+    map: &str,
+    m: &BorrowedMessage<'_>,
+    generation: i64,
+    run: i64,
+) -> Option<(String, Option<Vec<u8>>)> {
+    let key = String::from_utf8_lossy(m.key()?).into_owned();
+    let bytes = match m.payload().map(|p| (p, avro::decode::<ResolverState>(p))) {
+        Some((p, Ok(r))) if r.generation == generation && r.run == run => Some(p.to_vec()),
+        Some((_, Ok(_))) | None => None,
+        Some((_, Err(e))) => {
+            tracing::warn!(%map, %key, "unreadable resolver state, left out: {e}");
+            return None;
+        }
+    };
+    Some((key, bytes))
 }

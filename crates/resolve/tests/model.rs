@@ -451,7 +451,7 @@ impl World {
         }
         self.next += 1;
         if self.rng.random_bool(0.5) {
-            self.saved = (self.state.clone(), self.next);
+            self.saved = (through_changelog(&self.state), self.next);
         }
         true
     }
@@ -656,6 +656,21 @@ impl World {
 }
 
 /// The compare-and-set of the applier (as `crates/apply`'s SQL does it).
+/// A state as saved and read back: encoded as its changelog record (what
+/// the pause buffer sends to the changelog and to its spill file) and
+/// decoded again, which must give the same state.
+fn through_changelog(s: &KeyState) -> KeyState {
+    use dualwrite_model::record::ResolverState;
+    use dualwrite_resolve::records::{state_of, state_record};
+    let bytes = dualwrite_model::avro::encode(&state_record("m", 1, 0, s)).expect("encodes");
+    let back = state_of(&dualwrite_model::avro::decode::<ResolverState>(&bytes).expect("decodes"));
+    assert_eq!(
+        &back, s,
+        "a state must come back whole from its changelog record"
+    );
+    back
+}
+
 fn cas(db: &Db, expect: &Expect, i: usize) -> bool {
     match expect {
         Expect::Nothing => true,

@@ -54,6 +54,7 @@ pub mod name {
     pub const INITIAL_SYNC_RECORDS: &str = "dualwrite_initial_sync_records_total";
     pub const DECISIONS: &str = "dualwrite_resolver_writes_total";
     pub const RESOLVER_RECORDS: &str = "dualwrite_resolver_records";
+    pub const RESOLVER_IN_MEMORY: &str = "dualwrite_resolver_records_in_memory";
     pub const DRIFT_RECORDS: &str = "dualwrite_drift_records";
     pub const DRIFT_CHECKED: &str = "dualwrite_drift_rows_checked_total";
 }
@@ -87,6 +88,7 @@ pub struct Metrics {
     pub initial_sync_records: IntCounterVec,
     pub decisions: IntCounterVec,
     pub resolver_records: IntGaugeVec,
+    pub resolver_in_memory: IntGaugeVec,
     pub drift_records: IntGaugeVec,
     pub drift_checked: IntCounterVec,
 }
@@ -161,7 +163,8 @@ impl Metrics {
             initial_sync_rows_done: int_gauge(&r, INITIAL_SYNC_ROWS_DONE, "Rows the current initial write of a map has read so far.", &[MAP]),
             initial_sync_records: counter(&r, INITIAL_SYNC_RECORDS, "Records handled by initial writes: created, updated, unchanged, failed.", &[MAP, OUTCOME]),
             decisions: counter(&r, DECISIONS, "Writes the resolver sent to a side's applier.", &[MAP, SIDE]),
-            resolver_records: int_gauge(&r, RESOLVER_RECORDS, "Records whose state the resolver of a map holds.", &[MAP]),
+            resolver_records: int_gauge(&r, RESOLVER_RECORDS, "Records whose state the resolver of a map holds (in memory or in its spill file).", &[MAP]),
+            resolver_in_memory: int_gauge(&r, RESOLVER_IN_MEMORY, "Records whose state the resolver of a map holds in memory (about pause_buffer.resolver_cache_records at most, plus those changed since the last save).", &[MAP]),
             drift_records: int_gauge(&r, DRIFT_RECORDS, "Records of a running map found different on the two sides by the drift detector's last complete pass (confirmed, settled).", &[MAP]),
             drift_checked: counter(&r, DRIFT_CHECKED, "Rows the drift detector compared, per side.", &[MAP, SIDE]),
             registry: r,

@@ -107,11 +107,17 @@ impl Replication {
                 })
         };
         let w = &mut self.wbuf;
+        if body.len() < 4 {
+            return Err(protocol("authentication request too short"));
+        }
         match body.get_i32() {
             0 => return Ok(()),
             3 => frontend::password_message(password()?.as_bytes(), w).map_err(io_error)?,
             5 => {
-                let salt = [body[0], body[1], body[2], body[3]];
+                let salt: [u8; 4] = body
+                    .get(..4)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| protocol("MD5 request without its salt"))?;
                 let hash = postgres_protocol::authentication::md5_hash(
                     conn.user.as_bytes(),
                     password()?.as_bytes(),
@@ -120,6 +126,12 @@ impl Replication {
                 frontend::password_message(hash.as_bytes(), w).map_err(io_error)?;
             }
             10 => {
+                if !offers_scram(body) {
+                    return Err(SideError::new(
+                        Class::Fatal,
+                        format!("cannot connect: the server offers none of the SASL mechanisms supported ({SCRAM_SHA_256})"),
+                    ));
+                }
                 let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                 frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), w).map_err(io_error)?;
                 *scram = Some(s);
@@ -370,6 +382,14 @@ fn server_error(body: &[u8], doing: &str) -> SideError {
     e
 }
 
+/// Whether a SASL request's list of mechanisms (NUL-terminated names,
+/// ending with an empty one) holds SCRAM-SHA-256.
+fn offers_scram(body: &[u8]) -> bool {
+    body.split(|&b| b == 0)
+        .take_while(|m| !m.is_empty())
+        .any(|m| m == SCRAM_SHA_256.as_bytes())
+}
+
 fn io_error(e: io::Error) -> SideError {
     SideError::new(Class::RetryLater, format!("replication connection: {e}"))
 }
@@ -398,6 +418,14 @@ mod tests {
         f.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
         f.extend_from_slice(body);
         f
+    }
+
+    #[test]
+    fn sasl_is_used_only_when_scram_is_offered() {
+        assert!(offers_scram(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"));
+        assert!(!offers_scram(b"SCRAM-SHA-256-PLUS\0\0"));
+        assert!(!offers_scram(b"\0SCRAM-SHA-256\0"));
+        assert!(!offers_scram(b""));
     }
 
     #[test]

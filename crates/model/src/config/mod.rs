@@ -479,6 +479,18 @@ pub struct PauseBufferSettings {
     /// The drift detector: compares each running map's two sides.
     #[serde(default)]
     pub drift: DriftSettings,
+    /// Records' resolver states each map keeps in memory, about (plus
+    /// those changed since the last save, up to 14,000); the others are in
+    /// a spill file. Default 10,000 (about 30–60 MiB, with the rows of
+    /// records in flight).
+    #[serde(default = "default_resolver_cache")]
+    pub resolver_cache_records: usize,
+    /// Where the spill files go (one per map, created empty at each start
+    /// and removed at the end; size: about 1 KiB per record changed since
+    /// the map was run). Default: the system's temporary directory
+    /// (`TMPDIR`, else `/tmp`).
+    #[serde(default)]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// The drift detector compares both sides of every running map every
@@ -564,8 +576,14 @@ impl Default for PauseBufferSettings {
             backlog_warn_ratio: default_warn_ratio(),
             auto_pause: AutoPause::default(),
             drift: DriftSettings::default(),
+            resolver_cache_records: default_resolver_cache(),
+            state_dir: None,
         }
     }
+}
+
+fn default_resolver_cache() -> usize {
+    10_000
 }
 
 /// Control commands (`[control]`): an optional shared-secret signature.

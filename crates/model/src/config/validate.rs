@@ -153,6 +153,12 @@ impl Config {
                 "must be between 0 and 1".into(),
             );
         }
+        if self.pause_buffer.resolver_cache_records == 0 {
+            p.bad(
+                "pause_buffer.resolver_cache_records".into(),
+                "must be at least 1".into(),
+            );
+        }
         let d = &self.pause_buffer.drift;
         if d.interval_secs == 0 || d.chunk_rows == 0 {
             p.bad(
