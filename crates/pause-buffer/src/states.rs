@@ -10,8 +10,9 @@
 //! states: it is created empty at each start in a directory of its own
 //! (`pause_buffer.state_dir`, the system's temporary directory by
 //! default), filled from the changelog topic, and removed when the
-//! resolver is dropped. What survives a restart is the changelog, as
-//! before.
+//! resolver is dropped; a process that ends without removing it (`kill
+//! -9`) leaves it to the next start, which removes it ([`sweep`]). What
+//! survives a restart is the changelog, as before.
 //!
 //! What keeps it equivalent to keeping every state in memory: a state
 //! leaves memory only when it is **clean** (its latest content was written
@@ -37,6 +38,8 @@ use dualwrite_model::record::ResolverState;
 use dualwrite_resolve::records::state_of;
 use dualwrite_resolve::KeyState;
 use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use rustix::io::Errno;
+use rustix::process::{test_kill_process, Pid};
 
 /// The spill file's one table: record key → the state's changelog record.
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
@@ -53,6 +56,52 @@ pub struct States {
     _dir: tempfile::TempDir,
 }
 
+/// The start of a spill directory's name; the process id follows.
+const PREFIX: &str = "dualwrite-resolver-";
+
+/// Removes the spill directories that processes which ended without
+/// removing theirs (`kill -9`, a crash) left in `base`: those named with a
+/// process id that is not running, or with `own`, which is this process
+/// before it made any (in a container every start has the same id).
+/// Those of running pause buffers are left alone.
+fn sweep(base: &Path, own: u32) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own || !running(pid) {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    tracing::info!(dir = %e.path().display(), "removed a spill directory left by an earlier process")
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %e.path().display(), "cannot remove a spill directory left by an earlier process: {err}")
+                }
+            }
+        }
+    }
+}
+
+/// Whether a process with this id runs (one we may not signal runs too).
+fn running(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return false;
+    };
+    match test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == Errno::PERM,
+    }
+}
+
 /// Ends the process on a spill file failure (see the module docs).
 pub(crate) fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     tracing::error!(
@@ -66,17 +115,13 @@ impl States {
     /// system's temporary directory when `None`), keeping about `cache`
     /// states in memory.
     pub fn new(dir: Option<&Path>, cache: usize) -> std::io::Result<States> {
-        let dir = match dir {
-            Some(d) => {
-                std::fs::create_dir_all(d)?;
-                tempfile::Builder::new()
-                    .prefix("dualwrite-resolver-")
-                    .tempdir_in(d)?
-            }
-            None => tempfile::Builder::new()
-                .prefix("dualwrite-resolver-")
-                .tempdir()?,
-        };
+        let base = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        std::fs::create_dir_all(&base)?;
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| sweep(&base, std::process::id()));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{PREFIX}{}-", std::process::id()))
+            .tempdir_in(&base)?;
         let db = Database::builder()
             .set_cache_size(FILE_CACHE)
             .create(dir.path().join("states.redb"))
@@ -287,6 +332,29 @@ mod tests {
         assert!(
             states.get("k1").is_none(),
             "never spilled, so gone: the caller must spill all"
+        );
+    }
+
+    #[test]
+    fn spill_directories_of_ended_processes_are_swept() {
+        let base = tempfile::tempdir().unwrap();
+        let own = std::process::id();
+        let dead = i32::MAX as u32;
+        let dirs = [
+            format!("{PREFIX}{own}-a"),
+            format!("{PREFIX}{dead}-b"),
+            format!("{PREFIX}1-c"),
+            "something-else".to_owned(),
+        ];
+        for d in &dirs {
+            std::fs::create_dir(base.path().join(d)).unwrap();
+        }
+        sweep(base.path(), own);
+        let left: Vec<bool> = dirs.iter().map(|d| base.path().join(d).exists()).collect();
+        assert_eq!(
+            left,
+            [false, false, true, true],
+            "own and ended swept; running and others kept"
         );
     }
 
