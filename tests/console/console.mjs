@@ -32,6 +32,9 @@ const states = (page) =>
 async function readOnly(page) {
   step("the maps page lists every map, read-only before signing in");
   await page.goto(base);
+  // The console reads the maps' state from Kafka about once a second; the
+  // table fills in live once the first read is done.
+  await page.locator("tr[data-map]").first().waitFor({ timeout: 60_000 });
   const s = await states(page);
   check(MAPS.every((m) => s[m] === "Not running"), `states: ${JSON.stringify(s)}`);
   check((await page.locator("form[action='/command']").count()) === 0, "command forms shown to a reader");

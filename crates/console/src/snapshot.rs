@@ -37,6 +37,9 @@ pub struct Located {
 /// The maps as last read.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Snapshot {
+    /// Whether the maps were read at least once (until then the pages say
+    /// they are being read, rather than showing no maps).
+    pub read: bool,
     pub rows: Vec<MapRow>,
     pub statuses: BTreeMap<String, MapStatus>,
     /// Error records per map (all time, as the errors topic keeps them).
@@ -105,6 +108,7 @@ impl Reader {
         let statuses = dualwrite_ctl::read_statuses(config).map_err(|e| e.to_string())?;
         s.rows = dualwrite_ctl::map_rows_of(config, &statuses).map_err(|e| e.to_string())?;
         s.statuses = statuses;
+        s.read = true;
         self.etas(s);
         self.new_errors(config, s)
     }

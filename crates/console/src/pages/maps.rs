@@ -23,10 +23,13 @@ pub fn maps(config: &Config, snap: &Snapshot, viewer: &Viewer) -> Markup {
 /// The table of maps (also what live updates replace).
 pub fn maps_table(config: &Config, snap: &Snapshot, viewer: &Viewer) -> Markup {
     html! {
-        table {
+        table aria-busy=(!snap.read) {
             caption { "Entity maps and their state (updated live)" }
             (head(&["Entity map", "Status", "Mapping version", "Related maps", "Initial sync", "Errors", "Actions"]))
             tbody {
+                @if !snap.read {
+                    tr data-reading { td colspan="7" { "Reading the maps' state from Kafka…" } }
+                }
                 @for row in &snap.rows {
                     (map_row(config, snap, row, viewer))
                 }
@@ -107,5 +110,42 @@ fn actions(config: &Config, snap: &Snapshot, map: &str, viewer: &Viewer) -> Mark
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dualwrite_model::config::{Config, TEST_SIDES};
+
+    use super::*;
+
+    fn row(map: &str) -> MapRow {
+        MapRow {
+            map: map.into(),
+            state: "Not running".into(),
+            generation: 0,
+            backlog: 0,
+            depends_on: vec![],
+            reason: None,
+            last_command_id: None,
+            initial_sync: None,
+            mapping_version: None,
+            configured_version: "v".into(),
+        }
+    }
+
+    #[test]
+    fn before_the_first_read_the_table_says_it_is_reading() {
+        let config = Config::parse(TEST_SIDES).unwrap();
+        let reader = Viewer::Reader { can_sign_in: true };
+        let before = maps_table(&config, &Snapshot::default(), &reader).into_string();
+        assert!(before.contains("data-reading") && before.contains(r#"aria-busy="true""#));
+        let read = Snapshot {
+            read: true,
+            rows: vec![row("customers")],
+            ..Snapshot::default()
+        };
+        let after = maps_table(&config, &read, &reader).into_string();
+        assert!(!after.contains("data-reading") && after.contains(r#"data-map="customers""#));
     }
 }
