@@ -163,6 +163,8 @@ pub struct Latencies {
     /// time): whether latency drifts during the run.
     pub p50_first: f64,
     pub p50_last: f64,
+    /// When the slowest row was made, in seconds after the first.
+    pub max_at: f64,
 }
 
 /// Latency (`arrived_at - made_at`) of the rows with `prefix` on a target.
@@ -174,9 +176,11 @@ pub async fn latencies(target: &Client, prefix: &str) -> Result<Latencies> {
                         percentile_cont(0.99) WITHIN GROUP (ORDER BY d), \
                         max(d), \
                         percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE third = 1), \
-                        percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE third = 3) \
+                        percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE third = 3), \
+                        (array_agg(at ORDER BY d DESC))[1] \
                  FROM (SELECT extract(epoch FROM arrived_at - made_at)::float8 * 1000 AS d, \
-                              ntile(3) OVER (ORDER BY made_at) AS third \
+                              ntile(3) OVER (ORDER BY made_at) AS third, \
+                              extract(epoch FROM made_at - min(made_at) OVER ())::float8 AS at \
                        FROM bench_items WHERE {}) s",
                 rows::like(prefix)
             ),
@@ -190,6 +194,7 @@ pub async fn latencies(target: &Client, prefix: &str) -> Result<Latencies> {
         max: get(2),
         p50_first: get(3),
         p50_last: get(4),
+        max_at: get(5),
     })
 }
 

@@ -63,8 +63,9 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
         },
         "live-one" => Spec {
             title: format!(
-                "Live sync, one direction: {} rows inserted on fno in transactions of 1,000",
-                thousands(live_rows as f64, 0)
+                "Live sync, one direction: {} rows inserted on fno in transactions of 1,000, then {} rows/s for {secs} s",
+                thousands(live_rows as f64, 0),
+                thousands(rate as f64, 0)
             ),
             lines: vec![
                 line("ours", "dualwrite fno -> dataverse", "rows/s", 0),
@@ -72,6 +73,10 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("hop", "anchor: one Kafka produce+consume hop (rdkafka)", "rows/s", 0),
                 line("insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
                 line("row_bytes", "average row size (pg_column_size)", "bytes", 0),
+                line("after_p50", "then a steady load right after: latency p50", "ms", 1),
+                line("after_p99", "then a steady load right after: latency p99", "ms", 1),
+                line("after_max", "then a steady load right after: latency max", "ms", 1),
+                line("after_max_at", "  the slowest row made at (after the load's start)", "s", 1),
             ],
             ratios: vec![
                 ratio("dualwrite / native logical replication", "ours", "native"),

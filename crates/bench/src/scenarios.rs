@@ -194,6 +194,12 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
         o.set("ours", rate);
         o.set("insert", insert_rate);
         if !both {
+            // Right after the bulk (the pipeline still settles its echoes).
+            let (l, _) = steady(&left, &right, p, &alive).await?;
+            o.set("after_p50", l.p50);
+            o.set("after_p99", l.p99);
+            o.set("after_max", l.max);
+            o.set("after_max_at", l.max_at);
             let bytes: f64 = left
                 .query_one(
                     "SELECT avg(pg_column_size(t.*))::float8 FROM bench_items t",
@@ -641,5 +647,6 @@ async fn stamp_latencies(db: &Client, stamps: &[(String, f64)]) -> Result<Latenc
         max: get(3),
         p50_first: get(4),
         p50_last: get(5),
+        max_at: f64::NAN,
     })
 }

@@ -77,7 +77,10 @@ impl Resolving {
         let topic = changelog_topic(config, map).name;
         let pb = &config.pause_buffer;
         let mut states = States::new(pb.state_dir.as_deref(), pb.resolver_cache_records)
-            .unwrap_or_else(|e| crate::states::fatal("be created", e));
+            .unwrap_or_else(|e| {
+                let dir = pb.state_dir.clone().unwrap_or_else(std::env::temp_dir);
+                crate::states::fatal(&format!("be created under {}", dir.display()), e)
+            });
         let mut chunk: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(LOAD_CHUNK);
         let flush = |states: &mut States, chunk: &mut Vec<(String, Option<Vec<u8>>)>| {
             states.load(chunk.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
@@ -223,7 +226,7 @@ fn loaded(
     generation: i64,
     run: i64,
 ) -> Option<(String, Option<Vec<u8>>)> {
-    let key = String::from_utf8_lossy(m.key()?).into_owned();
+    let key = kafka::key_text(m)?;
     let bytes = match m.payload().map(|p| (p, avro::decode::<ResolverState>(p))) {
         Some((p, Ok(r))) if r.generation == generation && r.run == run => Some(p.to_vec()),
         Some((_, Ok(_))) | None => None,

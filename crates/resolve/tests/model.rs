@@ -662,7 +662,13 @@ impl World {
 fn through_changelog(s: &KeyState) -> KeyState {
     use dualwrite_model::record::ResolverState;
     use dualwrite_resolve::records::{state_of, state_record};
-    let bytes = dualwrite_model::avro::encode(&state_record("m", 1, 0, s)).expect("encodes");
+    let rec = state_record("m", 1, 0, s);
+    let bytes = dualwrite_model::avro::encode(&rec).expect("encodes");
+    assert_eq!(
+        bytes,
+        dualwrite_model::avro::encode_through_value(&rec).expect("encodes"),
+        "serde's direct path and the path through a value give the same bytes"
+    );
     let back = state_of(&dualwrite_model::avro::decode::<ResolverState>(&bytes).expect("decodes"));
     assert_eq!(
         &back, s,

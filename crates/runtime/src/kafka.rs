@@ -871,7 +871,7 @@ pub fn commit_now(consumer: &KafkaConsumer) {
 }
 
 /// The key of a message as text (lossy), for error context.
-pub fn key_text(m: &OwnedMessage) -> Option<String> {
+pub fn key_text(m: &impl Message) -> Option<String> {
     m.key().map(|k| String::from_utf8_lossy(k).into_owned())
 }
 
