@@ -1,4 +1,7 @@
 //! The records that flow on the topics. Each has an Avro schema in `schemas/`.
+//! The records of changes declare their fields in their schema's order:
+//! [`crate::avro::encode`] writes them straight from serde, in this order
+//! (its tests check each).
 
 use serde::{Deserialize, Serialize};
 
@@ -138,13 +141,13 @@ pub struct MappedChange {
     /// [`ApplyOp::Applied`]: the version of the committed write.
     #[serde(default)]
     pub version: i64,
-    /// [`ApplyOp::Repair`] only.
-    #[serde(default)]
-    pub repair: Option<Repair>,
     /// Upsert, delete: one half of a key change on the source; the other
     /// half's alternate key (target names). Empty otherwise.
     #[serde(default)]
     pub moved: Vec<Field>,
+    /// [`ApplyOp::Repair`] only.
+    #[serde(default)]
+    pub repair: Option<Repair>,
 }
 
 /// Both sides' rows as read by `ctl repair`, to re-assert the conflict
