@@ -30,7 +30,9 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 STARTED=$SECONDS
 step "Starting the local stack (the first run installs PostgreSQL packages and fetches Apache Kafka, ~1 min)"
-eval "$(scripts/stack.sh up)"
+# (eval of a failed command substitution would go on with nothing set)
+stack_env="$(scripts/stack.sh up)" || { echo "demo: the local stack did not start (see above)" >&2; exit 1; }
+eval "$stack_env"
 PG="$DUALWRITE_PG_URL"
 psql_fno() { psql -X -q -v ON_ERROR_STOP=1 "$PG/dualwrite_fno" "$@"; }
 psql_dv() { psql -X -q -v ON_ERROR_STOP=1 "$PG/dualwrite_dataverse" "$@"; }

@@ -100,6 +100,11 @@ CONF
   if as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
     return 0
   fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; then
+    log "port $PG_PORT is taken by another process (not this stack's PostgreSQL; another stack,"
+    log "with another DUALWRITE_STATE_DIR?): stop it, or choose another port (DUALWRITE_STACK_PG_PORT)"
+    exit 1
+  fi
   log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 9>&-
 }
