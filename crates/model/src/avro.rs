@@ -69,11 +69,12 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     fn legacy() -> &'static [Compiled] {
         &[]
     }
-    /// Whether [`encode`] may write it straight from serde. That path
-    /// writes a record's fields in the order serde gives them (the Rust
-    /// struct's), not the schema's: only for types whose fields (and
-    /// their records' fields) are declared in the schema's order, as a
-    /// test checks for each.
+    /// Whether [`encode`] and [`decode`] take serde's direct paths (no
+    /// value in between): for the types checked by the tests to be
+    /// declared in their schema's field order (apache-avro 0.21 wrote
+    /// fields in serde's order; 0.22 puts early ones aside until their
+    /// turn) and under their schema's record names (its reader checks
+    /// them), and read back equal that way.
     const DIRECT: bool = false;
 }
 
@@ -93,14 +94,14 @@ pub struct Compiled {
 fn named_types(s: &Schema, out: &mut HashMap<String, Schema>) {
     match s {
         Schema::Record(r) => {
-            out.insert(r.name.name.clone(), s.clone());
+            out.insert(r.name.name().to_owned(), s.clone());
             r.fields.iter().for_each(|f| named_types(&f.schema, out));
         }
         Schema::Enum(e) => {
-            out.insert(e.name.name.clone(), s.clone());
+            out.insert(e.name.name().to_owned(), s.clone());
         }
         Schema::Fixed(f) => {
-            out.insert(f.name.name.clone(), s.clone());
+            out.insert(f.name.name().to_owned(), s.clone());
         }
         Schema::Array(a) => named_types(&a.items, out),
         Schema::Map(m) => named_types(&m.types, out),
@@ -113,7 +114,7 @@ fn named_types(s: &Schema, out: &mut HashMap<String, Schema>) {
 /// schemas have no recursive types).
 fn inline(s: &Schema, named: &HashMap<String, Schema>) -> Schema {
     match s {
-        Schema::Ref { name } => inline(&named[&name.name], named),
+        Schema::Ref { name } => inline(&named[name.name()], named),
         Schema::Record(r) => Schema::Record(RecordSchema {
             fields: r
                 .fields
@@ -160,7 +161,10 @@ pub(crate) fn compile(src: &str) -> Compiled {
     Compiled {
         inlined: inline(&schema, &named),
         writer: Mutex::new(new_writer(&schema)),
-        reader: GenericSingleObjectReader::new(schema.clone()).unwrap_or_else(built_in),
+        reader: GenericSingleObjectReader::builder()
+            .schema(schema.clone())
+            .build()
+            .unwrap_or_else(built_in),
         schema,
         fingerprint,
     }
@@ -217,7 +221,9 @@ pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
     out.extend_from_slice(&c.fingerprint);
     // Straight from serde to bytes, checked against the schema on the way;
     // what that path refuses takes the one through a value below.
-    if T::DIRECT && apache_avro::write_avro_datum_ref(&c.inlined, record, &mut out).is_ok() {
+    if T::DIRECT
+        && apache_avro::write_avro_datum_ref(&c.inlined, &HashMap::new(), record, &mut out).is_ok()
+    {
         return Ok(out);
     }
     encode_through_value(record)
@@ -281,11 +287,21 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
         message: e.to_string(),
     };
     let mut body = bytes;
-    let value = match writer {
-        None => c.reader.read_value(&mut body),
+    let record = match writer {
+        // Straight from the bytes into serde (the records of changes);
+        // what that refuses is read through a value.
+        None if T::DIRECT => c.reader.read_deser::<T>(&mut body).or_else(|_| {
+            body = bytes;
+            decode_through_value(&c.reader, &mut body)
+        }),
+        None => decode_through_value(&c.reader, &mut body),
         Some(w) => {
             body = &bytes[HEADER_LEN..];
-            apache_avro::from_avro_datum(w, &mut body, Some(&c.schema))
+            apache_avro::reader::datum::GenericDatumReader::builder(w)
+                .reader_schema(&c.schema)
+                .build()
+                .and_then(|r| r.read_value(&mut body))
+                .and_then(|v| apache_avro::from_value(&v))
         }
     }
     .map_err(err)?;
@@ -295,7 +311,14 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
             message: format!("{} bytes left over after the record", body.len()),
         });
     }
-    apache_avro::from_value(&value).map_err(err)
+    Ok(record)
+}
+
+fn decode_through_value<T: DeserializeOwned>(
+    reader: &GenericSingleObjectReader,
+    body: &mut &[u8],
+) -> Result<T, apache_avro::Error> {
+    apache_avro::from_value(&reader.read_value(body)?)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -447,7 +470,10 @@ mod tests {
                 let got: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
                 let want: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
                 if got != want {
-                    return Err(format!("{}: fields {got:?}, schema {want:?}", r.name.name));
+                    return Err(format!(
+                        "{}: fields {got:?}, schema {want:?}",
+                        r.name.name()
+                    ));
                 }
                 fields
                     .iter()
@@ -468,7 +494,7 @@ mod tests {
         }
     }
 
-    fn assert_direct<T: AvroRecord + std::fmt::Debug>(record: &T) {
+    fn assert_direct<T: AvroRecord + PartialEq + std::fmt::Debug>(record: &T) {
         assert!(T::DIRECT, "{} takes serde's direct path", T::KIND);
         let value = apache_avro::to_value(record).unwrap();
         if let Err(e) = same_field_order(&value, &T::schema().inlined) {
@@ -498,6 +524,7 @@ mod tests {
 
     /// The encoding of the releases before the cached writer: a value
     /// resolved against the schema, then written with the header.
+    #[allow(deprecated)] // to_avro_datum: the writer of the releases before
     fn encoded_as_before<T: AvroRecord>(record: &T) -> Vec<u8> {
         let c = T::schema();
         let value = apache_avro::to_value(record)
@@ -512,13 +539,15 @@ mod tests {
 
     /// Whether `record` is written straight from serde (the fast path),
     /// and the path through a value gives the same bytes.
-    fn fast<T: AvroRecord>(record: &T) -> bool {
+    fn fast<T: AvroRecord + PartialEq + std::fmt::Debug>(record: &T) -> bool {
+        let c = T::schema();
         let direct =
-            apache_avro::write_avro_datum_ref(&T::schema().inlined, record, &mut Vec::new());
-        assert_eq!(
-            encode(record).unwrap(),
-            encode_through_value(record).unwrap()
-        );
+            apache_avro::write_avro_datum_ref(&c.inlined, &HashMap::new(), record, &mut Vec::new());
+        let bytes = encode(record).unwrap();
+        assert_eq!(bytes, encode_through_value(record).unwrap());
+        // Read back straight from the bytes too, to the same record.
+        let back: T = c.reader.read_deser(&mut bytes.as_slice()).unwrap();
+        assert_eq!(&back, record);
         direct.is_ok()
     }
 

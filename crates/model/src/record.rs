@@ -243,6 +243,7 @@ pub struct ResolverState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "Agreed")] // its schema's name: serde's direct path checks it
 pub struct AgreedState {
     pub present: bool,
     pub into_left: Vec<Field>,
@@ -254,6 +255,7 @@ pub struct AgreedState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "SideState")] // its schema's name: serde's direct path checks it
 pub struct SideStateRecord {
     pub lsn: Option<i64>,
     pub seq: i32,
@@ -271,6 +273,7 @@ pub struct Known {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "Holds")] // its schema's name: serde's direct path checks it
 pub struct HoldsRecord {
     pub present: Option<bool>,
     pub both: Option<i64>,
@@ -278,6 +281,7 @@ pub struct HoldsRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "Pending")] // its schema's name: serde's direct path checks it
 pub struct PendingRecord {
     pub version: i64,
     pub expect: Known,
@@ -314,7 +318,7 @@ pub struct ErrorRecord {
     pub offset: Option<i64>,
     pub key: Option<String>,
     pub source_lsn: Option<i64>,
-    #[serde(with = "apache_avro::serde_avro_bytes_opt")]
+    #[serde(with = "apache_avro::serde::bytes_opt")]
     pub payload: Option<Vec<u8>>,
     /// Microseconds since the Unix epoch.
     pub occurred_at: i64,
