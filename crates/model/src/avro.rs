@@ -4,11 +4,10 @@
 //! a message, and a message of another kind or a foreign one is refused with
 //! a clear error instead of being misread.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use apache_avro::rabin::Rabin;
-use apache_avro::schema::{ArraySchema, MapSchema, RecordField, RecordSchema, UnionSchema};
+use apache_avro::schema::ResolvedSchema;
 use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -81,65 +80,15 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
 /// A parsed schema and its fingerprint, with a writer and a reader that
 /// resolve the schema's named types once, not for every record.
 pub struct Compiled {
-    pub schema: Schema,
+    /// Compiled schemas live for the whole process (in statics), so each is
+    /// kept as `'static`, which lets the names it defines borrow from it.
+    pub schema: &'static Schema,
     pub fingerprint: [u8; 8],
-    /// The schema with each reference to a named type replaced by the
-    /// type, for serde's direct path ([`encode`]), which resolves none.
-    inlined: Schema,
+    /// The named types the schema defines, for serde's direct path
+    /// ([`encode`]).
+    names: ResolvedSchema<'static>,
     writer: Mutex<GenericSingleObjectWriter>,
     reader: GenericSingleObjectReader,
-}
-
-/// The named types a schema defines, by name.
-fn named_types(s: &Schema, out: &mut HashMap<String, Schema>) {
-    match s {
-        Schema::Record(r) => {
-            out.insert(r.name.name().to_owned(), s.clone());
-            r.fields.iter().for_each(|f| named_types(&f.schema, out));
-        }
-        Schema::Enum(e) => {
-            out.insert(e.name.name().to_owned(), s.clone());
-        }
-        Schema::Fixed(f) => {
-            out.insert(f.name.name().to_owned(), s.clone());
-        }
-        Schema::Array(a) => named_types(&a.items, out),
-        Schema::Map(m) => named_types(&m.types, out),
-        Schema::Union(u) => u.variants().iter().for_each(|v| named_types(v, out)),
-        _ => {}
-    }
-}
-
-/// `s` with every reference to a named type replaced by the type (the
-/// schemas have no recursive types).
-fn inline(s: &Schema, named: &HashMap<String, Schema>) -> Schema {
-    match s {
-        Schema::Ref { name } => inline(&named[name.name()], named),
-        Schema::Record(r) => Schema::Record(RecordSchema {
-            fields: r
-                .fields
-                .iter()
-                .map(|f| RecordField {
-                    schema: inline(&f.schema, named),
-                    ..f.clone()
-                })
-                .collect(),
-            ..r.clone()
-        }),
-        Schema::Array(a) => Schema::Array(ArraySchema {
-            items: Box::new(inline(&a.items, named)),
-            attributes: a.attributes.clone(),
-        }),
-        Schema::Map(m) => Schema::Map(MapSchema {
-            types: Box::new(inline(&m.types, named)),
-            attributes: m.attributes.clone(),
-        }),
-        Schema::Union(u) => Schema::Union(
-            UnionSchema::new(u.variants().iter().map(|v| inline(v, named)).collect())
-                .unwrap_or_else(built_in),
-        ),
-        other => other.clone(),
-    }
 }
 
 fn built_in<T>(e: apache_avro::Error) -> T {
@@ -156,11 +105,10 @@ pub(crate) fn compile(src: &str) -> Compiled {
     let fp = schema.fingerprint::<Rabin>();
     let mut fingerprint = [0u8; 8];
     fingerprint.copy_from_slice(&fp.bytes[..8]);
-    let mut named = HashMap::new();
-    named_types(&schema, &mut named);
+    let schema: &'static Schema = Box::leak(Box::new(schema));
     Compiled {
-        inlined: inline(&schema, &named),
-        writer: Mutex::new(new_writer(&schema)),
+        names: ResolvedSchema::new(schema).unwrap_or_else(built_in),
+        writer: Mutex::new(new_writer(schema)),
         reader: GenericSingleObjectReader::builder()
             .schema(schema.clone())
             .build()
@@ -222,7 +170,8 @@ pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
     // Straight from serde to bytes, checked against the schema on the way;
     // what that path refuses takes the one through a value below.
     if T::DIRECT
-        && apache_avro::write_avro_datum_ref(&c.inlined, &HashMap::new(), record, &mut out).is_ok()
+        && apache_avro::write_avro_datum_ref(c.schema, c.names.get_names(), record, &mut out)
+            .is_ok()
     {
         return Ok(out);
     }
@@ -247,13 +196,13 @@ pub fn encode_through_value<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroEr
     // enum symbol as a string, a union branch) are resolved first.
     let written = writer.write_value_ref(&value, &mut out).or_else(|_| {
         out.clear();
-        let value = value.resolve(&c.schema)?;
+        let value = value.resolve(c.schema)?;
         writer.write_value_ref(&value, &mut out)
     });
     if let Err(e) = written {
         // A writer that failed half-way keeps a partial record in its
         // buffer and refuses every later one: start a fresh one.
-        *writer = new_writer(&c.schema);
+        *writer = new_writer(c.schema);
         return Err(err(e));
     }
     Ok(out)
@@ -274,7 +223,7 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
         .iter()
         .find(|l| l.fingerprint[..] == bytes[2..HEADER_LEN])
     {
-        Some(&old.schema)
+        Some(old.schema)
     } else {
         return Err(AvroError::WrongSchema {
             kind: T::KIND,
@@ -298,7 +247,7 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, AvroError> {
         Some(w) => {
             body = &bytes[HEADER_LEN..];
             apache_avro::reader::datum::GenericDatumReader::builder(w)
-                .reader_schema(&c.schema)
+                .reader_schema(c.schema)
                 .build()
                 .and_then(|r| r.read_value(&mut body))
                 .and_then(|v| apache_avro::from_value(&v))
@@ -461,11 +410,17 @@ mod tests {
     }
 
     /// Checks that `v` (serde's value of a record) has its fields, and its
-    /// records' fields, in the order of `schema` (with named types
-    /// inlined). `Err` names the first record out of order.
-    fn same_field_order(v: &apache_avro::types::Value, schema: &Schema) -> Result<(), String> {
+    /// records' fields, in the order of `schema` (named types looked up in
+    /// `names`). `Err` names the first record out of order.
+    fn same_field_order(
+        v: &apache_avro::types::Value,
+        schema: &Schema,
+        names: &apache_avro::schema::NamesRef,
+    ) -> Result<(), String> {
         use apache_avro::types::Value;
+        let nested = |v, s| same_field_order(v, s, names);
         match (v, schema) {
+            (_, Schema::Ref { name }) => nested(v, names[name]),
             (Value::Record(fields), Schema::Record(r)) => {
                 let got: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
                 let want: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
@@ -478,26 +433,27 @@ mod tests {
                 fields
                     .iter()
                     .zip(&r.fields)
-                    .try_for_each(|((_, v), f)| same_field_order(v, &f.schema))
+                    .try_for_each(|((_, v), f)| nested(v, &f.schema))
             }
             (Value::Array(items), Schema::Array(a)) => {
-                items.iter().try_for_each(|i| same_field_order(i, &a.items))
+                items.iter().try_for_each(|i| nested(i, &a.items))
             }
-            (Value::Union(_, inner), Schema::Union(_)) => same_field_order(inner, schema),
+            (Value::Union(_, inner), Schema::Union(_)) => nested(inner, schema),
             (Value::Null, _) => Ok(()),
             (v, Schema::Union(u)) => u
                 .variants()
                 .iter()
                 .filter(|s| !matches!(s, Schema::Null))
-                .try_for_each(|s| same_field_order(v, s)),
+                .try_for_each(|s| nested(v, s)),
             _ => Ok(()),
         }
     }
 
     fn assert_direct<T: AvroRecord + PartialEq + std::fmt::Debug>(record: &T) {
         assert!(T::DIRECT, "{} takes serde's direct path", T::KIND);
+        let c = T::schema();
         let value = apache_avro::to_value(record).unwrap();
-        if let Err(e) = same_field_order(&value, &T::schema().inlined) {
+        if let Err(e) = same_field_order(&value, c.schema, c.names.get_names()) {
             panic!("{} is not declared in its schema's order: {e}", T::KIND);
         }
         assert!(fast(record), "{record:?}");
@@ -529,11 +485,11 @@ mod tests {
         let c = T::schema();
         let value = apache_avro::to_value(record)
             .unwrap()
-            .resolve(&c.schema)
+            .resolve(c.schema)
             .unwrap();
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&c.fingerprint);
-        out.extend(apache_avro::to_avro_datum(&c.schema, value).unwrap());
+        out.extend(apache_avro::to_avro_datum(c.schema, value).unwrap());
         out
     }
 
@@ -541,8 +497,8 @@ mod tests {
     /// and the path through a value gives the same bytes.
     fn fast<T: AvroRecord + PartialEq + std::fmt::Debug>(record: &T) -> bool {
         let c = T::schema();
-        let direct =
-            apache_avro::write_avro_datum_ref(&c.inlined, &HashMap::new(), record, &mut Vec::new());
+        let names = c.names.get_names();
+        let direct = apache_avro::write_avro_datum_ref(c.schema, names, record, &mut Vec::new());
         let bytes = encode(record).unwrap();
         assert_eq!(bytes, encode_through_value(record).unwrap());
         // Read back straight from the bytes too, to the same record.

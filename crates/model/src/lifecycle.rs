@@ -758,11 +758,11 @@ mod tests {
         };
         fields.retain(|(n, _)| n != field);
         let value = apache_avro::types::Value::Record(fields)
-            .resolve(&old.schema)
+            .resolve(old.schema)
             .unwrap();
         let mut bytes = avro::MAGIC.to_vec();
         bytes.extend_from_slice(&old.fingerprint);
-        bytes.extend(apache_avro::to_avro_datum(&old.schema, value).unwrap());
+        bytes.extend(apache_avro::to_avro_datum(old.schema, value).unwrap());
         bytes
     }
 
