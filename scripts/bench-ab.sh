@@ -37,6 +37,8 @@ rm -rf "$DUALWRITE_STATE_DIR"
 trap 'scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$DUALWRITE_STATE_DIR"' EXIT
 eval "$(scripts/stack.sh up)"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
+DUALWRITE_BENCH_BROKER_PID="$(cat "$DUALWRITE_STATE_DIR/kafka/kafka.pid" 2>/dev/null || true)"
+export DUALWRITE_BENCH_BROKER_PID
 
 reversed=()
 for ((i = ${#variants[@]} - 1; i >= 0; i--)); do reversed+=("${variants[$i]}"); done

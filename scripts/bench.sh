@@ -74,6 +74,9 @@ stop_stack() {
 trap stop_stack EXIT
 eval "$(scripts/stack.sh up)"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
+# The broker's process, for the CPU figures of the scenarios that give them.
+DUALWRITE_BENCH_BROKER_PID="$(cat "$DUALWRITE_STATE_DIR/kafka/kafka.pid" 2>/dev/null || true)"
+export DUALWRITE_BENCH_BROKER_PID
 
 "$TARGET/release/dualwrite-bench" --bin "$TARGET/release/dualwrite" "${args[@]}" | tee "$OUT"
 echo "bench: tables written to $OUT" >&2

@@ -33,7 +33,7 @@ use dualwrite_runtime::health::health;
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer, Shard, TopicSpec};
-use dualwrite_runtime::metrics::{direction, metrics};
+use dualwrite_runtime::metrics::{busy, direction, metrics};
 use dualwrite_runtime::relay::{deliver, Output};
 use dualwrite_runtime::side::{Class, SideError, Target};
 use tokio_util::sync::CancellationToken;
@@ -155,6 +155,7 @@ impl<T: Target> Applier<T> {
         } = io;
         let linger = Duration::from_millis(self.config.apply.linger_ms);
         let max_batch = self.config.apply.max_batch;
+        let service = format!("apply-{}", self.name);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         // Renewed while nothing comes, so the broker never expires them.
         let mut keepalive = tokio::time::interval(kafka::KEEPALIVE);
@@ -186,16 +187,22 @@ impl<T: Target> Applier<T> {
                     continue;
                 }
             };
+            let t = std::time::Instant::now();
             let batch = kafka::recv_more(consumer, first, max_batch, linger).await;
+            busy(&service, "read", t);
+            let t = std::time::Instant::now();
             let Some(bad) = self.apply_batch(batch, shutdown).await? else {
                 break;
             };
+            busy(&service, "write", t);
+            let t = std::time::Instant::now();
             if !self
                 .finish(producer, consumer, input, bad, shutdown)
                 .await?
             {
                 break;
             }
+            busy(&service, "finish", t);
         }
         kafka::commit_now(consumer);
         Ok(())

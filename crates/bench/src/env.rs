@@ -2,6 +2,7 @@
 //! a fresh topic prefix on the broker, the dualwrite services as child
 //! processes (the release binary), and the cleanup of all of it.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -369,6 +370,26 @@ impl Deployment {
         Ok(())
     }
 
+    /// Each running service's name and process.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.pid()?)))
+            .collect()
+    }
+
+    /// Every service's busy seconds so far, by `service/phase` (see
+    /// [`busy_seconds`]).
+    pub async fn busy(&self) -> BTreeMap<String, f64> {
+        let addrs: Vec<String> = self.services.iter().filter_map(metrics_addr).collect();
+        tokio::task::spawn_blocking(move || {
+            let pages = addrs.iter().map(|a| http_get(a, "/metrics").1);
+            pages.flat_map(|p| busy_seconds(&p)).collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// A running service by name (e.g. `capture-fno`).
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
@@ -482,19 +503,58 @@ impl Deployment {
     }
 }
 
-/// Status code of a plain HTTP/1.0 GET on loopback (0 when unreachable).
-fn http_status(addr: &str, path: &str) -> u16 {
+/// Status code and body of a plain HTTP/1.0 GET on loopback (0 and
+/// nothing when unreachable).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
+        return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
-        return 0;
+        return (0, String::new());
     }
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok());
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code.unwrap_or(0), body.to_owned())
+}
+
+fn http_status(addr: &str, path: &str) -> u16 {
+    http_get(addr, path).0
+}
+
+/// The busy seconds (`dualwrite_busy_seconds_total`) a metrics page
+/// gives, by `service/phase`.
+pub fn busy_seconds(metrics: &str) -> BTreeMap<String, f64> {
+    let label = |l: &str, k: &str| -> Option<String> {
+        let v = l.split(&format!("{k}=\"")).nth(1)?;
+        Some(v.split('"').next()?.to_owned())
+    };
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("dualwrite_busy_seconds_total{"))
+        .filter_map(|l| {
+            let (labels, v) = l.rsplit_once(' ')?;
+            let key = format!("{}/{}", label(labels, "service")?, label(labels, "phase")?);
+            Some((key, v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_seconds_are_read_by_service_and_phase() {
+        let page = "# HELP dualwrite_busy_seconds_total x\n\
+            dualwrite_busy_seconds_total{phase=\"fold\",service=\"pause-buffer\"} 1.5\n\
+            dualwrite_busy_seconds_total{phase=\"write\",service=\"apply-dataverse\"} 2\n\
+            dualwrite_records_forwarded_total{map=\"items\"} 7\n";
+        let b = busy_seconds(page);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!(b["pause-buffer/fold"], 1.5);
+        assert_eq!(b["apply-dataverse/write"], 2.0);
+    }
 }

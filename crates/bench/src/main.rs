@@ -7,6 +7,7 @@
 //! This is a separate binary on purpose: timings never become assertions
 //! in the test suite.
 
+mod cpu;
 mod debezium;
 mod end_to_end;
 mod env;

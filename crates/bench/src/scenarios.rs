@@ -341,6 +341,8 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         eprintln!("bench:   {n} changes queued in {queued_secs:.1} s (inserted in {insert_secs:.1} s)");
 
         let base = inserted(&right).await?;
+        let cpu = crate::cpu::Window::start(cpu_groups(&d, &right).await?);
+        let busy = d.busy().await;
         let resumed_at = measure::db_now(&right).await?;
         let t = Instant::now();
         d.ctl(ctx, &["run", "items", "--timeout-secs", "14400"])
@@ -356,11 +358,15 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         )
         .await?;
         let applied_secs = last_arrived(&right, "L").await? - resumed_at;
+        let mut o = RunResult::default();
+        cpu.finish("replay_cpu", &mut o);
+        eprintln!("bench:   CPU in the replay: {}", crate::cpu::Window::describe("replay_cpu", &o));
+        let phases = busy_since(&busy, &d.busy().await, applied_secs, &mut o);
+        eprintln!("bench:   busy in the replay: {phases}");
         let (state, backlog) = d.map_row().await?;
         if state != "Running" {
             bail!("map is {state} after the catch-up (backlog {backlog})");
         }
-        let mut o = RunResult::default();
         o.set("queue", n as f64 / queued_secs);
         o.set("insert", n as f64 / insert_secs);
         o.set("replay", n as f64 / applied_secs);
@@ -374,6 +380,38 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     }
     .await;
     finish(ctx, d, r).await
+}
+
+/// Sets `replay_busy_<service/phase>` to the busy seconds each phase
+/// added since `before`; one line with each as a share of `secs`.
+fn busy_since(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    secs: f64,
+    out: &mut RunResult,
+) -> String {
+    let mut line = Vec::new();
+    for (k, v) in after {
+        let d = v - before.get(k).copied().unwrap_or(0.0);
+        out.set(&format!("replay_busy_{k}"), d);
+        line.push(format!("{k} {d:.1} s ({:.0} %)", 100.0 * d / secs));
+    }
+    line.join(", ")
+}
+
+/// The groups of processes whose CPU a window counts: each service, the
+/// PostgreSQL server's processes (every backend, walsender and worker it
+/// has now) and the broker when the harness names it.
+async fn cpu_groups(d: &Deployment, db: &Client) -> Result<Vec<(String, Vec<u32>)>> {
+    let rows = db.query("SELECT pid FROM pg_stat_activity", &[]).await?;
+    let pg = rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect();
+    let mut groups: Vec<(String, Vec<u32>)> =
+        d.pids().into_iter().map(|(n, p)| (n, vec![p])).collect();
+    groups.push(("postgres".into(), pg));
+    if let Some(b) = crate::cpu::broker_pid() {
+        groups.push(("broker".into(), vec![b]));
+    }
+    Ok(groups)
 }
 
 /// Initial sync of `rows` rows on each side (different keys: every row is

@@ -38,13 +38,16 @@ use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{Message, OwnedMessage};
 use dualwrite_runtime::kafka::rdkafka::{Offset, TopicPartitionList};
 use dualwrite_runtime::kafka::{self, KafkaConsumer, Producer};
-use dualwrite_runtime::metrics::metrics;
+use dualwrite_runtime::metrics::{busy, metrics};
 use dualwrite_runtime::relay::{deliver, Output};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::resolving::Resolving;
 use dualwrite_initial_sync::Hold;
+
+/// The service label of the gates' busy time (gates of several maps add up).
+const SERVICE: &str = "pause-buffer";
 
 /// A gate's report to the controller.
 #[derive(Debug, Clone)]
@@ -89,6 +92,15 @@ pub struct Gate {
     stored: BTreeMap<i32, i64>,
     /// When the states were last saved (with the positions).
     saved_at: tokio::time::Instant,
+    /// The last save, while the broker has not acknowledged its states.
+    saving: Option<Saving>,
+}
+
+/// A save on its way: its states are acknowledged when `sent` ends, and
+/// `position` is stored then.
+struct Saving {
+    sent: tokio::task::JoinHandle<()>,
+    position: BTreeMap<i32, i64>,
 }
 
 /// A gate's progress, for the metrics.
@@ -161,6 +173,7 @@ impl Gate {
             changelog,
             stored: BTreeMap::new(),
             saved_at: tokio::time::Instant::now(),
+            saving: None,
         };
         gate.reassign()?;
         gate.stored = gate.position.clone();
@@ -214,8 +227,12 @@ impl Gate {
     }
 
     fn store_positions(&self) -> Result<(), KafkaError> {
+        self.store(&self.position)
+    }
+
+    fn store(&self, position: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in &self.position {
+        for (p, o) in position {
             tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))?;
         }
         self.consumer.store_offsets(&tpl)
@@ -224,11 +241,9 @@ impl Gate {
     /// Takes a new status from the controller.
     async fn apply(&mut self, status: MapStatus) -> Result<(), KafkaError> {
         // What was decided is saved first: a state change may move positions.
-        if self.position != self.stored {
-            let mut backoff = Backoff::new("pause-buffer");
-            if !self.save(&mut backoff, &CancellationToken::new()).await? {
-                return Ok(());
-            }
+        if self.position != self.stored || self.saving.is_some() {
+            self.save().await?;
+            self.settle().await?;
         }
         // A report is per resume: the next one (even to the same targets,
         // when nothing was queued in between) reports again.
@@ -280,40 +295,63 @@ impl Gate {
         self.resolving.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Saves the states changed since the last save to the changelog
-    /// (retrying until acknowledged), then stores the positions read so far:
-    /// a restart reads the states back and the events after those
-    /// positions again, and decides again exactly what it decided. False
-    /// if shutdown came first.
-    async fn save(
-        &mut self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, KafkaError> {
+    /// Saves the states changed since the last save to the changelog,
+    /// then stores the positions read so far: a restart reads the states
+    /// back and the events after those positions again, and decides again
+    /// exactly what it decided.
+    ///
+    /// The states are sent, and retried until the broker acknowledges them,
+    /// without waiting here: the next save (or [`Gate::settle`]) waits for
+    /// that first, and only then stores these positions. So one save at a
+    /// time is on its way, saves land in order, and positions are never
+    /// stored before the states that cover them.
+    async fn save(&mut self) -> Result<(), KafkaError> {
+        self.settle().await?;
+        let t = std::time::Instant::now();
         let states = self.resolver().changelog();
-        loop {
-            match kafka::send_all(&self.changelog, &states).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(map = %self.map, "saving resolver states failed, retrying: {e}")
-                }
-            }
-            if backoff.wait(shutdown).await {
-                return Ok(false);
-            }
-        }
-        if self.position != self.stored {
-            self.store_positions()?;
-            self.stored = self.position.clone();
-        }
+        busy(SERVICE, "save", t);
         self.saved_at = tokio::time::Instant::now();
-        Ok(true)
+        if states.is_empty() && self.position == self.stored {
+            return Ok(());
+        }
+        let (producer, map) = (self.changelog.clone(), self.map.clone());
+        let sent = tokio::spawn(async move {
+            let mut backoff = Backoff::new("pause-buffer");
+            let never = CancellationToken::new();
+            while let Err(e) = kafka::send_all(&producer, &states).await {
+                tracing::warn!(%map, "saving resolver states failed, retrying: {e}");
+                backoff.wait(&never).await;
+            }
+        });
+        self.saving = Some(Saving {
+            sent,
+            position: self.position.clone(),
+        });
+        Ok(())
+    }
+
+    /// Waits until the save on its way is acknowledged, then stores its
+    /// positions.
+    async fn settle(&mut self) -> Result<(), KafkaError> {
+        let Some(saving) = self.saving.take() else {
+            return Ok(());
+        };
+        let t = std::time::Instant::now();
+        // The task ends only when acknowledged: an error is a panic or the
+        // runtime ending, and nothing is stored then.
+        saving.sent.await.map_err(|_| KafkaError::Canceled)?;
+        busy(SERVICE, "save-ack", t);
+        if saving.position != self.stored {
+            self.store(&saving.position)?;
+            self.stored = saving.position;
+        }
+        Ok(())
     }
 
     /// Whether states are due to be saved: every `SAVE_EVERY`, and at once
     /// when many records changed.
     fn save_due(&self) -> bool {
-        self.position != self.stored
+        (self.position != self.stored || self.saving.is_some())
             && (self.saved_at.elapsed() >= SAVE_EVERY
                 || self.resolver().changed() >= SAVE_AT_CHANGED)
     }
@@ -326,10 +364,14 @@ impl Gate {
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Result<bool, KafkaError> {
+        let t = std::time::Instant::now();
         let output = self.route(batch);
+        busy(SERVICE, "fold", t);
+        let t = std::time::Instant::now();
         if !deliver(&self.producer, &self.errors, &output, backoff, shutdown).await {
             return Ok(false);
         }
+        busy(SERVICE, "deliver", t);
         backoff.reset();
         metrics()
             .forwarded
@@ -346,8 +388,8 @@ impl Gate {
             let e = self.position.entry(m.partition()).or_insert(0);
             *e = (*e).max(m.offset() + 1);
         }
-        if self.save_due() && !self.save(backoff, shutdown).await? {
-            return Ok(false);
+        if self.save_due() {
+            self.save().await?;
         }
         self.report_if_caught_up().await;
         Ok(true)
@@ -613,9 +655,7 @@ pub async fn run(
             Ok(()) = parents.changed() => continue,
             Ok(()) = copies.changed() => continue,
             _ = saving.tick(), if gate.save_due() => {
-                if !gate.save(&mut backoff, &shutdown).await? {
-                    break;
-                }
+                gate.save().await?;
                 continue;
             }
             m = consumer.recv(), if flowing => m,
@@ -636,15 +676,17 @@ pub async fn run(
                 continue;
             }
         };
+        let t = std::time::Instant::now();
         let batch =
             kafka::recv_more(&consumer, first, RELEASE_BATCH, Duration::from_millis(5)).await;
+        busy(SERVICE, "read", t);
         if !gate.release(&batch, &mut backoff, &shutdown).await? {
             break;
         }
     }
-    if gate.position != gate.stored {
-        let mut backoff = Backoff::new("pause-buffer");
-        gate.save(&mut backoff, &CancellationToken::new()).await?;
+    if gate.position != gate.stored || gate.saving.is_some() {
+        gate.save().await?;
+        gate.settle().await?;
     }
     kafka::commit_now(&consumer);
     Ok(())

@@ -144,10 +144,17 @@ struct World {
     routed: [usize; 2],
     /// Per side: the index up to which the router's sends are acknowledged.
     routed_safe: [usize; 2],
-    /// The resolver: its state, the next log offset, and the last save.
+    /// The resolver: its state and the next log offset. Its saves, as the
+    /// pause buffer makes them: the last save the changelog acknowledged
+    /// (state and offset), the save on its way (not waited for: the next
+    /// save waits for it first), and the offset committed, which is that of
+    /// the last save settled, so the changelog may hold states of events
+    /// after it (read again after a crash, they must change nothing).
     state: KeyState,
     next: usize,
     saved: (KeyState, usize),
+    sending: Option<(KeyState, usize)>,
+    stored: usize,
     /// Per side: the apply topic, the applier's next index, its committed index.
     apply: [Vec<Write>; 2],
     applied: [usize; 2],
@@ -211,6 +218,8 @@ impl World {
             state: KeyState::default(),
             next: 0,
             saved: (KeyState::default(), 0),
+            sending: None,
+            stored: 0,
             apply: [Vec::new(), Vec::new()],
             applied: [0, 0],
             applied_safe: [0, 0],
@@ -451,7 +460,13 @@ impl World {
         }
         self.next += 1;
         if self.rng.random_bool(0.5) {
-            self.saved = (through_changelog(&self.state), self.next);
+            // A save settles the one on its way (its offset is committed),
+            // then sends this one.
+            if let Some(s) = self.sending.take() {
+                self.stored = s.1;
+                self.saved = s;
+            }
+            self.sending = Some((through_changelog(&self.state), self.next));
         }
         true
     }
@@ -586,8 +601,15 @@ impl World {
                 self.routed[i] = self.routed_safe[i];
             }
             2 => {
+                // The save on its way reached the changelog or not; the
+                // events after the committed offset are read again.
+                if let Some(s) = self.sending.take() {
+                    if self.rng.random_bool(0.5) {
+                        self.saved = s;
+                    }
+                }
                 self.state = self.saved.0.clone();
-                self.next = self.saved.1;
+                self.next = self.stored;
             }
             3 => {
                 let i = self.rng.random_range(0..2);

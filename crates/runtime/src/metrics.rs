@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Label keys.
@@ -24,6 +24,7 @@ pub mod label {
     pub const CLIENT: &str = "client";
     pub const REASON: &str = "reason";
     pub const VERSION: &str = "version";
+    pub const PHASE: &str = "phase";
 }
 
 /// Metric names.
@@ -57,6 +58,7 @@ pub mod name {
     pub const RESOLVER_IN_MEMORY: &str = "dualwrite_resolver_records_in_memory";
     pub const DRIFT_RECORDS: &str = "dualwrite_drift_records";
     pub const DRIFT_CHECKED: &str = "dualwrite_drift_rows_checked_total";
+    pub const BUSY: &str = "dualwrite_busy_seconds_total";
 }
 
 /// Every metric of the process.
@@ -91,10 +93,18 @@ pub struct Metrics {
     pub resolver_in_memory: IntGaugeVec,
     pub drift_records: IntGaugeVec,
     pub drift_checked: IntCounterVec,
+    pub busy: CounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn seconds(r: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let m = CounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(m.clone()))
         .expect("metric registered once");
     m
@@ -167,6 +177,7 @@ impl Metrics {
             resolver_in_memory: int_gauge(&r, RESOLVER_IN_MEMORY, "Records whose state the resolver of a map holds in memory (about pause_buffer.resolver_cache_records at most, plus those changed since the last save).", &[MAP]),
             drift_records: int_gauge(&r, DRIFT_RECORDS, "Records of a running map found different on the two sides by the drift detector's last complete pass (confirmed, settled).", &[MAP]),
             drift_checked: counter(&r, DRIFT_CHECKED, "Rows the drift detector compared, per side.", &[MAP, SIDE]),
+            busy: seconds(&r, BUSY, "Wall-clock seconds a service's main loop spent in each phase of its work (pause buffer: read, fold, deliver, save, save-ack; applier: read, write, finish; read is the rest of a batch after its first record); the rest of the time it waited for records.", &[SERVICE, PHASE]),
             registry: r,
         };
         m.build_info
@@ -189,6 +200,17 @@ impl Metrics {
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(Metrics::new)
+}
+
+/// Adds the time since `started` to the `phase` of `service`'s busy time
+/// and returns what it measured.
+pub fn busy(service: &str, phase: &str, started: std::time::Instant) -> std::time::Duration {
+    let took = started.elapsed();
+    metrics()
+        .busy
+        .with_label_values(&[service, phase])
+        .inc_by(took.as_secs_f64());
+    took
 }
 
 /// The `direction` label value.
