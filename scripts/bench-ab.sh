@@ -9,7 +9,8 @@
 #
 # A variant is NAME=BINARY or NAME=BINARY@CONFIG_EXTRA (TOML appended to
 # the deployment's configuration, `\n` for newlines). Environment:
-# PASSES (3). Each run writes target/bench/ab-NAME-PASS.json. Example:
+# PASSES (3), WARMUP (1: one uncounted run first). Each run writes
+# target/bench/ab-NAME-PASS.json. Example:
 #
 #   scripts/bench-ab.sh old=/tmp/old-dualwrite new=target/release/dualwrite \
 #     -- --scenario live-one,latency,catch-up --runs 1 --rows 50000 --latency-secs 20
@@ -40,19 +41,30 @@ export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
 DUALWRITE_BENCH_BROKER_PID="$(cat "$DUALWRITE_STATE_DIR/kafka/kafka.pid" 2>/dev/null || true)"
 export DUALWRITE_BENCH_BROKER_PID
 
+# Runs variant $1 once, writing its figures to $2.
+run_variant() {
+  local name="${1%%=*}" rest="${1#*=}"
+  local bin="${rest%%@*}" extra=""
+  [ "$rest" != "$bin" ] && extra="$(printf '%b' "${rest#*@}")"
+  "$TARGET/release/dualwrite-bench" --bin "$bin" --config-extra "$extra" \
+    --json "$2" "${bench_args[@]}" | grep -v '^$' || true
+}
+bench_args=("$@")
+
+# The first run on a new stack is slower (the broker's JVM warms up): 33-41 %
+# lower in catch-up replay and live one way (BENCHMARKS.md), so a warm-up run of the first variant, whose
+# figures are not kept, comes before the passes (WARMUP=0: none).
+if [ "${WARMUP:-1}" != 0 ]; then
+  echo "=== warm-up: ${variants[0]%%=*} (not counted)"
+  run_variant "${variants[0]}" "$TARGET/bench/ab-warmup.json"
+fi
 reversed=()
 for ((i = ${#variants[@]} - 1; i >= 0; i--)); do reversed+=("${variants[$i]}"); done
 for pass in $(seq 1 "${PASSES:-3}"); do
   order=("${variants[@]}")
   [ $((pass % 2)) -eq 0 ] && order=("${reversed[@]}")
   for v in "${order[@]}"; do
-    name="${v%%=*}"
-    rest="${v#*=}"
-    bin="${rest%%@*}"
-    extra=""
-    [ "$rest" != "$bin" ] && extra="$(printf '%b' "${rest#*@}")"
-    echo "=== pass $pass: $name"
-    "$TARGET/release/dualwrite-bench" --bin "$bin" --config-extra "$extra" \
-      --json "$TARGET/bench/ab-$name-$pass.json" "$@" | grep -v '^$' || true
+    echo "=== pass $pass: ${v%%=*}"
+    run_variant "$v" "$TARGET/bench/ab-${v%%=*}-$pass.json"
   done
 done
