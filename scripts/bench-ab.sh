@@ -43,7 +43,7 @@ export DUALWRITE_BENCH_BROKER_PID
 
 # Runs variant $1 once, writing its figures to $2.
 run_variant() {
-  local name="${1%%=*}" rest="${1#*=}"
+  local rest="${1#*=}"
   local bin="${rest%%@*}" extra=""
   [ "$rest" != "$bin" ] && extra="$(printf '%b' "${rest#*@}")"
   "$TARGET/release/dualwrite-bench" --bin "$bin" --config-extra "$extra" \
@@ -52,8 +52,9 @@ run_variant() {
 bench_args=("$@")
 
 # The first run on a new stack is slower (the broker's JVM warms up): 33-41 %
-# lower in catch-up replay and live one way (BENCHMARKS.md), so a warm-up run of the first variant, whose
-# figures are not kept, comes before the passes (WARMUP=0: none).
+# lower in catch-up replay and live one way (BENCHMARKS.md), so a warm-up
+# run of the first variant, whose figures are not kept, comes before the
+# passes (WARMUP=0: none).
 if [ "${WARMUP:-1}" != 0 ]; then
   echo "=== warm-up: ${variants[0]%%=*} (not counted)"
   run_variant "${variants[0]}" "$TARGET/bench/ab-warmup.json"

@@ -202,15 +202,12 @@ pub fn metrics() -> &'static Metrics {
     M.get_or_init(Metrics::new)
 }
 
-/// Adds the time since `started` to the `phase` of `service`'s busy time
-/// and returns what it measured.
-pub fn busy(service: &str, phase: &str, started: std::time::Instant) -> std::time::Duration {
-    let took = started.elapsed();
+/// Adds the time since `started` to the `phase` of `service`'s busy time.
+pub fn busy(service: &str, phase: &str, started: std::time::Instant) {
     metrics()
         .busy
         .with_label_values(&[service, phase])
-        .inc_by(took.as_secs_f64());
-    took
+        .inc_by(started.elapsed().as_secs_f64());
 }
 
 /// The `direction` label value.
