@@ -753,6 +753,42 @@ async fn the_bookkeeping_of_deleted_records_is_forgotten_and_sync_goes_on() {
     env.cleanup().await;
 }
 
+/// The applier reads a batch's bookkeeping by one index probe per key,
+/// however many records the table holds: over 200,000 records, a batch
+/// of 2,000 keys was read by a sequential scan of the whole table when
+/// the statement matched the keys with `= ANY($2)` or joined them (30-47
+/// ms a batch, growing with the table, against 10-25 ms; BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bookkeeping_of_a_batch_is_read_by_index() {
+    use dualwrite_side_postgres::target_sql::{VERSIONS, VERSIONS_DDL};
+    let env = TestEnv::new("plan").await;
+    let dv = env.dv().await;
+    dv.batch_execute(VERSIONS_DDL).await.unwrap();
+    dv.batch_execute(
+        "INSERT INTO dualwrite.record_versions (map, record_key, version, row_xmin, present, decided)
+         SELECT 'customers', '[\"K' || i || '\"]', i, '1', true, i FROM generate_series(1, 200000) i;
+         ANALYZE dualwrite.record_versions",
+    )
+    .await
+    .unwrap();
+    let keys: Vec<String> = (1..=2000).map(|i| format!("[\"K{}\"]", i * 97)).collect();
+    let plan: Vec<String> = dv
+        .query(&format!("EXPLAIN {VERSIONS}"), &[&"customers", &keys])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using record_versions_pkey") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    let rows = dv.query(VERSIONS, &[&"customers", &keys]).await.unwrap();
+    assert_eq!(rows.len(), 2000, "every key's bookkeeping");
+    env.cleanup().await;
+}
+
 /// Issue 16.7: an update of the alternate key moves the record's row on the
 /// other side instead of deleting it and creating another: the row keeps
 /// what that side owns (its own id, the fields flowing only from it), and

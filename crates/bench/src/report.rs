@@ -72,6 +72,7 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("native", "anchor: native logical replication", "rows/s", 0),
                 line("hop", "anchor: one Kafka produce+consume hop (rdkafka)", "rows/s", 0),
                 line("insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
+                line("live_cpu_busy", "machine busy, first insert to last row, share of every core", "%", 0),
                 line("row_bytes", "average row size (pg_column_size)", "bytes", 0),
                 line("after_p50", "then a steady load right after: latency p50", "ms", 1),
                 line("after_p99", "then a steady load right after: latency p99", "ms", 1),
@@ -93,6 +94,7 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("native", "anchor: native logical replication, both directions", "rows/s", 0),
                 line("hop", "anchor: one Kafka produce+consume hop (rdkafka)", "rows/s", 0),
                 line("insert", "load generator's insert rate (dualwrite run)", "rows/s", 0),
+                line("live_cpu_busy", "machine busy, first insert to last row, share of every core", "%", 0),
             ],
             ratios: vec![
                 ratio("dualwrite / native logical replication", "ours", "native"),

@@ -189,8 +189,17 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
         let right = d.right(ctx).await?;
         let alive = || d.check_alive();
         warm_up(&left, &right, both, &alive).await?;
+        let cpu = crate::cpu::Window::start(cpu_groups(&d, &right).await?);
+        let busy = d.busy().await;
+        let t = Instant::now();
         let (rate, insert_rate) = live_measure(&left, &right, n, both, &alive).await?;
         let mut o = out.clone();
+        cpu.finish("live_cpu", &mut o);
+        let cpu = crate::cpu::Window::describe("live_cpu", &o);
+        eprintln!("bench:   CPU from the first insert to the last row: {cpu}");
+        let secs = t.elapsed().as_secs_f64();
+        let phases = busy_since("live_busy", &busy, &d.busy().await, secs, &mut o);
+        eprintln!("bench:   busy over the same: {phases}");
         o.set("ours", rate);
         o.set("insert", insert_rate);
         if !both {
@@ -361,7 +370,7 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         let mut o = RunResult::default();
         cpu.finish("replay_cpu", &mut o);
         eprintln!("bench:   CPU in the replay: {}", crate::cpu::Window::describe("replay_cpu", &o));
-        let phases = busy_since(&busy, &d.busy().await, applied_secs, &mut o);
+        let phases = busy_since("replay_busy", &busy, &d.busy().await, applied_secs, &mut o);
         eprintln!("bench:   busy in the replay: {phases}");
         let (state, backlog) = d.map_row().await?;
         if state != "Running" {
@@ -382,9 +391,10 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     finish(ctx, d, r).await
 }
 
-/// Sets `replay_busy_<service/phase>` to the busy seconds each phase
-/// added since `before`; one line with each as a share of `secs`.
+/// Sets `<prefix>_<service/phase>` to the busy seconds each phase added
+/// since `before`; one line with each as a share of `secs`.
 fn busy_since(
+    prefix: &str,
     before: &BTreeMap<String, f64>,
     after: &BTreeMap<String, f64>,
     secs: f64,
@@ -393,7 +403,7 @@ fn busy_since(
     let mut line = Vec::new();
     for (k, v) in after {
         let d = v - before.get(k).copied().unwrap_or(0.0);
-        out.set(&format!("replay_busy_{k}"), d);
+        out.set(&format!("{prefix}_{k}"), d);
         line.push(format!("{k} {d:.1} s ({:.0} %)", 100.0 * d / secs));
     }
     line.join(", ")

@@ -178,6 +178,24 @@ pub fn encode<T: AvroRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
     encode_through_value(record)
 }
 
+/// Encodes `view` with `T`'s schema: a borrowing form of a `T` that
+/// serializes as `T` does (the same record names, fields and field
+/// order), so that a `T` need not be built to be encoded. Only serde's
+/// direct path: a view the schema refuses is an error, never resolved.
+pub fn encode_as<T: AvroRecord>(view: &impl Serialize) -> Result<Vec<u8>, AvroError> {
+    let c = T::schema();
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&c.fingerprint);
+    apache_avro::write_avro_datum_ref(c.schema, c.names.get_names(), view, &mut out).map_err(
+        |e| AvroError::Encode {
+            kind: T::KIND,
+            message: e.to_string(),
+        },
+    )?;
+    Ok(out)
+}
+
 /// Encodes a record through an Avro value: serde's value, written as it
 /// is when it matches the schema, else resolved against the schema first.
 /// Slower than [`encode`]'s direct path, and public for the tests that

@@ -14,7 +14,8 @@ use dualwrite_model::avro;
 use dualwrite_model::config::{Config, SideId};
 use dualwrite_model::record::{ApplyWrite, MappedChange, ResolverState};
 use dualwrite_model::topics::Topics;
-use dualwrite_resolve::records::{apply_write, event, state_record, version, NotAnEvent};
+use dualwrite_resolve::changelog::encode_state;
+use dualwrite_resolve::records::{apply_write, event, version, NotAnEvent};
 use dualwrite_resolve::{apply, Shape};
 use dualwrite_runtime::kafka::rdkafka::error::KafkaError;
 use dualwrite_runtime::kafka::rdkafka::message::{BorrowedMessage, Message};
@@ -178,8 +179,7 @@ impl Resolving {
             let Some(s) = self.states.get(&key) else {
                 continue;
             };
-            let rec = state_record(&self.map, self.generation, self.run, &s);
-            match avro::encode(&rec) {
+            match encode_state(&self.map, self.generation, self.run, &s) {
                 Ok(payload) => out.push(Outgoing {
                     topic: self.topic.clone(),
                     key,

@@ -21,7 +21,7 @@
 //! the changelog). So a state not in memory is, whole, in the spill file,
 //! and reading it back ([`States::get_mut`]) gives what memory would have
 //! held: the spill's bytes are the changelog's Avro record, and
-//! `state_of(state_record(s)) == s` is the changelog's own round trip.
+//! `state_of(decode(encode_state(s))) == s` is the changelog's own round trip.
 //!
 //! A spill file that cannot be read or written (the disk under it full
 //! or failing) ends the process with that error: a state could otherwise
@@ -278,7 +278,7 @@ impl States {
         };
         let bytes = read().unwrap_or_else(|e| fatal("read a state", e))?;
         match avro::decode::<ResolverState>(&bytes) {
-            Ok(r) => Some(state_of(&r)),
+            Ok(r) => Some(state_of(r)),
             Err(e) => fatal(&format!("decode the state of `{key}`"), e),
         }
     }
@@ -301,7 +301,7 @@ mod tests {
     use super::*;
     use dualwrite_model::config::SideId;
     use dualwrite_model::record::Field;
-    use dualwrite_resolve::records::state_record;
+    use dualwrite_resolve::changelog::encode_state;
     use dualwrite_resolve::{apply, Event, Pos, Shape};
 
     /// A state with a write on its way (values in the agreed content, in
@@ -324,7 +324,7 @@ mod tests {
     }
 
     fn encoded(key: &str, s: &KeyState) -> (String, Vec<u8>) {
-        let bytes = avro::encode(&state_record("m", 1, 0, s)).unwrap();
+        let bytes = encode_state("m", 1, 0, s).unwrap();
         (key.to_owned(), bytes)
     }
 

@@ -48,6 +48,7 @@ use dualwrite_model::config::SideId;
 use dualwrite_model::record::Field;
 use std::sync::Arc;
 
+pub mod changelog;
 pub mod records;
 
 /// A row's values, by column name, in one side's names.

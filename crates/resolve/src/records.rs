@@ -5,8 +5,8 @@
 use dualwrite_model::config::{Config, MapConfig, SideId};
 use dualwrite_model::mapping::one_way_into;
 use dualwrite_model::record::{
-    AgreedState, ApplyOp, ApplyWrite, ExpectKind, Expectation, Field, HoldsRecord, Known,
-    MappedChange, PendingRecord, ResolverState, SideStateRecord, WriteOp,
+    ApplyOp, ApplyWrite, ExpectKind, Expectation, Field, HoldsRecord, Known, MappedChange,
+    ResolverState, SideStateRecord, WriteOp,
 };
 
 use std::sync::Arc;
@@ -179,18 +179,18 @@ fn known(e: &Expect) -> Known {
     }
 }
 
-fn expect_of(k: &Known) -> Expect {
+fn expect_of(k: Known) -> Expect {
     match k.kind {
         ExpectKind::Nothing => Expect::Nothing,
         ExpectKind::Applied => Expect::Applied(k.version as u64),
         ExpectKind::Row => Expect::Row {
             present: k.present,
-            values: Arc::new(k.values.clone()),
+            values: Arc::new(k.values),
         },
     }
 }
 
-fn holds_record(h: Holds) -> HoldsRecord {
+pub(crate) fn holds_record(h: Holds) -> HoldsRecord {
     HoldsRecord {
         present: h.present,
         both: h.both.map(|v| v as i64),
@@ -206,36 +206,17 @@ fn holds_of(h: &HoldsRecord) -> Holds {
     }
 }
 
-fn side_record(s: &SideState) -> SideStateRecord {
-    SideStateRecord {
-        lsn: s.pos.map(|p| p.lsn),
-        seq: s.pos.map_or(0, |p| p.seq),
-        known: known(&s.known),
-        holds: holds_record(s.holds),
-        pending: s
-            .pending
-            .iter()
-            .map(|p| PendingRecord {
-                version: p.version as i64,
-                expect: known(&p.expect),
-                holds: holds_record(p.holds),
-                overtaken: p.overtaken,
-            })
-            .collect(),
-    }
-}
-
-fn side_of(r: &SideStateRecord) -> SideState {
+fn side_of(r: SideStateRecord) -> SideState {
     SideState {
         pos: r.lsn.map(|lsn| Pos { lsn, seq: r.seq }),
-        known: expect_of(&r.known),
+        known: expect_of(r.known),
         holds: holds_of(&r.holds),
         pending: r
             .pending
-            .iter()
+            .into_iter()
             .map(|p| Pending {
                 version: p.version as u64,
-                expect: expect_of(&p.expect),
+                expect: expect_of(p.expect),
                 holds: holds_of(&p.holds),
                 overtaken: p.overtaken,
             })
@@ -243,35 +224,12 @@ fn side_of(r: &SideStateRecord) -> SideState {
     }
 }
 
-/// A record's state as its changelog record.
-pub fn state_record(map: &str, generation: i64, run: i64, s: &KeyState) -> ResolverState {
-    ResolverState {
-        map: map.to_owned(),
-        generation,
-        run,
-        agreed: s.agreed.as_ref().map(|a| AgreedState {
-            present: a.present,
-            into_left: a.into[0].to_vec(),
-            into_right: a.into[1].to_vec(),
-            both: a.both as i64,
-            both_from: a.both_from.map(|s| s.as_str().to_owned()),
-            one_way_left: a.one_way[0] as i64,
-            one_way_right: a.one_way[1] as i64,
-        }),
-        left: side_record(&s.sides[0]),
-        right: side_record(&s.sides[1]),
-    }
-}
-
 /// A changelog record back as the state, its equal rows shared again.
-pub fn state_of(r: &ResolverState) -> KeyState {
+pub fn state_of(r: ResolverState) -> KeyState {
     let mut s = KeyState {
-        agreed: r.agreed.as_ref().map(|a| Agreed {
+        agreed: r.agreed.map(|a| Agreed {
             present: a.present,
-            into: [
-                Arc::new(a.into_left.clone()),
-                Arc::new(a.into_right.clone()),
-            ],
+            into: [Arc::new(a.into_left), Arc::new(a.into_right)],
             both: a.both as u64,
             both_from: match a.both_from.as_deref() {
                 Some("left") => Some(SideId::Left),
@@ -280,7 +238,7 @@ pub fn state_of(r: &ResolverState) -> KeyState {
             },
             one_way: [a.one_way_left as u64, a.one_way_right as u64],
         }),
-        sides: [side_of(&r.left), side_of(&r.right)],
+        sides: [side_of(r.left), side_of(r.right)],
     };
     share(&mut s);
     s
@@ -340,11 +298,10 @@ mod tests {
         };
         let writes = crate::apply(&mut s, &shape, version(3, 7), &e);
         assert_eq!(writes.len(), 1);
-        let r = state_record("m", 3, 1, &s);
-        assert_eq!(state_of(&r), s);
-        let bytes = dualwrite_model::avro::encode(&r).unwrap();
+        let bytes = crate::changelog::encode_state("m", 3, 1, &s).unwrap();
         let back: ResolverState = dualwrite_model::avro::decode(&bytes).unwrap();
-        assert_eq!(state_of(&back), s);
+        assert_eq!((back.map.as_str(), back.generation, back.run), ("m", 3, 1));
+        assert_eq!(state_of(back), s);
         assert!(version(3, 7) > version(2, 1 << 39));
         assert!(version(3, 8) > version(3, 7));
     }

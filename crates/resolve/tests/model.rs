@@ -677,21 +677,27 @@ impl World {
     }
 }
 
-/// The compare-and-set of the applier (as `crates/apply`'s SQL does it).
 /// A state as saved and read back: encoded as its changelog record (what
 /// the pause buffer sends to the changelog and to its spill file) and
 /// decoded again, which must give the same state.
 fn through_changelog(s: &KeyState) -> KeyState {
+    use dualwrite_model::avro::{decode, encode, encode_through_value};
     use dualwrite_model::record::ResolverState;
-    use dualwrite_resolve::records::{state_of, state_record};
-    let rec = state_record("m", 1, 0, s);
-    let bytes = dualwrite_model::avro::encode(&rec).expect("encodes");
+    use dualwrite_resolve::changelog::encode_state;
+    use dualwrite_resolve::records::state_of;
+    let bytes = encode_state("m", 1, 0, s).expect("encodes");
+    let rec = decode::<ResolverState>(&bytes).expect("decodes");
     assert_eq!(
         bytes,
-        dualwrite_model::avro::encode_through_value(&rec).expect("encodes"),
-        "serde's direct path and the path through a value give the same bytes"
+        encode(&rec).expect("encodes"),
+        "the state encoded straight and its record encoded give the same bytes"
     );
-    let back = state_of(&dualwrite_model::avro::decode::<ResolverState>(&bytes).expect("decodes"));
+    assert_eq!(
+        bytes,
+        encode_through_value(&rec).expect("encodes"),
+        "and so does the path through an Avro value, resolved against the schema"
+    );
+    let back = state_of(rec);
     assert_eq!(
         &back, s,
         "a state must come back whole from its changelog record"

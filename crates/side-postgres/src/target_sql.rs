@@ -51,9 +51,17 @@ pub const PRUNE: &str = "DELETE FROM dualwrite.record_versions r USING (
    AND NOT r.present AND r.applied_at < now() - make_interval(secs => $1)";
 
 /// The bookkeeping of records of one map (`$1`), keys `$2`, locked.
-pub const VERSIONS: &str =
-    "SELECT record_key, version, row_xmin, present, decided FROM dualwrite.record_versions \
- WHERE map = $1 AND record_key = ANY($2::text[]) FOR UPDATE";
+///
+/// One index probe per key, whatever the planner thinks: matched with
+/// `record_key = ANY($2)`, or joined with the keys, a batch of 2,000 keys
+/// among 200,000 records was read by a sequential scan of the whole
+/// table (30-47 ms a batch, growing with the table; probes: 10-25 ms;
+/// BENCHMARKS.md). A lateral subquery with `OFFSET 0` is not flattened
+/// into a join, so each key is looked up on its own.
+pub const VERSIONS: &str = "SELECT r.record_key, r.version, r.row_xmin, r.present, r.decided \
+ FROM unnest($2::text[]) AS k(record_key) \
+ CROSS JOIN LATERAL (SELECT * FROM dualwrite.record_versions AS v \
+   WHERE v.map = $1 AND v.record_key = k.record_key OFFSET 0 FOR UPDATE) AS r";
 
 /// Records the writes made (`$2` keys, `$3` versions, `$4` presence) of
 /// map `$1` (a present row's version is this transaction's) and the writes
