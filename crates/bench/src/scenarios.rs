@@ -193,11 +193,11 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
         let busy = d.busy().await;
         let t = Instant::now();
         let (rate, insert_rate) = live_measure(&left, &right, n, both, &alive).await?;
+        let secs = t.elapsed().as_secs_f64();
         let mut o = out.clone();
         cpu.finish("live_cpu", &mut o);
-        let cpu = crate::cpu::Window::describe("live_cpu", &o);
-        eprintln!("bench:   CPU from the first insert to the last row: {cpu}");
-        let secs = t.elapsed().as_secs_f64();
+        let each = crate::cpu::Window::describe("live_cpu", &o);
+        eprintln!("bench:   CPU from the first insert to the last row: {each}");
         let phases = busy_since("live_busy", &busy, &d.busy().await, secs, &mut o);
         eprintln!("bench:   busy over the same: {phases}");
         o.set("ours", rate);

@@ -17,7 +17,7 @@ use dualwrite_model::avro::{self, AvroError};
 use dualwrite_model::record::{ExpectKind, Field, HoldsRecord, ResolverState};
 use serde::Serialize;
 
-use crate::records::holds_record;
+use crate::records::{expect_parts, holds_record};
 use crate::{Expect, KeyState, SideState};
 
 /// A state's changelog record, as [`ResolverState`] encodes it.
@@ -117,11 +117,7 @@ fn side_view(s: &SideState) -> SideView<'_> {
 }
 
 fn known_view(e: &Expect) -> KnownView<'_> {
-    let (kind, version, present, values): (_, _, _, &[Field]) = match e {
-        Expect::Nothing => (ExpectKind::Nothing, 0, false, &[]),
-        Expect::Applied(v) => (ExpectKind::Applied, *v as i64, false, &[]),
-        Expect::Row { present, values } => (ExpectKind::Row, 0, *present, values),
-    };
+    let (kind, version, present, values) = expect_parts(e);
     KnownView {
         kind,
         version,

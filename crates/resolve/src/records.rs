@@ -147,35 +147,22 @@ pub fn apply_write(
 }
 
 fn expectation(e: &Expect) -> Expectation {
-    let k = known(e);
+    let (kind, version, present, values) = expect_parts(e);
     Expectation {
-        kind: k.kind,
-        version: k.version,
-        present: k.present,
-        values: k.values,
+        kind,
+        version,
+        present,
+        values: values.to_vec(),
     }
 }
 
-fn known(e: &Expect) -> Known {
+/// An expectation's parts as its records have them: kind, the version of
+/// an applier's write, presence and the row's values.
+pub(crate) fn expect_parts(e: &Expect) -> (ExpectKind, i64, bool, &[Field]) {
     match e {
-        Expect::Nothing => Known {
-            kind: ExpectKind::Nothing,
-            version: 0,
-            present: false,
-            values: Vec::new(),
-        },
-        Expect::Applied(v) => Known {
-            kind: ExpectKind::Applied,
-            version: *v as i64,
-            present: false,
-            values: Vec::new(),
-        },
-        Expect::Row { present, values } => Known {
-            kind: ExpectKind::Row,
-            version: 0,
-            present: *present,
-            values: values.to_vec(),
-        },
+        Expect::Nothing => (ExpectKind::Nothing, 0, false, &[]),
+        Expect::Applied(v) => (ExpectKind::Applied, *v as i64, false, &[]),
+        Expect::Row { present, values } => (ExpectKind::Row, 0, *present, values),
     }
 }
 
