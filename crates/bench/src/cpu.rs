@@ -65,28 +65,54 @@ impl Window {
         }
     }
 
-    /// One line: busy share and each group's CPU seconds, largest first.
+    /// Sets `<prefix>_per_row` (µs of CPU per row, every group together)
+    /// and `<prefix>_allows` (the rows/s this machine's cores give at that
+    /// cost with all of them busy): a rate near it was bound by the CPU
+    /// each row costs, one far below it by something else.
+    pub fn per_row(prefix: &str, rows: u64, out: &mut RunResult) {
+        let total: f64 = groups(prefix, out).iter().map(|(_, s)| s).sum();
+        if total <= 0.0 || rows == 0 {
+            return;
+        }
+        let us = total * 1e6 / rows as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        out.set(&format!("{prefix}_per_row"), us);
+        out.set(&format!("{prefix}_allows"), cores as f64 * 1e6 / us);
+    }
+
+    /// One line: busy share, CPU per row, and each group's CPU seconds,
+    /// largest first.
     pub fn describe(prefix: &str, out: &RunResult) -> String {
-        let busy = out.values.get(&format!("{prefix}_busy"));
-        let mut groups: Vec<(&str, f64)> = out
-            .values
-            .iter()
-            .filter_map(|(k, v)| {
-                let name = k.strip_prefix(prefix)?.strip_prefix('_')?;
-                (name != "busy").then_some((name, *v))
-            })
-            .collect();
+        let value = |k: &str| out.values.get(&format!("{prefix}_{k}")).copied();
+        let mut groups = groups(prefix, out);
         groups.sort_by(|a, b| b.1.total_cmp(&a.1));
         let each: Vec<String> = groups
             .iter()
             .map(|(n, s)| format!("{n} {s:.1} s"))
             .collect();
+        let per_row = match (value("per_row"), value("allows")) {
+            (Some(us), Some(rate)) => {
+                format!("; {us:.0} µs of CPU per row (at most {rate:.0} rows/s on these cores)")
+            }
+            _ => String::new(),
+        };
         format!(
-            "machine {} busy; {}",
-            busy.map_or("?".into(), |b| format!("{b:.0} %")),
+            "machine {} busy{per_row}; {}",
+            value("busy").map_or("?".into(), |b| format!("{b:.0} %")),
             each.join(", ")
         )
     }
+}
+
+/// Each group's CPU seconds under `prefix` (not the figures made from them).
+fn groups<'a>(prefix: &str, out: &'a RunResult) -> Vec<(&'a str, f64)> {
+    out.values
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix(prefix)?.strip_prefix('_')?;
+            (!matches!(name, "busy" | "per_row" | "allows")).then_some((name, *v))
+        })
+        .collect()
 }
 
 /// The broker's process, when the harness's script names it
@@ -115,9 +141,21 @@ mod tests {
         w.finish("w", &mut out);
         assert!(out.values["w_me"] >= 0.1, "{:?}", out.values);
         assert!(out.values["w_busy"] > 0.0, "{:?}", out.values);
+        let me = out.values["w_me"];
+        Window::per_row("w", 1000, &mut out);
+        let us = out.values["w_per_row"];
+        assert!((us - me * 1000.0).abs() < 1e-6, "{:?}", out.values);
+        let cores = std::thread::available_parallelism().unwrap().get() as f64;
+        assert!((out.values["w_allows"] - cores * 1e6 / us).abs() < 1e-6);
         let line = Window::describe("w", &out);
         assert!(
-            line.starts_with("machine ") && line.contains(" me "),
+            line.starts_with("machine ")
+                && line.contains(" me ")
+                && line.contains("µs of CPU per row"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("per_row") && !line.contains("allows "),
             "{line}"
         );
     }

@@ -196,6 +196,7 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
         let secs = t.elapsed().as_secs_f64();
         let mut o = out.clone();
         cpu.finish("live_cpu", &mut o);
+        crate::cpu::Window::per_row("live_cpu", n, &mut o);
         let each = crate::cpu::Window::describe("live_cpu", &o);
         eprintln!("bench:   CPU from the first insert to the last row: {each}");
         let phases = busy_since("live_busy", &busy, &d.busy().await, secs, &mut o);
@@ -369,6 +370,7 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         let applied_secs = last_arrived(&right, "L").await? - resumed_at;
         let mut o = RunResult::default();
         cpu.finish("replay_cpu", &mut o);
+        crate::cpu::Window::per_row("replay_cpu", n, &mut o);
         eprintln!("bench:   CPU in the replay: {}", crate::cpu::Window::describe("replay_cpu", &o));
         let phases = busy_since("replay_busy", &busy, &d.busy().await, applied_secs, &mut o);
         eprintln!("bench:   busy in the replay: {phases}");
