@@ -12,6 +12,7 @@ use dualwrite_model::config::KafkaConfig;
 use dualwrite_model::topics::Topics;
 use dualwrite_runtime::kafka;
 
+use crate::cpu::Procs;
 use crate::debezium::{self, Connect};
 use crate::env::{cpu_secs, new_id, Ctx, Deployment, Service};
 use crate::measure::{
@@ -412,16 +413,20 @@ fn busy_since(
 }
 
 /// The groups of processes whose CPU a window counts: each service, the
-/// PostgreSQL server's processes (every backend, walsender and worker it
-/// has now) and the broker when the harness names it.
-async fn cpu_groups(d: &Deployment, db: &Client) -> Result<Vec<(String, Vec<u32>)>> {
-    let rows = db.query("SELECT pid FROM pg_stat_activity", &[]).await?;
-    let pg = rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect();
-    let mut groups: Vec<(String, Vec<u32>)> =
-        d.pids().into_iter().map(|(n, p)| (n, vec![p])).collect();
-    groups.push(("postgres".into(), pg));
+/// PostgreSQL server (every process it runs, also connections opened or
+/// closed during the window) and the broker when the harness names it.
+async fn cpu_groups(d: &Deployment, db: &Client) -> Result<Vec<(String, Procs)>> {
+    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let server = crate::cpu::parent(backend as u32)
+        .ok_or_else(|| anyhow::anyhow!("cannot read the PostgreSQL server's process"))?;
+    let mut groups: Vec<(String, Procs)> = d
+        .pids()
+        .into_iter()
+        .map(|(n, p)| (n, Procs::Each(vec![p])))
+        .collect();
+    groups.push(("postgres".into(), Procs::Server(server)));
     if let Some(b) = crate::cpu::broker_pid() {
-        groups.push(("broker".into(), vec![b]));
+        groups.push(("broker".into(), Procs::Each(vec![b])));
     }
     Ok(groups)
 }
@@ -477,10 +482,12 @@ pub async fn initial_sync(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         right.batch_execute("ANALYZE bench_items").await?;
 
         d.start(ctx).await?;
+        let cpu = crate::cpu::Window::start(cpu_groups(&d, &right).await?);
         let t = Instant::now();
         d.ctl(ctx, &["run", "items", "--timeout-secs", "14400"])
             .await?;
         let secs = t.elapsed().as_secs_f64();
+        cpu.finish("sync_cpu", &mut out);
         let details: serde_json::Value =
             serde_json::from_str(&d.ctl(ctx, &["initial-sync", "items", "--json"]).await?)?;
         let progress = &details["progress"];
@@ -502,9 +509,14 @@ pub async fn initial_sync(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         }
         out.set("ours", created / secs);
         out.set("secs", secs);
+        crate::cpu::Window::per_row("sync_cpu", created as u64, &mut out);
         eprintln!(
             "bench:   dualwrite: {created} rows created in {secs:.1} s: {:.0} rows/s",
             created / secs
+        );
+        eprintln!(
+            "bench:   CPU in the initial sync: {}",
+            crate::cpu::Window::describe("sync_cpu", &out)
         );
         Ok(out.clone())
     }

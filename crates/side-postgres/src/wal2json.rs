@@ -193,8 +193,23 @@ impl Decoder {
         self.open
     }
 
+    /// Whether a row can be left out unread: a row change (`I`, `U`, `D`)
+    /// of an applier's transaction, which gives nothing (see the module
+    /// docs). wal2json's format 2 writes the action first; a row written
+    /// otherwise is read, and left out after.
+    pub fn leaves_out(&self, data: &[u8]) -> bool {
+        self.txn.applier
+            && matches!(
+                data.strip_prefix(br#"{"action":""#),
+                Some([b'I' | b'U' | b'D', b'"', ..])
+            )
+    }
+
     /// Decodes one row, adding what it gives to `out`.
     pub fn push(&mut self, row: &SlotRow, out: &mut Decoded) {
+        if self.leaves_out(row.data.as_bytes()) {
+            return;
+        }
         let msg: Message<'_> = match serde_json::from_str(&row.data) {
             Ok(m) => m,
             Err(e) => {
@@ -624,6 +639,31 @@ mod tests {
             ("0/40", r#"{"action":"C","xid":10}"#),
         ]);
         assert!(decode(&ctx(), &local).changes.is_empty());
+    }
+
+    #[test]
+    fn an_appliers_row_changes_are_left_out_unread() {
+        // Not JSON past the action: read, it would be a bad row.
+        let cut = r#"{"action":"I","schema":"public","table":"t","columns":[{"#;
+        let txn = |origin: i64| {
+            let begin = format!(r#"{{"action":"B","xid":9,"origin":{origin}}}"#);
+            rows(&[
+                ("0/10", begin.as_str()),
+                ("0/11", cut),
+                (
+                    "0/12",
+                    r#"{"origin":7,"action":"D","schema":"public","table":"t","identity":[{"name":"id","type":"integer","value":1},{"name":"code","type":"text","value":"A"}]}"#,
+                ),
+                ("0/20", r#"{"action":"C","xid":9}"#),
+            ])
+        };
+        let d = decode(&ctx(), &txn(7));
+        assert!(d.bad.is_empty(), "left out unread: {:?}", d.bad);
+        assert!(d.changes.is_empty(), "the action not first: read, left out");
+        assert_eq!(d.last_commit, parse_lsn("0/20"));
+        let local = decode(&ctx(), &txn(0));
+        assert_eq!(local.bad.len(), 1, "a side's own row is read");
+        assert_eq!(local.changes.len(), 1);
     }
 
     #[test]
