@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::env::cpu_secs;
 use crate::scenarios::RunResult;
+use dualwrite_process::{stat, Stat};
 
 /// The machine's CPU ticks so far: (busy, all), over every core.
 fn machine_ticks() -> Option<(u64, u64)> {
@@ -46,32 +47,20 @@ fn group_secs(procs: &Procs) -> f64 {
     }
 }
 
-/// A process's parent and CPU ticks (own user and system, then those of
-/// its children it has waited for), from `/proc/<pid>/stat`.
-fn stat(pid: u32) -> Option<(u32, [u64; 4])> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
-    let ppid = f.get(1)?.parse().ok()?;
-    Some((ppid, [n(11)?, n(12)?, n(13)?, n(14)?]))
-}
-
 /// The CPU seconds of `server` and of every process it started: those
 /// running now and those that ended (a process's time moves into its
 /// parent's waited-for children's time when the parent reaps it, so the
 /// sum goes on without a jump; one that ends between the two reads below
 /// is missed for that reading).
 pub fn server_secs(server: u32) -> Option<f64> {
-    let (_, [u, s, cu, cs]) = stat(server)?;
-    let mut ticks = u + s + cu + cs;
+    let all = |s: Stat| s.ticks.iter().chain(&s.children_ticks).sum::<u64>();
+    let mut ticks = all(stat(server)?);
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
-        if let Some((ppid, [u, s, cu, cs])) = stat(pid) {
-            if ppid == server {
-                ticks += u + s + cu + cs;
-            }
+        if let Some(s) = stat(pid).filter(|s| s.ppid == server) {
+            ticks += all(s);
         }
     }
     Some(ticks as f64 / 100.0)
@@ -79,7 +68,7 @@ pub fn server_secs(server: u32) -> Option<f64> {
 
 /// The parent of a process.
 pub fn parent(pid: u32) -> Option<u32> {
-    stat(pid).map(|(ppid, _)| ppid)
+    stat(pid).map(|s| s.ppid)
 }
 
 impl Window {

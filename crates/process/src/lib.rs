@@ -162,16 +162,34 @@ fn sigterm(pid: u32) {
         .status();
 }
 
-/// CPU time (user and system) a process has used, in seconds, from
-/// `/proc/<pid>/stat` (in USER_HZ ticks, 100 a second on Linux).
-pub fn cpu_secs(pid: u32) -> Option<f64> {
+/// What `/proc/<pid>/stat` says of a process: its parent, and its CPU
+/// ticks (USER_HZ, 100 a second on Linux): its own user and system time,
+/// then that of the children it has waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub ppid: u32,
+    pub ticks: [u64; 2],
+    pub children_ticks: [u64; 2],
+}
+
+/// A process's [`Stat`], if it exists.
+pub fn stat(pid: u32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+    Some(Stat {
+        ppid: f.get(1)?.parse().ok()?,
+        ticks: [n(11)?, n(12)?],
+        children_ticks: [n(13)?, n(14)?],
+    })
+}
+
+/// CPU time (user and system) a process has used, in seconds.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = stat(pid)?;
+    Some((s.ticks[0] + s.ticks[1]) as f64 / 100.0)
 }
 
 #[cfg(test)]
