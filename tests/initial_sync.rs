@@ -601,3 +601,76 @@ async fn a_skipped_copy_ends_its_chunk_before_live_sync_goes_on() {
     assert_eq!(code, 0, "{out}");
     env.cleanup().await;
 }
+
+/// Columns of many types on both sides, for the copy's values.
+const TYPED: &str = "CREATE TABLE typed (
+    id     text PRIMARY KEY,
+    flag   boolean,
+    at     timestamptz,
+    tags   integer[],
+    amount numeric(10, 2),
+    code   varchar(5),
+    doc    jsonb,
+    bits   bit(3));
+  ALTER TABLE typed REPLICA IDENTITY FULL;";
+
+/// The copy reads each column as its type's text and writes it through
+/// the target column's type, in creates and updates: booleans,
+/// timestamps, arrays, JSON and bit strings arrive as they were (an array
+/// was refused and a JSON object became a JSON string before), and a
+/// value too long for its column is refused (a failed row), not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_carries_each_type_and_cuts_no_value() {
+    let fields: Vec<String> = ["id", "flag", "at", "tags", "amount", "code", "doc", "bits"]
+        .iter()
+        .map(|c| format!("  {{ left = \"{c}\", right = \"{c}\" }},"))
+        .collect();
+    let map = format!(
+        "\n[[map]]\nname = \"typed\"\nleft = {{ entity = \"typed\", key = [\"id\"] }}\n\
+         right = {{ entity = \"typed\", key = [\"id\"] }}\nfield = [\n{}\n]\n",
+        fields.join("\n")
+    );
+    let mut env = TestEnv::with_config("inittypes", &map).await;
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    fno.batch_execute(&format!(
+        "{TYPED}
+         INSERT INTO typed VALUES
+           ('T1', true, '2026-12-04 10:00:00.25+00', '{{1,2,NULL}}', 12.5, 'a,b''c', '{{\"a\": [1, \"x\"]}}', B'101'),
+           ('T2', false, NULL, '{{}}', NULL, NULL, 'null', NULL),
+           ('T4', true, '2026-01-01 00:00:00+00', '{{3}}', 1, 'new', '{{\"b\": [2]}}', B'111');"
+    ))
+    .await
+    .unwrap();
+    dv.batch_execute(&format!(
+        "{}
+         INSERT INTO typed VALUES
+           ('T3', NULL, '1999-12-31 23:59:59+00', NULL, -0.01, 'abcdef', '[]', B'010'),
+           ('T4', false, '2025-01-01 00:00:00+00', '{{4}}', 2, 'old', '{{\"b\": 1}}', B'000');",
+        TYPED.replace("varchar(5)", "varchar(10)")
+    ))
+    .await
+    .unwrap();
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.ctl(&[
+        "run",
+        "typed",
+        "--conflict-master",
+        "fno",
+        "--timeout-secs",
+        "60",
+    ]);
+    let row = "SELECT (flag, at, tags, amount, code, doc, bits)::text FROM typed WHERE id = ";
+    // Created on the right (T1, T2) and updated there to the master's (T4).
+    for id in ["'T1'", "'T2'", "'T4'"] {
+        let on_left = text(&fno, &format!("{row}{id}")).await;
+        assert!(on_left.is_some());
+        assert_eq!(text(&dv, &format!("{row}{id}")).await, on_left, "row {id}");
+    }
+    // `abcdef` does not fit the left's varchar(5): refused, not cut.
+    assert_eq!(text(&fno, &format!("{row}'T3'")).await, None);
+    let (created, updated, _, failed) = counts(&details(&env, "typed"));
+    assert_eq!((created, updated, failed), (2, 1, 1));
+    env.cleanup().await;
+}

@@ -41,6 +41,23 @@
 //!    written before the snapshots (step 2), and the records of the changes
 //!    after it that the snapshots see were left alone (step 4).
 //!
+//! # Pipelining
+//!
+//! Reading runs up to [`AHEAD`] chunks ahead of writing, and a chunk is
+//! written to both sides at once, each side in its own transaction on its
+//! own connection. Neither changes what is written. The reads come from
+//! the snapshots, which no later transaction changes (the copy's writes
+//! included), so a chunk read ahead holds what it would hold read after.
+//! The two writes of a chunk go to different databases, and each is
+//! guarded by the target's own snapshot values only. What the order still
+//! decides stays in order: each side commits its chunks in key order;
+//! the checkpoint moves past a chunk only once both sides committed it
+//! and its failed rows are on the error topic, so after a crash the copy
+//! goes on from a key below which every write was made (a chunk that one
+//! side committed is written again there, and its guarded creates and
+//! updates, already made, do nothing); and the map turns Running (step 8)
+//! only after the last chunk is committed on both sides.
+//!
 //! Before it copies, the map's mapping is checked against both tables
 //! (columns, types, a unique index on each alternate key): a map whose
 //! mapping does not fit turns Failed with every problem named.
@@ -67,7 +84,7 @@ use dualwrite_model::topics::Topics;
 use dualwrite_runtime::backoff::Backoff;
 use dualwrite_runtime::kafka::{self, Outgoing, Producer};
 use dualwrite_runtime::metrics::metrics;
-use dualwrite_runtime::side::{Class, CopyOutcome, CopySide, SideError, SnapshotRow};
+use dualwrite_runtime::side::{Class, CopyOutcome, CopySide, CopyWriter, SideError, SnapshotRow};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -76,6 +93,8 @@ use crate::plan::{plan_record, Write, WriteKind};
 
 /// Keys merged and written per chunk (one transaction per side).
 pub const CHUNK: usize = 500;
+/// Chunks read and planned ahead of the one being written.
+const AHEAD: usize = 2;
 /// Shortest interval between two progress reports.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -261,8 +280,10 @@ async fn attempt<C: CopySide>(
             .initial_sync_records
             .with_label_values(&[&map.name, outcome]);
     }
-    let mut left = SideCopy::<C>::open(config, map, SideId::Left, after.as_deref()).await?;
-    let mut right = SideCopy::<C>::open(config, map, SideId::Right, after.as_deref()).await?;
+    let (mut left, mut to_left) =
+        SideCopy::<C>::open(config, map, SideId::Left, after.as_deref()).await?;
+    let (mut right, mut to_right) =
+        SideCopy::<C>::open(config, map, SideId::Right, after.as_deref()).await?;
     record_snapshots(p, after, &left.side, &right.side);
     // The snapshots are recorded while it still waits for the changes on their way.
     report(reports, &job.map, p).await;
@@ -273,7 +294,7 @@ async fn attempt<C: CopySide>(
     report(reports, &job.map, p).await;
     tracing::info!(map = %map.name, run = p.run, rows = p.rows_total, resumed_after = ?p.checkpoint, "initial sync: copying");
     let copy = CopyRun {
-        job,
+        config,
         map,
         master: job
             .conflict_master
@@ -281,9 +302,15 @@ async fn attempt<C: CopySide>(
             .and_then(|m| config.side_id(m))
             .unwrap_or_else(|| config.conflict_master(map)),
         on_their_way,
+        producer: &job.producer,
+        run: p.run,
+    };
+    let writers = Writers {
+        left: &mut to_left,
+        right: &mut to_right,
     };
     if !copy
-        .chunks(&mut left, &mut right, p, reports, cancel)
+        .chunks([&mut left, &mut right], writers, p, reports, cancel)
         .await?
     {
         return Ok(false);
@@ -345,26 +372,88 @@ fn record_snapshots(
 
 /// What the copy of one attempt goes by.
 struct CopyRun<'a> {
-    job: &'a Job,
+    config: &'a Config,
     map: &'a MapConfig,
     master: SideId,
     /// The records with changes on their way: left to live sync.
     on_their_way: std::collections::HashSet<in_flight::Key>,
+    producer: &'a Producer,
+    run: i64,
 }
 
-/// A chunk of keys merged from both sides, and how many rows it took.
-struct Merged {
-    pairs: Vec<Pair>,
+/// A chunk of keys merged from both sides and planned, ready to write.
+#[derive(Default)]
+struct Chunk {
+    /// Rows it took from the snapshots.
     read: i64,
+    /// Its last key (the checkpoint once it is written).
+    last: Option<Vec<String>>,
+    /// Records with nothing to write.
+    unchanged: i64,
+    /// Its failed rows, for the error topic.
+    errors: Vec<InitialSyncError>,
+    /// Its writes, by target side (left, right).
+    to: [Vec<Write>; 2],
+}
+
+/// The writers of both sides.
+struct Writers<'w, W> {
+    left: &'w mut W,
+    right: &'w mut W,
 }
 
 impl CopyRun<'_> {
     /// Copies chunk after chunk until both snapshots are read (`false`:
-    /// cancelled), reporting progress now and then.
+    /// cancelled). Reading runs up to [`AHEAD`] chunks ahead of writing,
+    /// and a chunk is written to both sides at once (see the module's
+    /// "Pipelining").
     async fn chunks<C: CopySide>(
         &self,
-        left: &mut SideCopy<C>,
-        right: &mut SideCopy<C>,
+        sides: [&mut SideCopy<C>; 2],
+        writers: Writers<'_, C::Writer>,
+        p: &mut InitialSync,
+        reports: &mpsc::Sender<Report>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Failure> {
+        let (tx, rx) = mpsc::channel(AHEAD);
+        let (read, written) = tokio::join!(
+            self.read(sides, tx),
+            self.write(writers, rx, p, reports, cancel)
+        );
+        // The writer ends when the reader has sent its last chunk, or stops
+        // early; either failure is the copy's.
+        read?;
+        written
+    }
+
+    /// Reads, merges and plans chunk after chunk into `chunks` until both
+    /// snapshots are read or the writer takes no more.
+    async fn read<C: CopySide>(
+        &self,
+        [left, right]: [&mut SideCopy<C>; 2],
+        chunks: mpsc::Sender<Chunk>,
+    ) -> Result<(), Failure> {
+        loop {
+            let mut chunk = Chunk::default();
+            let pairs = self.merge(left, right, &mut chunk).await?;
+            if chunk.read == 0 {
+                return Ok(());
+            }
+            self.plan(&pairs, &mut chunk);
+            chunk.last = pairs.last().map(|(key, _, _)| key.clone());
+            if chunks.send(chunk).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes chunk after chunk to both sides, then records its outcome
+    /// and checkpoint, reporting progress now and then. `true` when the
+    /// reader sent its last; `false`: cancelled.
+    async fn write<W: CopyWriter>(
+        &self,
+        w: Writers<'_, W>,
+        mut chunks: mpsc::Receiver<Chunk>,
         p: &mut InitialSync,
         reports: &mpsc::Sender<Report>,
         cancel: &CancellationToken,
@@ -374,24 +463,43 @@ impl CopyRun<'_> {
             if cancel.is_cancelled() {
                 return Ok(false);
             }
-            let mut errors: Vec<InitialSyncError> = Vec::new();
-            let merged = self.merge(left, right, p, &mut errors).await?;
-            if merged.pairs.is_empty() && errors.is_empty() {
-                return Ok(true);
-            }
-            let [to_left, to_right] = self.plan(&merged.pairs, p, &mut errors);
-            self.write(left, &to_left, p, &mut errors).await?;
-            self.write(right, &to_right, p, &mut errors).await?;
-            self.record(&errors).await?;
-            p.rows_done += merged.read;
-            if let Some((key, _, _)) = merged.pairs.last() {
-                p.checkpoint = Some(key.clone());
-            }
+            let mut chunk = tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                c = chunks.recv() => match c {
+                    Some(c) => c,
+                    None => return Ok(true),
+                },
+            };
+            let [to_left, to_right] = std::mem::take(&mut chunk.to);
+            let (on_left, on_right) = tokio::try_join!(
+                write_all(&mut *w.left, &to_left),
+                write_all(&mut *w.right, &to_right)
+            )?;
+            self.tally(&to_left, on_left, p, &mut chunk.errors);
+            self.tally(&to_right, on_right, p, &mut chunk.errors);
+            self.done(chunk, p).await?;
             if last_report.elapsed() >= REPORT_EVERY {
-                report(reports, &self.job.map, p).await;
+                report(reports, &self.map.name, p).await;
                 last_report = Instant::now();
             }
         }
+    }
+
+    /// Counts a written chunk: its failed rows go to the error topic, then
+    /// the checkpoint moves past it.
+    async fn done(&self, chunk: Chunk, p: &mut InitialSync) -> Result<(), Failure> {
+        self.record(&chunk.errors).await?;
+        p.unchanged += chunk.unchanged;
+        p.failed += chunk.errors.len() as i64;
+        metrics()
+            .initial_sync_records
+            .with_label_values(&[&self.map.name, "failed"])
+            .inc_by(chunk.errors.len() as u64);
+        p.rows_done += chunk.read;
+        if chunk.last.is_some() {
+            p.checkpoint = chunk.last;
+        }
+        Ok(())
     }
 
     /// Merges the next chunk of keys of both sides; a row without a key is
@@ -400,16 +508,11 @@ impl CopyRun<'_> {
         &self,
         left: &mut SideCopy<C>,
         right: &mut SideCopy<C>,
-        p: &mut InitialSync,
-        errors: &mut Vec<InitialSyncError>,
-    ) -> Result<Merged, Failure> {
-        let mut merged = Merged {
-            pairs: Vec::new(),
-            read: 0,
-        };
-        while merged.pairs.len() < CHUNK {
-            left.fill().await?;
-            right.fill().await?;
+        chunk: &mut Chunk,
+    ) -> Result<Vec<Pair>, Failure> {
+        let mut pairs = Vec::new();
+        while pairs.len() < CHUNK {
+            tokio::try_join!(left.fill(), right.fill())?;
             let order = match (left.buf.front(), right.buf.front()) {
                 (None, None) => break,
                 (Some(_), None) => std::cmp::Ordering::Less,
@@ -421,7 +524,7 @@ impl CopyRun<'_> {
                 std::cmp::Ordering::Greater => (None, right.buf.pop_front()),
                 std::cmp::Ordering::Equal => (left.buf.pop_front(), right.buf.pop_front()),
             };
-            merged.read += l.is_some() as i64 + r.is_some() as i64;
+            chunk.read += l.is_some() as i64 + r.is_some() as i64;
             let key = l
                 .as_ref()
                 .or(r.as_ref())
@@ -435,88 +538,73 @@ impl CopyRun<'_> {
                     SideId::Right
                 };
                 let message = "the row's alternate key is NULL: it cannot be linked to a record on the other side";
-                errors.push(self.failed(
-                    p,
-                    source,
-                    WriteKind::Create,
-                    &key,
-                    None,
-                    message.to_owned(),
-                ));
+                let at = self.at(source, WriteKind::Create, &key);
+                chunk.errors.push(self.failed(at, None, message.to_owned()));
                 continue;
             }
             let key: Vec<String> = key.into_iter().map(Option::unwrap_or_default).collect();
             if self.on_their_way.contains(&key) {
                 // Live sync carries its change after the copy.
-                p.unchanged += 1;
+                chunk.unchanged += 1;
                 continue;
             }
-            merged.pairs.push((key, l.map(|x| x.1), r.map(|x| x.1)));
+            pairs.push((key, l.map(|x| x.1), r.map(|x| x.1)));
         }
-        Ok(merged)
+        Ok(pairs)
     }
 
-    /// The writes of a chunk, by target side (left, right); a write the
-    /// map does not allow, or a record that cannot be mapped, is an error.
-    fn plan(
-        &self,
-        pairs: &[Pair],
-        p: &mut InitialSync,
-        errors: &mut Vec<InitialSyncError>,
-    ) -> [Vec<(usize, Write)>; 2] {
-        let mut to: [Vec<(usize, Write)>; 2] = [Vec::new(), Vec::new()];
-        let config = &self.job.config;
-        for (i, (key, l, r)) in pairs.iter().enumerate() {
-            let writes =
-                match plan_record(config, self.map, self.master, l.as_deref(), r.as_deref()) {
-                    Ok(writes) => writes,
-                    Err(e) => {
-                        let source = if l.is_some() {
-                            SideId::Left
-                        } else {
-                            SideId::Right
-                        };
-                        let key: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
-                        errors.push(self.failed(
-                            p,
-                            source,
-                            WriteKind::Create,
-                            &key,
-                            None,
-                            e.to_string(),
-                        ));
-                        continue;
-                    }
-                };
+    /// The writes of a chunk, by target side; a write the map does not
+    /// allow, or a record that cannot be mapped, is an error.
+    fn plan(&self, pairs: &[Pair], chunk: &mut Chunk) {
+        for (key, l, r) in pairs {
+            let writes = match plan_record(
+                self.config,
+                self.map,
+                self.master,
+                l.as_deref(),
+                r.as_deref(),
+            ) {
+                Ok(writes) => writes,
+                Err(e) => {
+                    let source = if l.is_some() {
+                        SideId::Left
+                    } else {
+                        SideId::Right
+                    };
+                    let key: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
+                    let at = self.at(source, WriteKind::Create, &key);
+                    chunk.errors.push(self.failed(at, None, e.to_string()));
+                    continue;
+                }
+            };
             if writes.is_empty() {
-                p.unchanged += 1;
+                chunk.unchanged += 1;
             }
             for w in writes {
                 match authorised(self.map, &w) {
-                    Ok(()) => to[usize::from(w.target == SideId::Right)].push((i, w)),
+                    Ok(()) => chunk.to[usize::from(w.target == SideId::Right)].push(w),
                     Err(r) => {
                         let message = format!("{UNAUTHORISED_TARGET}: {r}; nothing was written");
                         let key: Vec<Option<String>> =
                             w.key.iter().map(|f| f.value.clone()).collect();
-                        errors.push(self.failed(p, w.target.other(), w.kind, &key, None, message));
+                        let at = self.at(w.target.other(), w.kind, &key);
+                        chunk.errors.push(self.failed(at, None, message));
                     }
                 }
             }
         }
-        to
     }
 
-    /// Writes to one side and counts each outcome; a row the side rejects
-    /// is an error.
-    async fn write<C: CopySide>(
+    /// Counts the outcome of each write to one side; a row the side
+    /// rejected is an error.
+    fn tally(
         &self,
-        copy: &mut SideCopy<C>,
-        writes: &[(usize, Write)],
+        writes: &[Write],
+        outcomes: Vec<Outcome>,
         p: &mut InitialSync,
         errors: &mut Vec<InitialSyncError>,
-    ) -> Result<(), Failure> {
-        let outcomes = copy.write(writes).await?;
-        for ((_, w), outcome) in writes.iter().zip(outcomes) {
+    ) {
+        for (w, outcome) in writes.iter().zip(outcomes) {
             let counter = match (outcome, w.kind) {
                 (Outcome::Written, WriteKind::Create) => {
                     p.created += 1;
@@ -532,7 +620,8 @@ impl CopyRun<'_> {
                 }
                 (Outcome::Rejected(e), _) => {
                     let key: Vec<Option<String>> = w.key.iter().map(|f| f.value.clone()).collect();
-                    errors.push(self.failed(p, w.target.other(), w.kind, &key, e.code, e.redacted));
+                    let at = self.at(w.target.other(), w.kind, &key);
+                    errors.push(self.failed(at, e.code, e.redacted));
                     continue;
                 }
             };
@@ -541,28 +630,26 @@ impl CopyRun<'_> {
                 .with_label_values(&[&self.map.name, counter])
                 .inc();
         }
-        Ok(())
     }
 
-    /// A failed row, counted, as its error record.
-    fn failed(
-        &self,
-        p: &mut InitialSync,
-        source: SideId,
-        kind: WriteKind,
-        key: &[Option<String>],
-        sqlstate: Option<String>,
-        message: String,
-    ) -> InitialSyncError {
-        p.failed += 1;
-        count_failed(self.map);
-        let at = Failed {
-            run: p.run,
+    /// Where a row of this run failed.
+    fn at<'k>(&self, source: SideId, kind: WriteKind, key: &'k [Option<String>]) -> Failed<'k> {
+        Failed {
+            run: self.run,
             source,
             kind,
             key,
-        };
-        sync_error(&self.job.config, self.map, at, sqlstate, message)
+        }
+    }
+
+    /// A failed row as its error record (counted when its chunk is done).
+    fn failed(
+        &self,
+        at: Failed<'_>,
+        sqlstate: Option<String>,
+        message: String,
+    ) -> InitialSyncError {
+        sync_error(self.config, self.map, at, sqlstate, message)
     }
 
     /// Publishes the chunk's failed rows to the initial sync errors topic.
@@ -570,7 +657,7 @@ impl CopyRun<'_> {
         if errors.is_empty() {
             return Ok(());
         }
-        let topic = Topics::new(&self.job.config.kafka.topic_prefix).initial_sync_errors();
+        let topic = Topics::new(&self.config.kafka.topic_prefix).initial_sync_errors();
         let records: Vec<Outgoing> = errors
             .iter()
             .filter_map(|e| {
@@ -581,10 +668,23 @@ impl CopyRun<'_> {
                 })
             })
             .collect();
-        kafka::send_all(&self.job.producer, &records)
+        kafka::send_all(self.producer, &records)
             .await
             .map_err(|e| transient(format!("cannot record the failed rows on {topic}: {e}")))
     }
+}
+
+/// Writes to one side in one transaction (nothing when there is nothing
+/// to write); only the writes it rejects fail.
+async fn write_all<W: CopyWriter>(
+    writer: &mut W,
+    writes: &[Write],
+) -> Result<Vec<Outcome>, Failure> {
+    if writes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let writes: Vec<&Write> = writes.iter().collect();
+    writer.write(&writes).await
 }
 
 async fn report(reports: &mpsc::Sender<Report>, map: &str, p: &InitialSync) {
@@ -612,13 +712,6 @@ fn authorised(map: &MapConfig, w: &Write) -> Result<(), Refused> {
         authorise_columns(map, w.target, how, fields)?;
     }
     Ok(())
-}
-
-fn count_failed(map: &MapConfig) {
-    metrics()
-        .initial_sync_records
-        .with_label_values(&[&map.name, "failed"])
-        .inc();
 }
 
 /// Key order of the copy: byte order of each value (NULLs, never linked, last).
@@ -674,23 +767,26 @@ fn sync_error(
 
 use CopyOutcome as Outcome;
 
-/// One side of a copy, with the rows fetched and not merged yet.
+/// One side's snapshot reader, with the rows fetched and not merged yet.
 struct SideCopy<C> {
     side: C,
     buf: VecDeque<SnapshotRow>,
 }
 
 impl<C: CopySide> SideCopy<C> {
+    /// The side's reader and its writer.
     async fn open(
         config: &Config,
         map: &MapConfig,
         side: SideId,
         after: Option<&[String]>,
-    ) -> Result<SideCopy<C>, Failure> {
-        Ok(SideCopy {
-            side: C::open(config, map, side, after).await?,
+    ) -> Result<(SideCopy<C>, C::Writer), Failure> {
+        let (side, writer) = C::open(config, map, side, after).await?;
+        let copy = SideCopy {
+            side,
             buf: VecDeque::new(),
-        })
+        };
+        Ok((copy, writer))
     }
 
     /// Fetches the next rows when the buffer is empty.
@@ -700,36 +796,17 @@ impl<C: CopySide> SideCopy<C> {
         }
         Ok(())
     }
-
-    /// Writes to this side (the writes whose target it is), in one
-    /// transaction; only the writes it rejects fail.
-    async fn write(&mut self, writes: &[(usize, Write)]) -> Result<Vec<Outcome>, Failure> {
-        let writes: Vec<&Write> = writes.iter().map(|(_, w)| w).collect();
-        self.side.write(&writes).await
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dualwrite_model::config::TEST_SIDES;
 
     #[test]
     fn planned_writes_are_authorised_and_others_are_not() {
-        let config = Config::parse(&format!(
-            r#"{TEST_SIDES}
-[[map]]
-name = "customers"
-left = {{ entity = "customers", key = ["account"] }}
-right = {{ entity = "accounts", key = ["number"] }}
-field = [
-  {{ left = "account", right = "number" }},
-  {{ left = "name", right = "name" }},
-  {{ left = "credit", right = "credit", direction = "left_to_right" }},
-]
-"#
-        ))
-        .unwrap();
+        let config = crate::pipeline_tests::config_with(
+            r#"  { left = "credit", right = "credit", direction = "left_to_right" },"#,
+        );
         let map = &config.maps[0];
         let row = |kv: &[(&str, &str)]| -> Vec<Field> {
             kv.iter().map(|(k, v)| Field::new(*k, Some(*v))).collect()
@@ -745,3 +822,6 @@ field = [
         assert!(e.contains("column `is_admin`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod pipeline_tests;

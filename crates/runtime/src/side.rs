@@ -319,9 +319,13 @@ pub type SnapshotRow = (Vec<Option<String>>, Vec<Field>);
 
 /// One side of a map's initial copy: a consistent snapshot of the map's
 /// table, read in key order (byte order of each key value's text, the
-/// same on every side), and guarded writes under the initial write's own
-/// origin (the side's source leaves them out).
+/// same on every side), and a [`CopyWriter`] of guarded writes under the
+/// initial write's own origin (the side's source leaves them out). Reader
+/// and writer are apart, so the copy reads the next rows while it writes.
 pub trait CopySide: Sized + Send + 'static {
+    /// The side's writer.
+    type Writer: CopyWriter;
+
     /// Takes the snapshot of `map`'s table on `side` (its rows after the
     /// key `after`, all when `None`) and connects the writer.
     fn open(
@@ -329,7 +333,7 @@ pub trait CopySide: Sized + Send + 'static {
         map: &MapConfig,
         side: SideId,
         after: Option<&[String]>,
-    ) -> impl Future<Output = Result<Self, SideError>> + Send;
+    ) -> impl Future<Output = Result<(Self, Self::Writer), SideError>> + Send;
 
     /// What the snapshot sees, to tell which later changes it holds.
     fn snapshot(&self) -> &SideSnapshot;
@@ -342,15 +346,6 @@ pub trait CopySide: Sized + Send + 'static {
 
     /// Ends the snapshot.
     fn finish(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
-
-    /// Makes the writes in one transaction: a create does nothing if the
-    /// record appeared meanwhile, an update only while the row still has
-    /// the values the snapshot read. A write the side refuses is
-    /// `Rejected` and the others are still made; `Err` when none could be.
-    fn write(
-        &mut self,
-        writes: &[&CopyWrite],
-    ) -> impl Future<Output = Result<Vec<CopyOutcome>, SideError>> + Send;
 
     /// Waits until the side's change source has given every transaction
     /// committed so far (`false`: cancelled first).
@@ -368,6 +363,18 @@ pub trait CopySide: Sized + Send + 'static {
         side: SideId,
         entity: &str,
     ) -> impl Future<Output = Result<Option<TableInfo>, SideError>> + Send;
+}
+
+/// The writes of a copy to one side (see [`CopySide`]).
+pub trait CopyWriter: Send + 'static {
+    /// Makes the writes in one transaction: a create does nothing if the
+    /// record appeared meanwhile, an update only while the row still has
+    /// the values the snapshot read. A write the side refuses is
+    /// `Rejected` and the others are still made; `Err` when none could be.
+    fn write(
+        &mut self,
+        writes: &[&CopyWrite],
+    ) -> impl Future<Output = Result<Vec<CopyOutcome>, SideError>> + Send;
 }
 
 /// The problems a map's mapping has with its tables, or why the tables

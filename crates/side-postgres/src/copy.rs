@@ -10,13 +10,14 @@ use dualwrite_model::lifecycle::SideSnapshot;
 use dualwrite_model::record::Field;
 use dualwrite_model::schema::TableInfo;
 use dualwrite_runtime::side::{
-    Class, CopyOutcome, CopySide, CopyWrite, SideError, SnapshotRow, WriteKind,
+    Class, CopyOutcome, CopySide, CopyWrite, CopyWriter, SideError, SnapshotRow, WriteKind,
 };
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::copy_sql as sql;
-use crate::pg::{self, setup_error, side_error};
+use crate::pg::{self, setup_error, side_error, table_ident};
 
 /// Rows fetched from the cursor at a time.
 const FETCH: usize = 1000;
@@ -24,15 +25,23 @@ const CURSOR: &str = "dualwrite_initial_sync";
 /// How often the slot's position is read while waiting for it.
 const POLL: Duration = Duration::from_millis(200);
 
-/// One side of a copy: a snapshot reader and a writer.
+/// One side of a copy: the snapshot reader.
 pub struct PgCopy {
-    entity: String,
     key_len: usize,
+    /// The columns each row has after its key, in order.
+    columns: Vec<String>,
     reader: Client,
-    writer: Client,
     snapshot: SideSnapshot,
     rows: i64,
     exhausted: bool,
+}
+
+/// One side of a copy: the writer, on a connection of its own.
+pub struct PgCopyWriter {
+    entity: String,
+    writer: Client,
+    /// The table's column types, by column, as casts name them.
+    types: HashMap<String, String>,
     statements: pg::Prepared,
 }
 
@@ -42,12 +51,14 @@ fn failed(what: &str) -> impl Fn(tokio_postgres::Error) -> SideError + '_ {
 }
 
 impl CopySide for PgCopy {
+    type Writer = PgCopyWriter;
+
     async fn open(
         config: &Config,
         map: &MapConfig,
         side: SideId,
         after: Option<&[String]>,
-    ) -> Result<PgCopy, SideError> {
+    ) -> Result<(PgCopy, PgCopyWriter), SideError> {
         let conn = &config.side(side).connection;
         let name = &config.side(side).name;
         let in_side = |e: SideError| e.context(&format!("side `{name}`"));
@@ -68,25 +79,34 @@ impl CopySide for PgCopy {
             .map_err(failed(&at_origin))?;
         let entity = map.entity(side);
         let reading = format!("side `{name}`: reading {}", entity.qualified());
-        let (snapshot, rows) = take_snapshot(&reader, &entity.qualified(), &entity.key, after)
-            .await
-            .map_err(failed(&reading))?;
+        let (snapshot, rows, columns) =
+            take_snapshot(&reader, &entity.qualified(), &entity.key, after)
+                .await
+                .map_err(failed(&reading))?;
         let snapshot = snapshot.map_err(|snap| {
             SideError::new(
                 Class::Fatal,
                 format!("side `{name}`: unreadable snapshot `{snap}`"),
             )
         })?;
-        Ok(PgCopy {
-            entity: entity.qualified(),
+        let copy = PgCopy {
             key_len: entity.key.len(),
+            columns,
             reader,
-            writer,
             snapshot,
             rows,
             exhausted: false,
+        };
+        let types = column_types(&writer, &entity.qualified())
+            .await
+            .map_err(failed(&reading))?;
+        let writer = PgCopyWriter {
+            entity: entity.qualified(),
+            writer,
+            types,
             statements: pg::Prepared::default(),
-        })
+        };
+        Ok((copy, writer))
     }
 
     fn snapshot(&self) -> &SideSnapshot {
@@ -109,7 +129,8 @@ impl CopySide for PgCopy {
         if rows.len() < FETCH {
             self.exhausted = true;
         }
-        Ok(rows.iter().map(|r| snapshot_row(r, self.key_len)).collect())
+        let row = |r| snapshot_row(r, self.key_len, &self.columns);
+        Ok(rows.iter().map(row).collect())
     }
 
     async fn finish(&mut self) -> Result<(), SideError> {
@@ -117,44 +138,6 @@ impl CopySide for PgCopy {
             .batch_execute("COMMIT")
             .await
             .map_err(failed("ending the snapshot"))
-    }
-
-    async fn write(&mut self, writes: &[&CopyWrite]) -> Result<Vec<CopyOutcome>, SideError> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let all = async {
-            self.writer.batch_execute("BEGIN").await?;
-            self.exec_all(writes).await
-        }
-        .await;
-        match all {
-            Ok(out) => {
-                self.commit().await?;
-                return Ok(out);
-            }
-            Err(e) if pg::is_transient(&e) => return Err(failed("writing")(e)),
-            Err(_) => self.rollback().await?,
-        }
-        // One of them was rejected: again, each under a savepoint.
-        self.simple("BEGIN").await?;
-        let mut out = Vec::with_capacity(writes.len());
-        for w in writes {
-            self.simple("SAVEPOINT w").await?;
-            match self.exec(w).await {
-                Ok(o) => {
-                    self.simple("RELEASE SAVEPOINT w").await?;
-                    out.push(o);
-                }
-                Err(e) if pg::is_transient(&e) => return Err(failed("writing")(e)),
-                Err(e) => {
-                    self.simple("ROLLBACK TO SAVEPOINT w").await?;
-                    out.push(CopyOutcome::Rejected(side_error(&e)));
-                }
-            }
-        }
-        self.commit().await?;
-        Ok(out)
     }
 
     async fn wait_captured(
@@ -212,6 +195,50 @@ impl CopySide for PgCopy {
     }
 }
 
+impl CopyWriter for PgCopyWriter {
+    async fn write(&mut self, writes: &[&CopyWrite]) -> Result<Vec<CopyOutcome>, SideError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = async {
+            self.writer.batch_execute("BEGIN").await?;
+            self.exec_all(writes).await
+        }
+        .await;
+        match all {
+            Ok(out) => {
+                self.commit().await?;
+                return Ok(out);
+            }
+            Err(e) if pg::is_transient(&e) => return Err(failed("writing")(e)),
+            Err(_) => self.rollback().await?,
+        }
+        // One of them was rejected: again, each under a savepoint.
+        self.simple("BEGIN").await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            self.simple("SAVEPOINT w").await?;
+            match self.exec(w).await {
+                Ok(o) => {
+                    self.simple("RELEASE SAVEPOINT w").await?;
+                    out.push(o);
+                }
+                Err(e) if pg::is_transient(&e) => return Err(failed("writing")(e)),
+                Err(e) => {
+                    self.simple("ROLLBACK TO SAVEPOINT w").await?;
+                    out.push(CopyOutcome::Rejected(side_error(&e)));
+                }
+            }
+        }
+        self.commit().await?;
+        Ok(out)
+    }
+}
+
+/// What a snapshot sees, how many rows after the checkpoint it holds, and
+/// the names of the columns its cursor reads.
+type Opened = (Result<SideSnapshot, String>, i64, Vec<String>);
+
 /// Opens the snapshot: what it sees, and how many rows after `after` it
 /// holds; declares the cursor that reads them in key order.
 async fn take_snapshot(
@@ -219,7 +246,7 @@ async fn take_snapshot(
     entity: &str,
     key: &[String],
     after: Option<&[String]>,
-) -> Result<(Result<SideSnapshot, String>, i64), tokio_postgres::Error> {
+) -> Result<Opened, tokio_postgres::Error> {
     reader
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await?;
@@ -237,31 +264,47 @@ async fn take_snapshot(
         .query_one(&sql::count(entity, key, after), &[])
         .await?
         .get(0);
+    let table = table_ident(entity);
+    let columns: Vec<sql::Column> = reader
+        .query(sql::COLUMNS, &[&table])
+        .await?
+        .iter()
+        .map(|r| sql::Column {
+            name: r.get(0),
+            boolean: r.get(1),
+        })
+        .collect();
     reader
-        .batch_execute(&sql::declare_cursor(CURSOR, entity, key, after))
+        .batch_execute(&sql::declare_cursor(CURSOR, entity, key, &columns, after))
         .await?;
-    Ok((SideSnapshot::parse(&snap, lsn).ok_or(snap), rows))
+    let names = columns.into_iter().map(|c| c.name).collect();
+    Ok((SideSnapshot::parse(&snap, lsn).ok_or(snap), rows, names))
 }
 
-/// A cursor's row: the key values, then the row as a JSON object of text values.
-fn snapshot_row(r: &tokio_postgres::Row, key_len: usize) -> SnapshotRow {
+/// A table's column types, by column, as casts name them.
+async fn column_types(
+    client: &Client,
+    entity: &str,
+) -> Result<HashMap<String, String>, tokio_postgres::Error> {
+    let rows = client.query(sql::TYPES, &[&table_ident(entity)]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A cursor's row: the key values, then each column's text.
+fn snapshot_row(r: &tokio_postgres::Row, key_len: usize, columns: &[String]) -> SnapshotRow {
     let key: Vec<Option<String>> = (0..key_len).map(|i| r.get(i)).collect();
-    let json: Option<String> = r.get(key_len);
-    let obj: serde_json::Map<String, serde_json::Value> = json
-        .as_deref()
-        .and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_default();
-    let fields = obj
-        .into_iter()
-        .map(|(name, v)| Field {
-            name,
-            value: v.as_str().map(str::to_owned),
+    let fields = columns
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Field {
+            name: name.clone(),
+            value: r.get(key_len + i),
         })
         .collect();
     (key, fields)
 }
 
-impl PgCopy {
+impl PgCopyWriter {
     async fn simple(&mut self, sql: &str) -> Result<(), SideError> {
         self.writer
             .batch_execute(sql)
@@ -287,12 +330,13 @@ impl PgCopy {
             }
         }
         for group in creates.values() {
-            let first = writes[group[0]];
-            let stmt = self
-                .statement(sql::create_many(&self.entity, first))
-                .await?;
-            let rows = sql::rows_json(group.iter().map(|i| writes[*i]));
-            let created = self.writer.execute(&stmt, &[&rows]).await? as usize;
+            let group_writes: Vec<&CopyWrite> = group.iter().map(|i| writes[*i]).collect();
+            let sql = sql::create_many(&self.entity, group_writes[0], &self.types);
+            let stmt = self.statement(sql).await?;
+            let columns = sql::columns(&group_writes);
+            let params: Vec<&(dyn ToSql + Sync)> =
+                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            let created = self.writer.execute(&stmt, &params).await? as usize;
             // Counted, not told apart: a row not created appeared meanwhile.
             for i in group.iter().take(created) {
                 out[*i] = CopyOutcome::Written;
@@ -306,7 +350,8 @@ impl PgCopy {
     }
 
     async fn exec(&mut self, w: &CopyWrite) -> Result<CopyOutcome, tokio_postgres::Error> {
-        let stmt = self.statement(sql::statement(&self.entity, w)).await?;
+        let sql = sql::statement(&self.entity, w, &self.types);
+        let stmt = self.statement(sql).await?;
         let (new, old) = sql::parameters(w);
         let n = match w.kind {
             WriteKind::Create => self.writer.execute(&stmt, &[&new]).await?,

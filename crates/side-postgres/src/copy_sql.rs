@@ -3,9 +3,11 @@
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
+use std::collections::HashMap;
+
 use dualwrite_runtime::side::{CopyWrite as Write, WriteKind};
 
-use crate::pg::{fields_json as json_object, table_ident, ROW_AS_TEXT_JSON};
+use crate::pg::{fields_json as json_object, table_ident};
 
 /// `(k1::text COLLATE "C", …)`: the key as the copy orders it (byte order
 /// of the text of each value, the same on both sides).
@@ -39,23 +41,50 @@ pub fn count(entity: &str, key: &[String], after: Option<&[String]>) -> String {
     )
 }
 
-/// A cursor over the rows in key order: the key values as text, then the
-/// whole row as a JSON object of text values.
+/// A column the copy reads, and whether it is a boolean.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub boolean: bool,
+}
+
+/// A table's columns in order (`$1`: the table), each with whether it is
+/// a boolean.
+pub const COLUMNS: &str = "SELECT attname::text, atttypid = 'boolean'::regtype \
+     FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+     ORDER BY attnum";
+
+/// A column as the cursor reads it: the text of its type's output
+/// function, as the change source gives it (a boolean as `true` or
+/// `false`, as wal2json writes it).
+fn column_text(c: &Column) -> String {
+    let column = format!("t.{}", escape_identifier(&c.name));
+    if c.boolean {
+        format!("to_json({column})::text")
+    } else {
+        format!("{column}::text")
+    }
+}
+
+/// A cursor over the rows in key order: the key values as text, then
+/// every column's text, in the order of `columns`.
 pub fn declare_cursor(
     name: &str,
     entity: &str,
     key: &[String],
+    columns: &[Column],
     after: Option<&[String]>,
 ) -> String {
     let keys = key_exprs(key);
+    let selected: Vec<String> = key
+        .iter()
+        .map(|k| format!("t.{}::text", escape_identifier(k)))
+        .chain(columns.iter().map(column_text))
+        .collect();
     format!(
-        "DECLARE {} NO SCROLL CURSOR FOR SELECT {}, {ROW_AS_TEXT_JSON} \
-         FROM {} AS t WHERE {} ORDER BY {}",
+        "DECLARE {} NO SCROLL CURSOR FOR SELECT {} FROM {} AS t WHERE {} ORDER BY {}",
         escape_identifier(name),
-        key.iter()
-            .map(|k| format!("t.{}::text", escape_identifier(k)))
-            .collect::<Vec<_>>()
-            .join(", "),
+        selected.join(", "),
         table_ident(entity),
         after_condition(key, after),
         keys.join(", ")
@@ -65,82 +94,128 @@ pub fn declare_cursor(
 /// The statement of a write. A create does nothing if the record appeared
 /// meanwhile; an update happens only while the target still has the values
 /// the snapshot read ($2) and they differ from the new ones ($1), compared
-/// as the column types compare them.
-pub fn statement(entity: &str, w: &Write) -> String {
+/// as the column types compare them. Each value is cast from its text to
+/// its column's type as `types` names it (see [`create_many`]).
+pub fn statement(entity: &str, w: &Write, types: &HashMap<String, String>) -> String {
     let table = table_ident(entity);
     let keys: Vec<String> = w.key.iter().map(|f| escape_identifier(&f.name)).collect();
+    let cols: Vec<String> = w.new.iter().map(|f| escape_identifier(&f.name)).collect();
+    let new_names: Vec<&str> = w.new.iter().map(|f| f.name.as_str()).collect();
     match w.kind {
-        WriteKind::Create => {
-            let cols: Vec<String> = w.new.iter().map(|f| escape_identifier(&f.name)).collect();
-            format!(
-                "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_record(NULL::{table}, $1::text::json) \
-                 ON CONFLICT ({keys}) DO NOTHING",
-                cols = cols.join(", "),
-                keys = keys.join(", ")
-            )
-        }
+        WriteKind::Create => format!(
+            "INSERT INTO {table} ({cols}) SELECT {cols} FROM ({n}) AS n \
+             ON CONFLICT ({keys}) DO NOTHING",
+            cols = cols.join(", "),
+            n = typed("$1", &new_names, types),
+            keys = keys.join(", ")
+        ),
         WriteKind::Update => {
-            let cols: Vec<String> = w.new.iter().map(|f| escape_identifier(&f.name)).collect();
             let row = |alias: &str| {
-                format!(
-                    "ROW({})",
-                    cols.iter()
-                        .map(|c| format!("{alias}.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+                let fields: Vec<String> = cols.iter().map(|c| format!("{alias}.{c}")).collect();
+                format!("ROW({})", fields.join(", "))
             };
+            let mut n_names: Vec<&str> = w.key.iter().map(|f| f.name.as_str()).collect();
+            for c in &new_names {
+                if !n_names.contains(c) {
+                    n_names.push(c);
+                }
+            }
             format!(
-                "UPDATE {table} AS t SET {sets} \
-                 FROM json_populate_record(NULL::{table}, $1::text::json) AS n, \
-                 json_populate_record(NULL::{table}, $2::text::json) AS o \
-                 WHERE {cond} AND {t} IS NOT DISTINCT FROM {o} AND {t} IS DISTINCT FROM {n}",
+                "UPDATE {table} AS t SET {sets} FROM ({n}) AS n, ({o}) AS o \
+                 WHERE {cond} AND {t} IS NOT DISTINCT FROM {o_row} AND {t} IS DISTINCT FROM {n_row}",
                 sets = cols
                     .iter()
                     .map(|c| format!("{c} = n.{c}"))
                     .collect::<Vec<_>>()
                     .join(", "),
+                n = typed("$1", &n_names, types),
+                o = typed("$2", &new_names, types),
                 cond = keys
                     .iter()
                     .map(|k| format!("t.{k} = n.{k}"))
                     .collect::<Vec<_>>()
                     .join(" AND "),
                 t = row("t"),
-                o = row("o"),
-                n = row("n"),
+                o_row = row("o"),
+                n_row = row("n"),
             )
         }
     }
 }
 
-/// Creates of the same fields (those of `like`) in one statement; its
-/// parameter is [`rows_json`]. Rows that appeared meanwhile are left alone.
-pub fn create_many(entity: &str, like: &Write) -> String {
+/// `SELECT (p ->> 'c')::type AS "c", …`: the fields `names` of the JSON
+/// object parameter `param` ([`parameters`]), each cast from its text to
+/// its column's type.
+fn typed(param: &str, names: &[&str], types: &HashMap<String, String>) -> String {
+    let values: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let text = format!("({param}::text::json ->> {})", escape_literal(name));
+            let value = match types.get(*name) {
+                Some(t) => format!("{text}::{t}"),
+                None => text,
+            };
+            format!("{value} AS {}", escape_identifier(name))
+        })
+        .collect();
+    format!("SELECT {}", values.join(", "))
+}
+
+/// A table's column types (`$1`: the table) as casts name them without a
+/// modifier (`character varying`, `numeric`, `"bit"`).
+pub const TYPES: &str = "SELECT attname::text, format_type(atttypid, -1) \
+     FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped";
+
+/// Creates of the same fields (those of `like`) in one statement. Each
+/// column's values are one array parameter of text ([`columns`]), cast to
+/// the column's type as `types` names it: without its modifier, so that
+/// the insert applies the modifier as it does to any value (a text too
+/// long for its column is refused, not cut). Rows that appeared meanwhile
+/// are left alone.
+pub fn create_many(entity: &str, like: &Write, types: &HashMap<String, String>) -> String {
     let table = table_ident(entity);
     let cols: Vec<String> = like
         .new
         .iter()
         .map(|f| escape_identifier(&f.name))
         .collect();
+    let values: Vec<String> = like
+        .new
+        .iter()
+        .zip(&cols)
+        .map(|(f, c)| match types.get(&f.name) {
+            Some(t) => format!("u.{c}::{t}"),
+            None => format!("u.{c}"),
+        })
+        .collect();
+    let arrays: Vec<String> = (1..=cols.len()).map(|i| format!("${i}::text[]")).collect();
     let keys: Vec<String> = like
         .key
         .iter()
         .map(|f| escape_identifier(&f.name))
         .collect();
     format!(
-        "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, $1::text::json) \
+        "INSERT INTO {table} ({cols}) SELECT {values} FROM unnest({arrays}) AS u({cols}) \
          ON CONFLICT ({keys}) DO NOTHING",
         cols = cols.join(", "),
+        values = values.join(", "),
+        arrays = arrays.join(", "),
         keys = keys.join(", ")
     )
 }
 
-/// The rows of creates as a JSON array of objects.
-pub fn rows_json<'a>(writes: impl Iterator<Item = &'a Write>) -> String {
-    let rows: Vec<String> = writes
-        .map(|w| json_object(w.key.iter().chain(&w.new)))
-        .collect();
-    format!("[{}]", rows.join(","))
+/// The values of creates of the same fields, column by column: the
+/// parameters of [`create_many`].
+pub fn columns<'a>(writes: &[&'a Write]) -> Vec<Vec<Option<&'a str>>> {
+    let width = writes.first().map_or(0, |w| w.new.len());
+    (0..width)
+        .map(|i| {
+            writes
+                .iter()
+                .map(|w| w.new.get(i).and_then(|f| f.value.as_deref()))
+                .collect()
+        })
+        .collect()
 }
 
 /// The parameters of [`statement`]: new values and old values, each with the key.
@@ -160,12 +235,24 @@ mod tests {
     #[test]
     fn cursor_reads_in_byte_order_after_the_checkpoint() {
         let key = vec!["company".to_owned(), "num".to_owned()];
+        let columns = [
+            Column {
+                name: "name".into(),
+                boolean: false,
+            },
+            Column {
+                name: "active".into(),
+                boolean: true,
+            },
+        ];
         let sql = declare_cursor(
             "c",
             "public.accounts",
             &key,
+            &columns,
             Some(&["A'1".into(), "7".into()]),
         );
+        assert!(sql.starts_with("DECLARE \"c\" NO SCROLL CURSOR FOR SELECT t.\"company\"::text, t.\"num\"::text, t.\"name\"::text, to_json(t.\"active\")::text FROM \"public\".\"accounts\" AS t"), "{sql}");
         assert!(sql.contains("WHERE (t.\"company\"::text COLLATE \"C\", t.\"num\"::text COLLATE \"C\") > ('A''1' COLLATE \"C\", '7' COLLATE \"C\")"), "{sql}");
         assert!(
             sql.ends_with(
@@ -187,7 +274,13 @@ mod tests {
             new: vec![Field::new("name", Some("New"))],
             old: vec![Field::new("name", Some("Old"))],
         };
-        let sql = statement("accounts", &w);
+        let types = HashMap::from([("name".to_owned(), "character varying".to_owned())]);
+        let sql = statement("accounts", &w, &types);
+        assert!(
+            sql.contains("FROM (SELECT ($1::text::json ->> 'number') AS \"number\", ($1::text::json ->> 'name')::character varying AS \"name\") AS n, \
+                          (SELECT ($2::text::json ->> 'name')::character varying AS \"name\") AS o"),
+            "{sql}"
+        );
         assert!(sql.contains("SET \"name\" = n.\"name\""), "{sql}");
         assert!(sql.ends_with("WHERE t.\"number\" = n.\"number\" AND ROW(t.\"name\") IS NOT DISTINCT FROM ROW(o.\"name\") AND ROW(t.\"name\") IS DISTINCT FROM ROW(n.\"name\")"), "{sql}");
         let (n, o) = parameters(&w);
@@ -198,18 +291,33 @@ mod tests {
             old: vec![],
             ..w
         };
-        assert!(statement("accounts", &create).ends_with("ON CONFLICT (\"number\") DO NOTHING"));
-        let many = create_many("accounts", &create);
         assert!(
-            many.contains("json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json)"),
-            "{many}"
+            statement("accounts", &create, &types).ends_with("ON CONFLICT (\"number\") DO NOTHING")
+        );
+        let create = Write {
+            new: vec![
+                Field::new("number", Some("C1")),
+                Field::new("name", Some("New")),
+            ],
+            ..create
+        };
+        let many = create_many("accounts", &create, &types);
+        assert_eq!(
+            many,
+            "INSERT INTO \"public\".\"accounts\" (\"number\", \"name\") \
+             SELECT u.\"number\", u.\"name\"::character varying \
+             FROM unnest($1::text[], $2::text[]) AS u(\"number\", \"name\") \
+             ON CONFLICT (\"number\") DO NOTHING"
         );
         let mut second = create.clone();
         second.key = vec![Field::new("number", Some("C2"))];
-        second.new = vec![Field::new("name", None::<String>)];
+        second.new = vec![
+            Field::new("number", Some("C2")),
+            Field::new("name", None::<String>),
+        ];
         assert_eq!(
-            rows_json([&create, &second].into_iter()),
-            r#"[{"name":"New","number":"C1"},{"name":null,"number":"C2"}]"#
+            columns(&[&create, &second]),
+            vec![vec![Some("C1"), Some("C2")], vec![Some("New"), None]]
         );
     }
 }

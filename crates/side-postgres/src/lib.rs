@@ -28,7 +28,7 @@ pub mod target;
 pub mod target_sql;
 pub mod wal2json;
 
-pub use copy::PgCopy;
+pub use copy::{PgCopy, PgCopyWriter};
 pub use inspect::PgInspect;
 pub use source::PgSource;
 pub use target::PgTarget;
