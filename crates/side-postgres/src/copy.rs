@@ -89,17 +89,20 @@ impl CopySide for PgCopy {
                 format!("side `{name}`: unreadable snapshot `{snap}`"),
             )
         })?;
+        // One read of the table's columns serves both: the reader's
+        // order, the writer's casts.
+        let types = columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_name.clone()))
+            .collect();
         let copy = PgCopy {
             key_len: entity.key.len(),
-            columns,
+            columns: columns.into_iter().map(|c| c.name).collect(),
             reader,
             snapshot,
             rows,
             exhausted: false,
         };
-        let types = column_types(&writer, &entity.qualified())
-            .await
-            .map_err(failed(&reading))?;
         let writer = PgCopyWriter {
             entity: entity.qualified(),
             writer,
@@ -236,8 +239,8 @@ impl CopyWriter for PgCopyWriter {
 }
 
 /// What a snapshot sees, how many rows after the checkpoint it holds, and
-/// the names of the columns its cursor reads.
-type Opened = (Result<SideSnapshot, String>, i64, Vec<String>);
+/// the columns its cursor reads.
+type Opened = (Result<SideSnapshot, String>, i64, Vec<sql::Column>);
 
 /// Opens the snapshot: what it sees, and how many rows after `after` it
 /// holds; declares the cursor that reads them in key order.
@@ -271,23 +274,13 @@ async fn take_snapshot(
         .iter()
         .map(|r| sql::Column {
             name: r.get(0),
-            boolean: r.get(1),
+            type_name: r.get(1),
         })
         .collect();
     reader
         .batch_execute(&sql::declare_cursor(CURSOR, entity, key, &columns, after))
         .await?;
-    let names = columns.into_iter().map(|c| c.name).collect();
-    Ok((SideSnapshot::parse(&snap, lsn).ok_or(snap), rows, names))
-}
-
-/// A table's column types, by column, as casts name them.
-async fn column_types(
-    client: &Client,
-    entity: &str,
-) -> Result<HashMap<String, String>, tokio_postgres::Error> {
-    let rows = client.query(sql::TYPES, &[&table_ident(entity)]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok((SideSnapshot::parse(&snap, lsn).ok_or(snap), rows, columns))
 }
 
 /// A cursor's row: the key values, then each column's text.

@@ -41,16 +41,19 @@ pub fn count(entity: &str, key: &[String], after: Option<&[String]>) -> String {
     )
 }
 
-/// A column the copy reads, and whether it is a boolean.
+/// A column of the copied table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
-    pub boolean: bool,
+    /// Its type as casts name it, without a modifier (`character
+    /// varying`, `numeric`, `"bit"`), so that an insert applies the
+    /// modifier as it does to any value (a text too long for its column
+    /// is refused, not cut).
+    pub type_name: String,
 }
 
-/// A table's columns in order (`$1`: the table), each with whether it is
-/// a boolean.
-pub const COLUMNS: &str = "SELECT attname::text, atttypid = 'boolean'::regtype \
+/// A table's columns in order (`$1`: the table), each with its type.
+pub const COLUMNS: &str = "SELECT attname::text, format_type(atttypid, -1) \
      FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
      ORDER BY attnum";
 
@@ -59,7 +62,7 @@ pub const COLUMNS: &str = "SELECT attname::text, atttypid = 'boolean'::regtype \
 /// `false`, as wal2json writes it).
 fn column_text(c: &Column) -> String {
     let column = format!("t.{}", escape_identifier(&c.name));
-    if c.boolean {
+    if c.type_name == "boolean" {
         format!("to_json({column})::text")
     } else {
         format!("{column}::text")
@@ -143,6 +146,15 @@ pub fn statement(entity: &str, w: &Write, types: &HashMap<String, String>) -> St
     }
 }
 
+/// The text `value` of column `name` cast to the column's type (as
+/// [`Column::type_name`]); left as text for a column `types` lacks.
+fn cast(value: String, name: &str, types: &HashMap<String, String>) -> String {
+    match types.get(name) {
+        Some(t) => format!("{value}::{t}"),
+        None => value,
+    }
+}
+
 /// `SELECT (p ->> 'c')::type AS "c", …`: the fields `names` of the JSON
 /// object parameter `param` ([`parameters`]), each cast from its text to
 /// its column's type.
@@ -151,27 +163,16 @@ fn typed(param: &str, names: &[&str], types: &HashMap<String, String>) -> String
         .iter()
         .map(|name| {
             let text = format!("({param}::text::json ->> {})", escape_literal(name));
-            let value = match types.get(*name) {
-                Some(t) => format!("{text}::{t}"),
-                None => text,
-            };
-            format!("{value} AS {}", escape_identifier(name))
+            format!("{} AS {}", cast(text, name, types), escape_identifier(name))
         })
         .collect();
     format!("SELECT {}", values.join(", "))
 }
 
-/// A table's column types (`$1`: the table) as casts name them without a
-/// modifier (`character varying`, `numeric`, `"bit"`).
-pub const TYPES: &str = "SELECT attname::text, format_type(atttypid, -1) \
-     FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped";
-
 /// Creates of the same fields (those of `like`) in one statement. Each
 /// column's values are one array parameter of text ([`columns`]), cast to
-/// the column's type as `types` names it: without its modifier, so that
-/// the insert applies the modifier as it does to any value (a text too
-/// long for its column is refused, not cut). Rows that appeared meanwhile
-/// are left alone.
+/// the column's type as `types` names it ([`Column::type_name`]). Rows
+/// that appeared meanwhile are left alone.
 pub fn create_many(entity: &str, like: &Write, types: &HashMap<String, String>) -> String {
     let table = table_ident(entity);
     let cols: Vec<String> = like
@@ -183,10 +184,7 @@ pub fn create_many(entity: &str, like: &Write, types: &HashMap<String, String>) 
         .new
         .iter()
         .zip(&cols)
-        .map(|(f, c)| match types.get(&f.name) {
-            Some(t) => format!("u.{c}::{t}"),
-            None => format!("u.{c}"),
-        })
+        .map(|(f, c)| cast(format!("u.{c}"), &f.name, types))
         .collect();
     let arrays: Vec<String> = (1..=cols.len()).map(|i| format!("${i}::text[]")).collect();
     let keys: Vec<String> = like
@@ -238,11 +236,11 @@ mod tests {
         let columns = [
             Column {
                 name: "name".into(),
-                boolean: false,
+                type_name: "text".into(),
             },
             Column {
                 name: "active".into(),
-                boolean: true,
+                type_name: "boolean".into(),
             },
         ];
         let sql = declare_cursor(
