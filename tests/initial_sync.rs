@@ -619,8 +619,9 @@ const TYPED: &str = "CREATE TABLE typed (
 /// timestamps, arrays, JSON and bit strings arrive as they were (an array
 /// was refused and a JSON object became a JSON string before), and a
 /// value too long for its column is refused (a failed row), not cut.
+/// Then live sync carries the same types both ways (see `live_typed`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_copy_carries_each_type_and_cuts_no_value() {
+async fn the_copy_and_live_sync_carry_each_type_and_cut_no_value() {
     let fields: Vec<String> = ["id", "flag", "at", "tags", "amount", "code", "doc", "bits"]
         .iter()
         .map(|c| format!("  {{ left = \"{c}\", right = \"{c}\" }},"))
@@ -672,5 +673,45 @@ async fn the_copy_carries_each_type_and_cuts_no_value() {
     assert_eq!(text(&fno, &format!("{row}'T3'")).await, None);
     let (created, updated, _, failed) = counts(&details(&env, "typed"));
     assert_eq!((created, updated, failed), (2, 1, 1));
+    live_typed(&fno, &dv).await;
     env.cleanup().await;
+}
+
+/// Live changes of typed rows both ways: a create on the left, updates on
+/// the right of rows the copy wrote (their expected values, JSON among
+/// them, must match the left's rows for the update to be made). A JSON
+/// object stays an object, a JSON string a string, a JSON null a JSON
+/// null (a live write turned every JSON value into a JSON string before,
+/// and the update after it then met a row unlike the one expected).
+async fn live_typed(fno: &tokio_postgres::Client, dv: &tokio_postgres::Client) {
+    fno.batch_execute(
+        "INSERT INTO typed VALUES ('T5', false, '2026-12-04 13:00:00+00', '{5,NULL}', 0.5, 'x',
+           '{\"c\": {\"d\": [true, null, 1.50]}}', B'001')",
+    )
+    .await
+    .unwrap();
+    dv.batch_execute(
+        "UPDATE typed SET doc = '{\"e\": 1.50}', tags = '{7}' WHERE id = 'T1';
+         UPDATE typed SET doc = '\"just text\"', flag = NULL WHERE id = 'T2'",
+    )
+    .await
+    .unwrap();
+    let row = "SELECT (flag, at AT TIME ZONE 'UTC', tags, amount, code, doc, jsonb_typeof(doc), bits)::text FROM typed WHERE id = ";
+    let want = [
+        ("'T1'", "(t,\"2026-12-04 10:00:00.25\",{7},12.50,\"a,b'c\",\"{\"\"e\"\": 1.50}\",object,101)"),
+        ("'T2'", "(,,{},,,\"\"\"just text\"\"\",string,)"),
+        ("'T5'", "(f,\"2026-12-04 13:00:00\",\"{5,NULL}\",0.50,x,\"{\"\"c\"\": {\"\"d\"\": [true, null, 1.50]}}\",object,001)"),
+    ];
+    for (id, value) in want {
+        let sql = format!("{row}{id}");
+        eventually(
+            &format!("row {id} the same on both sides"),
+            WAIT,
+            || async {
+                let (l, r) = (text(fno, &sql).await, text(dv, &sql).await);
+                l.as_deref() == Some(value) && r.as_deref() == Some(value)
+            },
+        )
+        .await;
+    }
 }

@@ -15,10 +15,13 @@ use tokio_postgres::{Client, Statement};
 use crate::pg::{self, setup_error, side_error};
 use crate::target_sql as sql;
 
-/// A connection to the target with its prepared statements.
+/// A connection to the target with its prepared statements and the json
+/// columns of each table written (read once per connection, as the
+/// statements are prepared once).
 pub struct PgTarget {
     client: Client,
     statements: pg::Prepared,
+    json: HashMap<String, sql::JsonColumns>,
 }
 
 fn failed(e: tokio_postgres::Error) -> SideError {
@@ -32,6 +35,22 @@ impl PgTarget {
 
     async fn simple(&mut self, sql: &str) -> Result<(), SideError> {
         self.client.batch_execute(sql).await.map_err(failed)
+    }
+
+    /// The json and jsonb columns of the target table `entity`.
+    async fn json(&mut self, entity: &str) -> Result<sql::JsonColumns, SideError> {
+        if let Some(j) = self.json.get(entity) {
+            return Ok(j.clone());
+        }
+        let table = sql::table_ident(entity);
+        let rows = self
+            .client
+            .query(sql::JSON_COLUMNS, &[&table])
+            .await
+            .map_err(|e| failed(e).context(&format!("reading the columns of {table}")))?;
+        let j = sql::JsonColumns::new(rows.iter().map(|r| (r.get(0), r.get(1))));
+        self.json.insert(entity.to_owned(), j.clone());
+        Ok(j)
     }
 
     async fn query(
@@ -74,6 +93,7 @@ impl Target for PgTarget {
         Ok(PgTarget {
             client,
             statements: pg::Prepared::default(),
+            json: HashMap::new(),
         })
     }
 
@@ -116,8 +136,9 @@ impl Target for PgTarget {
             .map(|w| sql::names(&w.expect.values))
             .unwrap_or_default();
         let param = sql::json_array(writes.iter().map(|w| sql::row_parameter(w)));
+        let json = self.json(&writes[0].target_entity).await?;
         let rows = self
-            .query(sql::rows_check(writes[0], &compare), &[&param])
+            .query(sql::rows_check(writes[0], &compare, &json), &[&param])
             .await?;
         let mut out: Vec<Option<RowState>> = vec![None; writes.len()];
         for r in rows {
@@ -136,7 +157,8 @@ impl Target for PgTarget {
         let Some(first) = writes.first() else {
             return Ok(());
         };
-        let stmt = self.prepared(sql::statement_many(first)).await?;
+        let json = self.json(&first.target_entity).await?;
+        let stmt = self.prepared(sql::statement_many(first, &json)).await?;
         let param = sql::parameter_many(writes.iter().copied());
         self.client
             .execute(&stmt, &[&param])
@@ -147,13 +169,15 @@ impl Target for PgTarget {
 
     async fn other_key_taken(&mut self, w: &ApplyWrite) -> Result<bool, SideError> {
         let (_, other) = sql::key_parameters(w);
-        let rows = self.query(sql::key_exists(w), &[&other]).await?;
+        let json = self.json(&w.target_entity).await?;
+        let rows = self.query(sql::key_exists(w, &json), &[&other]).await?;
         Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
     }
 
     async fn move_row(&mut self, w: &ApplyWrite) -> Result<Option<String>, SideError> {
         let (own, other) = sql::key_parameters(w);
-        let rows = self.query(sql::move_row(w), &[&own, &other]).await?;
+        let json = self.json(&w.target_entity).await?;
+        let rows = self.query(sql::move_row(w, &json), &[&own, &other]).await?;
         Ok(rows.first().map(|r| r.get::<_, String>(0)))
     }
 

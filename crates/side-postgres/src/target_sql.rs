@@ -6,6 +6,11 @@
 //! rows of the target table by `json_populate_record(set)`, so each value
 //! goes through the column type's own input function, and comparisons are
 //! made in the column types (`1.50` equals `1.5` in a numeric column).
+//! A json or jsonb column is the exception: `json_populate_record` keeps
+//! a JSON string as a JSON string there, so its value is read back out of
+//! the string and cast ([`JsonColumns`]).
+
+use std::collections::HashMap;
 
 use crate::pg::fields_json as json_object;
 use dualwrite_model::record::{ApplyWrite, Field, WriteOp};
@@ -86,6 +91,40 @@ ON CONFLICT (map, record_key) DO UPDATE SET decided = EXCLUDED.decided
 RETURNING 1)
 SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($7::text[]) AS a";
 
+/// The columns of a target table whose type is json or jsonb, or a domain
+/// over one (`$1`: the table's quoted name), each with its type.
+pub const JSON_COLUMNS: &str = "SELECT a.attname::text, format_type(a.atttypid, -1) \
+ FROM pg_attribute AS a JOIN pg_type AS ty ON ty.oid = a.atttypid \
+ WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+   AND (CASE ty.typtype WHEN 'd' THEN ty.typbasetype ELSE ty.oid END) \
+       IN ('json'::regtype, 'jsonb'::regtype)";
+
+/// A target table's json and jsonb columns (name → type). Values travel
+/// as JSON strings, and `json_populate_record` reproduces a JSON value
+/// as it is in such a column: a JSON string, not the document the string
+/// holds. So the statements read these columns back out of the string
+/// (`#>> '{}'`, its text) and cast them: the type's input function takes
+/// the text, as for every other column (and as the initial sync's copy
+/// writes them), and a text that is no JSON is refused, not stored.
+#[derive(Debug, Clone, Default)]
+pub struct JsonColumns(HashMap<String, String>);
+
+impl JsonColumns {
+    pub fn new(columns: impl IntoIterator<Item = (String, String)>) -> JsonColumns {
+        JsonColumns(columns.into_iter().collect())
+    }
+
+    /// Column `name` of the row `alias` made by `json_populate_record`,
+    /// as a value of the column's type.
+    fn field(&self, alias: &str, name: &str) -> String {
+        let col = format!("{alias}.{}", escape_identifier(name));
+        match self.0.get(name) {
+            Some(ty) => format!("({col} #>> '{{}}')::{ty}"),
+            None => col,
+        }
+    }
+}
+
 /// The report of one write (see [`crate::wal2json::Ack`]):
 /// made, or not (superseded: the target was not in the expected state).
 pub fn ack(w: &ApplyWrite, written: bool) -> String {
@@ -129,26 +168,29 @@ fn key_as(w: &ApplyWrite, key: &[Field]) -> String {
 
 /// Whether a row has the old key of a key change (`$1`: the second of
 /// [`key_parameters`]).
-pub fn key_exists(w: &ApplyWrite) -> String {
+pub fn key_exists(w: &ApplyWrite, json: &JsonColumns) -> String {
     let table = table_ident(&w.target_entity);
     format!(
         "SELECT EXISTS (SELECT 1 FROM json_populate_record(NULL::{table}, $1::text::json) AS e \
          JOIN {table} AS t ON {cond})",
-        cond = key_match(w, "t", "e"),
+        cond = key_match(w, "t", "e", json),
     )
 }
 
 /// Moves the record's row (key `$1`) to the new key `$2` if no row has
 /// it, values untouched; returns the row as moved, as a JSON object of
 /// column text values (no row: not moved).
-pub fn move_row(w: &ApplyWrite) -> String {
+pub fn move_row(w: &ApplyWrite, json: &JsonColumns) -> String {
     let table = table_ident(&w.target_entity);
     let set: Vec<String> = w
         .key
         .iter()
         .map(|k| {
-            let k = escape_identifier(&k.name);
-            format!("{k} = n.{k}")
+            format!(
+                "{} = {}",
+                escape_identifier(&k.name),
+                json.field("n", &k.name)
+            )
         })
         .collect();
     format!(
@@ -158,18 +200,19 @@ pub fn move_row(w: &ApplyWrite) -> String {
          WHERE {old} AND NOT EXISTS (SELECT 1 FROM {table} AS x WHERE {new}) \
          RETURNING (SELECT json_object_agg(c.key, c.value) FROM json_each_text(row_to_json(t)) AS c)::text",
         set = set.join(", "),
-        old = key_match(w, "t", "e"),
-        new = key_match(w, "x", "n"),
+        old = key_match(w, "t", "e", json),
+        new = key_match(w, "x", "n", json),
     )
 }
 
-/// `a.k = b.k AND …` over the key columns of `w`.
-fn key_match(w: &ApplyWrite, a: &str, b: &str) -> String {
+/// `a.k = b.k AND …` over the key columns of `w` (`b`: a row made by
+/// `json_populate_record`).
+fn key_match(w: &ApplyWrite, a: &str, b: &str, json: &JsonColumns) -> String {
     w.key
         .iter()
         .map(|k| {
-            let k = escape_identifier(&k.name);
-            format!("{a}.{k} = {b}.{k}")
+            let col = escape_identifier(&k.name);
+            format!("{a}.{col} = {}", json.field(b, &k.name))
         })
         .collect::<Vec<_>>()
         .join(" AND ")
@@ -186,34 +229,30 @@ pub fn key_parameters(w: &ApplyWrite) -> (String, String) {
 /// expected values (in the column types; true when `compare` is empty).
 /// The parameter is a JSON array of objects with the key and the expected
 /// values ([`row_parameter`]).
-pub fn rows_check(w: &ApplyWrite, compare: &[String]) -> String {
+pub fn rows_check(w: &ApplyWrite, compare: &[String], json: &JsonColumns) -> String {
     let table = table_ident(&w.target_entity);
-    let keys: Vec<String> = w
-        .key
-        .iter()
-        .map(|k| {
-            let k = escape_identifier(&k.name);
-            format!("t.{k} = e.{k}")
-        })
-        .collect();
     let same = if compare.is_empty() {
         "true".to_owned()
     } else {
-        let cols = |alias: &str| -> String {
+        let cols = |field: &dyn Fn(&String) -> String| -> String {
             let c: Vec<String> = compare
                 .iter()
-                .map(|c| format!("{alias}.{}::text", escape_identifier(c)))
+                .map(|c| format!("{}::text", field(c)))
                 .collect();
             format!("ROW({})", c.join(", "))
         };
-        format!("{} IS NOT DISTINCT FROM {}", cols("t"), cols("e"))
+        let target = cols(&|c| format!("t.{}", escape_identifier(c)));
+        format!(
+            "{target} IS NOT DISTINCT FROM {}",
+            cols(&|c| json.field("e", c))
+        )
     };
     format!(
         "SELECT x.i, t.xmin::text, {same} \
          FROM json_array_elements($1::text::json) WITH ORDINALITY AS x(j, i) \
          CROSS JOIN LATERAL json_populate_record(NULL::{table}, x.j) AS e \
          JOIN {table} AS t ON {cond} FOR UPDATE OF t",
-        cond = keys.join(" AND "),
+        cond = key_match(w, "t", "e", json),
     )
 }
 
@@ -224,12 +263,14 @@ pub fn row_parameter(w: &ApplyWrite) -> String {
 
 /// The set-based write of a run (same table, operation and field names,
 /// each record once): one statement over a JSON array of [`parameter`]s.
-pub fn statement_many(w: &ApplyWrite) -> String {
+pub fn statement_many(w: &ApplyWrite, json: &JsonColumns) -> String {
     let table = table_ident(&w.target_entity);
     let keys: Vec<String> = w.key.iter().map(|f| escape_identifier(&f.name)).collect();
     match w.op {
         WriteOp::Upsert => {
-            let cols = columns(w);
+            let names = columns(w);
+            let cols: Vec<String> = names.iter().map(|c| escape_identifier(c)).collect();
+            let values: Vec<String> = names.iter().map(|c| json.field("r", c)).collect();
             let updates: Vec<String> = cols
                 .iter()
                 .filter(|c| !keys.contains(c))
@@ -241,29 +282,27 @@ pub fn statement_many(w: &ApplyWrite) -> String {
                 format!("DO UPDATE SET {}", updates.join(", "))
             };
             format!(
-                "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, $1::text::json) \
+                "INSERT INTO {table} ({cols}) SELECT {values} \
+                 FROM json_populate_recordset(NULL::{table}, $1::text::json) AS r \
                  ON CONFLICT ({keys}) {action}",
                 cols = cols.join(", "),
+                values = values.join(", "),
                 keys = keys.join(", "),
             )
         }
-        WriteOp::Delete => {
-            let cond: Vec<String> = keys.iter().map(|k| format!("t.{k} = r.{k}")).collect();
-            format!(
-                "DELETE FROM {table} AS t USING json_populate_recordset(NULL::{table}, $1::text::json) AS r WHERE {}",
-                cond.join(" AND ")
-            )
-        }
+        WriteOp::Delete => format!(
+            "DELETE FROM {table} AS t USING json_populate_recordset(NULL::{table}, $1::text::json) AS r WHERE {}",
+            key_match(w, "t", "r", json)
+        ),
     }
 }
 
 /// The columns an upsert writes: the key, then the values (each once).
-fn columns(w: &ApplyWrite) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
+fn columns(w: &ApplyWrite) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
     for f in w.key.iter().chain(&w.values) {
-        let c = escape_identifier(&f.name);
-        if !out.contains(&c) {
-            out.push(c);
+        if !out.contains(&f.name.as_str()) {
+            out.push(&f.name);
         }
     }
     out
@@ -334,14 +373,16 @@ mod tests {
 
     #[test]
     fn upsert_and_delete_statements() {
+        let none = JsonColumns::default();
         assert_eq!(
-            statement_many(&w(WriteOp::Upsert)),
+            statement_many(&w(WriteOp::Upsert), &none),
             "INSERT INTO \"public\".\"accounts\" (\"accountnumber\", \"name\", \"creditlimit\") \
-             SELECT \"accountnumber\", \"name\", \"creditlimit\" FROM json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json) \
+             SELECT r.\"accountnumber\", r.\"name\", r.\"creditlimit\" \
+             FROM json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json) AS r \
              ON CONFLICT (\"accountnumber\") DO UPDATE SET \"name\" = EXCLUDED.\"name\", \"creditlimit\" = EXCLUDED.\"creditlimit\""
         );
         assert_eq!(
-            statement_many(&w(WriteOp::Delete)),
+            statement_many(&w(WriteOp::Delete), &none),
             "DELETE FROM \"public\".\"accounts\" AS t USING json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json) AS r \
              WHERE t.\"accountnumber\" = r.\"accountnumber\""
         );
@@ -353,10 +394,11 @@ mod tests {
 
     #[test]
     fn the_check_locks_rows_and_compares_in_the_column_types() {
-        let sql = rows_check(&w(WriteOp::Upsert), &["name".to_owned()]);
+        let none = JsonColumns::default();
+        let sql = rows_check(&w(WriteOp::Upsert), &["name".to_owned()], &none);
         assert!(sql.starts_with("SELECT x.i, t.xmin::text, ROW(t.\"name\"::text) IS NOT DISTINCT FROM ROW(e.\"name\"::text)"), "{sql}");
         assert!(sql.ends_with("JOIN \"public\".\"accounts\" AS t ON t.\"accountnumber\" = e.\"accountnumber\" FOR UPDATE OF t"), "{sql}");
-        assert!(rows_check(&w(WriteOp::Delete), &[]).contains(", true FROM"));
+        assert!(rows_check(&w(WriteOp::Delete), &[], &none).contains(", true FROM"));
         let p: serde_json::Value =
             serde_json::from_str(&row_parameter(&w(WriteOp::Upsert))).unwrap();
         assert_eq!(
@@ -368,6 +410,40 @@ mod tests {
         assert_eq!(a["key"][0], "C1");
         assert_eq!(a["version"], 7);
         assert_eq!(a["entity"], "public.accounts");
+    }
+
+    /// A json or jsonb column's value is the text of the JSON string it
+    /// travels as, cast: wherever the statements read the row made from
+    /// the parameter (the written values, the compared ones, the key).
+    #[test]
+    fn json_columns_are_cast_from_the_strings_they_travel_as() {
+        let json = JsonColumns::new([
+            ("name".to_owned(), "jsonb".to_owned()),
+            ("accountnumber".to_owned(), "json".to_owned()),
+        ]);
+        let name = "(r.\"name\" #>> '{}')::jsonb";
+        let write = statement_many(&w(WriteOp::Upsert), &json);
+        assert!(
+            write.contains(&format!(
+                "SELECT (r.\"accountnumber\" #>> '{{}}')::json, {name}, r.\"creditlimit\" FROM"
+            )),
+            "{write}"
+        );
+        assert!(write.ends_with("DO UPDATE SET \"name\" = EXCLUDED.\"name\", \"creditlimit\" = EXCLUDED.\"creditlimit\""), "{write}");
+        let check = rows_check(&w(WriteOp::Upsert), &["name".to_owned()], &json);
+        assert!(
+            check.contains("IS NOT DISTINCT FROM ROW((e.\"name\" #>> '{}')::jsonb::text)"),
+            "{check}"
+        );
+        assert!(
+            check.contains("ON t.\"accountnumber\" = (e.\"accountnumber\" #>> '{}')::json"),
+            "{check}"
+        );
+        let delete = statement_many(&w(WriteOp::Delete), &json);
+        assert!(
+            delete.ends_with("WHERE t.\"accountnumber\" = (r.\"accountnumber\" #>> '{}')::json"),
+            "{delete}"
+        );
     }
 
     #[test]
