@@ -8,9 +8,28 @@ mod support;
 
 use std::time::Duration;
 
+use dualwrite_model::config::SideId;
+
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
+
+/// Runs `sql` on `side` under one of its appliers' replication origins
+/// (one no instance uses now), so no capturer sees it.
+async fn behind_the_pipeline(env: &TestEnv, side: SideId, sql: &str) {
+    let cfg =
+        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+    let origin = cfg.origin_names(side)[5].clone();
+    let sneaky = match side {
+        SideId::Left => env.fno().await,
+        SideId::Right => env.dv().await,
+    };
+    sneaky
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        .await
+        .unwrap();
+    sneaky.batch_execute(sql).await.unwrap();
+}
 
 async fn name_of(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
     text(c, sql).await
@@ -47,22 +66,13 @@ async fn drift_behind_the_pipeline_is_detected_and_repaired() {
     })
     .await;
 
-    // The drift: on the left (not the master), under one of the left
-    // appliers' origins (one no instance uses now), so it is not captured.
-    let cfg =
-        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
-    let origin = cfg.origin_names(dualwrite_model::config::SideId::Left)[5].clone();
-    let sneaky = env.fno().await;
-    sneaky
-        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-        .await
-        .unwrap();
-    sneaky
-        .batch_execute(
-            "UPDATE customers_v3 SET organizationname = 'drifted' WHERE customeraccount = 'C0005'",
-        )
-        .await
-        .unwrap();
+    // The drift: on the left (not the master), not captured.
+    behind_the_pipeline(
+        &env,
+        SideId::Left,
+        "UPDATE customers_v3 SET organizationname = 'drifted' WHERE customeraccount = 'C0005'",
+    )
+    .await;
     let master = name_of(
         &dv,
         "SELECT name FROM accounts WHERE accountnumber = 'C0005'",
@@ -113,5 +123,78 @@ async fn drift_behind_the_pipeline_is_detected_and_repaired() {
         out.contains("0 record(s) repaired of 0 sent; 1 already equal"),
         "{out}"
     );
+    env.cleanup().await;
+}
+
+const TYPED: &str =
+    "CREATE TABLE typed (id text PRIMARY KEY, at timestamp, tags integer[], note text);
+    ALTER TABLE typed REPLICA IDENTITY FULL;";
+
+/// A map's rows are compared and repaired in the text live sync carries
+/// (each type's own output), not in a JSON rendering of them (a timestamp
+/// with a `T`, an array in brackets, which an array column does not read):
+/// `ctl verify` shows the values as they are, and a repair writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_columns_compare_and_repair_as_live_sync_writes_them() {
+    // `note`'s default makes the drift check compare rows, not hashes
+    // (`ctl verify` always does).
+    let map = "\n[[map]]\nname = \"typed\"\n\
+         left = { entity = \"typed\", key = [\"id\"] }\nright = { entity = \"typed\", key = [\"id\"] }\n\
+         field = [\n  { left = \"id\", right = \"id\" },\n  { left = \"at\", right = \"at\" },\n\
+           { left = \"tags\", right = \"tags\" },\n\
+           { left = \"note\", right = \"note\", default = { right = \"(none)\" } },\n]\n";
+    let mut env = TestEnv::with_config("drifttyped", map).await;
+    let (fno, dv) = (env.fno().await, env.dv().await);
+    fno.batch_execute(&format!(
+        "{TYPED} INSERT INTO typed VALUES ('T1', '2026-12-04 10:00:00.25', '{{1,2,NULL}}', 'a')"
+    ))
+    .await
+    .unwrap();
+    dv.batch_execute(TYPED).await.unwrap();
+    env.start_all();
+    env.wait_for_slots(2).await;
+    // The map runs with the left as its conflict master (the configured
+    // one is the right): a repair writes the left's values.
+    env.ctl(&[
+        "run",
+        "typed",
+        "--conflict-master",
+        "fno",
+        "--timeout-secs",
+        "60",
+    ]);
+    fno.batch_execute("INSERT INTO typed VALUES ('T2', '2026-01-01 00:00:00', '{3}', NULL)")
+        .await
+        .unwrap();
+    let row = "SELECT concat_ws('|', at, tags, note) FROM typed WHERE id = 'T2'";
+    eventually("T2 synced", WAIT, || async {
+        text(&dv, row).await.as_deref() == Some("2026-01-01 00:00:00|{3}|(none)")
+    })
+    .await;
+    let verify = env.ctl(&["verify", "typed"]);
+    assert!(verify.contains("equal"), "{verify}");
+
+    // Drift on the right (not the run's master), behind the pipeline.
+    behind_the_pipeline(
+        &env,
+        SideId::Right,
+        "UPDATE typed SET tags = '{9}' WHERE id = 'T1'",
+    )
+    .await;
+    let (code, verify, _) = env.run(&["ctl", "verify", "typed"]);
+    assert_eq!(code, 1, "{verify}");
+    assert!(
+        verify.contains(r#"differs:    ["T1"] tags = Some("{1,2,NULL}") / tags = Some("{9}")"#),
+        "{verify}"
+    );
+    let out = env.ctl(&["repair", "typed"]);
+    assert!(out.contains("1 record(s) repaired of 1 sent"), "{out}");
+    let row = "SELECT concat_ws('|', at, tags, note) FROM typed WHERE id = 'T1'";
+    assert_eq!(
+        text(&dv, row).await.as_deref(),
+        Some("2026-12-04 10:00:00.25|{1,2,NULL}|a")
+    );
+    let verify = env.ctl(&["verify", "typed"]);
+    assert!(verify.contains("equal"), "{verify}");
     env.cleanup().await;
 }

@@ -98,7 +98,8 @@ async fn check<I: Inspect>(
         _ = tokio::time::sleep(confirm) => {}
     }
     let second = read(map, &mut left, &mut right, &differing).await?;
-    let master = config.conflict_master(map);
+    let chosen = watched.status.borrow().conflict_master.clone();
+    let master = config.run_master(map, chosen.as_deref());
     let resolver = watched.resolver.lock().unwrap_or_else(|e| e.into_inner());
     Ok(Some(
         differing

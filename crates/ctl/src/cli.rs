@@ -283,7 +283,12 @@ pub async fn run<C: CopySide, I: Inspect>(
                 .map(&map)
                 .ok_or_else(|| anyhow::anyhow!("unknown map `{map}`"))?;
             let wait = std::time::Duration::from_secs(wait_secs);
-            let r = crate::repair::repair::<I>(&config, m, &keys, wait)
+            let chosen = statuses(&config)
+                .await
+                .and_then(|mut s| s.remove(&map))
+                .and_then(|s| s.conflict_master);
+            let master = config.run_master(m, chosen.as_deref());
+            let r = crate::repair::repair::<I>(&config, m, master, &keys, wait)
                 .await
                 .map_err(anyhow::Error::msg)?;
             crate::repair::print(&r, json, &mut std::io::stdout())?;

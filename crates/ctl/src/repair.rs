@@ -61,10 +61,13 @@ pub fn print(r: &RepairReport, json: bool, out: &mut impl std::io::Write) -> std
 }
 
 /// Repairs `keys` (JSON arrays, as `ctl verify` prints them), or every
-/// differing record, and waits up to `wait` for the sides to agree.
+/// differing record, to the values of `master` (the side the map runs
+/// with as conflict master: the resolver makes a repair for it only), and
+/// waits up to `wait` for the sides to agree.
 pub async fn repair<I: Inspect>(
     config: &Config,
     map: &MapConfig,
+    master: SideId,
     keys: &[String],
     wait: Duration,
 ) -> Result<RepairReport, String> {
@@ -93,7 +96,7 @@ pub async fn repair<I: Inspect>(
             report.equal += 1;
             continue;
         }
-        let event = repair_event(config, map, &key, lsns, &rows)?;
+        let event = repair_event(config, map, master, &key, lsns, &rows)?;
         events.push(event);
         report.sent.push(key_json(&key));
     }
@@ -161,11 +164,11 @@ fn own(map: &MapConfig, side: SideId, row: &Row) -> Vec<Field> {
 fn repair_event(
     config: &Config,
     map: &MapConfig,
+    master: SideId,
     key: &Key,
     lsns: [i64; 2],
     rows: &[Option<Row>; 2],
 ) -> Result<Outgoing, String> {
-    let master = config.conflict_master(map);
     let other = master.other();
     let mi = if master == SideId::Left { 0 } else { 1 };
     let master_values = match &rows[mi] {

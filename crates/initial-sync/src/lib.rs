@@ -296,11 +296,7 @@ async fn attempt<C: CopySide>(
     let copy = CopyRun {
         config,
         map,
-        master: job
-            .conflict_master
-            .as_deref()
-            .and_then(|m| config.side_id(m))
-            .unwrap_or_else(|| config.conflict_master(map)),
+        master: config.run_master(map, job.conflict_master.as_deref()),
         on_their_way,
         producer: &job.producer,
         run: p.run,

@@ -10,7 +10,7 @@
 //! In a filter, each column is a variable holding the column's value in
 //! PostgreSQL's text form (a string) or `null`: compare numbers with a
 //! conversion (`int(qty) > 5`, `double(price) >= 9.5`), booleans as text
-//! (`blocked == 'f'`). A filter must give `true` or `false`; an error while
+//! (`blocked == 'false'`). A filter must give `true` or `false`; an error while
 //! evaluating it (e.g. `int('abc')`) is a mapping error of the record, which
 //! goes to the errors topic while the rest keeps flowing.
 //!

@@ -540,16 +540,10 @@ impl Gate {
 
     /// The side whose writes win concurrent writes: the run's choice, else the configured one.
     fn master(&self) -> SideId {
-        self.status
-            .conflict_master
-            .as_deref()
-            .and_then(|s| self.config.side_id(s))
-            .or_else(|| {
-                self.config
-                    .map(&self.map)
-                    .map(|m| self.config.conflict_master(m))
-            })
-            .unwrap_or(SideId::Right)
+        let chosen = self.status.conflict_master.as_deref();
+        self.config
+            .map(&self.map)
+            .map_or(SideId::Right, |m| self.config.run_master(m, chosen))
     }
 }
 

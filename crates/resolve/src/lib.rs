@@ -116,6 +116,10 @@ pub enum Event {
     /// An operator's repair: both sides' rows as read by `ctl repair`,
     /// the master's to be written to the other side.
     Repair {
+        /// The side whose row `master_values` is: a repair read for
+        /// another master than the map's (a run that chose another
+        /// master since) is dropped, as a read overtaken is.
+        master: SideId,
         /// Per side (left, right): its row as read, and the position of
         /// its WAL when read.
         observed: [Observed; 2],
@@ -355,9 +359,10 @@ pub fn apply(state: &mut KeyState, shape: &Shape, version: u64, event: &Event) -
         Event::Superseded { side, pos, version } => superseded(state, *side, *pos, *version),
         Event::Moved { side, pos, own } => moved(state, *side, *pos, own),
         Event::Repair {
+            master,
             observed,
             master_values,
-        } => repair(state, shape, version, observed, master_values),
+        } => *master == shape.master && repair(state, shape, version, observed, master_values),
     };
     if !folded {
         return Vec::new();

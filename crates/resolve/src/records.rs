@@ -85,6 +85,8 @@ pub fn event(config: &Config, mc: &MappedChange) -> Result<Event, NotAnEvent> {
                 })
             };
             Event::Repair {
+                // A repair's source is the master it was read for.
+                master: side,
                 observed: [observed(SideId::Left)?, observed(SideId::Right)?],
                 master_values: repair.master_values.clone(),
             }

@@ -380,6 +380,11 @@ impl World {
         } else {
             R
         };
+        self.repair_as(master);
+    }
+
+    /// `ctl repair` made for `master` as the conflict master.
+    fn repair_as(&mut self, master: usize) {
         let other = 1 - master;
         let observed = [L, R].map(|i| {
             let row = &self.dbs[i].row;
@@ -410,6 +415,7 @@ impl World {
         };
         self.trace.push(format!("repair -> log@{}", self.log.len()));
         self.log.push(Event::Repair {
+            master: side(master),
             observed,
             master_values,
         });
@@ -980,6 +986,33 @@ fn a_superseded_write_redelivered_later_is_not_written() {
     verdict(&w, 7, master, initial)
         .map_err(|e| panic!("{e}"))
         .ok();
+}
+
+/// A repair read for another conflict master than the map runs with (the
+/// map was run again with the other master in between) is dropped: were
+/// it folded, the resolver would take the other side's row for the
+/// master's and leave the drift in place as agreed. The repair made for
+/// the map's master then mends it.
+#[test]
+fn a_repair_for_another_master_is_dropped() {
+    let master = L;
+    let mut w = World::new(3, master);
+    w.drain();
+    w.sneak(R);
+    assert!(!same(&w.dbs[L].row.content(), &w.dbs[R].row.content()));
+    let state = format!("{:?}", w.state);
+    w.repair_as(R);
+    w.drain();
+    assert_eq!(
+        format!("{:?}", w.state),
+        state,
+        "the repair changed the state"
+    );
+    assert_eq!(w.applied, [0, 0], "the repair wrote");
+    w.repair();
+    w.drain();
+    assert!(same(&w.dbs[L].row.content(), &w.dbs[R].row.content()));
+    assert!(w.state.settled(&w.shape));
 }
 
 proptest! {

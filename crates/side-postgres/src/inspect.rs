@@ -1,7 +1,8 @@
 //! The comparisons' reader on a PostgreSQL side: a pass is a
 //! `REPEATABLE READ` snapshot read through a cursor ordered by the key's
-//! text in the "C" collation (byte order); a hash is the `md5` of a JSON
-//! array of the hashed columns' text values.
+//! text in the "C" collation (byte order); a row is each read column's
+//! text (its type's output, as the change stream carries it), a hash the
+//! `md5` of a JSON array of the hashed columns' text values.
 
 use std::collections::BTreeMap;
 
@@ -11,15 +12,16 @@ use dualwrite_runtime::side::{Inspect, Payload, Reading, SideError, TextKey, Tex
 use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::{Client, Row};
 
-use crate::pg::{self, side_error, table_ident, ROW_AS_TEXT_JSON};
+use crate::pg::{self, side_error, table_ident};
 
 const CURSOR: &str = "dualwrite_inspect";
 
 /// A connection for comparisons, with the pass under way (if any).
 pub struct PgInspect {
     client: Client,
-    /// The pass's key length and whether it reads hashes.
-    pass: Option<(usize, bool)>,
+    /// The pass's key length, and the columns of its rows (`None`: it
+    /// reads hashes).
+    pass: Option<(usize, Option<Vec<String>>)>,
 }
 
 fn failed(what: &str) -> impl Fn(tokio_postgres::Error) -> SideError + '_ {
@@ -56,12 +58,13 @@ impl Inspect for PgInspect {
             ))
             .await
             .map_err(failed(&what))?;
-        self.pass = Some((reading.key.len(), reading.hashed.is_some()));
+        let rows = reading.hashed.is_none().then(|| reading.columns.clone());
+        self.pass = Some((reading.key.len(), rows));
         Ok(())
     }
 
     async fn fetch(&mut self, n: usize) -> Result<Vec<(TextKey, Payload)>, SideError> {
-        let Some((key_len, hashed)) = self.pass else {
+        let Some((key_len, columns)) = &self.pass else {
             return Ok(Vec::new());
         };
         let rows = self
@@ -72,13 +75,11 @@ impl Inspect for PgInspect {
         Ok(rows
             .iter()
             .map(|r| {
-                let payload: Option<String> = r.get(key_len);
-                let p = if hashed {
-                    Payload::Hash(payload.unwrap_or_default())
-                } else {
-                    Payload::Row(row_of(payload.as_deref()))
+                let p = match columns {
+                    Some(columns) => Payload::Row(row_of(r, *key_len, columns)),
+                    None => Payload::Hash(r.get::<_, Option<String>>(*key_len).unwrap_or_default()),
                 };
-                (key_of(r, key_len), p)
+                (key_of(r, *key_len), p)
             })
             .collect())
     }
@@ -107,12 +108,7 @@ impl Inspect for PgInspect {
         let n = reading.key.len();
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    key_of(r, n),
-                    row_of(r.get::<_, Option<String>>(n).as_deref()),
-                )
-            })
+            .map(|r| (key_of(r, n), row_of(r, n, &reading.columns)))
             .collect())
     }
 
@@ -143,11 +139,12 @@ fn key_of(r: &Row, n: usize) -> TextKey {
         .collect()
 }
 
-fn row_of(json: Option<&str>) -> TextRow {
-    json.and_then(|t| serde_json::from_str::<BTreeMap<String, serde_json::Value>>(t).ok())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.as_str().map(str::to_owned)))
+/// The row of `columns`, read after the `n` key values.
+fn row_of(r: &Row, n: usize, columns: &[String]) -> TextRow {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), r.get::<_, Option<String>>(n + i)))
         .collect()
 }
 
@@ -165,26 +162,24 @@ fn source(reading: &Reading) -> String {
     )
 }
 
-fn key_texts(reading: &Reading) -> Vec<String> {
-    reading
-        .key
+/// `t.c::text` for each of `columns`.
+fn texts(columns: &[String]) -> Vec<String> {
+    columns
         .iter()
-        .map(|k| format!("t.{}::text", escape_identifier(k)))
+        .map(|c| format!("t.{}::text", escape_identifier(c)))
         .collect()
 }
 
+fn key_texts(reading: &Reading) -> Vec<String> {
+    texts(&reading.key)
+}
+
 /// The SELECT a pass reads: the key values as text, then the row's hash
-/// or its columns as a JSON object of text values.
+/// or each of its columns as text.
 pub fn pass_query(reading: &Reading) -> String {
     let payload = match &reading.hashed {
-        Some(cols) => {
-            let cols: Vec<String> = cols
-                .iter()
-                .map(|c| format!("t.{}::text", escape_identifier(c)))
-                .collect();
-            format!("md5(json_build_array({})::text)", cols.join(", "))
-        }
-        None => ROW_AS_TEXT_JSON.to_owned(),
+        Some(cols) => format!("md5(json_build_array({})::text)", texts(cols).join(", ")),
+        None => texts(&reading.columns).join(", "),
     };
     let order: Vec<String> = key_texts(reading)
         .into_iter()
@@ -202,9 +197,10 @@ pub fn pass_query(reading: &Reading) -> String {
 /// value arrays).
 fn rows_query(reading: &Reading) -> String {
     format!(
-        "SELECT {keys}, {ROW_AS_TEXT_JSON} FROM {source} \
+        "SELECT {keys}, {row} FROM {source} \
          WHERE json_build_array({keys})::jsonb IN (SELECT value FROM jsonb_array_elements($1::text::jsonb))",
         keys = key_texts(reading).join(", "),
+        row = texts(&reading.columns).join(", "),
         source = source(reading),
     )
 }
@@ -247,7 +243,13 @@ mod tests {
              FROM (SELECT \"accountnumber\", \"name\", \"creditlimit\" FROM \"public\".\"accounts\") AS t \
              ORDER BY t.\"accountnumber\"::text COLLATE \"C\""
         );
-        assert!(pass_query(&reading(false)).contains("json_each_text(row_to_json(t))"));
+        assert_eq!(
+            pass_query(&reading(false)),
+            "SELECT t.\"accountnumber\"::text, \
+             t.\"accountnumber\"::text, t.\"name\"::text, t.\"creditlimit\"::text \
+             FROM (SELECT \"accountnumber\", \"name\", \"creditlimit\" FROM \"public\".\"accounts\") AS t \
+             ORDER BY t.\"accountnumber\"::text COLLATE \"C\""
+        );
     }
 
     #[test]

@@ -357,10 +357,6 @@ pub fn table_ident(entity: &str) -> String {
     format!("{}.{}", escape_identifier(schema), escape_identifier(table))
 }
 
-/// SQL for the row `t` as a JSON object of every column's text value.
-pub const ROW_AS_TEXT_JSON: &str =
-    "(SELECT json_object_agg(e.key, e.value) FROM json_each_text(row_to_json(t)) AS e)::text";
-
 /// A JSON object of fields (a later field of the same name wins), values as
 /// strings or null: the parameter of `json_populate_record`, so each value
 /// goes through its column type's own input function.

@@ -888,12 +888,21 @@ impl Config {
         map.auto_pause.unwrap_or(self.pause_buffer.auto_pause)
     }
 
-    /// The conflict master of a map (default: the right side).
+    /// The conflict master of a map as configured (default: the right side).
     pub fn conflict_master(&self, map: &MapConfig) -> SideId {
         map.conflict_master
             .as_deref()
             .and_then(|m| self.side_id(m))
             .unwrap_or(SideId::Right)
+    }
+
+    /// The conflict master a map runs with: `chosen` (the side named by
+    /// the command that ran it, kept in its status) else the configured
+    /// one. The resolver, repairs and the drift check all use this.
+    pub fn run_master(&self, map: &MapConfig, chosen: Option<&str>) -> SideId {
+        chosen
+            .and_then(|m| self.side_id(m))
+            .unwrap_or_else(|| self.conflict_master(map))
     }
 }
 

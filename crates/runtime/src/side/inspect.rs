@@ -15,7 +15,11 @@ use super::SideError;
 
 /// A record's alternate key values, as text.
 pub type TextKey = Vec<String>;
-/// A row's columns as text (`None`: NULL).
+/// A row's columns, each as its type's text, the form live sync carries
+/// and writes (a timestamp `2026-12-04 10:00:00`, an array `{1,2}`;
+/// `None`: NULL), so that a comparison applies the map's transforms and
+/// scopes to what live sync does, and a repair writes values the target
+/// reads.
 pub type TextRow = BTreeMap<String, Option<String>>;
 
 /// What the comparisons read of a map's table on one side.
