@@ -163,6 +163,14 @@ async fn typed_columns_compare_and_repair_as_live_sync_writes_them() {
         "--timeout-secs",
         "60",
     ]);
+    let maps: Vec<serde_json::Value> = serde_json::from_str(&env.ctl(&["maps", "--json"])).unwrap();
+    let row = maps.iter().find(|r| r["map"] == "typed").unwrap();
+    assert_eq!(
+        (&row["conflict_master"], &row["master_configured"]),
+        (&serde_json::json!("fno"), &serde_json::json!(false))
+    );
+    let table = env.ctl(&["maps"]);
+    assert!(table.contains("fno*"), "{table}");
     fno.batch_execute("INSERT INTO typed VALUES ('T2', '2026-01-01 00:00:00', '{3}', NULL)")
         .await
         .unwrap();

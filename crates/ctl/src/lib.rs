@@ -315,6 +315,11 @@ pub struct MapRow {
     pub mapping_version: Option<String>,
     /// The mapping version of the configuration file read by this command.
     pub configured_version: String,
+    /// The conflict master the map runs with: the side its run chose
+    /// (recorded in its status), else the configured one.
+    pub conflict_master: String,
+    /// Whether that is the configured conflict master.
+    pub master_configured: bool,
 }
 
 /// A short summary of an initial sync for the maps table.
@@ -360,6 +365,8 @@ pub fn map_rows_of(
     let mut rows = Vec::new();
     for m in &config.maps {
         let status = statuses.get(&m.name);
+        let chosen = status.and_then(|s| s.conflict_master.as_deref());
+        let master = config.run_master(m, chosen);
         let topic = t.map(&m.name);
         let marks = kafka_rt::watermarks(&config.kafka, &topic)?;
         let group = t.group(&format!("pause-buffer.{}", m.name));
@@ -382,6 +389,8 @@ pub fn map_rows_of(
             initial_sync: status.and_then(|s| s.initial.as_ref()).map(initial_summary),
             mapping_version: status.and_then(|s| s.mapping_version.clone()),
             configured_version: m.version.clone(),
+            conflict_master: config.side(master).name.clone(),
+            master_configured: master == config.conflict_master(m),
         });
     }
     Ok(rows)
@@ -400,8 +409,8 @@ pub fn list_maps(config: &Config, json: bool, out: &mut impl Write) -> Result<()
     }
     writeln!(
         out,
-        "{:<20} {:<13} {:>4} {:>9}  {:<16} {:<12}  DEPENDS ON",
-        "MAP", "STATE", "GEN", "BACKLOG", "INITIAL SYNC", "VERSION"
+        "{:<20} {:<13} {:>4} {:>9}  {:<16} {:<12}  {:<12}  DEPENDS ON",
+        "MAP", "STATE", "GEN", "BACKLOG", "INITIAL SYNC", "VERSION", "MASTER"
     )?;
     for r in rows {
         // The running version; `running→configured` when the file has another.
@@ -410,15 +419,22 @@ pub fn list_maps(config: &Config, json: bool, out: &mut impl Write) -> Result<()
             Some(v) if *v == r.configured_version => v.clone(),
             Some(v) => format!("{v}→{}", r.configured_version),
         };
+        // The run's master, marked `*` when the run chose another than the file's.
+        let master = if r.master_configured {
+            r.conflict_master.clone()
+        } else {
+            format!("{}*", r.conflict_master)
+        };
         writeln!(
             out,
-            "{:<20} {:<13} {:>4} {:>9}  {:<16} {:<12}  {}",
+            "{:<20} {:<13} {:>4} {:>9}  {:<16} {:<12}  {:<12}  {}",
             r.map,
             r.state,
             r.generation,
             r.backlog,
             r.initial_sync.as_deref().unwrap_or("-"),
             version,
+            master,
             if r.depends_on.is_empty() {
                 "-".to_owned()
             } else {

@@ -73,6 +73,9 @@ fn status(snap: &Snapshot, row: &MapRow) -> Markup {
         @if row.backlog > 0 { div data-backlog=(row.backlog) { (row.backlog) " queued" } }
         @if let Some(secs) = paused_for { div { "paused for " (duration(secs)) } }
         @if let Some(eta) = snap.eta_secs.get(&row.map) { div { "caught up in about " (duration(*eta as i64)) } }
+        @if !row.master_configured {
+            div data-master=(row.conflict_master) { "conflict master " (row.conflict_master) ", chosen at run" }
+        }
         @if let Some(r) = &row.reason { div class="reason" { (r) } }
     }
 }
@@ -131,6 +134,8 @@ mod tests {
             initial_sync: None,
             mapping_version: None,
             configured_version: "v".into(),
+            conflict_master: "dataverse".into(),
+            master_configured: true,
         }
     }
 
@@ -147,5 +152,22 @@ mod tests {
         };
         let after = maps_table(&config, &read, &reader).into_string();
         assert!(!after.contains("data-reading") && after.contains(r#"data-map="customers""#));
+    }
+
+    #[test]
+    fn a_master_chosen_at_run_is_shown_under_the_state() {
+        let config = Config::parse(TEST_SIDES).unwrap();
+        let reader = Viewer::Reader { can_sign_in: true };
+        let mut chosen = row("customers");
+        chosen.conflict_master = "fno".into();
+        chosen.master_configured = false;
+        let snap = Snapshot {
+            read: true,
+            rows: vec![chosen, row("contacts")],
+            ..Snapshot::default()
+        };
+        let html = maps_table(&config, &snap, &reader).into_string();
+        assert!(html.contains(r#"data-master="fno">conflict master fno, chosen at run"#));
+        assert_eq!(html.matches("data-master").count(), 1, "{html}");
     }
 }
