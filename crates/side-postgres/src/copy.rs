@@ -240,7 +240,7 @@ impl CopyWriter for PgCopyWriter {
 
 /// What a snapshot sees, how many rows after the checkpoint it holds, and
 /// the columns its cursor reads.
-type Opened = (Result<SideSnapshot, String>, i64, Vec<sql::Column>);
+type Opened = (Result<SideSnapshot, String>, i64, Vec<pg::Column>);
 
 /// Opens the snapshot: what it sees, and how many rows after `after` it
 /// holds; declares the cursor that reads them in key order.
@@ -268,15 +268,7 @@ async fn take_snapshot(
         .await?
         .get(0);
     let table = table_ident(entity);
-    let columns: Vec<sql::Column> = reader
-        .query(sql::COLUMNS, &[&table])
-        .await?
-        .iter()
-        .map(|r| sql::Column {
-            name: r.get(0),
-            type_name: r.get(1),
-        })
-        .collect();
+    let columns = pg::columns(reader, &table).await?;
     reader
         .batch_execute(&sql::declare_cursor(CURSOR, entity, key, &columns, after))
         .await?;

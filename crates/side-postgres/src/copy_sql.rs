@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use dualwrite_runtime::side::{CopyWrite as Write, WriteKind};
 
-use crate::pg::{fields_json as json_object, table_ident};
+use crate::pg::{fields_json as json_object, table_ident, Column};
 
 /// `(k1::text COLLATE "C", …)`: the key as the copy orders it (byte order
 /// of the text of each value, the same on both sides).
@@ -40,22 +40,6 @@ pub fn count(entity: &str, key: &[String], after: Option<&[String]>) -> String {
         after_condition(key, after)
     )
 }
-
-/// A column of the copied table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    /// Its type as casts name it, without a modifier (`character
-    /// varying`, `numeric`, `"bit"`), so that an insert applies the
-    /// modifier as it does to any value (a text too long for its column
-    /// is refused, not cut).
-    pub type_name: String,
-}
-
-/// A table's columns in order (`$1`: the table), each with its type.
-pub const COLUMNS: &str = "SELECT attname::text, format_type(atttypid, -1) \
-     FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
-     ORDER BY attnum";
 
 /// A column as the cursor reads it: the text of its type's output
 /// function, as the change source gives it (a boolean as `true` or
@@ -237,10 +221,12 @@ mod tests {
             Column {
                 name: "name".into(),
                 type_name: "text".into(),
+                json: false,
             },
             Column {
                 name: "active".into(),
                 type_name: "boolean".into(),
+                json: false,
             },
         ];
         let sql = declare_cursor(

@@ -357,6 +357,40 @@ pub fn table_ident(entity: &str) -> String {
     format!("{}.{}", escape_identifier(schema), escape_identifier(table))
 }
 
+/// A column of a table, as the copy and the appliers cast values to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// Its type as casts name it, without a modifier (`character
+    /// varying`, `numeric`, `"bit"`), so that an insert applies the
+    /// modifier as it does to any value (a text too long for its column
+    /// is refused, not cut).
+    pub type_name: String,
+    /// Whether the type is json or jsonb, or a domain over one.
+    pub json: bool,
+}
+
+/// A table's columns in order (`$1`: the table's quoted name).
+const COLUMNS: &str = "SELECT a.attname::text, format_type(a.atttypid, -1), \
+     (CASE ty.typtype WHEN 'd' THEN ty.typbasetype ELSE ty.oid END) IN ('json'::regtype, 'jsonb'::regtype) \
+     FROM pg_attribute AS a JOIN pg_type AS ty ON ty.oid = a.atttypid \
+     WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+     ORDER BY a.attnum";
+
+/// The columns of `table` (its quoted name), in order.
+pub async fn columns(client: &Client, table: &str) -> Result<Vec<Column>, tokio_postgres::Error> {
+    Ok(client
+        .query(COLUMNS, &[&table])
+        .await?
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            type_name: r.get(1),
+            json: r.get(2),
+        })
+        .collect())
+}
+
 /// A JSON object of fields (a later field of the same name wins), values as
 /// strings or null: the parameter of `json_populate_record`, so each value
 /// goes through its column type's own input function.

@@ -43,12 +43,11 @@ impl PgTarget {
             return Ok(j.clone());
         }
         let table = sql::table_ident(entity);
-        let rows = self
-            .client
-            .query(sql::JSON_COLUMNS, &[&table])
+        let columns = pg::columns(&self.client, &table)
             .await
             .map_err(|e| failed(e).context(&format!("reading the columns of {table}")))?;
-        let j = sql::JsonColumns::new(rows.iter().map(|r| (r.get(0), r.get(1))));
+        let json = columns.into_iter().filter(|c| c.json);
+        let j = sql::JsonColumns::new(json.map(|c| (c.name, c.type_name)));
         self.json.insert(entity.to_owned(), j.clone());
         Ok(j)
     }

@@ -91,14 +91,6 @@ ON CONFLICT (map, record_key) DO UPDATE SET decided = EXCLUDED.decided
 RETURNING 1)
 SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($7::text[]) AS a";
 
-/// The columns of a target table whose type is json or jsonb, or a domain
-/// over one (`$1`: the table's quoted name), each with its type.
-pub const JSON_COLUMNS: &str = "SELECT a.attname::text, format_type(a.atttypid, -1) \
- FROM pg_attribute AS a JOIN pg_type AS ty ON ty.oid = a.atttypid \
- WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-   AND (CASE ty.typtype WHEN 'd' THEN ty.typbasetype ELSE ty.oid END) \
-       IN ('json'::regtype, 'jsonb'::regtype)";
-
 /// A target table's json and jsonb columns (name → type). Values travel
 /// as JSON strings, and `json_populate_record` reproduces a JSON value
 /// as it is in such a column: a JSON string, not the document the string
