@@ -102,7 +102,10 @@ async fn drift_behind_the_pipeline_is_detected_and_repaired() {
 
     // Repaired through the pipeline: the master's values on both sides.
     let out = env.ctl(&["repair", "customers"]);
-    assert!(out.contains("1 record(s) repaired of 1 sent"), "{out}");
+    assert!(
+        out.contains("1 record(s) repaired of 1 sent, to dataverse's values"),
+        "{out}"
+    );
     assert_eq!(
         name_of(
             &fno,
@@ -120,7 +123,7 @@ async fn drift_behind_the_pipeline_is_detected_and_repaired() {
     // A repair of records that agree changes nothing.
     let out = env.ctl(&["repair", "customers", "--key", r#"["C0005"]"#]);
     assert!(
-        out.contains("0 record(s) repaired of 0 sent; 1 already equal"),
+        out.contains("0 record(s) repaired of 0 sent, to dataverse's values (the conflict master it runs with); 1 already equal"),
         "{out}"
     );
     env.cleanup().await;
@@ -195,8 +198,12 @@ async fn typed_columns_compare_and_repair_as_live_sync_writes_them() {
         verify.contains(r#"differs:    ["T1"] tags = Some("{1,2,NULL}") / tags = Some("{9}")"#),
         "{verify}"
     );
+    // To the master the run chose, not the configured one.
     let out = env.ctl(&["repair", "typed"]);
-    assert!(out.contains("1 record(s) repaired of 1 sent"), "{out}");
+    assert!(
+        out.contains("1 record(s) repaired of 1 sent, to fno's values"),
+        "{out}"
+    );
     let row = "SELECT concat_ws('|', at, tags, note) FROM typed WHERE id = 'T1'";
     assert_eq!(
         text(&dv, row).await.as_deref(),

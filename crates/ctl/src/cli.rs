@@ -283,9 +283,14 @@ pub async fn run<C: CopySide, I: Inspect>(
                 .map(&map)
                 .ok_or_else(|| anyhow::anyhow!("unknown map `{map}`"))?;
             let wait = std::time::Duration::from_secs(wait_secs);
-            let chosen = statuses(&config)
+            let chosen = read_statuses(&config)
                 .await
-                .and_then(|mut s| s.remove(&map))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "not repaired: cannot read the maps' statuses, which say the conflict master map `{map}` runs with: {e}"
+                    )
+                })?
+                .remove(&map)
                 .and_then(|s| s.conflict_master);
             let master = config.run_master(m, chosen.as_deref());
             let r = crate::repair::repair::<I>(&config, m, master, &keys, wait)
@@ -458,13 +463,16 @@ async fn send_command(
 
 /// The maps' statuses, `None` if they cannot be read (then nothing is known).
 async fn statuses(config: &Arc<Config>) -> Option<BTreeMap<String, MapStatus>> {
+    read_statuses(config)
+        .await
+        .map_err(|e| tracing::debug!("cannot read the maps' statuses: {e}"))
+        .ok()
+}
+
+/// The maps' statuses from the status topic (a map never run has none).
+async fn read_statuses(config: &Arc<Config>) -> anyhow::Result<BTreeMap<String, MapStatus>> {
     let cfg = config.clone();
-    match tokio::task::spawn_blocking(move || crate::read_statuses(&cfg)).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            tracing::debug!("cannot read the maps' statuses: {e}");
-            None
-        }
-        Err(_) => None,
-    }
+    tokio::task::spawn_blocking(move || crate::read_statuses(&cfg))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -28,6 +28,9 @@ use serde::Serialize;
 #[derive(Debug, Default, Serialize)]
 pub struct RepairReport {
     pub map: String,
+    /// The side whose values were re-asserted: the conflict master the
+    /// map runs with.
+    pub master: String,
     /// Records that differed when read, for which a repair was sent.
     pub sent: Vec<String>,
     /// Records found equal (nothing to repair).
@@ -45,10 +48,11 @@ pub fn print(r: &RepairReport, json: bool, out: &mut impl std::io::Write) -> std
     }
     writeln!(
         out,
-        "map {}: {} record(s) repaired of {} sent; {} already equal",
+        "map {}: {} record(s) repaired of {} sent, to {}'s values (the conflict master it runs with); {} already equal",
         r.map,
         r.repaired.len(),
         r.sent.len(),
+        r.master,
         r.equal
     )?;
     for k in r.sent.iter().filter(|k| !r.repaired.contains(k)) {
@@ -87,6 +91,7 @@ pub async fn repair<I: Inspect>(
     };
     let mut report = RepairReport {
         map: map.name.clone(),
+        master: config.side(master).name.clone(),
         ..RepairReport::default()
     };
     let mut events = Vec::new();
