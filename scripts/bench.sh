@@ -16,6 +16,9 @@
 #                                          # one direction end to end beside Debezium's source +
 #                                          # JDBC sink on one Kafka Connect worker
 #   scripts/bench.sh --scenario scaling    # 1, 2, 4 partitions; 1 or 2 router/applier instances
+#   scripts/bench.sh --scenario catch-up --rows 200000
+#                                          # pause, queue, resume; beside Debezium's source + JDBC
+#                                          # sink with the sink paused and resumed (Connect's REST API)
 #
 # Every other argument goes to the benchmark binary (`--help` lists them:
 # --runs, --big-runs, --rows, --live-rows, --latency-secs, --rate,

@@ -148,6 +148,16 @@ pub struct Connect {
     pub topic: String,
 }
 
+/// The JDBC sink connector's name on the worker.
+const SINK_NAME: &str = "dualwrite-bench-jdbc-sink";
+
+/// The state of the first task in a connector's status
+/// (`{"tasks":[{"id":0,"state":"PAUSED",…}],…}`).
+fn task_state(status: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(status).ok()?;
+    Some(v["tasks"][0]["state"].as_str()?.to_owned())
+}
+
 /// Log line of a task that failed for good (the worker itself goes on).
 const TASK_FAILED: &str = "Task threw an uncaught and unrecoverable exception";
 
@@ -301,6 +311,51 @@ impl Connect {
         Ok(())
     }
 
+    /// The worker's REST address, from its log line `REST server
+    /// listening at http://<addr>/` (it listens on a port of its choosing).
+    fn rest_addr(&self) -> Result<String> {
+        let log = std::fs::read_to_string(&self.service.log).unwrap_or_default();
+        log.split("REST server listening at http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("the worker's log names no REST address yet"))
+    }
+
+    /// Pauses or resumes the JDBC sink through the worker's REST API, as
+    /// an operator would, and waits until its task says so (a paused
+    /// sink reads nothing: what the source captures waits on the topic).
+    pub async fn set_sink_paused(&self, paused: bool) -> Result<()> {
+        let (verb, want) = if paused {
+            ("pause", "PAUSED")
+        } else {
+            ("resume", "RUNNING")
+        };
+        let addr = self.rest_addr()?;
+        let path = format!("/connectors/{SINK_NAME}/{verb}");
+        let (code, body) = {
+            let (a, p) = (addr.clone(), path.clone());
+            tokio::task::spawn_blocking(move || crate::env::http(&a, "PUT", &p)).await?
+        };
+        if code != 202 {
+            bail!("PUT {path} on Kafka Connect answered {code}: {body}");
+        }
+        let status = format!("/connectors/{SINK_NAME}/status");
+        wait_for(
+            &format!("the JDBC sink's task {want}"),
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || async {
+                self.check_alive()?;
+                let (a, p) = (addr.clone(), status.clone());
+                let (_, body) =
+                    tokio::task::spawn_blocking(move || crate::env::http(&a, "GET", &p)).await?;
+                Ok(task_state(&body).as_deref() == Some(want))
+            },
+        )
+        .await
+    }
+
     /// The worker's process (for its memory and CPU time).
     pub fn service(&self) -> &Service {
         &self.service
@@ -381,7 +436,7 @@ fn source(ctx: &Ctx, db: &str, topic_prefix: &str, extra: &str) -> String {
 fn jdbc_sink(ctx: &Ctx, db: &str, topic: &str) -> String {
     format!(
         "# written by dualwrite-bench\n\
-         name=dualwrite-bench-jdbc-sink\n\
+         name={SINK_NAME}\n\
          connector.class=io.debezium.connector.jdbc.JdbcSinkConnector\n\
          tasks.max=1\n\
          topics={topic}\n\
@@ -399,4 +454,18 @@ fn jdbc_sink(ctx: &Ctx, db: &str, topic: &str) -> String {
         ctx.pg_user,
         ctx.debezium_sink_extra.replace("{db}", db)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connectors_task_state_is_read_from_its_status() {
+        let status = r#"{"name":"dualwrite-bench-jdbc-sink","connector":{"state":"PAUSED","worker_id":"127.0.0.1:8083"},"tasks":[{"id":0,"state":"PAUSED","worker_id":"127.0.0.1:8083"}],"type":"sink"}"#;
+        assert_eq!(task_state(status).as_deref(), Some("PAUSED"));
+        let starting = r#"{"name":"x","connector":{"state":"RUNNING"},"tasks":[],"type":"sink"}"#;
+        assert_eq!(task_state(starting), None);
+        assert_eq!(task_state("<html>404</html>"), None);
+    }
 }

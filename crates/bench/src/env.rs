@@ -506,11 +506,18 @@ impl Deployment {
 /// Status code and body of a plain HTTP/1.0 GET on loopback (0 and
 /// nothing when unreachable).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(addr, "GET", path)
+}
+
+/// Status code and body of a plain HTTP/1.0 request without a body on
+/// loopback (0 and nothing when unreachable).
+pub fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
         return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    if s.write_all(head.as_bytes()).is_err() {
         return (0, String::new());
     }
     let mut text = String::new();

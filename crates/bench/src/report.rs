@@ -140,7 +140,7 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
         },
         "catch-up" => Spec {
             title: format!(
-                "Catch-up: pause, queue {} changes (inserts on fno), resume",
+                "Catch-up: pause, queue {} changes (inserts on fno), resume; beside Debezium's source + JDBC sink with the sink paused and resumed",
                 thousands(rows as f64, 0)
             ),
             lines: vec![
@@ -164,8 +164,20 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("replay_busy_pause-buffer/save-ack", "… until the states saved are acknowledged", "s", 1),
                 line("replay_busy_apply-dataverse/write", "target applier's loop: writing (the transaction)", "s", 1),
                 line("replay_busy_apply-dataverse/finish", "… storing its offsets", "s", 1),
+                line("dbz_queue", "Debezium source + JDBC sink, the sink paused: captured onto its topic", "rows/s", 0),
+                line("dbz_replay", "… the sink resumed until every row is on the target", "rows/s", 0),
+                line("dbz_replay_cpu_busy", "… machine busy during its replay", "%", 0),
+                line("dbz_replay_cpu_per_row", "… CPU per row: Kafka Connect, PostgreSQL, the broker", "µs", 0),
+                line("dbz_replay_cpu_connect", "… of the Kafka Connect JVM", "s", 1),
+                line("dbz_replay_cpu_postgres", "… of PostgreSQL", "s", 1),
+                line("dbz_replay_cpu_broker", "… of the broker", "s", 1),
+                line("dbz_rss", "Kafka Connect JVM peak RSS (-Xmx512m)", "MiB", 1),
             ],
-            ratios: vec![],
+            ratios: vec![
+                ratio("dualwrite / Debezium, replay rows/s", "replay", "dbz_replay"),
+                ratio("dualwrite / Debezium, CPU per row in the replay", "replay_cpu_per_row", "dbz_replay_cpu_per_row"),
+                ratio("dualwrite / Debezium, queueing rows/s", "queue", "dbz_queue"),
+            ],
         },
         "capture-hop" => Spec {
             title: format!(

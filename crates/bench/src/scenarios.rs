@@ -319,6 +319,7 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     let n = p.rows;
     let mut d = Deployment::create(ctx, "catchup").await?;
     let r = async {
+        let peer = crate::end_to_end::debezium_catch_up(ctx, &d, n).await?;
         start_running(ctx, &mut d).await?;
         let left = d.left(ctx).await?;
         let right = d.right(ctx).await?;
@@ -369,7 +370,7 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         )
         .await?;
         let applied_secs = last_arrived(&right, "L").await? - resumed_at;
-        let mut o = RunResult::default();
+        let mut o = peer;
         cpu.finish("replay_cpu", &mut o);
         crate::cpu::Window::per_row("replay_cpu", n, &mut o);
         eprintln!("bench:   CPU in the replay: {}", crate::cpu::Window::describe("replay_cpu", &o));
@@ -416,15 +417,22 @@ fn busy_since(
 /// PostgreSQL server (every process it runs, also connections opened or
 /// closed during the window) and the broker when the harness names it.
 async fn cpu_groups(d: &Deployment, db: &Client) -> Result<Vec<(String, Procs)>> {
-    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-    let server = crate::cpu::parent(backend as u32)
-        .ok_or_else(|| anyhow::anyhow!("cannot read the PostgreSQL server's process"))?;
     let mut groups: Vec<(String, Procs)> = d
         .pids()
         .into_iter()
         .map(|(n, p)| (n, Procs::Each(vec![p])))
         .collect();
-    groups.push(("postgres".into(), Procs::Server(server)));
+    groups.extend(stack_cpu_groups(db).await?);
+    Ok(groups)
+}
+
+/// The stack's processes: PostgreSQL's server (that of `db`) and the
+/// broker's, when known.
+pub(crate) async fn stack_cpu_groups(db: &Client) -> Result<Vec<(String, Procs)>> {
+    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let server = crate::cpu::parent(backend as u32)
+        .ok_or_else(|| anyhow::anyhow!("cannot read the PostgreSQL server's process"))?;
+    let mut groups = vec![("postgres".to_owned(), Procs::Server(server))];
     if let Some(b) = crate::cpu::broker_pid() {
         groups.push(("broker".into(), Procs::Each(vec![b])));
     }
