@@ -36,7 +36,8 @@ export DUALWRITE_STACK_KAFKA_CONTROLLER_PORT="$((DUALWRITE_STACK_KAFKA_PORT + 10
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$DUALWRITE_STATE_DIR"
 trap 'scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$DUALWRITE_STATE_DIR"' EXIT
-eval "$(scripts/stack.sh up)"
+stack_env="$(scripts/stack.sh up)" || exit 1
+eval "$stack_env"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
 DUALWRITE_BENCH_BROKER_PID="$(cat "$DUALWRITE_STATE_DIR/kafka/kafka.pid" 2>/dev/null || true)"
 export DUALWRITE_BENCH_BROKER_PID

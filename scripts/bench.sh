@@ -75,7 +75,8 @@ stop_stack() {
   fi
 }
 trap stop_stack EXIT
-eval "$(scripts/stack.sh up)"
+stack_env="$(scripts/stack.sh up)" || exit 1
+eval "$stack_env"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
 # The broker's process, for the CPU figures of the scenarios that give them.
 DUALWRITE_BENCH_BROKER_PID="$(cat "$DUALWRITE_STATE_DIR/kafka/kafka.pid" 2>/dev/null || true)"

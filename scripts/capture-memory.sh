@@ -19,7 +19,8 @@ ROWS="${1:-1000000}"
 MODE="${2:-insert}"
 BIN="${3:-target/release/dualwrite}"
 [ "$BIN" != target/release/dualwrite ] || cargo build --release --bin dualwrite
-eval "$(scripts/stack.sh up)"
+stack_env="$(scripts/stack.sh up)" || exit 1
+eval "$stack_env"
 DB="dw_capmem_$$"
 psql_() { psql -X -q -A -t "$DUALWRITE_PG_URL/$1" -c "$2"; }
 psql_ postgres "CREATE DATABASE $DB"

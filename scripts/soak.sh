@@ -30,7 +30,8 @@ storm_soak() {
   local seconds="${1:-3600}" filter="${2:-}"
   local dir="${DUALWRITE_SOAK_DIR:-$(mktemp -d /tmp/dualwrite-soak-storm.XXXXXX)}"
   mkdir -p "$dir"
-  eval "$(scripts/stack.sh up)"
+  stack_env="$(scripts/stack.sh up)" || exit 1
+  eval "$stack_env"
   export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
   cargo test -p dualwrite --test storm --no-run
   local end=$((SECONDS + seconds)) runs=0 broken=0 args=()
@@ -70,7 +71,8 @@ storm_summary() {
 }
 
 if [ "${1:-}" = huge ]; then
-  eval "$(scripts/stack.sh up)"
+  stack_env="$(scripts/stack.sh up)" || exit 1
+  eval "$stack_env"
   export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
   DUALWRITE_TEST_RESOLVER_CACHE=10000 DUALWRITE_HUGE_TXN_ROWS="${2:-1000000}" cargo test --release -p dualwrite --test capture \
     huge_transaction -- --nocapture

@@ -261,7 +261,14 @@ case "${1:-up}" in
     ;;
   down)
     kafka_stop TERM
-    if [ -f "$PG_DATA/PG_VERSION" ]; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1 || true; fi
+    # A fast stop waits for walsenders to send the WAL to their clients; a
+    # client that does not read keeps it waiting. This stack is disposable:
+    # if the fast stop does not end within 60 s, stop it at once, so that
+    # nothing is left running on the folder (a caller may remove it next).
+    if [ -f "$PG_DATA/PG_VERSION" ]; then
+      as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -t 60 stop >/dev/null 2>&1 ||
+        as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate stop >/dev/null 2>&1 || true
+    fi
     ;;
   kill-kafka)
     # Fault injection: the broker dies at once (`up` starts it again).

@@ -7,7 +7,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-eval "$(scripts/stack.sh up)"
+stack_env="$(scripts/stack.sh up)" || exit 1
+eval "$stack_env"
 # Chromium and playwright-core for the console's browser tests.
 scripts/browser.sh
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL

@@ -185,10 +185,16 @@ mod tests {
     fn a_window_counts_this_process_and_the_machine() {
         let me = std::process::id();
         let w = Window::start(vec![("me".into(), Procs::Each(vec![me]))]);
-        let t = std::time::Instant::now();
+        // Spin until this process has used 0.15 s of CPU (on a busy
+        // machine that takes longer than 0.15 s of wall time).
+        let start = cpu_secs(me).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let mut x = 0u64;
-        while t.elapsed() < std::time::Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_add(1));
+        while cpu_secs(me).unwrap() < start + 0.15 {
+            assert!(std::time::Instant::now() < deadline, "no CPU in 60 s");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
         }
         let mut out = RunResult::default();
         w.finish("w", &mut out);

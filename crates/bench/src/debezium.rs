@@ -142,14 +142,77 @@ pub fn table_topic(topic_prefix: &str) -> String {
 /// connector on one table, and in a pipeline Debezium's JDBC sink too.
 pub struct Connect {
     service: Service,
-    /// Its replication slot (and publication).
-    pub slot: String,
-    /// The topic of the table: `<topic prefix>.public.bench_items`.
+    /// Its sources' replication slots (and publications).
+    slots: Vec<String>,
+    /// The topic of the (first) source's table: `<topic
+    /// prefix>.public.bench_items`.
     pub topic: String,
 }
 
-/// The JDBC sink connector's name on the worker.
+/// One direction of a pipeline: Debezium's source on `from` (without
+/// `arrived_at`, which the target fills in), its records on
+/// `<topic_prefix>.public.bench_items`, and the JDBC sink upserting them
+/// by key into `bench_items` of `to`.
+pub struct Direction<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+    pub topic_prefix: String,
+    /// With both directions at once: the source publishes only the rows
+    /// whose key starts with this (those made on its side), through a
+    /// publication made beforehand with that row filter, so that what the
+    /// other direction's sink writes is not sent back (PostgreSQL 15 has
+    /// no `origin = none`; the native anchor filters the same way).
+    pub own_keys: Option<&'static str>,
+    /// Whether the source first copies the rows the table holds (a
+    /// snapshot, of its own keys only with `own_keys`) before it streams.
+    pub snapshot: bool,
+}
+
+impl Direction<'_> {
+    /// The source's properties of this direction, before `extra`.
+    fn source_properties(&self) -> String {
+        let mut props = "column.exclude.list=public.bench_items.arrived_at\n".to_owned();
+        if self.own_keys.is_some() {
+            props.push_str("publication.autocreate.mode=disabled\n");
+        }
+        if self.snapshot {
+            props.push_str("snapshot.mode=initial\n");
+            if let Some(keys) = self.own_keys {
+                props.push_str(&format!(
+                    "snapshot.select.statement.overrides=public.bench_items\n\
+                     snapshot.select.statement.overrides.public.bench_items=\
+                     SELECT * FROM public.bench_items WHERE id LIKE '{keys}%'\n"
+                ));
+            }
+        }
+        props
+    }
+}
+
+/// The JDBC sink connector's name on the worker (of the first direction;
+/// the others' are suffixed).
 const SINK_NAME: &str = "dualwrite-bench-jdbc-sink";
+
+/// The source connector's name (likewise).
+const SOURCE_NAME: &str = "dualwrite-bench-debezium";
+
+/// The replication slot and publication of a source on `db`.
+fn slot_of(db: &str) -> String {
+    format!("{db}_dbz")
+}
+
+/// Makes the publication of a source on `db` that publishes only the rows
+/// whose key starts with `keys` (see [`Direction::own_keys`]).
+async fn own_publication(ctx: &Ctx, db: &str, keys: &str) -> Result<()> {
+    let client = ctx.connect(db).await?;
+    client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE bench_items WHERE (id LIKE '{keys}%')",
+            slot_of(db)
+        ))
+        .await
+        .with_context(|| format!("create the publication of Debezium's source on {db}"))
+}
 
 /// The state of the first task in a connector's status
 /// (`{"tasks":[{"id":0,"state":"PAUSED",…}],…}`).
@@ -169,7 +232,7 @@ struct Worker<'a> {
     /// JSON with schemas (the JDBC sink needs them) or plain JSON.
     schemas: bool,
     /// (file name, properties) of each connector.
-    connectors: Vec<(&'static str, String)>,
+    connectors: Vec<(String, String)>,
 }
 
 impl Connect {
@@ -189,45 +252,79 @@ impl Connect {
             libs,
             plugins: None,
             schemas: false,
-            connectors: vec![("connect-debezium", source(ctx, db, topic_prefix, extra))],
+            connectors: vec![(
+                "connect-debezium".into(),
+                source(ctx, SOURCE_NAME, db, topic_prefix, extra),
+            )],
         };
-        Self::launch(ctx, dir, worker, db, topic_prefix).await
+        Self::launch(
+            ctx,
+            dir,
+            worker,
+            vec![slot_of(db)],
+            table_topic(topic_prefix),
+        )
+        .await
     }
 
-    /// Starts a worker running one direction end to end: the source on
-    /// `from` (without `arrived_at`, which the target fills in) and the
-    /// JDBC sink upserting by key into `bench_items` of `to`.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts a worker running each of `directions` end to end (one
+    /// source and one JDBC sink each); `extra` is appended to each
+    /// source's properties. Returns once every source reads its slot (at
+    /// once for those taking a snapshot first).
     pub async fn start_pipeline(
         ctx: &Ctx,
-        libs: &Path,
-        plugins: &Path,
+        (libs, plugins): (&Path, &Path),
         dir: &Path,
-        from: &str,
-        to: &str,
-        topic_prefix: &str,
+        directions: &[Direction<'_>],
         extra: &str,
     ) -> Result<Connect> {
-        let extra = format!("column.exclude.list=public.bench_items.arrived_at\n{extra}");
-        let topic = table_topic(topic_prefix);
+        let mut connectors = Vec::new();
+        for (i, d) in directions.iter().enumerate() {
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!("-{i}")
+            };
+            if let Some(keys) = d.own_keys {
+                own_publication(ctx, d.from, keys).await?;
+            }
+            let props = format!("{}{extra}", d.source_properties());
+            let (source_name, sink_name) = (
+                format!("{SOURCE_NAME}{suffix}"),
+                format!("{SINK_NAME}{suffix}"),
+            );
+            let topic = table_topic(&d.topic_prefix);
+            connectors.push((
+                format!("connect-debezium{suffix}"),
+                source(ctx, &source_name, d.from, &d.topic_prefix, &props),
+            ));
+            connectors.push((
+                format!("connect-jdbc-sink{suffix}"),
+                jdbc_sink(ctx, &sink_name, d.to, &topic),
+            ));
+        }
         let worker = Worker {
             libs,
             plugins: Some(plugins),
             schemas: true,
-            connectors: vec![
-                ("connect-debezium", source(ctx, from, topic_prefix, &extra)),
-                ("connect-jdbc-sink", jdbc_sink(ctx, to, &topic)),
-            ],
+            connectors,
         };
-        Self::launch(ctx, dir, worker, from, topic_prefix).await
+        // A source taking a snapshot reads its slot only after it.
+        let slots = directions
+            .iter()
+            .filter(|d| !d.snapshot)
+            .map(|d| slot_of(d.from))
+            .collect();
+        let topic = table_topic(&directions[0].topic_prefix);
+        Self::launch(ctx, dir, worker, slots, topic).await
     }
 
     async fn launch(
         ctx: &Ctx,
         dir: &Path,
         worker: Worker<'_>,
-        db: &str,
-        topic_prefix: &str,
+        slots: Vec<String>,
+        topic: String,
     ) -> Result<Connect> {
         let mut files = vec![write(
             dir,
@@ -261,19 +358,21 @@ impl Connect {
         });
         let c = Connect {
             service: Service::start("debezium-connect", dir, recipe)?,
-            slot: format!("{db}_dbz"),
-            topic: table_topic(topic_prefix),
+            slots,
+            topic,
         };
         let admin = ctx.connect("postgres").await?;
-        c.wait_streaming(&admin).await?;
+        for slot in &c.slots {
+            c.wait_streaming(&admin, slot).await?;
+        }
         Ok(c)
     }
 
-    /// Waits until the connector reads its slot (rows committed from then
-    /// on are captured).
-    async fn wait_streaming(&self, admin: &Client) -> Result<()> {
+    /// Waits until a source reads its slot (rows committed from then on
+    /// are captured).
+    async fn wait_streaming(&self, admin: &Client, slot: &str) -> Result<()> {
         wait_for(
-            &format!("Debezium reading its slot {}", self.slot),
+            &format!("Debezium reading its slot {slot}"),
             Duration::from_secs(180),
             Duration::from_millis(200),
             || async {
@@ -281,7 +380,7 @@ impl Connect {
                 let active: Option<bool> = admin
                     .query_opt(
                         "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&self.slot],
+                        &[&slot],
                     )
                     .await?
                     .map(|r| r.get(0));
@@ -407,10 +506,10 @@ fn worker_properties(ctx: &Ctx, dir: &Path, w: &Worker<'_>) -> String {
 
 /// Debezium's PostgreSQL connector on `bench_items` of `db`, slot and
 /// publication `<db>_dbz`.
-fn source(ctx: &Ctx, db: &str, topic_prefix: &str, extra: &str) -> String {
+fn source(ctx: &Ctx, name: &str, db: &str, topic_prefix: &str, extra: &str) -> String {
     format!(
         "# written by dualwrite-bench\n\
-         name=dualwrite-bench-debezium\n\
+         name={name}\n\
          connector.class=io.debezium.connector.postgresql.PostgresConnector\n\
          tasks.max=1\n\
          database.hostname={}\n\
@@ -433,10 +532,10 @@ fn source(ctx: &Ctx, db: &str, topic_prefix: &str, extra: &str) -> String {
 /// `bench_items` of `db`, deletes off, the table as it is; then
 /// `--debezium-sink-extra`, where `{db}` stands for `db` (so that
 /// `connection.url` can be given again with parameters).
-fn jdbc_sink(ctx: &Ctx, db: &str, topic: &str) -> String {
+fn jdbc_sink(ctx: &Ctx, name: &str, db: &str, topic: &str) -> String {
     format!(
         "# written by dualwrite-bench\n\
-         name={SINK_NAME}\n\
+         name={name}\n\
          connector.class=io.debezium.connector.jdbc.JdbcSinkConnector\n\
          tasks.max=1\n\
          topics={topic}\n\
@@ -459,6 +558,36 @@ fn jdbc_sink(ctx: &Ctx, db: &str, topic: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_of_both_ways_publishes_and_copies_its_own_keys_only() {
+        let d = Direction {
+            from: "a",
+            to: "b",
+            topic_prefix: "p".into(),
+            own_keys: Some("R"),
+            snapshot: true,
+        };
+        let props = d.source_properties();
+        assert!(
+            props.contains("publication.autocreate.mode=disabled\n"),
+            "{props}"
+        );
+        assert!(props.contains("snapshot.mode=initial\n"), "{props}");
+        assert!(
+            props.contains("snapshot.select.statement.overrides.public.bench_items=SELECT * FROM public.bench_items WHERE id LIKE 'R%'\n"),
+            "{props}"
+        );
+        let one_way = Direction {
+            own_keys: None,
+            snapshot: false,
+            ..d
+        };
+        assert_eq!(
+            one_way.source_properties(),
+            "column.exclude.list=public.bench_items.arrived_at\n"
+        );
+    }
 
     #[test]
     fn a_connectors_task_state_is_read_from_its_status() {

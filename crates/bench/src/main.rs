@@ -9,10 +9,10 @@
 
 mod cpu;
 mod debezium;
-mod end_to_end;
 mod env;
 mod hops;
 mod measure;
+mod peer;
 mod report;
 mod rows;
 mod scaling;
@@ -256,7 +256,7 @@ async fn run(args: Args) -> Result<bool> {
                 Scenario::CatchUp => scenarios::catch_up(&ctx, &params).await,
                 Scenario::InitialSync => scenarios::initial_sync(&ctx, &params).await,
                 Scenario::CaptureHop => scenarios::capture_hop(&ctx, &params).await,
-                Scenario::EndToEnd => end_to_end::end_to_end(&ctx, &params).await,
+                Scenario::EndToEnd => peer::end_to_end(&ctx, &params).await,
                 Scenario::Scaling => scaling::scaling(&ctx, &params).await,
                 Scenario::All => unreachable!("expanded above"),
             };
@@ -301,6 +301,7 @@ async fn run(args: Args) -> Result<bool> {
         ));
         out.push('\n');
     }
+    out.push_str(&report::two_way_table(&results));
     out.push_str(&report::memory_table(&results, &order));
     println!("{out}");
     if let Some(path) = &args.json {

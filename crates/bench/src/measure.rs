@@ -126,6 +126,11 @@ pub async fn first_made(db: &Client, prefix: &str) -> Result<f64> {
     epoch(db, "min(made_at)", prefix).await
 }
 
+/// Epoch seconds of `min(arrived_at)` of rows with `prefix` (database clock).
+pub async fn first_arrived(db: &Client, prefix: &str) -> Result<f64> {
+    epoch(db, "min(arrived_at)", prefix).await
+}
+
 /// Epoch seconds of `max(arrived_at)` of rows with `prefix` (database clock).
 pub async fn last_arrived(db: &Client, prefix: &str) -> Result<f64> {
     epoch(db, "max(arrived_at)", prefix).await

@@ -60,10 +60,16 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("sync_cpu_postgres", "… of PostgreSQL (every process of the server)", "s", 1),
                 line("copy", "anchor: COPY into a fresh table", "rows/s", 0),
                 line("upsert", "anchor: upsert, 500-row batches (json_populate_recordset)", "rows/s", 0),
+                line("dbz", "peer: Debezium source (snapshot) + JDBC sink each way, first row to arrive to last", "rows/s", 0),
+                line("dbz_cpu_per_row", "… its CPU per row created, from the worker's start", "µs", 0),
+                line("dbz_cpu_busy", "… machine busy over it", "%", 0),
+                line("dbz_rss", "… Kafka Connect JVM peak RSS (-Xmx512m)", "MiB", 1),
             ],
             ratios: vec![
                 ratio("dualwrite / COPY", "ours", "copy"),
                 ratio("dualwrite / batched upsert", "ours", "upsert"),
+                ratio("dualwrite / Debezium snapshot + JDBC sink", "ours", "dbz"),
+                ratio("dualwrite / Debezium, CPU per row", "sync_cpu_per_row", "dbz_cpu_per_row"),
             ],
         },
         "live-one" => Spec {
@@ -85,10 +91,16 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("after_p99", "then a steady load right after: latency p99", "ms", 1),
                 line("after_max", "then a steady load right after: latency max", "ms", 1),
                 line("after_max_at", "  the slowest row made at (after the load's start)", "s", 1),
+                line("dbz", "peer: Debezium source + JDBC sink, the same rows", "rows/s", 0),
+                line("dbz_cpu_per_row", "… its CPU per row: Kafka Connect, PostgreSQL, the broker", "µs", 0),
+                line("dbz_cpu_busy", "… machine busy over it", "%", 0),
+                line("dbz_rss", "… Kafka Connect JVM peak RSS (-Xmx512m)", "MiB", 1),
             ],
             ratios: vec![
                 ratio("dualwrite / native logical replication", "ours", "native"),
                 ratio("dualwrite / Kafka hop", "ours", "hop"),
+                ratio("dualwrite / Debezium source + JDBC sink", "ours", "dbz"),
+                ratio("dualwrite / Debezium, CPU per row", "live_cpu_per_row", "dbz_cpu_per_row"),
             ],
         },
         "live-both" => Spec {
@@ -104,10 +116,16 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("live_cpu_busy", "machine busy, first insert to last row, share of every core", "%", 0),
                 line("live_cpu_per_row", "… CPU per row, every process of the stack together", "µs", 0),
                 line("live_cpu_allows", "… the rows/s the machine's cores allow at that cost", "rows/s", 0),
+                line("dbz", "peer: Debezium source + JDBC sink each way (each source publishing its side's keys only), total", "rows/s", 0),
+                line("dbz_cpu_per_row", "… its CPU per row: Kafka Connect, PostgreSQL, the broker", "µs", 0),
+                line("dbz_cpu_busy", "… machine busy over it", "%", 0),
+                line("dbz_rss", "… Kafka Connect JVM peak RSS (-Xmx512m)", "MiB", 1),
             ],
             ratios: vec![
                 ratio("dualwrite / native logical replication", "ours", "native"),
                 ratio("dualwrite / Kafka hop", "ours", "hop"),
+                ratio("dualwrite / Debezium source + JDBC sink", "ours", "dbz"),
+                ratio("dualwrite / Debezium, CPU per row", "live_cpu_per_row", "dbz_cpu_per_row"),
             ],
         },
         "latency" => Spec {
@@ -369,6 +387,38 @@ pub fn scenario_table(spec: &Spec, runs: &[RunResult], failed: usize) -> String 
 
 /// Peak resident memory (VmHWM) of each service per scenario: the median
 /// over the runs, and the largest in brackets.
+/// Both ways against one way, per direction (half the both-ways total
+/// over the one-way rate, medians of each scenario's runs), for dualwrite
+/// and the peer, when both live scenarios ran.
+pub fn two_way_table(results: &BTreeMap<String, Vec<RunResult>>) -> String {
+    let median = |scenario: &str, key: &str| -> Option<f64> {
+        let runs = results.get(scenario)?;
+        let v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.values.get(key).copied())
+            .collect();
+        stats(&v).map(|(m, _, _)| m)
+    };
+    let mut out = String::new();
+    for (who, key) in [
+        ("dualwrite", "ours"),
+        ("Debezium source + JDBC sink", "dbz"),
+    ] {
+        if let (Some(both), Some(one)) = (median("live-both", key), median("live-one", key)) {
+            out.push_str(&format!(
+                "{who:<30} both ways {:>8} rows/s in total, one way {:>8} rows/s: {:.2}x per direction\n",
+                thousands(both, 0),
+                thousands(one, 0),
+                both / 2.0 / one
+            ));
+        }
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!("== Both ways against one way, per direction (medians; the goal: 0.8x) ==\n{out}\n")
+}
+
 pub fn memory_table(results: &BTreeMap<String, Vec<RunResult>>, order: &[String]) -> String {
     let names: Vec<String> = SERVICES
         .iter()
@@ -417,6 +467,47 @@ mod tests {
         assert_eq!(stats(&[3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
         assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
         assert_eq!(stats(&[]), None);
+    }
+
+    #[test]
+    fn two_ways_are_compared_per_direction_with_medians() {
+        let run = |ours: f64, dbz: Option<f64>| {
+            let mut r = RunResult::default();
+            r.set("ours", ours);
+            if let Some(d) = dbz {
+                r.set("dbz", d);
+            }
+            r
+        };
+        let mut results = BTreeMap::new();
+        assert_eq!(two_way_table(&results), "");
+        results.insert(
+            "live-one".to_owned(),
+            vec![
+                run(10_000.0, Some(4_000.0)),
+                run(9_000.0, Some(5_000.0)),
+                run(11_000.0, None),
+            ],
+        );
+        assert_eq!(two_way_table(&results), "", "one scenario only");
+        results.insert(
+            "live-both".to_owned(),
+            vec![
+                run(8_000.0, Some(6_000.0)),
+                run(9_000.0, Some(7_000.0)),
+                run(7_000.0, Some(5_000.0)),
+            ],
+        );
+        let t = two_way_table(&results);
+        // dualwrite: 8,000 / 2 / 10,000; the peer: 6,000 / 2 / 4,500.
+        assert!(
+            t.contains("both ways    8,000 rows/s in total, one way   10,000 rows/s: 0.40x"),
+            "{t}"
+        );
+        assert!(
+            t.contains("both ways    6,000 rows/s in total, one way    4,500 rows/s: 0.67x"),
+            "{t}"
+        );
     }
 
     #[test]

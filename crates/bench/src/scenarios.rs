@@ -185,6 +185,10 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
     // dualwrite.
     let mut d = Deployment::create(ctx, if both { "live2" } else { "live1" }).await?;
     let r = async {
+        // Peer: Debezium's source + JDBC sink (each way with `both`).
+        let mut o = crate::peer::live(ctx, &d, n, both).await?;
+        o.values.extend(out.values.clone());
+
         start_running(ctx, &mut d).await?;
         let left = d.left(ctx).await?;
         let right = d.right(ctx).await?;
@@ -195,7 +199,6 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
         let t = Instant::now();
         let (rate, insert_rate) = live_measure(&left, &right, n, both, &alive).await?;
         let secs = t.elapsed().as_secs_f64();
-        let mut o = out.clone();
         cpu.finish("live_cpu", &mut o);
         crate::cpu::Window::per_row("live_cpu", n, &mut o);
         let each = crate::cpu::Window::describe("live_cpu", &o);
@@ -319,7 +322,7 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     let n = p.rows;
     let mut d = Deployment::create(ctx, "catchup").await?;
     let r = async {
-        let peer = crate::end_to_end::debezium_catch_up(ctx, &d, n).await?;
+        let peer = crate::peer::catch_up(ctx, &d, n).await?;
         start_running(ctx, &mut d).await?;
         let left = d.left(ctx).await?;
         let right = d.right(ctx).await?;
@@ -479,6 +482,10 @@ pub async fn initial_sync(ctx: &Ctx, p: &Params) -> Result<RunResult> {
             n as f64 / copy_secs,
             n as f64 / upsert_secs
         );
+
+        // Peer: Debezium's snapshot and stream each way, the same rows.
+        let peer = crate::peer::initial_sync(ctx, &d, n).await?;
+        out.values.extend(peer.values);
 
         // The rows dualwrite finds: L… on the left, R… on the right.
         let left = d.left(ctx).await?;
