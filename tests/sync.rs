@@ -867,3 +867,108 @@ async fn a_key_change_moves_the_record_and_keeps_what_the_target_owns() {
     assert_eq!(code, 0, "{out}");
     env.cleanup().await;
 }
+
+/// A target column's type changed while the appliers run (text to
+/// bigint): the next writes take the new type. The applier casts each
+/// value's text to its column's type, read in each transaction: with the
+/// types read once per connection, the writes cast to the old type were
+/// refused by the database and went to the errors topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_whose_type_changes_while_the_appliers_run_takes_the_next_writes() {
+    let mut env = TestEnv::new("coltype").await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    let phones = "SELECT string_agg(telephone1::text, ',' ORDER BY accountnumber) FROM accounts \
+                  WHERE accountnumber IN ('C0001', 'C0002')";
+    fno.batch_execute(
+        "UPDATE customers_v3 SET primaryphone = '451' WHERE customeraccount = 'C0001'",
+    )
+    .await
+    .unwrap();
+    eventually("the first phone reaches the right side", WAIT, || async {
+        text(&dv, phones).await.as_deref() == Some("451,+45 10000002")
+    })
+    .await;
+    dv.batch_execute(
+        "ALTER TABLE accounts ALTER COLUMN telephone1 TYPE bigint
+           USING regexp_replace(telephone1, '\\D', '', 'g')::bigint",
+    )
+    .await
+    .unwrap();
+    fno.batch_execute(
+        "UPDATE customers_v3 SET primaryphone = '452' WHERE customeraccount = 'C0001';
+         UPDATE customers_v3 SET primaryphone = '453' WHERE customeraccount = 'C0002'",
+    )
+    .await
+    .unwrap();
+    eventually("the next phones reach the bigint column", WAIT, || async {
+        text(&dv, phones).await.as_deref() == Some("452,453")
+    })
+    .await;
+    assert_eq!(env.tail("errors"), Vec::<serde_json::Value>::new());
+    env.cleanup().await;
+}
+
+/// The applier's check and delete of a run probe the key's index once
+/// per key (its session: `SESSION`), whatever the table's size: matched
+/// with a run's 2,000 keys as text arrays, a table of 50,000 rows was read
+/// by a sequential scan for a hash join, each batch (BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_and_delete_of_a_run_probe_the_key_index() {
+    use dualwrite_model::record::{ExpectKind, WriteOp};
+    use dualwrite_side_postgres::target_sql::{self as sql, ColumnTypes};
+    let env = TestEnv::new("plan2").await;
+    let dv = env.dv().await;
+    dv.batch_execute(&format!(
+        "CREATE TABLE plan_items (id text PRIMARY KEY, name text, qty integer);
+         INSERT INTO plan_items SELECT 'K' || i, 'n' || i, i FROM generate_series(1, 50000) i;
+         ANALYZE plan_items; {}",
+        sql::SESSION
+    ))
+    .await
+    .unwrap();
+    let types = ColumnTypes::new([
+        ("id".to_owned(), "text".to_owned()),
+        ("name".to_owned(), "text".to_owned()),
+        ("qty".to_owned(), "integer".to_owned()),
+    ]);
+    let writes: Vec<_> = (1..=2000)
+        .map(|i| {
+            let key = format!("K{}", i * 23);
+            let mut w = support::decision("m", "plan_items", &[("id", &key)], &[]);
+            w.expect.kind = ExpectKind::Row;
+            w.expect.values = vec![dualwrite_model::record::Field::new("qty", Some("5"))];
+            w
+        })
+        .collect();
+    let refs: Vec<_> = writes.iter().collect();
+    let compare = ["qty".to_owned()];
+    let names = sql::check_names(refs[0], &compare);
+    let arrays = sql::arrays(&refs, &names, |w| w.key.iter().chain(&w.expect.values));
+    let check = explain(&dv, &sql::rows_check(refs[0], &compare, &types), &arrays).await;
+    assert!(
+        check.contains("Index Scan using plan_items_pkey") && !check.contains("Seq Scan"),
+        "{check}"
+    );
+    let mut delete = writes[0].clone();
+    delete.op = WriteOp::Delete;
+    let keys = sql::arrays(&refs, &["id"], |w| w.key.iter());
+    let delete = explain(&dv, &sql::statement_many(&delete, &types), &keys).await;
+    assert!(
+        delete.contains("Index Scan using plan_items_pkey") && !delete.contains("Seq Scan"),
+        "{delete}"
+    );
+    env.cleanup().await;
+}
+
+/// The plan of `sql` with text arrays as its parameters.
+async fn explain(c: &tokio_postgres::Client, sql: &str, arrays: &[Vec<Option<&str>>]) -> String {
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        arrays.iter().map(|a| a as _).collect();
+    let rows = c.query(&format!("EXPLAIN {sql}"), &params).await.unwrap();
+    let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    lines.join("\n")
+}

@@ -41,6 +41,9 @@ pub struct Ctx {
     pub debezium_extra: String,
     /// Properties appended to the JDBC sink's configuration.
     pub debezium_sink_extra: String,
+    /// Whether the live, catch-up and initial-sync scenarios run the
+    /// Debezium peer beside dualwrite (`--no-peer`: not).
+    pub peer: bool,
 }
 
 impl Ctx {
@@ -83,6 +86,7 @@ impl Ctx {
             peer_cache: PathBuf::new(),
             debezium_extra: String::new(),
             debezium_sink_extra: String::new(),
+            peer: true,
         })
     }
 

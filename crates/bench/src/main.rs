@@ -157,6 +157,11 @@ struct Args {
     /// `connection.url=jdbc:postgresql://127.0.0.1:55434/{db}?reWriteBatchedInserts=true`.
     #[arg(long)]
     debezium_sink_extra: Option<String>,
+    /// Leave the Debezium peer out of the live, catch-up and initial-sync
+    /// scenarios (for A/B runs of dualwrite variants: the peer's figures do
+    /// not change between them, and it takes half of each run's time).
+    #[arg(long)]
+    no_peer: bool,
     /// Keep every run's service logs (a failed run's are always kept).
     #[arg(long)]
     keep_logs: bool,
@@ -221,6 +226,7 @@ async fn run(args: Args) -> Result<bool> {
         .clone()
         .unwrap_or_default()
         .replace("\\n", "\n");
+    ctx.peer = !args.no_peer;
     let params = Params {
         rows: args.rows,
         live_rows: args.live_rows,

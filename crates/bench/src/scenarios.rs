@@ -37,6 +37,18 @@ pub struct Params {
     pub record_bytes: usize,
 }
 
+/// The peer's figures, or none with `--no-peer` (its lines print `-`).
+async fn if_peer(
+    ctx: &Ctx,
+    peer: impl std::future::Future<Output = Result<RunResult>>,
+) -> Result<RunResult> {
+    if ctx.peer {
+        peer.await
+    } else {
+        Ok(RunResult::default())
+    }
+}
+
 /// What one run of a scenario measured.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct RunResult {
@@ -186,7 +198,7 @@ pub async fn live(ctx: &Ctx, p: &Params, both: bool) -> Result<RunResult> {
     let mut d = Deployment::create(ctx, if both { "live2" } else { "live1" }).await?;
     let r = async {
         // Peer: Debezium's source + JDBC sink (each way with `both`).
-        let mut o = crate::peer::live(ctx, &d, n, both).await?;
+        let mut o = if_peer(ctx, crate::peer::live(ctx, &d, n, both)).await?;
         o.values.extend(out.values.clone());
 
         start_running(ctx, &mut d).await?;
@@ -322,7 +334,7 @@ pub async fn catch_up(ctx: &Ctx, p: &Params) -> Result<RunResult> {
     let n = p.rows;
     let mut d = Deployment::create(ctx, "catchup").await?;
     let r = async {
-        let peer = crate::peer::catch_up(ctx, &d, n).await?;
+        let peer = if_peer(ctx, crate::peer::catch_up(ctx, &d, n)).await?;
         start_running(ctx, &mut d).await?;
         let left = d.left(ctx).await?;
         let right = d.right(ctx).await?;
@@ -484,7 +496,7 @@ pub async fn initial_sync(ctx: &Ctx, p: &Params) -> Result<RunResult> {
         );
 
         // Peer: Debezium's snapshot and stream each way, the same rows.
-        let peer = crate::peer::initial_sync(ctx, &d, n).await?;
+        let peer = if_peer(ctx, crate::peer::initial_sync(ctx, &d, n)).await?;
         out.values.extend(peer.values);
 
         // The rows dualwrite finds: L… on the left, R… on the right.

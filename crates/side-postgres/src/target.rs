@@ -15,17 +15,29 @@ use tokio_postgres::{Client, Statement};
 use crate::pg::{self, setup_error, side_error};
 use crate::target_sql as sql;
 
-/// A connection to the target with its prepared statements and the json
-/// columns of each table written (read once per connection, as the
-/// statements are prepared once).
+/// A connection to the target with its prepared statements and the
+/// column types of each table written in the current transaction.
+///
+/// The types are read again in each transaction: a value is cast to its
+/// column's type, so a column whose type changed while the applier runs
+/// (`integer` to `text`, say) gets its values cast to the new type from
+/// the next transaction on, not to the old one (which would refuse them,
+/// or compare `007` as `7`). One catalog query per table and transaction
+/// of up to a few thousand writes. The statements are prepared by their
+/// text, which names the types, so a changed type is a new statement.
 pub struct PgTarget {
     client: Client,
     statements: pg::Prepared,
-    json: HashMap<String, sql::JsonColumns>,
+    types: HashMap<String, sql::ColumnTypes>,
 }
 
 fn failed(e: tokio_postgres::Error) -> SideError {
     side_error(&e)
+}
+
+/// Values (text arrays, or texts) as a statement's parameters, in order.
+fn params<T: ToSql + Sync>(values: &[T]) -> Vec<&(dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 
 impl PgTarget {
@@ -37,19 +49,18 @@ impl PgTarget {
         self.client.batch_execute(sql).await.map_err(failed)
     }
 
-    /// The json and jsonb columns of the target table `entity`.
-    async fn json(&mut self, entity: &str) -> Result<sql::JsonColumns, SideError> {
-        if let Some(j) = self.json.get(entity) {
-            return Ok(j.clone());
+    /// The column types of the target table `entity` (see [`PgTarget`]).
+    async fn types(&mut self, entity: &str) -> Result<sql::ColumnTypes, SideError> {
+        if let Some(t) = self.types.get(entity) {
+            return Ok(t.clone());
         }
         let table = sql::table_ident(entity);
         let columns = pg::columns(&self.client, &table)
             .await
             .map_err(|e| failed(e).context(&format!("reading the columns of {table}")))?;
-        let json = columns.into_iter().filter(|c| c.json);
-        let j = sql::JsonColumns::new(json.map(|c| (c.name, c.type_name)));
-        self.json.insert(entity.to_owned(), j.clone());
-        Ok(j)
+        let t = sql::ColumnTypes::new(columns.into_iter().map(|c| (c.name, c.type_name)));
+        self.types.insert(entity.to_owned(), t.clone());
+        Ok(t)
     }
 
     async fn query(
@@ -82,21 +93,16 @@ impl Target for PgTarget {
             .batch_execute(sql::VERSIONS_DDL)
             .await
             .map_err(setup)?;
-        // The statements are prepared once, while the bookkeeping table may
-        // still be small; a plan per execution keeps its key lookups on the
-        // primary key as it grows (a cached generic plan scanned it whole).
-        client
-            .batch_execute("SET plan_cache_mode = force_custom_plan")
-            .await
-            .map_err(setup)?;
+        client.batch_execute(sql::SESSION).await.map_err(setup)?;
         Ok(PgTarget {
             client,
             statements: pg::Prepared::default(),
-            json: HashMap::new(),
+            types: HashMap::new(),
         })
     }
 
     async fn begin(&mut self) -> Result<(), SideError> {
+        self.types.clear();
         self.simple("BEGIN").await
     }
 
@@ -134,11 +140,11 @@ impl Target for PgTarget {
             .find(|w| w.expect.kind == ExpectKind::Row)
             .map(|w| sql::names(&w.expect.values))
             .unwrap_or_default();
-        let param = sql::json_array(writes.iter().map(|w| sql::row_parameter(w)));
-        let json = self.json(&writes[0].target_entity).await?;
-        let rows = self
-            .query(sql::rows_check(writes[0], &compare, &json), &[&param])
-            .await?;
+        let names = sql::check_names(writes[0], &compare);
+        let types = self.types(&writes[0].target_entity).await?;
+        let arrays = sql::arrays(writes, &names, |w| w.key.iter().chain(&w.expect.values));
+        let sql = sql::rows_check(writes[0], &compare, &types);
+        let rows = self.query(sql, &params(&arrays)).await?;
         let mut out: Vec<Option<RowState>> = vec![None; writes.len()];
         for r in rows {
             let at = usize::try_from(r.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
@@ -156,27 +162,31 @@ impl Target for PgTarget {
         let Some(first) = writes.first() else {
             return Ok(());
         };
-        let json = self.json(&first.target_entity).await?;
-        let stmt = self.prepared(sql::statement_many(first, &json)).await?;
-        let param = sql::parameter_many(writes.iter().copied());
+        let names = sql::write_names(first);
+        let types = self.types(&first.target_entity).await?;
+        let stmt = self.prepared(sql::statement_many(first, &types)).await?;
+        let arrays = sql::arrays(writes, &names, |w| w.key.iter().chain(&w.values));
         self.client
-            .execute(&stmt, &[&param])
+            .execute(&stmt, &params(&arrays))
             .await
             .map(|_| ())
             .map_err(failed)
     }
 
     async fn other_key_taken(&mut self, w: &ApplyWrite) -> Result<bool, SideError> {
-        let (_, other) = sql::key_parameters(w);
-        let json = self.json(&w.target_entity).await?;
-        let rows = self.query(sql::key_exists(w, &json), &[&other]).await?;
+        let types = self.types(&w.target_entity).await?;
+        let other = sql::moved_values(w);
+        let rows = self
+            .query(sql::key_exists(w, &types), &params(&other))
+            .await?;
         Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
     }
 
     async fn move_row(&mut self, w: &ApplyWrite) -> Result<Option<String>, SideError> {
-        let (own, other) = sql::key_parameters(w);
-        let json = self.json(&w.target_entity).await?;
-        let rows = self.query(sql::move_row(w, &json), &[&own, &other]).await?;
+        let types = self.types(&w.target_entity).await?;
+        let mut keys = sql::key_values(w);
+        keys.extend(sql::moved_values(w));
+        let rows = self.query(sql::move_row(w, &types), &params(&keys)).await?;
         Ok(rows.first().map(|r| r.get::<_, String>(0)))
     }
 

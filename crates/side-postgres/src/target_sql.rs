@@ -2,17 +2,16 @@
 //! delete by alternate key) and the bookkeeping, each one statement over a
 //! run of writes of one shape (see `Target`).
 //!
-//! Values travel as JSON objects of PostgreSQL text values, turned into
-//! rows of the target table by `json_populate_record(set)`, so each value
-//! goes through the column type's own input function, and comparisons are
-//! made in the column types (`1.50` equals `1.5` in a numeric column).
-//! A json or jsonb column is the exception: `json_populate_record` keeps
-//! a JSON string as a JSON string there, so its value is read back out of
-//! the string and cast ([`JsonColumns`]).
+//! Values travel as text, a run's values as one text array per column,
+//! unnested into rows; each is cast to its column's type ([`ColumnTypes`]),
+//! so it goes through the type's own input function (as the initial
+//! sync's copy writes them), and comparisons are made in the column types
+//! (`1.50` equals `1.5` in a numeric column). The insert applies the
+//! column's modifier, so a text too long for a `varchar(n)` is refused,
+//! not cut.
 
 use std::collections::HashMap;
 
-use crate::pg::fields_json as json_object;
 use dualwrite_model::record::{ApplyWrite, Field, WriteOp};
 use postgres_protocol::escape::escape_identifier;
 
@@ -43,6 +42,23 @@ CREATE TABLE IF NOT EXISTS dualwrite.record_versions (
     PRIMARY KEY (map, record_key)
 );
 ALTER TABLE dualwrite.record_versions ADD COLUMN IF NOT EXISTS decided bigint";
+
+/// The applier's session. Its statements match a run's keys (at most a
+/// few thousand) with tables of any size, so one index probe per key is
+/// the plan, however large the table grows:
+/// - a plan per execution: the statements are prepared once, while the
+///   tables may still be small (a cached generic plan scanned the
+///   bookkeeping whole once it had grown);
+/// - no hash or merge joins: given the exact row count of a run's
+///   `unnest`, the planner took a hash join over a sequential scan of the
+///   whole target table for the check and the delete, up to about 100,000
+///   rows (a catch-up of 200,000 rows spent 28 % more of PostgreSQL's CPU;
+///   BENCHMARKS.md). Every key a statement matches has an index: the
+///   upsert's `ON CONFLICT` needs one on the key, the bookkeeping's is
+///   its primary key.
+pub const SESSION: &str = "SET plan_cache_mode = force_custom_plan;
+SET enable_hashjoin = off;
+SET enable_mergejoin = off";
 
 /// Rows removed per statement (short transactions, short locks).
 pub const PRUNE_BATCH: i64 = 10_000;
@@ -91,30 +107,93 @@ ON CONFLICT (map, record_key) DO UPDATE SET decided = EXCLUDED.decided
 RETURNING 1)
 SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($7::text[]) AS a";
 
-/// A target table's json and jsonb columns (name → type). Values travel
-/// as JSON strings, and `json_populate_record` reproduces a JSON value
-/// as it is in such a column: a JSON string, not the document the string
-/// holds. So the statements read these columns back out of the string
-/// (`#>> '{}'`, its text) and cast them: the type's input function takes
-/// the text, as for every other column (and as the initial sync's copy
-/// writes them), and a text that is no JSON is refused, not stored.
+/// A target table's column types (name → type, as `format_type` names it
+/// without its modifier): a value's text is cast to its column's type,
+/// and the column's modifier applies when it is stored. A json or jsonb
+/// column takes the text of the document, as every other column its text.
 #[derive(Debug, Clone, Default)]
-pub struct JsonColumns(HashMap<String, String>);
+pub struct ColumnTypes(HashMap<String, String>);
 
-impl JsonColumns {
-    pub fn new(columns: impl IntoIterator<Item = (String, String)>) -> JsonColumns {
-        JsonColumns(columns.into_iter().collect())
+impl ColumnTypes {
+    pub fn new(columns: impl IntoIterator<Item = (String, String)>) -> ColumnTypes {
+        ColumnTypes(columns.into_iter().collect())
     }
 
-    /// Column `name` of the row `alias` made by `json_populate_record`,
-    /// as a value of the column's type.
-    fn field(&self, alias: &str, name: &str) -> String {
-        let col = format!("{alias}.{}", escape_identifier(name));
+    /// `text`, an expression of type text, cast to column `name`'s type
+    /// (left as text for a column the table lacks: the statement fails
+    /// naming it).
+    fn cast(&self, text: &str, name: &str) -> String {
         match self.0.get(name) {
-            Some(ty) => format!("({col} #>> '{{}}')::{ty}"),
-            None => col,
+            Some(ty) => format!("{text}::{ty}"),
+            None => text.to_owned(),
         }
     }
+}
+
+/// Rows made of text arrays, one per column of `names`, from parameter
+/// `$first` on: `unnest($1::text[], …) AS u(c1, …)`, with the row's
+/// 1-based position as `u.i` when `ordinality`. The columns are named by
+/// position, so no table's column name can meet `i`.
+struct Rows<'a> {
+    names: &'a [&'a str],
+    alias: &'a str,
+}
+
+impl Rows<'_> {
+    fn from(&self, first: usize, ordinality: bool) -> String {
+        let n = self.names.len();
+        let arrays: Vec<String> = (first..first + n)
+            .map(|i| format!("${i}::text[]"))
+            .collect();
+        let mut cols: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
+        if ordinality {
+            cols.push("i".to_owned());
+        }
+        format!(
+            "unnest({}){} AS {}({})",
+            arrays.join(", "),
+            if ordinality { " WITH ORDINALITY" } else { "" },
+            self.alias,
+            cols.join(", ")
+        )
+    }
+
+    /// Column `name` of these rows as a value of its column's type.
+    fn field(&self, name: &str, types: &ColumnTypes) -> String {
+        let at = self
+            .names
+            .iter()
+            .position(|n| *n == name)
+            .map_or(0, |i| i + 1);
+        types.cast(&format!("{}.c{at}", self.alias), name)
+    }
+}
+
+/// The parameters of [`Rows`]: for each of `names`, the values of the
+/// field of that name in each write (the last of that name in
+/// `fields(write)`; null when it has none), as one text array.
+pub fn arrays<'a, F, I>(
+    writes: &[&'a ApplyWrite],
+    names: &[&str],
+    fields: F,
+) -> Vec<Vec<Option<&'a str>>>
+where
+    F: Fn(&'a ApplyWrite) -> I,
+    I: Iterator<Item = &'a Field>,
+{
+    let mut out = vec![Vec::with_capacity(writes.len()); names.len()];
+    for w in writes {
+        let mut row: Vec<Option<&'a str>> = vec![None; names.len()];
+        for f in fields(w) {
+            if let Some(at) = names.iter().position(|n| *n == f.name) {
+                row[at] = f.value.as_deref();
+            }
+        }
+        for (column, value) in out.iter_mut().zip(row) {
+            column.push(value);
+        }
+    }
+    out
 }
 
 /// The report of one write (see [`crate::wal2json::Ack`]):
@@ -134,7 +213,7 @@ fn ack_value(w: &ApplyWrite, written: bool) -> serde_json::Value {
 }
 
 /// The report of a delete made as a move: `moved_to` is the row as moved,
-/// a JSON object of column text values ([`MOVE`]'s result).
+/// a JSON object of column text values ([`move_row`]'s result).
 pub fn ack_moved(w: &ApplyWrite, moved_to: &str) -> String {
     let mut ack = ack_value(w, true);
     if let Ok(row) = serde_json::from_str::<serde_json::Value>(moved_to) {
@@ -143,126 +222,156 @@ pub fn ack_moved(w: &ApplyWrite, moved_to: &str) -> String {
     ack.to_string()
 }
 
-/// The key values of `key` with the key columns' names of `w` (a key
-/// change's other key travels with its values in key order).
-fn key_as(w: &ApplyWrite, key: &[Field]) -> String {
-    let fields: Vec<Field> = w
-        .key
-        .iter()
-        .zip(key)
-        .map(|(k, v)| Field {
-            name: k.name.clone(),
-            value: v.value.clone(),
-        })
-        .collect();
-    json_object(fields.iter())
-}
-
-/// Whether a row has the old key of a key change (`$1`: the second of
-/// [`key_parameters`]).
-pub fn key_exists(w: &ApplyWrite, json: &JsonColumns) -> String {
-    let table = table_ident(&w.target_entity);
-    format!(
-        "SELECT EXISTS (SELECT 1 FROM json_populate_record(NULL::{table}, $1::text::json) AS e \
-         JOIN {table} AS t ON {cond})",
-        cond = key_match(w, "t", "e", json),
-    )
-}
-
-/// Moves the record's row (key `$1`) to the new key `$2` if no row has
-/// it, values untouched; returns the row as moved, as a JSON object of
-/// column text values (no row: not moved).
-pub fn move_row(w: &ApplyWrite, json: &JsonColumns) -> String {
-    let table = table_ident(&w.target_entity);
-    let set: Vec<String> = w
-        .key
-        .iter()
-        .map(|k| {
-            format!(
-                "{} = {}",
-                escape_identifier(&k.name),
-                json.field("n", &k.name)
-            )
-        })
-        .collect();
-    format!(
-        "UPDATE {table} AS t SET {set} \
-         FROM json_populate_record(NULL::{table}, $1::text::json) AS e, \
-              json_populate_record(NULL::{table}, $2::text::json) AS n \
-         WHERE {old} AND NOT EXISTS (SELECT 1 FROM {table} AS x WHERE {new}) \
-         RETURNING (SELECT json_object_agg(c.key, c.value) FROM json_each_text(row_to_json(t)) AS c)::text",
-        set = set.join(", "),
-        old = key_match(w, "t", "e", json),
-        new = key_match(w, "x", "n", json),
-    )
-}
-
-/// `a.k = b.k AND …` over the key columns of `w` (`b`: a row made by
-/// `json_populate_record`).
-fn key_match(w: &ApplyWrite, a: &str, b: &str, json: &JsonColumns) -> String {
+/// `t.k = $first::text::type AND …` over the key columns of `w`, each
+/// compared with one text parameter from `$first` on.
+fn key_is(w: &ApplyWrite, t: &str, first: usize, types: &ColumnTypes) -> String {
     w.key
         .iter()
-        .map(|k| {
-            let col = escape_identifier(&k.name);
-            format!("{a}.{col} = {}", json.field(b, &k.name))
+        .enumerate()
+        .map(|(i, k)| {
+            let value = types.cast(&format!("${}::text", first + i), &k.name);
+            format!("{t}.{} = {value}", escape_identifier(&k.name))
         })
         .collect::<Vec<_>>()
         .join(" AND ")
 }
 
-/// The parameters of a key change: the write's own key, and the other key.
-pub fn key_parameters(w: &ApplyWrite) -> (String, String) {
-    (json_object(w.key.iter()), key_as(w, &w.moved))
-}
-
-/// Locks the target rows of a run's writes and returns, for each write
-/// whose record is there, its 1-based position in the parameter, the row
-/// version (`xmin`), and whether the row's columns `compare` equal the
-/// expected values (in the column types; true when `compare` is empty).
-/// The parameter is a JSON array of objects with the key and the expected
-/// values ([`row_parameter`]).
-pub fn rows_check(w: &ApplyWrite, compare: &[String], json: &JsonColumns) -> String {
+/// Whether a row has the old key of a key change (its values, one
+/// parameter each: [`moved_values`]).
+pub fn key_exists(w: &ApplyWrite, types: &ColumnTypes) -> String {
     let table = table_ident(&w.target_entity);
-    let same = if compare.is_empty() {
-        "true".to_owned()
-    } else {
-        let cols = |field: &dyn Fn(&String) -> String| -> String {
-            let c: Vec<String> = compare
-                .iter()
-                .map(|c| format!("{}::text", field(c)))
-                .collect();
-            format!("ROW({})", c.join(", "))
-        };
-        let target = cols(&|c| format!("t.{}", escape_identifier(c)));
-        format!(
-            "{target} IS NOT DISTINCT FROM {}",
-            cols(&|c| json.field("e", c))
-        )
-    };
     format!(
-        "SELECT x.i, t.xmin::text, {same} \
-         FROM json_array_elements($1::text::json) WITH ORDINALITY AS x(j, i) \
-         CROSS JOIN LATERAL json_populate_record(NULL::{table}, x.j) AS e \
-         JOIN {table} AS t ON {cond} FOR UPDATE OF t",
-        cond = key_match(w, "t", "e", json),
+        "SELECT EXISTS (SELECT 1 FROM {table} AS t WHERE {})",
+        key_is(w, "t", 1, types)
     )
 }
 
-/// One element of [`rows_check`]'s parameter: the key and the expected values.
-pub fn row_parameter(w: &ApplyWrite) -> String {
-    json_object(w.key.iter().chain(&w.expect.values))
+/// Moves the record's row (its key: the first key's worth of parameters)
+/// to the new key (the next ones) if no row has it, values untouched;
+/// returns the row as moved, as a JSON object of column text values (no
+/// row: not moved). Parameters: [`key_values`], then [`moved_values`].
+pub fn move_row(w: &ApplyWrite, types: &ColumnTypes) -> String {
+    let table = table_ident(&w.target_entity);
+    let n = w.key.len();
+    let set: Vec<String> = w
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let value = types.cast(&format!("${}::text", n + 1 + i), &k.name);
+            format!("{} = {value}", escape_identifier(&k.name))
+        })
+        .collect();
+    format!(
+        "UPDATE {table} AS t SET {set} \
+         WHERE {old} AND NOT EXISTS (SELECT 1 FROM {table} AS x WHERE {new}) \
+         RETURNING (SELECT json_object_agg(c.key, c.value) FROM json_each_text(row_to_json(t)) AS c)::text",
+        set = set.join(", "),
+        old = key_is(w, "t", 1, types),
+        new = key_is(w, "x", n + 1, types),
+    )
+}
+
+/// The values of the record's key, in key order.
+pub fn key_values(w: &ApplyWrite) -> Vec<Option<&str>> {
+    w.key.iter().map(|f| f.value.as_deref()).collect()
+}
+
+/// The values of a key change's other key, in key order (it travels as
+/// its values in key order), one per key column (null for one it lacks).
+pub fn moved_values(w: &ApplyWrite) -> Vec<Option<&str>> {
+    (0..w.key.len())
+        .map(|i| w.moved.get(i).and_then(|f| f.value.as_deref()))
+        .collect()
+}
+
+/// The columns [`rows_check`] reads: the key, then those compared (each once).
+pub fn check_names<'a>(w: &'a ApplyWrite, compare: &'a [String]) -> Vec<&'a str> {
+    distinct(
+        w.key
+            .iter()
+            .map(|f| f.name.as_str())
+            .chain(compare.iter().map(String::as_str)),
+    )
+}
+
+/// Locks the target rows of a run's writes and returns, for each write
+/// whose record is there, its 1-based position in the run, the row
+/// version (`xmin`), and whether the row's columns `compare` equal the
+/// expected values (in the column types; true when `compare` is empty).
+/// Parameters: [`arrays`] of [`check_names`] over each write's key and
+/// expected values.
+pub fn rows_check(w: &ApplyWrite, compare: &[String], types: &ColumnTypes) -> String {
+    let table = table_ident(&w.target_entity);
+    let names = check_names(w, compare);
+    let e = Rows {
+        names: &names,
+        alias: "e",
+    };
+    let same = if compare.is_empty() {
+        "true".to_owned()
+    } else {
+        let t: Vec<String> = compare
+            .iter()
+            .map(|c| format!("t.{}::text", escape_identifier(c)))
+            .collect();
+        let v: Vec<String> = compare
+            .iter()
+            .map(|c| format!("{}::text", e.field(c, types)))
+            .collect();
+        format!(
+            "ROW({}) IS NOT DISTINCT FROM ROW({})",
+            t.join(", "),
+            v.join(", ")
+        )
+    };
+    format!(
+        "SELECT e.i, t.xmin::text, {same} FROM {} JOIN {table} AS t ON {} FOR UPDATE OF t",
+        e.from(1, true),
+        key_match(w, &e, types),
+    )
+}
+
+/// `t.k = e.ck::type AND …` over the key columns of `w`.
+fn key_match(w: &ApplyWrite, e: &Rows, types: &ColumnTypes) -> String {
+    w.key
+        .iter()
+        .map(|k| {
+            format!(
+                "t.{} = {}",
+                escape_identifier(&k.name),
+                e.field(&k.name, types)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The columns the set-based write of `w`'s run names: an upsert's key
+/// then values (each once), a delete's key.
+pub fn write_names(w: &ApplyWrite) -> Vec<&str> {
+    let key = w.key.iter().map(|f| f.name.as_str());
+    match w.op {
+        WriteOp::Upsert => distinct(key.chain(w.values.iter().map(|f| f.name.as_str()))),
+        WriteOp::Delete => distinct(key),
+    }
 }
 
 /// The set-based write of a run (same table, operation and field names,
-/// each record once): one statement over a JSON array of [`parameter`]s.
-pub fn statement_many(w: &ApplyWrite, json: &JsonColumns) -> String {
+/// each record once): one statement over [`arrays`] of [`write_names`]
+/// over each write's key and values.
+pub fn statement_many(w: &ApplyWrite, types: &ColumnTypes) -> String {
     let table = table_ident(&w.target_entity);
-    let keys: Vec<String> = w.key.iter().map(|f| escape_identifier(&f.name)).collect();
+    let names = write_names(w);
+    let r = Rows {
+        names: &names,
+        alias: "r",
+    };
     match w.op {
         WriteOp::Upsert => {
-            let names = columns(w);
+            let keys: Vec<String> = w.key.iter().map(|f| escape_identifier(&f.name)).collect();
             let cols: Vec<String> = names.iter().map(|c| escape_identifier(c)).collect();
-            let values: Vec<String> = names.iter().map(|c| json.field("r", c)).collect();
+            let values: Vec<String> = names.iter().map(|c| r.field(c, types)).collect();
             let updates: Vec<String> = cols
                 .iter()
                 .filter(|c| !keys.contains(c))
@@ -274,52 +383,30 @@ pub fn statement_many(w: &ApplyWrite, json: &JsonColumns) -> String {
                 format!("DO UPDATE SET {}", updates.join(", "))
             };
             format!(
-                "INSERT INTO {table} ({cols}) SELECT {values} \
-                 FROM json_populate_recordset(NULL::{table}, $1::text::json) AS r \
+                "INSERT INTO {table} ({cols}) SELECT {values} FROM {from} \
                  ON CONFLICT ({keys}) {action}",
                 cols = cols.join(", "),
                 values = values.join(", "),
+                from = r.from(1, false),
                 keys = keys.join(", "),
             )
         }
         WriteOp::Delete => format!(
-            "DELETE FROM {table} AS t USING json_populate_recordset(NULL::{table}, $1::text::json) AS r WHERE {}",
-            key_match(w, "t", "r", json)
+            "DELETE FROM {table} AS t USING {} WHERE {}",
+            r.from(1, false),
+            key_match(w, &r, types)
         ),
     }
 }
 
-/// The columns an upsert writes: the key, then the values (each once).
-fn columns(w: &ApplyWrite) -> Vec<&str> {
+/// `names` in order, each once.
+fn distinct<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut out: Vec<&str> = Vec::new();
-    for f in w.key.iter().chain(&w.values) {
-        if !out.contains(&f.name.as_str()) {
-            out.push(&f.name);
+    for n in names {
+        if !out.contains(&n) {
+            out.push(n);
         }
     }
-    out
-}
-
-/// The parameter of [`statement_many`]: a JSON array of the writes' key and values.
-pub fn parameter_many<'a>(writes: impl Iterator<Item = &'a ApplyWrite>) -> String {
-    json_array(writes.map(parameter))
-}
-
-/// One write's key and values as a JSON object.
-pub fn parameter(w: &ApplyWrite) -> String {
-    json_object(w.key.iter().chain(&w.values))
-}
-
-/// A JSON array of JSON texts.
-pub fn json_array(items: impl Iterator<Item = String>) -> String {
-    let mut out = String::from("[");
-    for (i, item) in items.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&item);
-    }
-    out.push(']');
     out
 }
 
@@ -363,78 +450,100 @@ mod tests {
         }
     }
 
+    fn types() -> ColumnTypes {
+        ColumnTypes::new([
+            ("accountnumber".to_owned(), "character varying".to_owned()),
+            ("name".to_owned(), "jsonb".to_owned()),
+            ("creditlimit".to_owned(), "numeric".to_owned()),
+        ])
+    }
+
     #[test]
     fn upsert_and_delete_statements() {
-        let none = JsonColumns::default();
         assert_eq!(
-            statement_many(&w(WriteOp::Upsert), &none),
+            statement_many(&w(WriteOp::Upsert), &types()),
             "INSERT INTO \"public\".\"accounts\" (\"accountnumber\", \"name\", \"creditlimit\") \
-             SELECT r.\"accountnumber\", r.\"name\", r.\"creditlimit\" \
-             FROM json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json) AS r \
+             SELECT r.c1::character varying, r.c2::jsonb, r.c3::numeric \
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS r(c1, c2, c3) \
              ON CONFLICT (\"accountnumber\") DO UPDATE SET \"name\" = EXCLUDED.\"name\", \"creditlimit\" = EXCLUDED.\"creditlimit\""
         );
         assert_eq!(
-            statement_many(&w(WriteOp::Delete), &none),
-            "DELETE FROM \"public\".\"accounts\" AS t USING json_populate_recordset(NULL::\"public\".\"accounts\", $1::text::json) AS r \
-             WHERE t.\"accountnumber\" = r.\"accountnumber\""
+            statement_many(&w(WriteOp::Delete), &types()),
+            "DELETE FROM \"public\".\"accounts\" AS t USING unnest($1::text[]) AS r(c1) \
+             WHERE t.\"accountnumber\" = r.c1::character varying"
         );
-        let p: serde_json::Value =
-            serde_json::from_str(&parameter_many([w(WriteOp::Upsert)].iter())).unwrap();
-        assert_eq!(p[0]["name"], "O'Brien \"Ltd\"");
-        assert!(p[0]["creditlimit"].is_null());
+        let (a, mut b) = (w(WriteOp::Upsert), w(WriteOp::Upsert));
+        b.values[1].value = Some("Other".into());
+        let names = write_names(&a);
+        let columns = arrays(&[&a, &b], &names, |w| w.key.iter().chain(&w.values));
+        assert_eq!(
+            columns,
+            vec![
+                vec![Some("C1"), Some("C1")],
+                vec![Some("O'Brien \"Ltd\""), Some("Other")],
+                vec![None, None],
+            ]
+        );
+        let d = w(WriteOp::Delete);
+        assert_eq!(write_names(&d), vec!["accountnumber"]);
     }
 
     #[test]
     fn the_check_locks_rows_and_compares_in_the_column_types() {
-        let none = JsonColumns::default();
-        let sql = rows_check(&w(WriteOp::Upsert), &["name".to_owned()], &none);
-        assert!(sql.starts_with("SELECT x.i, t.xmin::text, ROW(t.\"name\"::text) IS NOT DISTINCT FROM ROW(e.\"name\"::text)"), "{sql}");
-        assert!(sql.ends_with("JOIN \"public\".\"accounts\" AS t ON t.\"accountnumber\" = e.\"accountnumber\" FOR UPDATE OF t"), "{sql}");
-        assert!(rows_check(&w(WriteOp::Delete), &[], &none).contains(", true FROM"));
-        let p: serde_json::Value =
-            serde_json::from_str(&row_parameter(&w(WriteOp::Upsert))).unwrap();
+        let sql = rows_check(&w(WriteOp::Upsert), &["name".to_owned()], &types());
         assert_eq!(
-            (p["accountnumber"].as_str(), p["name"].as_str()),
-            (Some("C1"), Some("Old"))
+            sql,
+            "SELECT e.i, t.xmin::text, ROW(t.\"name\"::text) IS NOT DISTINCT FROM ROW(e.c2::jsonb::text) \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS e(c1, c2, i) \
+             JOIN \"public\".\"accounts\" AS t ON t.\"accountnumber\" = e.c1::character varying FOR UPDATE OF t"
         );
-        let a: serde_json::Value = serde_json::from_str(&ack(&w(WriteOp::Upsert), false)).unwrap();
+        assert!(rows_check(&w(WriteOp::Delete), &[], &types()).contains(", true FROM"));
+        let up = w(WriteOp::Upsert);
+        let compare = ["name".to_owned()];
+        let names = check_names(&up, &compare);
+        let columns = arrays(&[&up], &names, |w| w.key.iter().chain(&w.expect.values));
+        assert_eq!(columns, vec![vec![Some("C1")], vec![Some("Old")]]);
+        let a: serde_json::Value = serde_json::from_str(&ack(&up, false)).unwrap();
         assert_eq!(a["written"], false);
         assert_eq!(a["key"][0], "C1");
         assert_eq!(a["version"], 7);
         assert_eq!(a["entity"], "public.accounts");
     }
 
-    /// A json or jsonb column's value is the text of the JSON string it
-    /// travels as, cast: wherever the statements read the row made from
-    /// the parameter (the written values, the compared ones, the key).
+    /// A field named twice takes the last value (an expected value of a
+    /// key column wins over the key, as in the write's own fields), and a
+    /// write without a field gives null.
     #[test]
-    fn json_columns_are_cast_from_the_strings_they_travel_as() {
-        let json = JsonColumns::new([
-            ("name".to_owned(), "jsonb".to_owned()),
-            ("accountnumber".to_owned(), "json".to_owned()),
-        ]);
-        let name = "(r.\"name\" #>> '{}')::jsonb";
-        let write = statement_many(&w(WriteOp::Upsert), &json);
-        assert!(
-            write.contains(&format!(
-                "SELECT (r.\"accountnumber\" #>> '{{}}')::json, {name}, r.\"creditlimit\" FROM"
-            )),
-            "{write}"
+    fn arrays_take_the_last_field_of_a_name() {
+        let mut a = w(WriteOp::Upsert);
+        a.expect.values = vec![Field::new("accountnumber", Some("C0"))];
+        let b = w(WriteOp::Delete);
+        let names = ["accountnumber", "name"];
+        let columns = arrays(&[&a, &b], &names, |w| w.key.iter().chain(&w.expect.values));
+        assert_eq!(columns[0], vec![Some("C0"), Some("C1")]);
+        assert_eq!(columns[1], vec![None, Some("Old")]);
+    }
+
+    #[test]
+    fn a_key_change_compares_and_moves_by_one_parameter_per_key_column() {
+        let mut k = w(WriteOp::Delete);
+        k.key.push(Field::new("company", Some("usmf")));
+        k.moved = vec![Field::new("accountnumber", Some("C2"))];
+        assert_eq!(key_values(&k), vec![Some("C1"), Some("usmf")]);
+        assert_eq!(moved_values(&k), vec![Some("C2"), None]);
+        assert_eq!(
+            key_exists(&k, &types()),
+            "SELECT EXISTS (SELECT 1 FROM \"public\".\"accounts\" AS t \
+             WHERE t.\"accountnumber\" = $1::text::character varying AND t.\"company\" = $2::text)"
         );
-        assert!(write.ends_with("DO UPDATE SET \"name\" = EXCLUDED.\"name\", \"creditlimit\" = EXCLUDED.\"creditlimit\""), "{write}");
-        let check = rows_check(&w(WriteOp::Upsert), &["name".to_owned()], &json);
+        let m = move_row(&k, &types());
         assert!(
-            check.contains("IS NOT DISTINCT FROM ROW((e.\"name\" #>> '{}')::jsonb::text)"),
-            "{check}"
-        );
-        assert!(
-            check.contains("ON t.\"accountnumber\" = (e.\"accountnumber\" #>> '{}')::json"),
-            "{check}"
-        );
-        let delete = statement_many(&w(WriteOp::Delete), &json);
-        assert!(
-            delete.ends_with("WHERE t.\"accountnumber\" = (r.\"accountnumber\" #>> '{}')::json"),
-            "{delete}"
+            m.starts_with(
+                "UPDATE \"public\".\"accounts\" AS t SET \"accountnumber\" = $3::text::character varying, \"company\" = $4::text \
+                 WHERE t.\"accountnumber\" = $1::text::character varying AND t.\"company\" = $2::text \
+                 AND NOT EXISTS (SELECT 1 FROM \"public\".\"accounts\" AS x WHERE x.\"accountnumber\" = $3::text::character varying AND x.\"company\" = $4::text) RETURNING"
+            ),
+            "{m}"
         );
     }
 
