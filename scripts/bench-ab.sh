@@ -35,7 +35,20 @@ export DUALWRITE_STACK_KAFKA_PORT="${DUALWRITE_BENCH_KAFKA_PORT:-19094}"
 export DUALWRITE_STACK_KAFKA_CONTROLLER_PORT="$((DUALWRITE_STACK_KAFKA_PORT + 1000))"
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$DUALWRITE_STATE_DIR"
-trap 'scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$DUALWRITE_STATE_DIR"' EXIT
+# Interrupted (INT, TERM), the script stops the running benchmark first,
+# which stops every service and peer it started, then the stack: nothing
+# is left running to join the next run's stack on the same ports.
+bench_pid=""
+stop_all() {
+  if [ -n "$bench_pid" ]; then
+    kill -TERM "$bench_pid" 2>/dev/null || true
+    wait "$bench_pid" 2>/dev/null || true
+  fi
+  scripts/stack.sh down >/dev/null 2>&1 || true
+  rm -rf "$DUALWRITE_STATE_DIR"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
 stack_env="$(scripts/stack.sh up)" || exit 1
 eval "$stack_env"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
@@ -48,7 +61,10 @@ run_variant() {
   local bin="${rest%%@*}" extra=""
   [ "$rest" != "$bin" ] && extra="$(printf '%b' "${rest#*@}")"
   "$TARGET/release/dualwrite-bench" --bin "$bin" --config-extra "$extra" \
-    --json "$2" "${bench_args[@]}" | grep -v '^$' || true
+    --json "$2" "${bench_args[@]}" > >(grep -v '^$') &
+  bench_pid=$!
+  wait "$bench_pid" || true
+  bench_pid=""
 }
 bench_args=("$@")
 

@@ -68,13 +68,22 @@ export DUALWRITE_STACK_KAFKA_CONTROLLER_PORT="${DUALWRITE_BENCH_KAFKA_CONTROLLER
 export DUALWRITE_STACK_KAFKA_PROPERTIES="${DUALWRITE_BENCH_KAFKA_PROPERTIES:-}"
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$DUALWRITE_STATE_DIR"
+# Interrupted (INT, TERM), the script stops the benchmark first, which
+# stops every service and peer it started, then the stack: nothing is left
+# running to join the next run's stack on the same ports.
+bench_pid=""
 stop_stack() {
+  if [ -n "$bench_pid" ]; then
+    kill -TERM "$bench_pid" 2>/dev/null || true
+    wait "$bench_pid" 2>/dev/null || true
+  fi
   if [ "${DUALWRITE_BENCH_KEEP_STACK:-0}" != 1 ]; then
     scripts/stack.sh down || true
     rm -rf "$DUALWRITE_STATE_DIR"
   fi
 }
 trap stop_stack EXIT
+trap 'exit 130' INT TERM
 stack_env="$(scripts/stack.sh up)" || exit 1
 eval "$stack_env"
 export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
@@ -82,5 +91,10 @@ export DUALWRITE_BOOTSTRAP_SERVERS DUALWRITE_PG_URL
 DUALWRITE_BENCH_BROKER_PID="$(cat "$DUALWRITE_STATE_DIR/kafka/kafka.pid" 2>/dev/null || true)"
 export DUALWRITE_BENCH_BROKER_PID
 
-"$TARGET/release/dualwrite-bench" --bin "$TARGET/release/dualwrite" "${args[@]}" | tee "$OUT"
+"$TARGET/release/dualwrite-bench" --bin "$TARGET/release/dualwrite" "${args[@]}" > >(tee "$OUT") &
+bench_pid=$!
+status=0
+wait "$bench_pid" || status=$?
+bench_pid=""
+[ "$status" -eq 0 ] || exit "$status"
 echo "bench: tables written to $OUT" >&2
