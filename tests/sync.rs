@@ -972,3 +972,46 @@ async fn explain(c: &tokio_postgres::Client, sql: &str, arrays: &[Vec<Option<&st
     let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     lines.join("\n")
 }
+
+/// The appliers' rows and bookkeeping are written under their rows
+/// origins, which the side's capturer has the server leave out before it
+/// decodes them: the right side's capturer receives the reports of the
+/// applier's transactions and none of their rows. Before, each row the
+/// applier wrote and its bookkeeping were decoded and formatted by the
+/// side's walsender, sent, then dropped by the capturer (about a third of
+/// PostgreSQL's CPU in a catch-up: BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_leaves_the_appliers_rows_out_before_decoding() {
+    const ROWS: i64 = 400;
+    let mut env = TestEnv::new("rowsorigin").await;
+    env.start_all_with(&["--metrics-addr", "127.0.0.1:0"]);
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    fno.batch_execute(&format!(
+        "INSERT INTO customers_v3 (customeraccount, organizationname)
+           SELECT 'R' || lpad(i::text, 5, '0'), 'n' || i FROM generate_series(1, {ROWS}) i"
+    ))
+    .await
+    .unwrap();
+    let count = "SELECT count(*)::text FROM accounts WHERE accountnumber LIKE 'R%'";
+    eventually("the rows reach the right side", WAIT, || async {
+        text(&dv, count).await.as_deref() == Some(&ROWS.to_string())
+    })
+    .await;
+    let addr = env.metrics_addr(support::CAPTURE_DV).await;
+    // The right side writes nothing of its own: what its capturer
+    // publishes are the applier's reports.
+    let reports = r#"dualwrite_records_captured_total{side="dataverse"}"#;
+    let left_out = r#"dualwrite_records_skipped_total{reason="applier_row",service="capture"}"#;
+    eventually("the right capturer passes the reports on", WAIT, || {
+        let published = support::sample(&support::http_get(&addr, "/metrics").1, reports);
+        async move { published >= ROWS as f64 }
+    })
+    .await;
+    let text_now = support::http_get(&addr, "/metrics").1;
+    assert_eq!(support::sample(&text_now, left_out), 0.0, "{text_now}");
+    assert_eq!(env.tail("errors"), Vec::<serde_json::Value>::new());
+    env.cleanup().await;
+}

@@ -478,7 +478,11 @@ impl TestEnv {
                 dualwrite_model::config::SideId::Left,
                 dualwrite_model::config::SideId::Right,
             ] {
-                for origin in cfg.origin_names(side) {
+                for origin in cfg
+                    .origin_names(side)
+                    .into_iter()
+                    .chain(cfg.rows_origin_names(side))
+                {
                     let _ = admin
                         .execute("SELECT pg_replication_origin_drop($1)", &[&origin])
                         .await;

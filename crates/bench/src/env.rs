@@ -489,7 +489,9 @@ impl Deployment {
         self.dbs.drop(ctx).await;
         if let Ok(admin) = ctx.connect("postgres").await {
             for side in [SideId::Left, SideId::Right] {
-                for origin in self.config.origin_names(side) {
+                for origin in (self.config.origin_names(side).into_iter())
+                    .chain(self.config.rows_origin_names(side))
+                {
                     let _ = admin
                         .execute(
                             "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",

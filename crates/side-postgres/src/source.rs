@@ -35,16 +35,22 @@
 //! against a model of the server over random schedules of reads,
 //! keepalives, publishes, failed publishes and crashes.
 //!
-//! Loop prevention: the appliers write under replication origins; the
-//! source asks wal2json for each transaction's origin (`include-origin`)
-//! and leaves out the rows of the appliers' transactions, keeping only
-//! their reports (`dualwrite.ack` messages). The initial write's origin is
-//! left out entirely (`filter-origins`).
+//! Loop prevention: the appliers write under replication origins, their
+//! rows under one ([`Config::rows_origin_names`]) and their reports
+//! (`dualwrite.ack` messages) and commits under another
+//! ([`Config::origin_names`]). The server leaves out the changes of the
+//! rows origins and of the initial write's origin before it decodes them
+//! (wal2json's `filter-origins`; each record carries its origin), so the
+//! appliers' rows cost no decoding, no output and no reading here. The
+//! source asks for each transaction's origin (`include-origin`) and takes
+//! the reports only from the appliers' transactions; any row in one of
+//! those (an applier from before the rows origins) is left out as well.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dualwrite_model::config::{Config, PgConnection, SideId};
+use dualwrite_runtime::metrics::metrics;
 use dualwrite_runtime::side::{ChangeSource, Class, Decoded, SideError};
 use futures::FutureExt;
 use tokio_postgres::Client;
@@ -68,6 +74,9 @@ pub struct PgSource {
     /// the next commit).
     rows: u64,
     budget: u64,
+    /// Rows of the appliers' transactions received and left out: none
+    /// while the server leaves the rows origins out (see the module docs).
+    left_out: prometheus::IntCounter,
 }
 
 impl ChangeSource for PgSource {
@@ -75,20 +84,23 @@ impl ChangeSource for PgSource {
         let side_cfg = config.side(side);
         let client = pg::connect(&side_cfg.connection, "dualwrite-capture").await?;
         let slot = config.slot_name(side);
-        let mut origin_ids = prepare(&client, config, side, &slot).await?;
+        let origins = prepare(&client, config, side, &slot).await?;
         let confirmed = confirmed_position(&client, &slot).await?;
-        // The last origin is the initial write's: left out entirely.
-        let init = origin_ids.pop().into_iter().collect::<Vec<_>>();
         let ctx = Arc::new(Context {
             side: side_cfg.name.clone(),
-            applier_origins: origin_ids.into_iter().collect(),
+            applier_origins: origins
+                .appliers
+                .iter()
+                .chain(&origins.left_out)
+                .copied()
+                .collect(),
             keys: config.captured_entities(side),
             columns: dualwrite_model::columns::read_columns(config, side),
         });
         let tables: Vec<String> = config.captured_entities(side).into_keys().collect();
         Ok(PgSource {
             conn: side_cfg.connection.clone(),
-            options: plugin_options(&tables, &init),
+            options: plugin_options(&tables, &origins.left_out),
             slot,
             decoder: Decoder::new(ctx.clone()),
             ctx,
@@ -96,6 +108,9 @@ impl ChangeSource for PgSource {
             position: Position::new(confirmed),
             rows: 0,
             budget: 0,
+            left_out: metrics()
+                .skipped
+                .with_label_values(&["capture", "applier_row"]),
         })
     }
 
@@ -161,8 +176,9 @@ impl PgSource {
     /// Decodes one row of the plugin.
     fn take(&mut self, lsn: u64, data: bytes::Bytes, out: &mut Decoded) {
         self.rows += 1;
-        // Most rows in a replay are the appliers' own: skipped unread.
+        // An applier's rows, should the server send them: skipped unread.
         if self.decoder.leaves_out(&data) {
+            self.left_out.inc();
             return;
         }
         let was_open = self.decoder.in_transaction();
@@ -236,7 +252,8 @@ async fn confirmed_position(client: &Client, slot: &str) -> Result<u64, SideErro
 
 /// wal2json's options: format 2 with every transaction's position, time,
 /// id and origin, the keys, the appliers' reports, the captured tables
-/// only; the initial write's transactions left out.
+/// only; the changes under the origins `left_out` (the initial write's,
+/// the appliers' rows) left out before they are decoded.
 fn plugin_options(tables: &[String], origin_ids: &[i64]) -> Vec<(&'static str, String)> {
     let add_tables = tables
         .iter()
@@ -263,6 +280,14 @@ fn plugin_options(tables: &[String], origin_ids: &[i64]) -> Vec<(&'static str, S
     opts
 }
 
+/// The ids of a side's replication origins, as the capturer treats them.
+struct Origins {
+    /// The appliers' reports and commits: their reports are taken.
+    appliers: Vec<i64>,
+    /// The appliers' rows and the initial write: left out by the server.
+    left_out: Vec<i64>,
+}
+
 /// Checks the captured tables, creates the slot and the appliers'
 /// replication origins if missing, and returns the origins' ids.
 async fn prepare(
@@ -270,7 +295,7 @@ async fn prepare(
     config: &Config,
     side: SideId,
     slot: &str,
-) -> Result<Vec<i64>, SideError> {
+) -> Result<Origins, SideError> {
     let setup = |e: tokio_postgres::Error| setup_error(&e).context("setup");
     client
         .batch_execute("SET TimeZone = 'UTC'")
@@ -289,7 +314,15 @@ async fn prepare(
     for o in config.origin_names(side) {
         ids.push(pg::ensure_origin(client, &o).await.map_err(setup)?);
     }
-    Ok(ids)
+    // The last origin is the initial write's.
+    let mut left_out: Vec<i64> = ids.pop().into_iter().collect();
+    for o in config.rows_origin_names(side) {
+        left_out.push(pg::ensure_origin(client, &o).await.map_err(setup)?);
+    }
+    Ok(Origins {
+        appliers: ids,
+        left_out,
+    })
 }
 
 /// The captured tables whose deletes would not carry their alternate key.

@@ -2,6 +2,16 @@
 //! compare-and-set is one statement over a run of writes of one shape
 //! ([`target_sql`]), prepared once per connection; the reports are
 //! transactional logical messages, which the side's source passes on.
+//!
+//! Two replication origins per applier: a transaction's rows and
+//! bookkeeping are written under its rows origin, which the side's source
+//! has the server leave out before decoding (each WAL record carries the
+//! origin it was written under); at the commit, the session switches to
+//! its reports' origin for the transaction's reports (kept until then)
+//! and the commit record, whose transactions the source reads the reports
+//! of. Nothing is written after the reports but the commit, and the switch
+//! back comes before the next transaction begins (also after a failed
+//! one), so no row is ever written under the reports' origin.
 
 use std::collections::HashMap;
 
@@ -29,6 +39,14 @@ pub struct PgTarget {
     client: Client,
     statements: pg::Prepared,
     types: HashMap<String, sql::ColumnTypes>,
+    /// The origin of the rows, and of the reports and commits.
+    rows_origin: String,
+    reports_origin: String,
+    /// The session is under the rows origin (false from the moment a
+    /// switch to the reports' origin is tried).
+    under_rows: bool,
+    /// The reports of the transaction's writes, sent with its commit.
+    reports: Vec<String>,
 }
 
 fn failed(e: tokio_postgres::Error) -> SideError {
@@ -83,12 +101,11 @@ impl Target for PgTarget {
         } else {
             origins[0].clone()
         };
+        let rows_origin = dualwrite_model::config::rows_origin(&origin);
         let setup = |e: tokio_postgres::Error| setup_error(&e);
-        pg::ensure_origin(&client, &origin).await.map_err(setup)?;
-        client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-            .map_err(setup)?;
+        for o in [&origin, &rows_origin] {
+            pg::ensure_origin(&client, o).await.map_err(setup)?;
+        }
         client
             .batch_execute(sql::VERSIONS_DDL)
             .await
@@ -98,19 +115,40 @@ impl Target for PgTarget {
             client,
             statements: pg::Prepared::default(),
             types: HashMap::new(),
+            rows_origin,
+            reports_origin: origin,
+            under_rows: false,
+            reports: Vec::new(),
         })
     }
 
     async fn begin(&mut self) -> Result<(), SideError> {
         self.types.clear();
+        self.reports.clear();
+        if !self.under_rows {
+            self.simple(&sql::use_origin(&self.rows_origin)).await?;
+            self.under_rows = true;
+        }
         self.simple("BEGIN").await
     }
 
+    /// Sends the transaction's reports under the reports' origin, then
+    /// commits (see the module docs).
     async fn commit(&mut self) -> Result<(), SideError> {
+        let reports = std::mem::take(&mut self.reports);
+        if !reports.is_empty() {
+            self.under_rows = false;
+            // Deferred triggers fire first, their writes under the rows origin.
+            let switch = sql::use_origin(&self.reports_origin);
+            self.simple(&format!("SET CONSTRAINTS ALL IMMEDIATE;\n{switch}"))
+                .await?;
+            self.query(sql::REPORT.to_owned(), &[&reports]).await?;
+        }
         self.simple("COMMIT").await
     }
 
     async fn rollback(&mut self) -> Result<(), SideError> {
+        self.reports.clear();
         self.simple("ROLLBACK").await
     }
 
@@ -220,12 +258,10 @@ impl Target for PgTarget {
             .collect();
         let sk: Vec<String> = of(Outcome::Superseded).map(|w| w.kafka_key()).collect();
         let sv: Vec<i64> = of(Outcome::Superseded).map(|w| w.version).collect();
-        self.query(
-            sql::RECORD_AND_REPORT.to_owned(),
-            &[&map, &ks, &vs, &ps, &sk, &sv, &acks],
-        )
-        .await
-        .map(|_| ())
+        self.query(sql::RECORD.to_owned(), &[&map, &ks, &vs, &ps, &sk, &sv])
+            .await?;
+        self.reports.extend(acks);
+        Ok(())
     }
 
     async fn prune(config: &Config, side: SideId, retention_secs: u64) -> Result<u64, SideError> {

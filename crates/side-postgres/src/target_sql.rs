@@ -56,7 +56,8 @@ ALTER TABLE dualwrite.record_versions ADD COLUMN IF NOT EXISTS decided bigint";
 ///   BENCHMARKS.md). Every key a statement matches has an index: the
 ///   upsert's `ON CONFLICT` needs one on the key, the bookkeeping's is
 ///   its primary key.
-pub const SESSION: &str = "SET plan_cache_mode = force_custom_plan;
+pub const SESSION: &str = "SET standard_conforming_strings = on;
+SET plan_cache_mode = force_custom_plan;
 SET enable_hashjoin = off;
 SET enable_mergejoin = off";
 
@@ -86,13 +87,12 @@ pub const VERSIONS: &str = "SELECT r.record_key, r.version, r.row_xmin, r.presen
 
 /// Records the writes made (`$2` keys, `$3` versions, `$4` presence) of
 /// map `$1` (a present row's version is this transaction's) and the writes
-/// superseded (`$5` keys, `$6` versions: decided, nothing else changes),
-/// and reports every write made or superseded (`$7`, JSON texts), one
-/// transactional logical message each: the side's capturer passes them
-/// on, in their place among the side's own writes. One statement: the
-/// bookkeeping is data-modifying `WITH`s, which run whether or not they
-/// are read (a record occurs once per statement, so they do not meet).
-pub const RECORD_AND_REPORT: &str = "WITH recorded AS (
+/// superseded (`$5` keys, `$6` versions: decided, nothing else changes);
+/// gives how many records it wrote. One statement: the bookkeeping is
+/// data-modifying `WITH`s, which run whether or not they are read (a
+/// record occurs once per statement, so they do not meet). The reports
+/// follow ([`REPORT`]), under the other origin.
+pub const RECORD: &str = "WITH recorded AS (
 INSERT INTO dualwrite.record_versions AS r (map, record_key, version, row_xmin, present, decided)
 SELECT $1, u.k, u.v, CASE WHEN u.p THEN pg_current_xact_id()::xid::text END, u.p, u.v
   FROM unnest($2::text[], $3::int8[], $4::bool[]) AS u(k, v, p)
@@ -105,7 +105,26 @@ INSERT INTO dualwrite.record_versions AS r (map, record_key, version, present, d
 SELECT $1, u.k, 0, false, u.v FROM unnest($5::text[], $6::int8[]) AS u(k, v)
 ON CONFLICT (map, record_key) DO UPDATE SET decided = EXCLUDED.decided
 RETURNING 1)
-SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($7::text[]) AS a";
+SELECT (SELECT count(*) FROM recorded) + (SELECT count(*) FROM passed)";
+
+/// Reports every write made or superseded (`$1`, JSON texts: [`ack`],
+/// [`ack_moved`]), one transactional logical message each (sent with the
+/// commit, or not at all): the side's capturer passes them on, in their
+/// place among the side's own writes.
+pub const REPORT: &str =
+    "SELECT count(pg_logical_emit_message(true, 'dualwrite.ack', a)) FROM unnest($1::text[]) AS a";
+
+/// Puts the session under replication origin `origin`, from any origin or
+/// none: the statements the applier's writes and reports switch with
+/// (`target.rs`). The name is a literal: standard conforming strings are
+/// PostgreSQL's default, and [`SESSION`] sets them.
+pub fn use_origin(origin: &str) -> String {
+    format!(
+        "SELECT pg_replication_origin_session_reset() WHERE pg_replication_origin_session_is_setup();
+SELECT pg_replication_origin_session_setup('{}')",
+        origin.replace('\'', "''")
+    )
+}
 
 /// A target table's column types (name → type, as `format_type` names it
 /// without its modifier): a value's text is cast to its column's type,
@@ -522,6 +541,17 @@ mod tests {
         let columns = arrays(&[&a, &b], &names, |w| w.key.iter().chain(&w.expect.values));
         assert_eq!(columns[0], vec![Some("C0"), Some("C1")]);
         assert_eq!(columns[1], vec![None, Some("Old")]);
+    }
+
+    #[test]
+    fn an_origin_switch_resets_only_a_session_under_one_and_quotes_the_name() {
+        let sql = use_origin("dw_o'x_rows");
+        let (reset, setup) = sql.split_once(";\n").unwrap();
+        assert!(reset.ends_with("WHERE pg_replication_origin_session_is_setup()"));
+        assert_eq!(
+            setup,
+            "SELECT pg_replication_origin_session_setup('dw_o''x_rows')"
+        );
     }
 
     #[test]

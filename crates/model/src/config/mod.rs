@@ -775,6 +775,12 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// The replication origin an applier reporting under `origin` writes its
+/// rows under (see [`Config::rows_origin_names`]).
+pub fn rows_origin(origin: &str) -> String {
+    format!("{origin}_rows")
+}
+
 impl Config {
     pub fn map(&self, name: &str) -> Option<&MapConfig> {
         self.maps.iter().find(|m| m.name == name)
@@ -838,6 +844,18 @@ impl Config {
         v.extend((0..MAX_INSTANCES).map(|i| format!("{base}_{i}")));
         v.push(format!("{base}_init"));
         v
+    }
+
+    /// The replication origins appliers of a side write their rows under,
+    /// one for each of [`Config::origin_names`] but the initial write's
+    /// ([`rows_origin`] of it). An applier writes a transaction's rows and
+    /// bookkeeping under its rows origin, then its reports and the commit
+    /// under its origin: the capturer has the server leave the rows
+    /// origins' changes out before it decodes them, and takes the reports.
+    pub fn rows_origin_names(&self, id: SideId) -> Vec<String> {
+        let mut v = self.origin_names(id);
+        v.pop();
+        v.iter().map(|o| rows_origin(o)).collect()
     }
 
     /// The replication origin the initial write uses on a side (last of
