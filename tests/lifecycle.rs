@@ -588,6 +588,14 @@ async fn related_maps_catch_up_parents_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_refuses_what_cannot_be_done_and_says_when_nobody_answers() {
     let env = TestEnv::new("ctlcheck").await;
+    // No service has started yet, so no map topic exists: `ctl maps` names
+    // the topic, the broker and the prefix (it said UnknownTopicOrPartition).
+    let (code, _, err) = env.run(&["ctl", "maps"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(".map.customer_groups does not exist on ") && err.contains("topic_prefix"),
+        "{err}"
+    );
     // The first command creates the control and events topics: said with -v.
     let (code, _, err) = env.run(&["-v", "ctl", "run", "currencies", "--timeout-secs", "2"]);
     assert_ne!(code, 0);

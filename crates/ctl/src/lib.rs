@@ -207,6 +207,17 @@ fn printer_of(config: &Config, which: &str) -> Result<(String, Printer), CtlErro
     })
 }
 
+/// A topic's partitions with their low and high watermarks; a topic that
+/// does not exist is an error that names it, the broker and the prefix.
+fn watermarks(config: &Config, topic: &str) -> Result<kafka_rt::Watermarks, CtlError> {
+    kafka_rt::watermarks_if_exists(&config.kafka, topic)?.ok_or_else(|| {
+        CtlError::Usage(format!(
+            "topic {topic} does not exist on {}: the services create their topics when they start, so either they have not started with this configuration yet, or kafka.topic_prefix (`{}`) is not the deployment's",
+            config.kafka.bootstrap_servers, config.kafka.topic_prefix
+        ))
+    })
+}
+
 /// Prints the records of a topic as JSON lines, from the beginning, up to
 /// `max` records: every record the topic held at the start (however long
 /// the broker takes), then new ones until nothing arrives for `idle`.
@@ -219,12 +230,7 @@ pub fn tail(
     out: &mut impl Write,
 ) -> Result<usize, CtlError> {
     let (topic, printer) = printer_of(config, which)?;
-    let marks = match kafka_rt::watermarks(&config.kafka, &topic) {
-        Err(e) if kafka_rt::retry::classify(&e) == kafka_rt::retry::Retry::UnknownTopic => {
-            return Err(CtlError::Usage(format!("topic {topic} does not exist")))
-        }
-        other => other?,
-    };
+    let marks = watermarks(config, &topic)?;
     let consumer: BaseConsumer<DwContext> = client_config(&config.kafka, "dualwrite-ctl")
         .set("group.id", "dualwrite-ctl")
         .set("enable.auto.commit", "false")
@@ -368,7 +374,7 @@ pub fn map_rows_of(
         let chosen = status.and_then(|s| s.conflict_master.as_deref());
         let master = config.run_master(m, chosen);
         let topic = t.map(&m.name);
-        let marks = kafka_rt::watermarks(&config.kafka, &topic)?;
+        let marks = watermarks(config, &topic)?;
         let group = t.group(&format!("pause-buffer.{}", m.name));
         let positions = kafka_rt::group_positions(&config.kafka, &group, &topic)?;
         let backlog = marks
