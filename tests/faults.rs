@@ -279,6 +279,54 @@ async fn postgres_killed_and_restarted_during_live_sync() {
     restarted_during_live_sync("postgres", PrivateStack::kill_postgres).await;
 }
 
+/// With the broker down, SIGTERM stops every service within its grace
+/// (`shutdown::GRACE`, after which it exits as `kill -9` would), and
+/// started again with the broker back, what was written meanwhile arrives.
+/// Before, the pause buffer waited on the broker for more than 40 s, and
+/// the router and the appliers 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_stops_within_its_grace_while_the_broker_is_down() {
+    let stack = PrivateStack::start("stopdown");
+    let mut env = TestEnv::on(stack.stack.clone(), "stopdown", "").await;
+    env.start_all();
+    env.wait_for_slots(2).await;
+    env.run_all_maps();
+    let fno = env.fno().await;
+    let dv = env.dv().await;
+    let insert = |prefix: &str| {
+        format!(
+            "INSERT INTO customers_v3 (customeraccount, organizationname)
+               SELECT '{prefix}' || i, 'n' || i FROM generate_series(1, 200) i"
+        )
+    };
+    let arrived = |prefix: &'static str| {
+        let dv = &dv;
+        move || async move {
+            let q =
+                format!("SELECT count(*)::text FROM accounts WHERE accountnumber LIKE '{prefix}%'");
+            text(dv, &q).await.as_deref() == Some("200")
+        }
+    };
+    fno.batch_execute(&insert("Q")).await.unwrap();
+    eventually("the first rows arrive", WAIT, arrived("Q")).await;
+    stack.kill_broker();
+    fno.batch_execute(&insert("P")).await.unwrap();
+    let limit = dualwrite_runtime::shutdown::GRACE + Duration::from_secs(5);
+    let stopped = env.stop_all_within(limit);
+    assert!(stopped.iter().all(|(_, exited, _)| *exited), "{stopped:?}");
+    stack.up();
+    for i in 0..6 {
+        env.service(i).restart();
+    }
+    eventually(
+        "the rows written while the broker was down arrive",
+        WAIT,
+        arrived("P"),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_side_unreachable_for_a_while() {
     let mut env = TestEnv::new("outage").await;

@@ -313,6 +313,25 @@ impl TestEnv {
         &mut self.services[i]
     }
 
+    /// Stops every service at once (SIGTERM, as an orchestrator does),
+    /// each given `within` to exit: (name, exited in time, how long).
+    pub fn stop_all_within(&self, within: Duration) -> Vec<(String, bool, Duration)> {
+        std::thread::scope(|scope| {
+            let stopping: Vec<_> = self
+                .services
+                .iter()
+                .map(|svc| {
+                    scope.spawn(move || {
+                        let t = std::time::Instant::now();
+                        let exited = svc.stop_within(within);
+                        (svc.name.clone(), exited, t.elapsed())
+                    })
+                })
+                .collect();
+            stopping.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     /// Runs `dualwrite <args>` to completion: (exit code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(BIN)
