@@ -88,12 +88,7 @@ impl ChangeSource for PgSource {
         let confirmed = confirmed_position(&client, &slot).await?;
         let ctx = Arc::new(Context {
             side: side_cfg.name.clone(),
-            applier_origins: origins
-                .appliers
-                .iter()
-                .chain(&origins.left_out)
-                .copied()
-                .collect(),
+            applier_origins: origins.appliers.iter().copied().collect(),
             keys: config.captured_entities(side),
             columns: dualwrite_model::columns::read_columns(config, side),
         });
