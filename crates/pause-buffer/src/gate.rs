@@ -556,7 +556,9 @@ fn is_report(mc: &MappedChange) -> bool {
 /// What a gate's consumer fetches ahead: 8 MiB, a batch or two
 /// ([`RELEASE_BATCH`]), instead of librdkafka's 64 MiB per consumer, which
 /// every map resuming at once would hold (one pause buffer runs a gate per
-/// map).
+/// map). A catch-up drains that in a fraction of a second: the consumers'
+/// `fetch.queue.backoff.ms` ([`kafka::consumer_with`]) has the next fetch
+/// follow at once, where librdkafka's default waited a second.
 const PREFETCH: &[(&str, &str)] = &[("queued.max.messages.kbytes", "8192")];
 
 /// Most records a gate folds and releases at once. A batch's writes are
