@@ -3,7 +3,8 @@
 //! appliers change their number of instances under load without losing a
 //! change, and the topics' settings hold on the broker (the status topic
 //! compacts, a map topic's real retention is what the pause buffer warns
-//! against, the initial-sync errors are kept forever).
+//! against, the initial-sync errors are kept forever), and a consumer
+//! with a bounded prefetch reads on without waiting for its fetches.
 
 mod support;
 
@@ -530,3 +531,65 @@ async fn topic_settings_hold_on_the_broker() {
     assert_eq!(env.states()["currencies"], "Running");
     env.cleanup().await;
 }
+
+/// A consumer whose prefetch is bounded (a gate's is 8 MiB) reads a topic
+/// many times that size without waiting at each refill: librdkafka waits
+/// `fetch.queue.backoff.ms` (1 s by default) before fetching again once
+/// the queue was full, and a gate drained its queue long before that,
+/// then waited for records the broker had (a third of a catch-up). With
+/// the default this test saw 9 waits of 0.83–0.90 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_prefetch_is_refilled_without_a_pause() {
+    use dualwrite_runtime::kafka::{self, Outgoing, TopicSpec};
+    let env = TestEnv::new("prefetch").await;
+    let cfg =
+        dualwrite_model::Config::parse(&std::fs::read_to_string(&env.config).unwrap()).unwrap();
+    let topic = format!("{}.prefetch", env.prefix);
+    kafka::ensure_topics(&cfg.kafka, &[TopicSpec::new(topic.clone(), 1)])
+        .await
+        .unwrap();
+    // 16 MiB in 1 KiB records: 16 refills of a 1 MiB queue.
+    const RECORDS: usize = 16 * 1024;
+    let producer = kafka::producer(&cfg.kafka, "prefetch-test").unwrap();
+    let records: Vec<Outgoing> = (0..RECORDS)
+        .map(|i| Outgoing {
+            topic: topic.clone(),
+            key: i.to_string(),
+            payload: vec![b'x'; 1024],
+        })
+        .collect();
+    for chunk in records.chunks(2048) {
+        kafka::send_all(&producer, chunk).await.unwrap();
+    }
+    let group = format!("{}.prefetch-test", env.prefix);
+    let bounded = [("queued.max.messages.kbytes", "1024")];
+    let consumer = kafka::consumer_with(&cfg.kafka, "prefetch-test", &group, &bounded).unwrap();
+    kafka::assign_at(&consumer, &topic, &BTreeMap::from([(0, 0)])).unwrap();
+    let mut pauses = Vec::new();
+    for n in 0..RECORDS {
+        if n % 256 == 0 && n > 0 {
+            // A batch's work, as a gate folds one: the fetcher decides on
+            // its next fetch meanwhile, with the queue still full.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let asked = Instant::now();
+        let m = tokio::time::timeout(WAIT, consumer.recv()).await;
+        assert!(
+            matches!(m, Ok(Ok(_))),
+            "record {n} of {RECORDS} not read: {m:?}"
+        );
+        if n > 0 && asked.elapsed() >= PAUSE {
+            pauses.push((n, asked.elapsed()));
+        }
+    }
+    assert!(
+        pauses.len() <= 1,
+        "the consumer waited {} times for a record the broker had (record, wait): {pauses:?}",
+        pauses.len()
+    );
+    env.cleanup().await;
+}
+
+/// A wait for the next record of a full topic that only a fetch postponed
+/// by its backoff explains.
+const PAUSE: Duration = Duration::from_millis(600);
