@@ -79,15 +79,17 @@ async fn metrics_move_with_the_records_and_pass_promtool() {
         async move { sample(&text, written) - w0 == N && sample(&text, latency) - l0 == N }
     })
     .await;
-    // Where the loops spent their time: the applier wrote, the gate folded.
+    // Where the loops spent their time: the applier wrote, the gate
+    // folded, and waited for records while the map flowed.
     let write = r#"dualwrite_busy_seconds_total{phase="write",service="apply-dataverse"}"#;
     let fold = r#"dualwrite_busy_seconds_total{phase="fold",service="pause-buffer"}"#;
-    eventually("busy seconds of writing and folding", WAIT, || {
+    let wait = r#"dualwrite_busy_seconds_total{phase="wait",service="pause-buffer"}"#;
+    eventually("busy seconds of writing, folding and waiting", WAIT, || {
         let (a, p) = (
             http_get(&apply, "/metrics").1,
             http_get(&pause_buffer, "/metrics").1,
         );
-        async move { sample(&a, write) > 0.0 && sample(&p, fold) > 0.0 }
+        async move { sample(&a, write) > 0.0 && sample(&p, fold) > 0.0 && sample(&p, wait) > 0.0 }
     })
     .await;
 

@@ -180,6 +180,7 @@ pub fn spec(scenario: &str, rows: u64, live_rows: u64, rate: u64, secs: u64) -> 
                 line("replay_busy_pause-buffer/deliver", "… delivering the writes (until acknowledged)", "s", 1),
                 line("replay_busy_pause-buffer/save", "… saving the states (encoding, spilling)", "s", 1),
                 line("replay_busy_pause-buffer/save-ack", "… until the states saved are acknowledged", "s", 1),
+                line("replay_busy_pause-buffer/wait", "… waiting for its next record (fetching the backlog)", "s", 1),
                 line("replay_busy_apply-dataverse/write", "target applier's loop: writing (the transaction)", "s", 1),
                 line("replay_busy_apply-dataverse/finish", "… storing its offsets", "s", 1),
                 line("dbz_queue", "Debezium source + JDBC sink, the sink paused: captured onto its topic", "rows/s", 0),

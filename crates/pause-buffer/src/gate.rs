@@ -636,6 +636,7 @@ pub async fn run(
             waited = waits;
         }
         let flowing = gate.status.state.flows() && waits == Wait::No;
+        let waiting = std::time::Instant::now();
         // Priority: shutdown, then state changes, then records.
         let first = tokio::select! {
             biased;
@@ -662,6 +663,9 @@ pub async fn run(
                 continue;
             }
         };
+        // Waiting for the next record while the map flows: in a catch-up
+        // the backlog is on the broker, so this is the fetching's.
+        busy(SERVICE, "wait", waiting);
         let first = match first {
             Ok(m) => m.detach(),
             Err(e) => {

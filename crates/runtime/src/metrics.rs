@@ -177,7 +177,7 @@ impl Metrics {
             resolver_in_memory: int_gauge(&r, RESOLVER_IN_MEMORY, "Records whose state the resolver of a map holds in memory (about pause_buffer.resolver_cache_records at most, plus those changed since the last save).", &[MAP]),
             drift_records: int_gauge(&r, DRIFT_RECORDS, "Records of a running map found different on the two sides by the drift detector's last complete pass (confirmed, settled).", &[MAP]),
             drift_checked: counter(&r, DRIFT_CHECKED, "Rows the drift detector compared, per side.", &[MAP, SIDE]),
-            busy: seconds(&r, BUSY, "Wall-clock seconds a service's main loop spent in each phase of its work (pause buffer: read, fold, deliver, save, save-ack; applier: read, write, finish; read is the rest of a batch after its first record); the rest of the time it waited for records.", &[SERVICE, PHASE]),
+            busy: seconds(&r, BUSY, "Wall-clock seconds a service's main loop spent in each phase of its work (pause buffer: read, fold, deliver, save, save-ack; applier: read, write, finish; read is the rest of a batch after its first record); the rest of the time it waited for records, which the pause buffer counts as wait while a map flows (in a catch-up the backlog is on the broker: time spent fetching it).", &[SERVICE, PHASE]),
             registry: r,
         };
         m.build_info
