@@ -204,7 +204,7 @@ pub fn consumer_with(
         // again this long after, not librdkafka's 1 s: the pause buffer's
         // gates bound theirs to 8 MiB, which a catch-up drains in less,
         // and a gate then waited for records the broker had (about a
-        // fifth of a replay; the replay 1.4× with this, BENCHMARKS.md).
+        // third of a replay; the replay 1.4× with this, BENCHMARKS.md).
         .set("fetch.queue.backoff.ms", "10")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "3000")
